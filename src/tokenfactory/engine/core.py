@@ -1,0 +1,252 @@
+"""EngineCore: the synchronous factory floor. ``add_request`` / ``abort`` / ``step``.
+
+One ``step()`` = schedule a batch under the token budget, run it on the executor, fold the
+sampled tokens back into the requests, detokenize, check stop conditions, free finished pages.
+It is single-threaded and deterministic; the async wrapper drives it from its own thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from tokenfactory.engine.executor import Executor
+from tokenfactory.engine.kv_manager import KVCacheManager
+from tokenfactory.engine.request import (CacheBreakpoint, CompletionOutput, Request, RequestMetrics,
+                                         RequestOutput, RequestStatus)
+from tokenfactory.engine.sampling_params import SamplingParams
+from tokenfactory.engine.scheduler import AdmissionError, Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineConfig", "EngineCore", "AdmissionError", "StepHook"]
+
+# Called after every forward pass: (seconds the step took, {request_id: tokens it processed}).
+StepHook = Callable[[float, dict[str, int]], None]
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None         # None: the model's own limit
+    block_size: int = 16
+    kv_cache_memory: int | None = None       # bytes for KV pages; None: kv_cache_fraction of free RAM
+    kv_cache_fraction: float = 0.25
+    num_kv_blocks: int | None = None         # overrides both (tests)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_pinned_fraction: float = 0.5         # at most this share of pages may be TTL-pinned
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class EngineCore:
+    def __init__(self, executor: Executor, config: EngineConfig, *, model_max_len: int,
+                 tokenizer=None, eos_token_ids: Sequence[int] = (),
+                 clock: Callable[[], float] = time.monotonic, step_hook: StepHook | None = None):
+        self.executor = executor
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.clock = clock
+        self.step_hook = step_hook
+        self.max_model_len = min(config.max_model_len or model_max_len, model_max_len)
+
+        bytes_per_block = executor.kv_cache_bytes_per_block(config.block_size)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            budget = config.kv_cache_memory
+            if budget is None:
+                budget = int(available_memory_bytes() * config.kv_cache_fraction)
+            num_blocks = budget // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget too small: one page of {config.block_size} tokens "
+                             f"needs {bytes_per_block} bytes")
+        self.kv_cache_bytes = num_blocks * bytes_per_block
+        executor.initialize_cache(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size,
+                                 enable_prefix_caching=config.enable_prefix_caching,
+                                 clock=clock, max_pinned_fraction=config.max_pinned_fraction)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill), self.kv)
+        # Requests finished outside step() (aborts) whose final output is still owed.
+        self._pending_outputs: list[RequestOutput] = []
+        self.num_steps = 0
+        log.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_blocks, config.block_size,
+                 self.kv_cache_bytes / 2**20)
+
+    # ------------------------------------------------------------------ intake
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        self.scheduler.check_admissible(num_prompt_tokens, max_tokens)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    sampling_params: SamplingParams | None = None, *, prompt: str | None = None,
+                    cache_salt: str | None = None,
+                    cache_breakpoints: Sequence[CacheBreakpoint] = (),
+                    arrival_time: float | None = None) -> Request:
+        params = sampling_params or SamplingParams()
+        ids = list(prompt_token_ids)
+        if params.max_tokens is None:
+            params.max_tokens = max(1, self.max_model_len - len(ids))
+        req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids,
+                      arrival_time=self.clock() if arrival_time is None else arrival_time,
+                      cache_salt=cache_salt, cache_breakpoints=tuple(cache_breakpoints),
+                      prompt=prompt)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # the first token has no logprob
+        if self.tokenizer is not None:
+            from tokenfactory.text.detokenizer import IncrementalDetokenizer
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=params.skip_special_tokens,
+                stop=list(params.stop), include_stop_str_in_output=params.include_stop_str_in_output,
+                prompt_token_ids=ids)
+        elif params.stop:
+            raise ValueError("stop strings need a tokenizer")
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        req.finish_reason = "abort"
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        req.finished_time = self.clock()
+        self._pending_outputs.append(self._make_output(req, [], ""))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending_outputs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return outputs
+        self.num_steps += 1
+        t0 = self.clock()
+        for c in batch.chunks:
+            if c.request.first_scheduled_time is None:
+                c.request.first_scheduled_time = t0
+        try:
+            results = self.executor.execute(batch)
+        except Exception as exc:  # noqa: BLE001 - a failed forward pass fails its requests only
+            log.exception("forward pass failed; failing %d request(s)", len(batch.chunks))
+            for c in batch.chunks:
+                req = c.request
+                req.finish_reason, req.error = "error", f"{type(exc).__name__}: {exc}"
+                self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+                req.finished_time = self.clock()
+                outputs.append(self._make_output(req, [], ""))
+            return outputs
+        now = self.clock()
+        if self.step_hook is not None:
+            self.step_hook(now - t0, {c.request.request_id: c.num_tokens for c in batch.chunks})
+
+        for chunk, res in zip(batch.chunks, results):
+            req = chunk.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            was_prefilling = req.num_computed_tokens < req.num_prompt_tokens
+            req.num_computed_tokens += chunk.num_tokens
+            req.num_processed_tokens += chunk.num_tokens
+            if (req.sampling_params.prompt_logprobs is not None and res.prompt_logprobs
+                    and len(req.prompt_logprobs) == chunk.start + 1):
+                # Entries for prompt tokens start+1 .. (skipped when a preempted request recomputes).
+                req.prompt_logprobs.extend(res.prompt_logprobs)
+            self.kv.cache_computed_blocks(req)
+            if was_prefilling and req.num_computed_tokens >= req.num_prompt_tokens:
+                self.kv.pin_breakpoints(req)
+            if not chunk.sample or res.token_id is None:
+                continue
+            token = res.token_id
+            req.output_token_ids.append(token)
+            if res.logprobs is not None:
+                req.logprobs.append(res.logprobs)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            new_text = self._check_stop(req, token)
+            if req.finish_reason is not None:
+                status = (RequestStatus.FINISHED_LENGTH if req.finish_reason == "length"
+                          else RequestStatus.FINISHED_STOPPED)
+                self.scheduler.finish(req, status)
+                req.finished_time = now
+            outputs.append(self._make_output(req, [token], new_text))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> str:
+        """Detokenize the new token and decide whether the request is done. Returns new text."""
+        params = req.sampling_params
+        n_out = len(req.output_token_ids)
+        new_text = ""
+        stop_string = None
+        if req.detokenizer is not None:
+            upd = req.detokenizer.update([token])
+            new_text, stop_string = upd.text_delta, upd.stop_string
+        if stop_string is not None:
+            req.finish_reason, req.stop_reason = "stop", stop_string
+        elif n_out >= params.min_tokens and token in params.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif n_out >= params.min_tokens and not params.ignore_eos and token in req.eos_token_ids:
+            req.finish_reason = "stop"
+        elif n_out >= (params.max_tokens or 0) or req.num_tokens >= self.max_model_len:
+            req.finish_reason = "length"
+        if req.finish_reason is not None and stop_string is None and req.detokenizer is not None:
+            new_text += req.detokenizer.flush()
+        req.output_text += new_text
+        return new_text
+
+    def _make_output(self, req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
+        params = req.sampling_params
+        comp = CompletionOutput(
+            index=0, text=req.output_text, token_ids=list(req.output_token_ids),
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+            logprobs=list(req.logprobs) if params.logprobs is not None else None,
+            new_text=new_text, new_token_ids=new_ids)
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids, num_cached_tokens=max(req.num_cached_tokens, 0),
+            outputs=[comp], finished=req.is_finished,
+            prompt_logprobs=list(req.prompt_logprobs) if params.prompt_logprobs is not None else None,
+            metrics=RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
+                                   req.finished_time, req.num_preemptions),
+            error=req.error)
+
+    # ------------------------------------------------------------------- stats
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks()
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.pool.reset_prefix_cache()

@@ -1,0 +1,153 @@
+"""Continuous batching with one token budget per step.
+
+There are no separate prefill and decode phases: every step, running requests get their next
+tokens first (one for a decode, a chunk for an unfinished prefill), then waiting requests are
+admitted while the budget (``max_num_batched_tokens``) and ``max_num_seqs`` allow. A prompt
+longer than the remaining budget is prefilled in chunks that share steps with running decodes.
+When pages run out, the most recently admitted running request is preempted: its pages are
+freed and it is later recomputed from its prompt plus the tokens it had already produced.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tokenfactory.engine.executor import Batch, ScheduledChunk
+from tokenfactory.engine.kv_manager import KVCacheManager, cdiv
+from tokenfactory.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    enable_chunked_prefill: bool = True
+
+
+class AdmissionError(ValueError):
+    """A request that can never be served with this configuration."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ---------------------------------------------------------------- intake
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        cfg = self.config
+        if num_prompt_tokens < 1:
+            raise AdmissionError("the prompt is empty: at least one token is needed")
+        total = num_prompt_tokens + (max_tokens or 0)
+        if total > cfg.max_model_len:
+            raise AdmissionError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds the model's context length of {cfg.max_model_len} tokens")
+        if cdiv(total, self.kv.block_size) > self.kv.num_blocks:
+            raise AdmissionError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs "
+                f"{cdiv(total, self.kv.block_size)} KV pages but the cache has only "
+                f"{self.kv.num_blocks}; raise kv_cache_memory or lower max_tokens")
+        if not cfg.enable_chunked_prefill and num_prompt_tokens > cfg.max_num_batched_tokens:
+            raise AdmissionError(
+                f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+                f"({cfg.max_num_batched_tokens}) and chunked prefill is disabled")
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.check_admissible(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Remove a request from the queues and free its pages at once."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        request.status = status
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -------------------------------------------------------------- schedule
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> Batch:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+
+        # 1. Running requests, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                chunks.append(self._chunk(req, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted; everything after it is gone too
+
+        # 2. Waiting requests, FIFO, unless this step had to preempt.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < cfg.max_num_seqs):
+            req = self.waiting[0]
+            # Prompt logprobs need every prompt position computed, so they bypass the cache.
+            cached = ([] if req.sampling_params.prompt_logprobs is not None
+                      else self.kv.find_cached_prefix(req))
+            num_cached = len(cached) * self.kv.block_size
+            num_new = req.num_tokens - num_cached
+            if num_new > budget:
+                if not cfg.enable_chunked_prefill:
+                    break
+                num_new = budget
+            req.num_computed_tokens = num_cached
+            if not self.kv.allocate_slots(req, num_new, cached):
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            self.kv.pool.record_lookup(req.num_tokens, num_cached)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chunks.append(self._chunk(req, num_new))
+            budget -= num_new
+
+        return Batch(chunks, self.kv.block_size)
+
+    @staticmethod
+    def _chunk(req: Request, num_new: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        return ScheduledChunk(req, start, num_new, sample=start + num_new == req.num_tokens)
