@@ -1,0 +1,179 @@
+"""AsyncEngine: drives EngineCore from a dedicated thread so the HTTP event loop never waits
+on a forward pass. Each request gets an asyncio.Queue of RequestOutputs; cancelling the consumer
+(a client that disconnects) aborts the request and frees its pages at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+from tokenfactory.engine.core import EngineCore
+from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
+from tokenfactory.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full; the client should retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has died; the server must be restarted."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_pinned: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_steps: int
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None):
+        self.core = core
+        self.max_queued_requests = max_queued_requests
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._pending_adds = 0
+        self._stop = False
+        self.dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tokenfactory-engine", daemon=True)
+        self._started = False
+
+    # ----------------------------------------------------------------- control
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        self._wakeup.set()
+        if self._started:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_error is None and (not self._started or self._thread.is_alive())
+
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        s = self.core.kv.pool.stats()
+        return EngineStats(self.core.num_running, self.core.num_waiting + self._pending_adds,
+                           s.num_blocks, s.num_free, s.num_pinned, s.prefix_queries,
+                           s.prefix_hits, self.core.num_steps)
+
+    # ---------------------------------------------------------------- requests
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                       sampling_params: SamplingParams, *, prompt: str | None = None,
+                       cache_salt: str | None = None,
+                       cache_breakpoints: Sequence[CacheBreakpoint] = ()
+                       ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes.
+
+        Raises AdmissionError (can never fit), EngineOverloadedError (queue full) or
+        EngineDeadError before the first output; all of them leave no state behind.
+        """
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine is not running: {self.dead_error}")
+        self.core.check_admissible(len(prompt_token_ids), sampling_params.max_tokens)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if (self.max_queued_requests is not None
+                    and self.core.num_waiting + self._pending_adds >= self.max_queued_requests):
+                raise EngineOverloadedError(
+                    f"{self.max_queued_requests} requests are already queued")
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            self._streams[request_id] = (loop, q)
+            self._pending_adds += 1
+        self._commands.put(("add", request_id, list(prompt_token_ids), sampling_params,
+                            prompt, cache_salt, tuple(cache_breakpoints)))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wakeup.set()
+
+    # ------------------------------------------------------------ engine thread
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        loop, q = entry
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed
+            pass
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, ids, params, prompt, salt, bps = cmd
+                with self._lock:
+                    self._pending_adds -= 1
+                    wanted = rid in self._streams
+                if not wanted:  # the client left before we got to it
+                    continue
+                try:
+                    self.core.add_request(rid, ids, params, prompt=prompt, cache_salt=salt,
+                                          cache_breakpoints=bps)
+                except Exception as exc:  # noqa: BLE001 - reported to that request only
+                    self._deliver(rid, exc)
+            else:
+                self.core.abort(cmd[1])
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._handle_commands()
+                if not self.core.has_unfinished_requests():
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                for out in self.core.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # noqa: BLE001 - the engine is dead; tell everyone
+            log.exception("engine thread died")
+            self.dead_error = exc
+            with self._lock:
+                rids = list(self._streams)
+            for rid in rids:
+                self._deliver(rid, EngineDeadError(f"engine failed: {exc}"))

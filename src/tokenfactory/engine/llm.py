@@ -1,0 +1,93 @@
+"""Offline API, vLLM-shaped: ``LLM(model_dir).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Sequence
+
+from tokenfactory.engine.core import EngineConfig, EngineCore
+from tokenfactory.engine.request import RequestOutput
+from tokenfactory.engine.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
+                      compile: bool | None = None, step_hook=None, clock=None,
+                      **engine_args) -> EngineCore:
+    """Load a Hugging Face directory (weights + tokenizer) and build an EngineCore on it."""
+    from tokenfactory.model.runner import TorchExecutor
+    from tokenfactory.text.tokenizer import Tokenizer
+
+    executor_kwargs = {"dtype": dtype}
+    if compile is not None:
+        executor_kwargs["compile"] = compile
+    executor = TorchExecutor(model_dir, **executor_kwargs)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    extra = {"clock": clock} if clock is not None else {}
+    return EngineCore(executor, EngineConfig(**engine_args), model_max_len=executor.max_model_len,
+                      tokenizer=tokenizer, eos_token_ids=tokenizer.eos_token_ids,
+                      step_hook=step_hook, **extra)
+
+
+class LLM:
+    """Generate offline with continuous batching and prefix caching.
+
+    >>> llm = LLM("path/to/hf-model", dtype="bfloat16", max_model_len=4096)
+    >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))
+    >>> outs[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | Path, *, dtype: str | None = None,
+                 compile: bool | None = None, **engine_args):
+        self.engine = build_engine_core(model, dtype=dtype, compile=compile, **engine_args)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt given as a string or a list of token ids
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+
+        order: dict[str, int] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            if isinstance(prompt, str):
+                text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+            else:
+                text, ids = None, list(prompt)
+            rid = f"offline-{next(self._ids)}"
+            # Each request owns its params (max_tokens may be filled in per prompt).
+            self.engine.add_request(rid, ids, _copy(params), prompt=text)
+            order[rid] = i
+
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = None
+        if use_tqdm and len(prompts) > 1:
+            from tqdm import tqdm
+            bar = tqdm(total=len(prompts), desc="generate", unit="req", dynamic_ncols=True)
+        try:
+            while any(r is None for r in results):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
+
+
+def _copy(params: SamplingParams) -> SamplingParams:
+    import copy
+    return copy.deepcopy(params)
