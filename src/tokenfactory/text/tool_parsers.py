@@ -1,0 +1,387 @@
+"""Streaming tool-call extraction from model text (station 11: text back into tool calls).
+
+A parser is fed the detokenizer's text deltas and turns them into events: plain text, and for
+each tool call a start (name known), the arguments as JSON fragments, and an end (arguments
+parsed). Text streams out immediately except what could still turn out to be part of a call
+marker, and trailing whitespace (whitespace right before a call belongs to the call's rendering
+in the chat template, so it is dropped; at the end of a message without calls it is emitted).
+
+A malformed call (JSON that does not parse, no name, arguments not an object) is returned as
+text, byte for byte; a parser never raises on model output.
+
+Formats:
+- hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, repeated for
+  several calls (Hermes, Qwen2.5, the demo model).
+- llama3_json: Llama 3.1/3.2/3.3 custom tools: the whole message is `{"name": ..., "parameters":
+  {...}}` (or "arguments"), optionally after `<|python_tag|>`, several separated by `;`.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Union
+
+__all__ = [
+    "TextDelta",
+    "ToolCallStart",
+    "ToolCallArgsDelta",
+    "ToolCallEnd",
+    "ParserEvent",
+    "ToolCallParser",
+    "HermesToolParser",
+    "Llama3JsonToolParser",
+    "get_tool_parser",
+    "detect_tool_parser",
+    "render_tool_call_text",
+    "TOOL_PARSERS",
+]
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ToolCallStart:
+    index: int
+    name: str
+
+
+@dataclass
+class ToolCallArgsDelta:
+    index: int
+    json_fragment: str
+
+
+@dataclass
+class ToolCallEnd:
+    index: int
+    arguments: dict
+
+
+ParserEvent = Union[TextDelta, ToolCallStart, ToolCallArgsDelta, ToolCallEnd]
+
+
+def _partial_marker_len(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+def _validate_call(obj: Any, arg_keys: tuple[str, ...]) -> tuple[str, dict] | None:
+    """(name, arguments) if `obj` is a well-formed call, else None."""
+    if not isinstance(obj, dict):
+        return None
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    present = [k for k in arg_keys if k in obj]
+    if not present:
+        return name, {}
+    args = obj[present[0]]
+    if isinstance(args, str):  # some models double-encode the arguments
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return name, args
+
+
+class ToolCallParser(ABC):
+    """Feed text deltas, get events; call finish() once at the end of the message."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self._next_index = 0
+        self._held_ws = ""  # trailing whitespace not yet emitted
+        self._finished = False
+
+    @property
+    def num_tool_calls(self) -> int:
+        return self._next_index
+
+    @abstractmethod
+    def feed(self, text_delta: str) -> list[ParserEvent]:
+        """Consume more model text; return the events it completes."""
+
+    @abstractmethod
+    def finish(self) -> list[ParserEvent]:
+        """End of the message: return everything still held back."""
+
+    # -- helpers shared by the formats
+
+    def _text(self, text: str, out: list[ParserEvent]) -> None:
+        """Emit text, holding back trailing whitespace until something non-blank follows."""
+        if not text:
+            return
+        text = self._held_ws + text
+        body = text.rstrip()
+        self._held_ws = text[len(body) :]
+        if body:
+            out.append(TextDelta(body))
+
+    def _flush_text(self, out: list[ParserEvent]) -> None:
+        """At the end: trailing whitespace is kept only for a message without tool calls."""
+        if self._held_ws and self._next_index == 0:
+            out.append(TextDelta(self._held_ws))
+        self._held_ws = ""
+
+    def _call(self, name: str, arguments: dict, out: list[ParserEvent]) -> None:
+        self._held_ws = ""  # whitespace between text and a call is part of the call's rendering
+        index = self._next_index
+        self._next_index += 1
+        out.append(ToolCallStart(index, name))
+        out.append(ToolCallArgsDelta(index, json.dumps(arguments, ensure_ascii=False)))
+        out.append(ToolCallEnd(index, arguments))
+
+
+class HermesToolParser(ToolCallParser):
+    """`<tool_call>{json}</tool_call>` blocks, anywhere in the message."""
+
+    name = "hermes"
+    START = "<tool_call>"
+    END = "</tool_call>"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buf = ""
+        self._in_call = False
+
+    def feed(self, text_delta: str) -> list[ParserEvent]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        out: list[ParserEvent] = []
+        self._buf += text_delta
+        while True:
+            if not self._in_call:
+                pos = self._buf.find(self.START)
+                if pos == -1:
+                    keep = _partial_marker_len(self._buf, self.START)
+                    self._text(self._buf[: len(self._buf) - keep], out)
+                    self._buf = self._buf[len(self._buf) - keep :]
+                    return out
+                self._text(self._buf[:pos], out)
+                self._buf = self._buf[pos + len(self.START) :]
+                self._in_call = True
+            else:
+                pos = self._buf.find(self.END)
+                if pos == -1:
+                    return out
+                body = self._buf[:pos]
+                self._buf = self._buf[pos + len(self.END) :]
+                self._in_call = False
+                self._close(body, self.START + body + self.END, out)
+
+    def _close(self, body: str, raw: str, out: list[ParserEvent]) -> None:
+        try:
+            parsed = _validate_call(json.loads(body), ("arguments", "parameters"))
+        except (json.JSONDecodeError, RecursionError):
+            parsed = None
+        if parsed is None:
+            self._text(raw, out)
+        else:
+            self._call(parsed[0], parsed[1], out)
+
+    def finish(self) -> list[ParserEvent]:
+        if self._finished:
+            return []
+        self._finished = True
+        out: list[ParserEvent] = []
+        if self._in_call:  # unclosed: accept it if the JSON is complete (the stop came first)
+            self._close(self._buf, self.START + self._buf, out)
+        else:
+            self._text(self._buf, out)
+        self._buf = ""
+        self._flush_text(out)
+        return out
+
+
+class Llama3JsonToolParser(ToolCallParser):
+    """The whole message is one or more JSON calls (`;`-separated), optionally after <|python_tag|>."""
+
+    name = "llama3_json"
+    PYTHON_TAG = "<|python_tag|>"
+
+    # states
+    _START, _TEXT, _CALL, _BETWEEN = range(4)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state = self._START
+        self._buf = ""  # unconsumed text
+        self._raw = ""  # text consumed for the current call region, emitted as text if it fails
+        # incremental JSON object scanner over self._buf
+        self._scan = 0
+        self._depth = 0
+        self._in_str = False
+        self._escape = False
+
+    def feed(self, text_delta: str) -> list[ParserEvent]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        out: list[ParserEvent] = []
+        self._buf += text_delta
+        while self._step(out):
+            pass
+        return out
+
+    def _step(self, out: list[ParserEvent]) -> bool:
+        """Advance the state machine once; False when more text is needed."""
+        buf = self._buf
+        if self._state in (self._START, self._BETWEEN):
+            stripped = buf.lstrip()
+            if not stripped:
+                return False
+            lead = buf[: len(buf) - len(stripped)]
+            if stripped.startswith(self.PYTHON_TAG):
+                self._raw += lead + self.PYTHON_TAG
+                self._buf = stripped[len(self.PYTHON_TAG) :]
+                self._begin_object()
+                return True
+            if self.PYTHON_TAG.startswith(stripped):
+                return False  # maybe the tag, still arriving
+            if self._state == self._BETWEEN:
+                if stripped.startswith(";"):
+                    self._raw += lead + ";"
+                    self._buf = stripped[1:]
+                    self._begin_object()
+                    return True
+                # text after the calls: plain text from here on
+                self._state = self._TEXT
+                return True
+            if stripped.startswith("{"):
+                self._raw += lead
+                self._buf = stripped
+                self._begin_object()
+                return True
+            self._state = self._TEXT
+            return True
+        if self._state == self._TEXT:
+            pos = buf.find(self.PYTHON_TAG)
+            if pos == -1:
+                keep = _partial_marker_len(buf, self.PYTHON_TAG)
+                self._text(buf[: len(buf) - keep], out)
+                self._buf = buf[len(buf) - keep :]
+                return False
+            self._text(buf[:pos], out)
+            self._raw = self.PYTHON_TAG
+            self._buf = buf[pos + len(self.PYTHON_TAG) :]
+            self._begin_object()
+            return True
+        # _CALL: scan for the end of the JSON object
+        end = self._scan_object()
+        if end is None:
+            return False
+        self._close(self._buf[:end], out)
+        self._buf = self._buf[end:]
+        return True
+
+    def _begin_object(self) -> None:
+        self._state = self._CALL
+        self._scan = 0
+        self._depth = 0
+        self._in_str = False
+        self._escape = False
+
+    def _scan_object(self) -> int | None:
+        """End offset of the first complete top-level JSON value in the buffer, scanning each char once."""
+        buf = self._buf
+        i = self._scan
+        while i < len(buf):
+            ch = buf[i]
+            i += 1
+            if self._in_str:
+                if self._escape:
+                    self._escape = False
+                elif ch == "\\":
+                    self._escape = True
+                elif ch == '"':
+                    self._in_str = False
+            elif ch == '"':
+                self._in_str = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._scan = i
+                    return i
+            elif self._depth == 0 and not ch.isspace():
+                # not an object at all (e.g. "<|python_tag|>print(1)"): fail at once
+                self._scan = i
+                return i
+        self._scan = i
+        return None
+
+    def _close(self, obj_text: str, out: list[ParserEvent]) -> None:
+        try:
+            parsed = _validate_call(json.loads(obj_text), ("parameters", "arguments"))
+        except (json.JSONDecodeError, RecursionError):
+            parsed = None
+        if parsed is None:
+            self._text(self._raw + obj_text, out)
+            self._raw = ""
+            self._state = self._TEXT
+            return
+        self._raw = ""
+        self._call(parsed[0], parsed[1], out)
+        self._state = self._BETWEEN
+
+    def finish(self) -> list[ParserEvent]:
+        if self._finished:
+            return []
+        self._finished = True
+        out: list[ParserEvent] = []
+        if self._state == self._CALL:
+            self._close(self._buf, out)  # incomplete JSON: becomes text (unless it parses after all)
+        elif self._state == self._BETWEEN and self._buf.strip():
+            self._text(self._buf, out)
+        elif self._state != self._BETWEEN:
+            self._text(self._raw + self._buf, out)
+        self._buf = self._raw = ""
+        self._flush_text(out)
+        return out
+
+
+TOOL_PARSERS: dict[str, type[ToolCallParser]] = {
+    HermesToolParser.name: HermesToolParser,
+    Llama3JsonToolParser.name: Llama3JsonToolParser,
+}
+
+
+def get_tool_parser(name: str) -> type[ToolCallParser]:
+    try:
+        return TOOL_PARSERS[name]
+    except KeyError:
+        raise ValueError(f"unknown tool parser {name!r}; available: {sorted(TOOL_PARSERS)}") from None
+
+
+def detect_tool_parser(chat_template: str | None) -> str | None:
+    """The tool-call format a chat template teaches its model, judged by what the template renders."""
+    if not chat_template:
+        return None
+    if "<tool_call>" in chat_template:
+        return "hermes"
+    if "<|python_tag|>" in chat_template or ('"parameters"' in chat_template and "tool_calls" in chat_template):
+        return "llama3_json"
+    return None
+
+
+def render_tool_call_text(name: str, arguments: dict, parser_name: str) -> str:
+    """The exact text a model emits for one call in `parser_name`'s format (as the templates render it)."""
+    if parser_name == "hermes":
+        return (
+            '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+            + json.dumps(arguments, ensure_ascii=False) + "}\n</tool_call>"
+        )
+    if parser_name == "llama3_json":
+        return json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
+    raise ValueError(f"unknown tool parser {parser_name!r}; available: {sorted(TOOL_PARSERS)}")
