@@ -4,7 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench clean
+# Claude Code (issue 7's end-to-end test drives it): pinned, installed outside the repository.
+CLAUDE_CODE_VERSION ?= 2.1.329
+CLAUDE_CODE_DIR ?= $(HOME)/.cache/tokenfactory/claude-code-$(CLAUDE_CODE_VERSION)
+CLAUDE_CODE_BIN := $(CLAUDE_CODE_DIR)/node_modules/.bin/claude
+
+.PHONY: install serve test bench clean claude-code
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,8 +24,15 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/tokenfactory serve $(ARGS)
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+$(CLAUDE_CODE_BIN):
+	mkdir -p $(CLAUDE_CODE_DIR)
+	cd $(CLAUDE_CODE_DIR) && npm install --no-audit --no-fund --loglevel=error \
+		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+
+claude-code: $(CLAUDE_CODE_BIN)
+
+test: $(STAMP) claude-code
+	TOKENFACTORY_CLAUDE_BIN=$(CLAUDE_CODE_BIN) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/offline_throughput.py
