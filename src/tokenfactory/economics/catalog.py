@@ -1,0 +1,374 @@
+"""Hardware and model catalogs: plain dataclasses loaded from the JSON files in ``data/``.
+
+A model can also be any Hugging Face ``config.json`` (a file, or a directory holding one):
+``load_model`` reads Llama / Mistral / Mixtral / Qwen2-3 (dense and MoE) / DeepSeek-V3 (MLA) /
+GPT-OSS / Llama 4 style keys into the same ``ModelSpec`` the catalog produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+
+class CatalogError(ValueError):
+    """An unknown name or an unreadable/unsupported config; the message is meant for users."""
+
+
+# Bytes per element for weight and KV-cache precisions. fp4/int4 ignore block-scale overhead
+# (NVFP4 adds one fp8 scale per 16 values, +6%; MXFP4 one per 32, +3%).
+DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4.0, "float32": 4.0,
+    "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0, "float16": 2.0,
+    "fp8": 1.0, "int8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0,
+    "fp4": 0.5, "int4": 0.5, "nvfp4": 0.5, "mxfp4": 0.5,
+}
+
+
+def dtype_bytes(dtype: str) -> float:
+    try:
+        return DTYPE_BYTES[dtype.lower()]
+    except KeyError:
+        raise CatalogError(
+            f"unknown precision {dtype!r}; valid: {', '.join(sorted(set(DTYPE_BYTES)))}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    key: str
+    name: str
+    memory_bytes: float
+    bandwidth_bytes_per_s: float
+    flops: dict[str, float]          # dense peak FLOP/s per precision
+    tdp_watts: float
+    cost_per_hour: float              # default $/hour per accelerator
+    capex_usd: float
+    source: str
+    rack_accelerators: int = 1
+    rack_kw: Optional[float] = None
+    estimates: tuple[str, ...] = ()
+    measured: bool = False
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense peak for ``precision``; falls back to bf16 (then fp32) when the part has no
+        native unit for it — e.g. fp8 weights on an A100 are upcast and multiplied in bf16."""
+        p = precision.lower()
+        aliases = {"bfloat16": "bf16", "float16": "bf16", "fp16": "bf16", "float32": "fp32",
+                   "nvfp4": "fp4", "mxfp4": "fp4", "int4": "fp4", "fp8_e4m3": "fp8",
+                   "fp8_e5m2": "fp8"}
+        p = aliases.get(p, p)
+        for candidate in (p, "bf16", "fp32"):
+            value = self.flops.get(candidate)
+            if value:
+                return float(value)
+        raise CatalogError(f"hardware {self.key!r} has no FLOP/s figure for {precision!r}")
+
+    @property
+    def watts_per_accelerator_in_rack(self) -> float:
+        """IT power per accelerator including its share of CPUs, NICs, switches and fans."""
+        if self.rack_kw and self.rack_accelerators:
+            return self.rack_kw * 1000.0 / self.rack_accelerators
+        return self.tdp_watts
+
+
+def _data_text(name: str) -> str:
+    return resources.files("tokenfactory.economics").joinpath("data").joinpath(name).read_text("utf-8")
+
+
+@lru_cache(maxsize=None)
+def _hardware_table() -> dict[str, dict[str, Any]]:
+    table = json.loads(_data_text("hardware.json"))
+    return {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+@lru_cache(maxsize=None)
+def _model_table() -> dict[str, dict[str, Any]]:
+    table = json.loads(_data_text("models.json"))
+    return {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+@lru_cache(maxsize=None)
+def workload_table() -> dict[str, dict[str, Any]]:
+    table = json.loads(_data_text("workloads.json"))
+    return {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+def hardware_names() -> list[str]:
+    return list(_hardware_table())
+
+
+def model_names() -> list[str]:
+    return list(_model_table())
+
+
+def _resolve(table: dict[str, dict[str, Any]], name: str) -> Optional[str]:
+    wanted = name.strip().lower()
+    for key, entry in table.items():
+        if wanted == key or wanted in (a.lower() for a in entry.get("aliases", ())):
+            return key
+    return None
+
+
+def load_hardware(name: str, host_seconds_budget: float = 5.0) -> HardwareSpec:
+    """A catalog entry by name or alias. ``host`` runs ``measure_host`` (once per process)."""
+    table = _hardware_table()
+    key = _resolve(table, name)
+    if key is None:
+        raise CatalogError(f"unknown hardware {name!r}; valid: {', '.join(table)}")
+    entry = table[key]
+    if entry.get("measured"):
+        return _host_spec(key, entry, host_seconds_budget)
+    rack = entry.get("rack") or {}
+    return HardwareSpec(
+        key=key, name=entry["name"], memory_bytes=float(entry["memory_bytes"]),
+        bandwidth_bytes_per_s=float(entry["bandwidth_bytes_per_s"]),
+        flops={k: float(v) for k, v in entry["flops"].items()},
+        tdp_watts=float(entry["tdp_watts"]), cost_per_hour=float(entry["cost_per_hour"]),
+        capex_usd=float(entry["capex_usd"]), source=entry["source"],
+        rack_accelerators=int(rack.get("accelerators", 1)), rack_kw=rack.get("kw"),
+        estimates=tuple(entry.get("estimates", ())),
+    )
+
+
+@lru_cache(maxsize=4)
+def _measured_host(seconds_budget: float):
+    from .host import measure_host  # lazy: only ``--hardware host`` pays for the benchmark
+    return measure_host(seconds_budget=seconds_budget)
+
+
+def _host_spec(key: str, entry: dict[str, Any], seconds_budget: float) -> HardwareSpec:
+    m = _measured_host(seconds_budget)
+    flops = {"fp32": m.fp32_flops}
+    if m.bf16_flops:
+        flops["bf16"] = m.bf16_flops
+    return HardwareSpec(
+        key=key, name=entry["name"], memory_bytes=float(m.memory_bytes),
+        bandwidth_bytes_per_s=m.bandwidth_bytes_per_s, flops=flops,
+        tdp_watts=float(entry["tdp_watts"]), cost_per_hour=float(entry["cost_per_hour"]),
+        capex_usd=float(entry["capex_usd"]), source=entry["source"],
+        estimates=tuple(entry.get("estimates", ())), measured=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MlaSpec:
+    """DeepSeek Multi-head Latent Attention: the cache holds one compressed latent of
+    ``kv_lora_rank`` plus one shared RoPE key of ``qk_rope_head_dim`` per token per layer."""
+    kv_lora_rank: int
+    q_lora_rank: Optional[int]
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int            # dense MLP width (dense layers only)
+    tied_embeddings: bool = False
+    max_context: int = 0
+    num_experts: int = 0              # routed experts per MoE layer (0 = dense model)
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0   # total width of always-on shared experts
+    moe_layers: tuple[int, ...] = ()
+    mla: Optional[MlaSpec] = None
+    layer_windows: tuple[Optional[int], ...] = field(default=())  # None = full attention
+
+    def __post_init__(self) -> None:
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise CatalogError(f"{self.name}: layer_windows must have one entry per layer")
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                     "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise CatalogError(f"{self.name}: {name} must be positive")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and bool(self.moe_layers)
+
+    def with_kv_heads(self, kv_heads: int) -> "ModelSpec":
+        """A variant with a different KV-head count (e.g. the MHA counterfactual)."""
+        return replace(self, num_kv_heads=kv_heads, name=f"{self.name}[kv_heads={kv_heads}]")
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A catalog model by name/alias, or a Hugging Face config.json (file or directory)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CatalogError(f"cannot read model config {str(path)!r}: {exc}") from None
+        return model_from_hf_config(config, name=str(path), source=f"{path} (Hugging Face config)")
+    table = _model_table()
+    key = _resolve(table, name_or_path)
+    if key is None:
+        if os.sep in name_or_path or name_or_path.endswith(".json"):
+            raise CatalogError(f"model config {name_or_path!r} not found")
+        raise CatalogError(f"unknown model {name_or_path!r}; valid: {', '.join(table)} "
+                           "or a path to a Hugging Face config.json")
+    return _model_from_catalog(key, table[key])
+
+
+def _pattern_windows(layers: int, window: Optional[int], pattern: list[str]) -> tuple:
+    if not window or not pattern:
+        return (None,) * layers
+    return tuple(window if pattern[i % len(pattern)] == "local" else None for i in range(layers))
+
+
+def _model_from_catalog(key: str, e: dict[str, Any]) -> ModelSpec:
+    layers = int(e["layers"])
+    moe = e.get("moe")
+    moe_kwargs: dict[str, Any] = {}
+    if moe:
+        step = int(moe.get("layer_step", 1))
+        dense = set(moe.get("dense_layers", ()))
+        moe_kwargs = dict(
+            num_experts=int(moe["experts"]), experts_per_token=int(moe["top_k"]),
+            expert_intermediate_size=int(moe["expert_intermediate_size"]),
+            shared_expert_intermediate_size=int(moe.get("shared_experts", 0))
+            * int(moe["expert_intermediate_size"]),
+            moe_layers=tuple(i for i in range(step - 1, layers, step) if i not in dense),
+        )
+    mla = MlaSpec(**e["mla"]) if e.get("mla") else None
+    attention = e.get("attention") or {}
+    return ModelSpec(
+        name=key, source=e["source"], num_layers=layers, hidden_size=int(e["hidden_size"]),
+        num_heads=int(e["heads"]), num_kv_heads=int(e["kv_heads"]), head_dim=int(e["head_dim"]),
+        vocab_size=int(e["vocab_size"]), intermediate_size=int(e["intermediate_size"]),
+        tied_embeddings=bool(e.get("tied_embeddings", False)),
+        max_context=int(e.get("max_context", 0)), mla=mla,
+        layer_windows=_pattern_windows(layers, attention.get("window"),
+                                       attention.get("pattern", [])),
+        **moe_kwargs,
+    )
+
+
+def _first(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        value = config.get(key)
+        if value is not None:
+            return value
+    return default
+
+
+def model_from_hf_config(config: dict[str, Any], name: str = "hf-config",
+                         source: str = "Hugging Face config.json") -> ModelSpec:
+    """Normalize a Hugging Face ``config.json`` dict into a ``ModelSpec``."""
+    if isinstance(config.get("text_config"), dict):       # Llama 4, multimodal wrappers
+        config = {**config, **config["text_config"]}
+    try:
+        layers = int(_first(config, "num_hidden_layers", "n_layer", "num_layers"))
+        hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
+        heads = int(_first(config, "num_attention_heads", "n_head"))
+        vocab = int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        raise CatalogError(f"{name}: config.json lacks num_hidden_layers/hidden_size/"
+                           "num_attention_heads/vocab_size") from None
+    kv_heads = int(_first(config, "num_key_value_heads", "num_kv_heads", default=heads))
+    head_dim = int(_first(config, "head_dim", default=hidden // heads))
+
+    # MLP widths. Llama 4 names the dense width intermediate_size_mlp and the expert width
+    # intermediate_size; Mixtral and GPT-OSS use intermediate_size for the experts.
+    dense_inter = int(_first(config, "intermediate_size_mlp", "intermediate_size",
+                             "ffn_dim", default=4 * hidden))
+    experts = int(_first(config, "n_routed_experts", "num_local_experts", "num_experts",
+                         default=0) or 0)
+    moe_kwargs: dict[str, Any] = {}
+    if experts:
+        top_k = int(_first(config, "num_experts_per_tok", "experts_per_token", "top_k",
+                           default=2))
+        expert_inter = int(_first(config, "moe_intermediate_size", "intermediate_size",
+                                  default=dense_inter))
+        if "shared_expert_intermediate_size" in config:           # Qwen2-MoE
+            shared_inter = int(config["shared_expert_intermediate_size"] or 0)
+        elif "n_shared_experts" in config:                        # DeepSeek
+            shared_inter = int(config["n_shared_experts"] or 0) * expert_inter
+        elif config.get("model_type", "").startswith("llama4") or "intermediate_size_mlp" in config:
+            shared_inter = expert_inter                           # Llama 4: one shared expert
+        else:
+            shared_inter = 0
+        moe_kwargs = dict(num_experts=experts, experts_per_token=top_k,
+                          expert_intermediate_size=expert_inter,
+                          shared_expert_intermediate_size=shared_inter,
+                          moe_layers=_hf_moe_layers(config, layers))
+
+    mla = None
+    if config.get("kv_lora_rank"):
+        mla = MlaSpec(kv_lora_rank=int(config["kv_lora_rank"]),
+                      q_lora_rank=int(config["q_lora_rank"]) if config.get("q_lora_rank") else None,
+                      qk_nope_head_dim=int(config["qk_nope_head_dim"]),
+                      qk_rope_head_dim=int(config["qk_rope_head_dim"]),
+                      v_head_dim=int(config["v_head_dim"]))
+
+    return ModelSpec(
+        name=name, source=source, num_layers=layers, hidden_size=hidden, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+        intermediate_size=dense_inter,
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_context=int(config.get("max_position_embeddings") or 0), mla=mla,
+        layer_windows=_hf_layer_windows(config, layers), **moe_kwargs,
+    )
+
+
+def _hf_moe_layers(config: dict[str, Any], layers: int) -> tuple[int, ...]:
+    if isinstance(config.get("moe_layers"), list) and config["moe_layers"]:
+        return tuple(int(i) for i in config["moe_layers"])
+    if config.get("first_k_dense_replace") is not None:                      # DeepSeek
+        first = int(config["first_k_dense_replace"])
+        freq = int(config.get("moe_layer_freq") or 1)
+        return tuple(i for i in range(first, layers) if i % freq == 0)
+    if config.get("interleave_moe_layer_step"):                              # Llama 4
+        step = int(config["interleave_moe_layer_step"])
+        return tuple(range(step - 1, layers, step))
+    step = int(config.get("decoder_sparse_step") or 1)                       # Qwen MoE
+    dense = set(config.get("mlp_only_layers") or ())
+    return tuple(i for i in range(layers) if (i + 1) % step == 0 and i not in dense)
+
+
+def _hf_layer_windows(config: dict[str, Any], layers: int) -> tuple[Optional[int], ...]:
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == layers:         # GPT-OSS, Gemma 3
+        return tuple(int(window) if window and "sliding" in str(t) else None
+                     for t in layer_types)
+    chunk = config.get("attention_chunk_size")
+    if chunk:                                                                # Llama 4
+        rope = config.get("no_rope_layers") or []
+        if len(rope) != layers:
+            interval = int(config.get("no_rope_layer_interval") or 4)
+            rope = [int((i + 1) % interval != 0) for i in range(layers)]
+        return tuple(int(chunk) if rope[i] else None for i in range(layers))
+    if window and config.get("use_sliding_window", True):
+        if "sliding_window_pattern" in config:                               # Gemma 2/3 style
+            every = int(config["sliding_window_pattern"])
+            return tuple(None if (i + 1) % every == 0 else int(window) for i in range(layers))
+        first = int(config.get("max_window_layers") or 0) if "use_sliding_window" in config else 0
+        return tuple(int(window) if i >= first else None for i in range(layers))     # Mistral
+    return (None,) * layers

@@ -1,0 +1,153 @@
+"""Measure this machine's roofline: memory bandwidth and matmul throughput.
+
+``measure_host()`` is the one routine both ``tokenfactory plan --hardware host`` and the
+benchmarks use, so "distance to the floor" always means the same floor. numpy and torch are
+imported lazily inside it: the rest of the economics package imports without either.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class HostMeasurement:
+    bandwidth_bytes_per_s: float     # best of multi-threaded copy and add, STREAM byte counting
+    fp32_flops: float                # square matmul, FLOP/s
+    bf16_flops: Optional[float]      # None when torch (or bf16 matmul) is unavailable
+    memory_bytes: int                # physical RAM
+    threads: int
+    seconds: float                   # wall time the measurement took
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _bandwidth(seconds: float, threads: int, array_bytes: int) -> tuple[float, dict]:
+    """STREAM-style copy (a = b: 2 bytes moved per byte) and add (a = b + c: 3), each thread
+    on its own slice so every core pulls on memory; best round wins."""
+    import numpy as np
+
+    n = array_bytes // 8
+    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)     # touch every page up front
+    bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+
+    def run(kernel: str, rounds_deadline: float) -> float:
+        best = float("inf")
+        barrier = threading.Barrier(threads + 1)
+        stop = [False]
+
+        # Each worker stamps its own start and end: the main thread may wake up late from
+        # the barrier, after the workers (which run without the GIL) already finished.
+        starts = [0.0] * threads
+        ends = [0.0] * threads
+
+        def worker(index: int, lo: int, hi: int) -> None:
+            while True:
+                barrier.wait()
+                if stop[0]:
+                    return
+                starts[index] = time.perf_counter()
+                if kernel == "copy":
+                    np.copyto(a[lo:hi], b[lo:hi])
+                else:
+                    np.add(b[lo:hi], c[lo:hi], out=a[lo:hi])
+                ends[index] = time.perf_counter()
+                barrier.wait()
+
+        pool = [threading.Thread(target=worker, args=(i, lo, hi), daemon=True)
+                for i, (lo, hi) in enumerate(bounds)]
+        for t in pool:
+            t.start()
+        rounds = 0
+        while rounds < 3 or time.perf_counter() < rounds_deadline:
+            barrier.wait()                       # release the workers
+            barrier.wait()                       # all slices done
+            best = min(best, max(ends) - min(starts))
+            rounds += 1
+            if rounds >= 200:
+                break
+        stop[0] = True
+        barrier.wait()
+        for t in pool:
+            t.join()
+        return best
+
+    half = seconds / 2.0
+    copy_s = run("copy", time.perf_counter() + half)
+    add_s = run("add", time.perf_counter() + half)
+    copy_bw = 2 * n * 8 / copy_s
+    add_bw = 3 * n * 8 / add_s
+    return max(copy_bw, add_bw), {"copy_bytes_per_s": copy_bw, "add_bytes_per_s": add_bw,
+                                  "array_bytes": n * 8}
+
+
+def _best_matmul(matmul, a, b, flops: float, seconds: float) -> float:
+    matmul(a, b)                                  # warm up (thread pools, packing)
+    deadline = time.perf_counter() + seconds
+    best = float("inf")
+    runs = 0
+    while runs < 2 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+        runs += 1
+        if runs >= 100:
+            break
+    return flops / best
+
+
+def _matmul(seconds: float, size: int) -> tuple[float, Optional[float], dict]:
+    flops = 2.0 * size ** 3
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None:
+        import numpy as np
+        a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+        fp32 = _best_matmul(np.matmul, a, a, flops, seconds / 2)
+        return fp32, None, {"matmul_library": "numpy", "matmul_size": size,
+                            "bf16": "unavailable: torch not installed"}
+    with torch.inference_mode():
+        a32 = torch.randn(size, size, dtype=torch.float32)
+        fp32 = _best_matmul(torch.matmul, a32, a32, flops, seconds / 2)
+        bf16: Optional[float]
+        try:
+            a16 = a32.to(torch.bfloat16)
+            bf16 = _best_matmul(torch.matmul, a16, a16, flops, seconds / 2)
+        except RuntimeError as exc:               # no bf16 GEMM on this build
+            bf16 = None
+            return fp32, bf16, {"matmul_library": "torch", "bf16": f"unavailable: {exc}"}
+    return fp32, bf16, {"matmul_library": f"torch {torch.__version__}",
+                        "matmul_size": size, "torch_threads": torch.get_num_threads()}
+
+
+def measure_host(seconds_budget: float = 4.0, threads: Optional[int] = None,
+                 array_bytes: int = 64 * 2 ** 20, matmul_size: int = 2048) -> HostMeasurement:
+    """Measure bandwidth (about 45% of the budget) and fp32/bf16 matmul (the rest).
+
+    ``array_bytes`` per array should exceed the last-level cache several times over, or the
+    copy measures cache rather than DRAM bandwidth."""
+    if seconds_budget <= 0:
+        raise ValueError("seconds_budget must be positive")
+    started = time.perf_counter()
+    threads = threads or os.cpu_count() or 1
+    bandwidth, bw_details = _bandwidth(seconds_budget * 0.45, threads, array_bytes)
+    fp32, bf16, mm_details = _matmul(seconds_budget * 0.45, matmul_size)
+    return HostMeasurement(
+        bandwidth_bytes_per_s=bandwidth, fp32_flops=fp32, bf16_flops=bf16,
+        memory_bytes=_physical_memory(), threads=threads,
+        seconds=time.perf_counter() - started, details={**bw_details, **mm_details})
