@@ -79,10 +79,10 @@ class Tokenizer:
         if missing:
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
 
-        # BOS/EOS on encode(add_special_tokens=True): like transformers v5, an explicit add_bos_token /
-        # add_eos_token in the config (or a tokenizer.json without a post-processor) means "build the
-        # template from the flags"; otherwise tokenizer.json's own post-processor decides.
-        self._explicit_bos_eos = "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None
+        # BOS/EOS on encode(add_special_tokens=True): tokenizer.json's post-processor decides, as in
+        # transformers v5 (which ignores the config's add_bos_token/add_eos_token when tokenizer.json
+        # exists). Without a post-processor we fall back to those flags (transformers v4 Llama behaviour).
+        self._explicit_bos_eos = backend.post_processor is None
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.add_eos_token = bool(config.get("add_eos_token", False))
 

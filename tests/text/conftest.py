@@ -1,0 +1,74 @@
+"""Fixtures for the text tests: one demo tokenizer trained per session, plus tokenizer
+directories that pair it with the test chat templates (Llama-3.1 style, Qwen2.5/Hermes style)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tokenfactory.text.demo_tokenizer import train_demo_tokenizer
+from tokenfactory.text.tokenizer import Tokenizer
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo_tokenizer")
+    train_demo_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(demo_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_demo_tokenizer(demo_tokenizer_dir: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(demo_tokenizer_dir))
+
+
+def make_tokenizer_dir(base: Path, out: Path, config_updates: dict, *, jinja: str | None = None,
+                       generation_config: dict | None = None) -> Path:
+    """A tokenizer directory reusing the demo tokenizer.json with a different config/template."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(base / "tokenizer.json", out / "tokenizer.json")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.update(config_updates)
+    config = {k: v for k, v in config.items() if v is not None or k == "unk_token"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    if jinja is not None:
+        (out / "chat_template.jinja").write_text(jinja)
+    if generation_config is not None:
+        (out / "generation_config.json").write_text(json.dumps(generation_config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def template_dirs(demo_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> tokenizer dir, for every template under test (all share the demo vocabulary)."""
+    root = tmp_path_factory.mktemp("templates")
+    llama = (TEMPLATES_DIR / "llama31_style.jinja").read_text()
+    hermes = (TEMPLATES_DIR / "hermes_qwen_style.jinja").read_text()
+    return {
+        "demo": demo_tokenizer_dir,
+        # Llama 3.1 style: the special tokens are not in the demo vocab, so both loaders add them.
+        "llama31": make_tokenizer_dir(
+            demo_tokenizer_dir, root / "llama31",
+            {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "lstrip": False,
+                                                              "rstrip": False, "normalized": False,
+                                                              "special": True, "__type": "AddedToken"},
+             "chat_template": llama},
+        ),
+        # Qwen style: no BOS, template given as a list of named templates.
+        "hermes": make_tokenizer_dir(
+            demo_tokenizer_dir, root / "hermes",
+            {"bos_token": None, "add_bos_token": False, "eos_token": "<|im_end|>",
+             "chat_template": [{"name": "default", "template": hermes}]},
+        ),
+    }
