@@ -1,0 +1,38 @@
+"""Text in, text out (stations 4, 9 and 11 of the request trace).
+
+- `tokenizer`: a Hugging Face tokenizer directory without `transformers`; chat templates.
+- `chat_template`: sandboxed Jinja rendering, byte-compatible with transformers.
+- `detokenizer`: token ids back to streamed text, with stop strings.
+- `tool_parsers`: model text back to tool calls (Hermes `<tool_call>`, Llama 3 JSON).
+- `demo_tokenizer`: the locally trained tokenizer of the built-in demo model.
+"""
+
+from tokenfactory.text.chat_template import ChatTemplateError
+from tokenfactory.text.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
+from tokenfactory.text.tokenizer import Tokenizer, TokenizerLoadError
+from tokenfactory.text.tool_parsers import (
+    TextDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallParser,
+    ToolCallStart,
+    detect_tool_parser,
+    get_tool_parser,
+    render_tool_call_text,
+)
+
+__all__ = [
+    "ChatTemplateError",
+    "DetokenizerUpdate",
+    "IncrementalDetokenizer",
+    "TextDelta",
+    "Tokenizer",
+    "TokenizerLoadError",
+    "ToolCallArgsDelta",
+    "ToolCallEnd",
+    "ToolCallParser",
+    "ToolCallStart",
+    "detect_tool_parser",
+    "get_tool_parser",
+    "render_tool_call_text",
+]
