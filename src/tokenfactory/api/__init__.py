@@ -1,0 +1,1 @@
+"""HTTP front door: Anthropic Messages + OpenAI-compatible APIs (see docs/api.md)."""

@@ -1,0 +1,135 @@
+"""Pydantic models of the Anthropic Messages request.
+
+Tolerance (issue 7): every model accepts and ignores unknown keys (``thinking``,
+``context_management``, ``output_config``, ``defer_loading`` on tools, ...); known keys are
+still validated strictly, so a malformed known field is a 400.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class CacheControl(_Open):
+    type: Literal["ephemeral"] = "ephemeral"
+    ttl: Literal["5m", "1h"] | None = None
+
+
+class TextBlock(_Open):
+    type: Literal["text"]
+    text: str
+    cache_control: CacheControl | None = None
+
+
+class ImageBlock(_Open):
+    type: Literal["image"]
+    source: dict[str, Any] | None = None
+    cache_control: CacheControl | None = None
+
+
+class DocumentBlock(_Open):
+    type: Literal["document"]
+    source: dict[str, Any] | None = None
+    cache_control: CacheControl | None = None
+
+
+class ToolUseBlock(_Open):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: CacheControl | None = None
+
+
+class ToolResultBlock(_Open):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[Annotated[Union[TextBlock, ImageBlock, DocumentBlock],
+                                  Field(discriminator="type")]] | None = None
+    is_error: bool | None = None
+    cache_control: CacheControl | None = None
+
+
+class ThinkingBlock(_Open):
+    type: Literal["thinking"]
+    thinking: str = ""
+    signature: str | None = None
+    cache_control: CacheControl | None = None
+
+
+class RedactedThinkingBlock(_Open):
+    type: Literal["redacted_thinking"]
+    data: str = ""
+    cache_control: CacheControl | None = None
+
+
+ContentBlock = Annotated[
+    Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock,
+          RedactedThinkingBlock],
+    Field(discriminator="type")]
+
+
+class Message(_Open):
+    role: Literal["user", "assistant", "system"]
+    content: str | list[ContentBlock]
+
+
+class Tool(_Open):
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None          # "custom" or a server tool type (those are not supported)
+    cache_control: CacheControl | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type in (None, "custom"):
+            if self.input_schema is None:
+                raise ValueError("input_schema: Field required")
+            if self.input_schema.get("type", "object") != "object":
+                raise ValueError("input_schema.type must be 'object'")
+        return self
+
+
+class ToolChoice(_Open):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+    @model_validator(mode="after")
+    def _named(self):
+        if self.type == "tool" and not self.name:
+            raise ValueError("tool_choice.name is required when tool_choice.type is 'tool'")
+        return self
+
+
+class MessagesRequest(_Open):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: str | list[TextBlock] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    stop_sequences: list[str] | None = None
+    stream: bool | None = False
+    metadata: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    cache_control: CacheControl | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, v):
+        if v is not None and any(s == "" for s in v):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+
+class CountTokensRequest(MessagesRequest):
+    max_tokens: int | None = Field(default=None, ge=1)  # type: ignore[assignment]

@@ -1,0 +1,104 @@
+"""Errors in each protocol's own format.
+
+Anthropic: ``{"type": "error", "error": {"type", "message"}, "request_id"}`` plus a
+``request-id`` header. OpenAI: ``{"error": {"message", "type", "param", "code"}}``. Which format
+a response uses is decided by the route (``/v1/chat/completions`` and ``/v1/completions`` speak
+OpenAI, everything else Anthropic), so the same failure reads naturally to either SDK.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+# status -> Anthropic error type (the SDK maps these back to exception classes)
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+# status -> OpenAI error type
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    529: "server_error",
+}
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class APIError(Exception):
+    """An error with an HTTP status; the handler renders it in the caller's protocol."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+        self.code = code
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PATHS)
+
+
+def anthropic_error_body(status: int, message: str, request_id: str | None = None) -> dict:
+    body: dict[str, Any] = {"type": "error",
+                            "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"),
+                                      "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def openai_error_body(status: int, message: str, param: str | None = None,
+                      code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": OPENAI_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(path: str, status: int, message: str, *, request_id: str,
+                   param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    if is_openai_path(path):
+        body = openai_error_body(status, message, param, code)
+    else:
+        body = anthropic_error_body(status, message, request_id)
+    hdrs = {"request-id": request_id, "x-request-id": request_id, **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=hdrs)
+
+
+def format_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """A one-line message from pydantic/FastAPI validation errors, and the first bad field."""
+    parts, first = [], None
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        field = ".".join(loc)
+        first = first or field or None
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "json_invalid":
+            return "the request body is not valid JSON: " + str(err.get("ctx", {}).get("error", msg)), None
+        parts.append(f"{field}: {msg}" if field else msg)
+    if len(errors) > 5:
+        parts.append(f"... and {len(errors) - 5} more")
+    return "; ".join(parts) or "invalid request", first

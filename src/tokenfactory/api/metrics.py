@@ -1,0 +1,79 @@
+"""Prometheus metrics, one CollectorRegistry per app (tests build many apps in one process).
+
+Latencies are measured where the client feels them (the HTTP layer): time to first token,
+time between tokens, end to end. Engine state (running / waiting requests, KV pages, prefix-cache
+lookups) is read from ``AsyncEngine.stats()`` at scrape time.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class _EngineCollector:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats()
+        yield GaugeMetricFamily("tokenfactory_requests_running", "Requests being computed",
+                                value=s.num_running)
+        yield GaugeMetricFamily("tokenfactory_requests_waiting", "Requests queued for admission",
+                                value=s.num_waiting)
+        yield GaugeMetricFamily("tokenfactory_kv_pages_total", "KV cache pages", value=s.kv_blocks_total)
+        yield GaugeMetricFamily("tokenfactory_kv_pages_used", "KV cache pages held by requests",
+                                value=s.kv_blocks_total - s.kv_blocks_free)
+        yield GaugeMetricFamily("tokenfactory_kv_pages_pinned",
+                                "Free KV pages retained by cache_control TTLs", value=s.kv_blocks_pinned)
+        yield CounterMetricFamily("tokenfactory_prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache",
+                                  value=s.prefix_cache_queries)
+        yield CounterMetricFamily("tokenfactory_prefix_cache_hits",
+                                  "Prompt tokens found in the prefix cache", value=s.prefix_cache_hits)
+        yield GaugeMetricFamily("tokenfactory_engine_alive", "1 while the engine thread runs",
+                                value=1 if self.engine.is_alive else 0)
+
+
+class Metrics:
+    def __init__(self, engine=None):
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("tokenfactory_time_to_first_token_seconds",
+                              "Request arrival to first output token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("tokenfactory_inter_token_latency_seconds",
+                             "Time between consecutive output updates of a request",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("tokenfactory_e2e_request_latency_seconds",
+                             "Request arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("tokenfactory_prompt_tokens", "Prompt tokens of finished requests",
+                                     registry=r)
+        self.cached_tokens = Counter("tokenfactory_cached_prompt_tokens",
+                                     "Prompt tokens whose KV was reused from the prefix cache",
+                                     registry=r)
+        self.cache_creation_tokens = Counter("tokenfactory_cache_creation_tokens",
+                                             "Prompt tokens written under a cache_control breakpoint",
+                                             registry=r)
+        self.generation_tokens = Counter("tokenfactory_generation_tokens", "Generated tokens",
+                                         registry=r)
+        self.requests_finished = Counter("tokenfactory_requests_finished",
+                                         "Requests that completed", registry=r)
+        self.requests_failed = Counter("tokenfactory_requests_failed",
+                                       "Requests the engine failed or aborted", registry=r)
+        self.requests_rejected = Counter("tokenfactory_requests_rejected",
+                                         "Requests refused at admission (too long, queue full)",
+                                         registry=r)
+        if engine is not None:
+            r.register(_EngineCollector(engine))
+
+    def observe_finished(self, out, e2e_seconds: float) -> None:
+        self.e2e.observe(e2e_seconds)
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.cached_tokens.inc(max(out.num_cached_tokens, 0))
+        self.generation_tokens.inc(len(out.outputs[0].token_ids))
+        self.requests_finished.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

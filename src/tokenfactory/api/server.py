@@ -1,0 +1,227 @@
+"""The HTTP front door: ``create_app(engine, tokenizer, ...)`` and ``tokenfactory serve``.
+
+The event loop only parses, renders templates, tokenizes and frames SSE; every forward pass runs
+on the AsyncEngine's thread, so many streams interleave.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from tokenfactory.api import anthropic, openai
+from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesRequest
+from tokenfactory.api.auth import Authenticator
+from tokenfactory.api.errors import (APIError, error_response, format_validation_errors,
+                                     new_request_id)
+from tokenfactory.api.metrics import Metrics
+from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
+from tokenfactory.api.serving import ServerOptions, ServingContext
+from tokenfactory.engine.async_engine import AsyncEngine
+
+log = logging.getLogger("tokenfactory.api")
+PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")
+
+
+class FrontDoorMiddleware:
+    """Runs before any parsing: request id, API key -> tenant, and the body size limit."""
+
+    def __init__(self, app, *, auth: Authenticator, max_body_bytes: int):
+        self.app = app
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = new_request_id()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        path = scope.get("path", "")
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"request-id" for k, _ in headers):
+                    headers += [(b"request-id", rid.encode()), (b"x-request-id", rid.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        async def reject(status: int, msg: str):
+            resp = error_response(path, status, msg, request_id=rid)
+            await resp(scope, receive, send)
+
+        if not path.startswith(PUBLIC_PATHS):
+            try:
+                state["tenant"] = self.auth.tenant_for(Request(scope))
+            except APIError as exc:
+                return await reject(exc.status, exc.message)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send_with_id)
+        limit = self.max_body_bytes
+        too_large = f"request body exceeds the limit of {limit} bytes"
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    if int(v) > limit:
+                        return await reject(413, too_large)
+                except ValueError:
+                    return await reject(400, "invalid content-length header")
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                return await reject(413, too_large)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_id)
+
+
+async def collect_unless_disconnected(request: Request, coro, poll_seconds: float = 0.25):
+    """Await ``coro``; if the client goes away first, cancel it (which aborts the engine request)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_seconds)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(400, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "tokenfactory",
+               aliases: list[tuple[str, str]] | None = None,
+               api_keys: dict[str, str] | None = None, **options: Any) -> FastAPI:
+    """A FastAPI app serving ``engine``. ``options`` are ServerOptions fields."""
+    opts = ServerOptions(served_model_name=served_model_name, aliases=list(aliases or []),
+                         api_keys=dict(api_keys or {}), **options)
+    metrics = Metrics(engine)
+    ctx = ServingContext(engine, tokenizer, opts, metrics)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+
+    app = FastAPI(title="tokenfactory", version="0.1.0", lifespan=lifespan,
+                  description="Anthropic Messages and OpenAI-compatible inference API")
+    app.state.ctx = ctx
+    app.add_middleware(FrontDoorMiddleware, auth=Authenticator(opts.api_keys),
+                       max_body_bytes=opts.max_body_bytes)
+    if opts.enable_cors:  # off by default (issue 6)
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
+                           allow_headers=["*"])
+
+    def rid(request: Request) -> str:
+        return getattr(request.state, "request_id", None) or new_request_id()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(request.url.path, exc.status, exc.message, request_id=rid(request),
+                              param=exc.param, code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        msg, param = format_validation_errors(list(exc.errors()))
+        return error_response(request.url.path, 400, msg, request_id=rid(request), param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        msg = {404: f"no route for {request.method} {request.url.path}",
+               405: f"method {request.method} not allowed on {request.url.path}"}.get(
+                   exc.status_code, str(exc.detail))
+        return error_response(request.url.path, exc.status_code, msg, request_id=rid(request))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}",
+                              request_id=rid(request))
+
+    # ------------------------------------------------------------------ routes
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        return await anthropic.create_message(ctx, request, body,
+                                              getattr(request.state, "tenant", None), rid(request))
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(body: CountTokensRequest):
+        return anthropic.count_tokens(ctx, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await openai.create_chat_completion(ctx, request, body,
+                                                   getattr(request.state, "tenant", None))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await openai.create_completion(ctx, request, body,
+                                              getattr(request.state, "tenant", None))
+
+    def model_card(name: str, alias_of: str | None = None) -> dict:
+        card = {"id": name, "object": "model", "type": "model", "created": created,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+                "owned_by": "tokenfactory", "display_name": name,
+                "max_model_len": ctx.context_limit, "random_weights": opts.random_weights}
+        if alias_of:
+            card["alias_of"] = alias_of
+        if opts.random_weights:
+            card["description"] = ("built-in demo model with RANDOM weights: its output is "
+                                   "gibberish; pass --model DIR to serve a real model")
+        return card
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [model_card(opts.served_model_name)]
+        data += [model_card(p, alias_of=t) for p, t in opts.aliases]
+        return {"object": "list", "data": data, "has_more": False,
+                "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        return model_card(model_id, alias_of=None if model_id == opts.served_model_name
+                          else ctx.resolve_model(model_id))
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_alive:
+            return JSONResponse({"status": "unhealthy", "error": str(engine.dead_error)},
+                                status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prom_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

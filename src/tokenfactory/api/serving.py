@@ -1,0 +1,254 @@
+"""What both protocols share: options, model names, the max_tokens policy, and one generation
+run (engine outputs -> text / tool-call events), independent of any wire format."""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import itertools
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from tokenfactory.api.errors import APIError
+from tokenfactory.api.metrics import Metrics
+from tokenfactory.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
+from tokenfactory.engine.sampling_params import SamplingParams
+from tokenfactory.engine.scheduler import AdmissionError
+
+log = logging.getLogger("tokenfactory.api")
+
+
+@dataclass
+class ServerOptions:
+    served_model_name: str = "tokenfactory"
+    aliases: list[tuple[str, str]] = field(default_factory=list)   # (glob pattern, served name)
+    api_keys: dict[str, str] = field(default_factory=dict)         # key -> tenant
+    min_cache_tokens: int = 1024
+    max_tokens_policy: str = "clamp"                               # "clamp" | "reject"
+    max_output_tokens: int | None = None
+    strip_system_prefix: str | None = None
+    ping_interval: float = 10.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_stop_sequences: int = 32
+    tool_parser: str | None = None            # None: detect from the chat template
+    random_weights: bool = False              # the built-in demo model: say so
+    retry_after_seconds: int = 1
+    enable_cors: bool = False
+
+
+@dataclass
+class TextEvent:
+    text: str
+
+
+@dataclass
+class Started:
+    """The first engine output arrived: num_cached_tokens is known (message_start can go)."""
+    output: RequestOutput
+
+
+@dataclass
+class Finished:
+    output: RequestOutput
+
+
+class GenerationFailed(RuntimeError):
+    """The engine ended the request with an error (or aborted it) after it started."""
+
+
+class ServingContext:
+    def __init__(self, engine: AsyncEngine, tokenizer, options: ServerOptions, metrics: Metrics):
+        from tokenfactory.text.tool_parsers import detect_tool_parser
+
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.options = options
+        self.metrics = metrics
+        self.parser_name = options.tool_parser or detect_tool_parser(
+            getattr(tokenizer, "chat_template", None))
+        self.strip_re = (re.compile(options.strip_system_prefix, re.MULTILINE)
+                         if options.strip_system_prefix else None)
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ names
+    @property
+    def core(self):
+        return self.engine.core
+
+    @property
+    def block_size(self) -> int:
+        return self.core.kv.block_size
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.core.kv.pool.enable_prefix_caching
+
+    @property
+    def context_limit(self) -> int:
+        """Most tokens (prompt + output) one request can ever hold."""
+        return min(self.core.max_model_len, self.core.kv.num_blocks * self.block_size)
+
+    def resolve_model(self, name: str) -> str:
+        served = self.options.served_model_name
+        if name == served:
+            return served
+        for pattern, target in self.options.aliases:
+            if fnmatch.fnmatchcase(name, pattern):
+                return target
+        raise APIError(404, f"model '{name}' not found; this server serves '{served}'"
+                            + (" (and aliases " + ", ".join(p for p, _ in self.options.aliases) + ")"
+                               if self.options.aliases else ""), param="model",
+                       code="model_not_found")
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}{secrets.token_hex(12)}"
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ------------------------------------------------------------- max tokens
+    def effective_max_tokens(self, num_prompt: int, requested: int | None) -> tuple[int, bool]:
+        """(max_tokens to serve, whether it was clamped). Raises 400 when nothing fits."""
+        limit = self.context_limit
+        room = limit - num_prompt
+        if room < 1:
+            raise APIError(400, f"prompt is too long: {num_prompt} tokens, but the context holds "
+                                f"{limit} tokens (prompt + max_tokens)")
+        cap = self.options.max_output_tokens
+        if requested is None:  # OpenAI lets it default to "whatever fits"
+            wanted = min(room, cap) if cap else room
+            return wanted, False
+        if self.options.max_tokens_policy == "reject":
+            if num_prompt + requested > limit:
+                raise APIError(400, f"prompt ({num_prompt} tokens) + max_tokens ({requested}) = "
+                                    f"{num_prompt + requested} exceeds the context length of "
+                                    f"{limit} tokens")
+            if cap and requested > cap:
+                raise APIError(400, f"max_tokens ({requested}) exceeds this server's "
+                                    f"--max-output-tokens ({cap})")
+            return requested, False
+        served = min(requested, room, cap or requested)
+        return served, served != requested
+
+
+def make_sampling_params(**kw) -> SamplingParams:
+    try:
+        return SamplingParams(**kw)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+class Generation:
+    """One engine request, turned into protocol-neutral events.
+
+    ``start()`` submits it and surfaces admission / overload errors as HTTP errors (the engine
+    raises them before its first output, which is before any response byte is sent). ``events()``
+    then yields Started, TextEvent / tool-parser events, and Finished. Closing or cancelling the
+    iteration aborts the engine request (its pages are freed at once).
+    """
+
+    def __init__(self, ctx: ServingContext, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams, *, cache_salt: str | None,
+                 breakpoints: list[CacheBreakpoint], parser=None, parser_prefill: str = "",
+                 overload_status: int = 529):
+        self.ctx = ctx
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.parser = parser
+        self.parser_prefill = parser_prefill
+        self.overload_status = overload_status
+        self.t_start = time.monotonic()
+        self._agen = ctx.engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
+                                         cache_breakpoints=breakpoints)
+        self._first: asyncio.Future | None = None
+
+    def _map_error(self, exc: BaseException) -> APIError:
+        if isinstance(exc, AdmissionError):
+            return APIError(400, str(exc))
+        if isinstance(exc, EngineOverloadedError):
+            return APIError(self.overload_status, f"the server is overloaded ({exc}); retry later",
+                            headers={"retry-after": str(self.ctx.options.retry_after_seconds)})
+        if isinstance(exc, EngineDeadError):
+            return APIError(500, f"the engine is not running: {exc}")
+        if isinstance(exc, ValueError):
+            return APIError(400, str(exc))
+        return APIError(500, f"internal error: {type(exc).__name__}")
+
+    async def start(self) -> None:
+        self._first = asyncio.ensure_future(self._agen.__anext__())
+        await asyncio.sleep(0)  # run generate() up to its first suspension (where it raises)
+        if self._first.done() and self._first.exception() is not None:
+            exc = self._first.exception()
+            self._first = None
+            self.ctx.metrics.requests_rejected.inc()
+            raise self._map_error(exc)
+
+    async def close(self) -> None:
+        if self._first is not None and not self._first.done():
+            self._first.cancel()
+            try:
+                await self._first
+            except BaseException:  # noqa: BLE001 - cancelled on purpose
+                pass
+        await self._agen.aclose()
+
+    async def _outputs(self) -> AsyncIterator[RequestOutput]:
+        if self._first is None:
+            await self.start()
+        try:
+            out = await self._first
+        except StopAsyncIteration:
+            return
+        except APIError:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._map_error(exc) from None
+        finally:
+            self._first = None
+        yield out
+        async for out in self._agen:
+            yield out
+
+    async def events(self) -> AsyncIterator[Any]:
+        m = self.ctx.metrics
+        parser = self.parser
+        started = False
+        t_last = None
+        try:
+            async for out in self._outputs():
+                now = time.monotonic()
+                if not started:
+                    started = True
+                    m.ttft.observe(now - self.t_start)
+                    yield Started(out)
+                    if parser is not None and self.parser_prefill:
+                        for ev in parser.feed(self.parser_prefill):
+                            yield ev
+                elif t_last is not None:
+                    m.itl.observe(now - t_last)
+                t_last = now
+                comp = out.outputs[0]
+                if out.finished and comp.finish_reason in ("error", "abort"):
+                    m.requests_failed.inc()
+                    raise GenerationFailed(out.error or f"request {comp.finish_reason}ed by the engine")
+                if parser is not None:
+                    evs = parser.feed(comp.new_text) if comp.new_text else []
+                    if out.finished:
+                        evs += parser.finish()
+                    for ev in evs:
+                        yield ev
+                elif comp.new_text:
+                    yield TextEvent(comp.new_text)
+                if out.finished:
+                    m.observe_finished(out, now - self.t_start)
+                    yield Finished(out)
+                    return
+        finally:
+            await self.close()

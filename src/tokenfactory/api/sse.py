@@ -1,0 +1,58 @@
+"""Server-sent events framing and keepalive pings."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import AsyncIterator
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def anthropic_frame(data: dict) -> str:
+    """``event: NAME`` + ``data: JSON``; the JSON's ``type`` is the event name."""
+    return f"event: {data['type']}\ndata: {dumps(data)}\n\n"
+
+
+def openai_frame(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else dumps(data)}\n\n"
+
+
+ANTHROPIC_PING = anthropic_frame({"type": "ping"})
+OPENAI_KEEPALIVE = ": keepalive\n\n"   # an SSE comment: every client ignores it
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def with_keepalive(frames: AsyncIterator[str], interval: float,
+                         ping: str) -> AsyncIterator[str]:
+    """Yield ``frames``, inserting ``ping`` whenever nothing was sent for ``interval`` seconds.
+
+    The pending ``__anext__`` is never cancelled by a ping (only by the client leaving), so the
+    underlying generation is not disturbed.
+    """
+    it = frames.__aiter__()
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            pending = asyncio.ensure_future(it.__anext__())
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=interval)
+                if done:
+                    break
+                yield ping
+            try:
+                frame = pending.result()
+            except StopAsyncIteration:
+                pending = None
+                return
+            pending = None
+            yield frame
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        with contextlib.suppress(BaseException):
+            await it.aclose()
