@@ -54,6 +54,15 @@ CONVERSATIONS = {
         ],
         [WEATHER_TOOL, SEARCH_TOOL],
     ),
+    "system_mid_conversation_and_blocks": (
+        [
+            {"role": "user", "content": [{"type": "text", "text": "Add dark mode."}]},
+            {"role": "system", "content": "Reminder: be brief."},
+            {"role": "assistant", "content": "Done."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        None,
+    ),
     "tools_no_system": (
         [{"role": "user", "content": "Find 'café' recipes"}],
         [SEARCH_TOOL],
@@ -87,6 +96,8 @@ def hf_render(hf, messages, tools, **kwargs) -> str:
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_matches_transformers(pairs, template: str, conversation: str, add_generation_prompt: bool) -> None:
     ours, hf = pairs[template]
+    if conversation == "system_mid_conversation_and_blocks" and template != "demo":
+        pytest.skip("only the demo template takes content blocks and system turns anywhere")
     messages, tools = CONVERSATIONS[conversation]
     kwargs = {"date_string": "26 Jul 2024"} if template == "llama31" else {}
     expected = hf_render(hf, messages, tools, add_generation_prompt=add_generation_prompt, **kwargs)

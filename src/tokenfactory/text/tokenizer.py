@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 from tokenfactory.text.chat_template import ChatTemplateError, render_chat_template
@@ -73,8 +74,6 @@ class Tokenizer:
             if content is not None:
                 self.special_tokens_map[attr] = content
         # Like transformers, named special tokens missing from the vocabulary are added as special tokens.
-        from tokenizers import AddedToken
-
         missing = [t for t in self.special_tokens_map.values() if backend.token_to_id(t) is None]
         if missing:
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
