@@ -62,7 +62,7 @@ def tokenizer(tmp_path_factory):
 
 
 def make_engine(tokenizer, *, clock=None, num_blocks=NUM_BLOCKS, max_queued_requests=None,
-                fail_marker: str | None = None, **config):
+                **config):
     eos = min(tokenizer.eos_token_ids)
     cache: dict[tuple, list[int]] = {}
 
@@ -76,16 +76,24 @@ def make_engine(tokenizer, *, clock=None, num_blocks=NUM_BLOCKS, max_queued_requ
         return cache[(key, reply)]
 
     executor = ScriptedExecutor(script, fallback_token=eos)
-    if fail_marker is not None:  # a forward pass that raises for prompts containing the marker
-        inner = executor.execute
+    inner = executor.execute
+    flags: dict[str, tuple[bool, bool]] = {}
 
-        def execute(batch):
-            for c in batch.chunks:
-                if fail_marker in tokenizer.decode(c.request.prompt_token_ids,
-                                                   skip_special_tokens=False):
-                    raise RuntimeError("injected forward-pass failure")
-            return inner(batch)
-        executor.execute = execute
+    def execute(batch):
+        # "[[slow]]" in a prompt: each step takes 80 ms (pings, disconnects);
+        # "[[fail]]": the forward pass raises (engine fault injection).
+        for c in batch.chunks:
+            rid = c.request.request_id
+            if rid not in flags:
+                text = tokenizer.decode(c.request.prompt_token_ids, skip_special_tokens=False)
+                flags[rid] = ("[[slow]]" in text, "[[fail]]" in text)
+            slow, fail = flags[rid]
+            if fail:
+                raise RuntimeError("injected forward-pass failure")
+            if slow:
+                time.sleep(0.08)
+        return inner(batch)
+    executor.execute = execute
     cfg = EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=num_blocks,
                        max_num_batched_tokens=config.pop("max_num_batched_tokens", 2048), **config)
     core = EngineCore(executor, cfg, model_max_len=MODEL_LEN, tokenizer=tokenizer,
@@ -117,6 +125,7 @@ class LiveServer:
 
 @contextmanager
 def live_server(tokenizer, *, engine_kwargs=None, **app_options):
+    """Start uvicorn in a thread around a fresh scripted engine; stop both on exit."""
     clock = FakeClock()
     engine = make_engine(tokenizer, clock=clock, **(engine_kwargs or {}))
     app_options.setdefault("served_model_name", "tf-test")

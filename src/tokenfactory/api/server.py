@@ -225,3 +225,9 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def serve_main(argv: list[str]) -> int:
+    """Entry point of ``tokenfactory serve`` (argument parsing lives in serve_cli.py)."""
+    from tokenfactory.api.serve_cli import serve_main as _main
+    return _main(argv)

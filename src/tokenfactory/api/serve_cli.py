@@ -1,0 +1,138 @@
+"""`tokenfactory serve`: argument parsing, engine construction, uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+log = logging.getLogger("tokenfactory.serve")
+DEMO_MAX_OUTPUT_TOKENS = 256  # random weights rarely emit EOS: keep one turn short on a CPU
+
+
+def _bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4G, 512M, 1073741824)")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def _alias(text: str) -> tuple[str, str]:
+    pattern, sep, name = text.partition("=")
+    if not sep or not pattern or not name:
+        raise argparse.ArgumentTypeError(f"--model-alias wants PATTERN=NAME, got {text!r}")
+    return pattern, name
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {exc}") from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenfactory serve",
+                                description="Serve a model over the Anthropic Messages and "
+                                            "OpenAI-compatible HTTP APIs.")
+    p.add_argument("--model", help="Hugging Face model directory (default: the built-in demo "
+                                   "model, random weights)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="name clients use (default: the directory name)")
+    p.add_argument("--model-alias", action="append", type=_alias, default=[], metavar="PATTERN=NAME",
+                   help="serve requests for model names matching the glob PATTERN (e.g. "
+                        "'claude-*') with the served model NAME; repeatable")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY[:TENANT]",
+                   help="require this key; its tenant salts the prefix cache; repeatable")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="beyond this many waiting requests answer 529 / 429 with retry-after")
+    p.add_argument("--max-tokens-policy", choices=["clamp", "reject"], default="clamp",
+                   help="max_tokens beyond the context: clamp (default, header says so) or 400")
+    p.add_argument("--max-output-tokens", type=int, default=None,
+                   help=f"operator cap on tokens per response (demo model default "
+                        f"{DEMO_MAX_OUTPUT_TOKENS})")
+    p.add_argument("--strip-system-prefix", type=_regex, default=None, metavar="REGEX",
+                   help="delete matches of REGEX (multiline) from system text before templating, "
+                        "e.g. '^x-anthropic-billing-header:.*\\n?'")
+    p.add_argument("--min-cache-tokens", type=int, default=1024,
+                   help="shortest cache_control prefix that is written (default 1024)")
+    p.add_argument("--tool-parser", choices=["hermes", "llama3_json"], default=None,
+                   help="tool-call format (default: detected from the chat template)")
+    p.add_argument("--ping-interval", type=float, default=10.0, help="SSE keepalive seconds")
+    p.add_argument("--enable-cors", action="store_true", help="allow cross-origin requests")
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory", type=_bytes, default=None, help="bytes for KV pages (4G)")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pathlib import Path
+
+    import uvicorn
+
+    from tokenfactory.api.auth import parse_api_key
+    from tokenfactory.api.server import create_app
+    from tokenfactory.engine.async_engine import AsyncEngine
+    from tokenfactory.engine.llm import build_engine_core
+
+    random_weights = args.model is None
+    model_dir = args.model
+    if random_weights:
+        from tokenfactory.model.demo import ensure_demo_checkpoint
+        model_dir = str(ensure_demo_checkpoint())
+        log.warning("no --model given: serving the built-in DEMO model at %s. Its weights are "
+                    "RANDOM, so its output is gibberish; pass --model DIR for a real model.",
+                    model_dir)
+    try:
+        keys = dict(parse_api_key(k) for k in args.api_key)
+    except ValueError as exc:
+        print(f"error: --api-key: {exc}", file=sys.stderr)
+        return 2
+    if not keys:
+        log.warning("no --api-key configured: anyone who can reach %s:%d can use this server",
+                    args.host, args.port)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("binding %s without API keys exposes the server beyond this machine",
+                        args.host)
+    engine_args = dict(max_model_len=args.max_model_len, block_size=args.block_size,
+                       kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       enable_prefix_caching=not args.no_prefix_caching)
+    try:
+        core = build_engine_core(model_dir, dtype=args.dtype, **engine_args)
+    except (ValueError, OSError) as exc:
+        print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
+        return 2
+    engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
+    name = args.served_model_name or ("tokenfactory-demo" if random_weights
+                                      else Path(model_dir).resolve().name)
+    max_out = args.max_output_tokens
+    if max_out is None and random_weights:
+        max_out = DEMO_MAX_OUTPUT_TOKENS
+    app = create_app(engine, core.tokenizer, served_model_name=name, aliases=args.model_alias,
+                     api_keys=keys, min_cache_tokens=args.min_cache_tokens,
+                     max_tokens_policy=args.max_tokens_policy, max_output_tokens=max_out,
+                     strip_system_prefix=args.strip_system_prefix, ping_interval=args.ping_interval,
+                     tool_parser=args.tool_parser, random_weights=random_weights,
+                     enable_cors=args.enable_cors)
+    log.info("serving %s as '%s' (context %d tokens, %d tenants) on http://%s:%d",
+             model_dir, name, app.state.ctx.context_limit, len(set(keys.values())), args.host,
+             args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=30)
+    engine.shutdown()
+    if not engine.is_alive and engine.dead_error is not None:
+        return 1
+    return 0
