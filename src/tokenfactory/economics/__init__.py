@@ -19,10 +19,12 @@ from .catalog import (
 from .fleet import FleetPlan, Workload, euv_ceiling_gw_per_year, euv_sensitivity, \
     load_workload, size_fleet
 from .ledger import ApiPrices, CostLedger, LedgerTotals, RequestCost, TokenUsage, api_price
+from .simulated import SimulatedExecutor
 
 __all__ = [
     "ApiPrices", "CachedSessionPrice", "CatalogError", "CostLedger", "FleetPlan",
-    "HardwareSpec", "LedgerTotals", "ModelSpec", "ParamCount", "RequestCost", "StepEstimate",
+    "HardwareSpec", "LedgerTotals", "ModelSpec", "ParamCount", "RequestCost", "SimulatedExecutor",
+    "StepEstimate",
     "Throughput", "TokenUsage", "Workload", "api_price", "cached_session_input_price",
     "cost_per_million_from_step", "cost_per_million_output_tokens", "decode_floor",
     "decode_throughput", "draft_cost_ratio_for_speedup", "embedding_bytes",

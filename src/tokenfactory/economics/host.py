@@ -137,7 +137,7 @@ def _matmul(seconds: float, size: int) -> tuple[float, Optional[float], dict]:
 
 def measure_host(seconds_budget: float = 4.0, threads: Optional[int] = None,
                  array_bytes: int = 64 * 2 ** 20, matmul_size: int = 2048) -> HostMeasurement:
-    """Measure bandwidth (about 45% of the budget) and fp32/bf16 matmul (the rest).
+    """Measure bandwidth (about 40% of the budget) and fp32/bf16 matmul (the rest).
 
     ``array_bytes`` per array should exceed the last-level cache several times over, or the
     copy measures cache rather than DRAM bandwidth."""
@@ -145,8 +145,8 @@ def measure_host(seconds_budget: float = 4.0, threads: Optional[int] = None,
         raise ValueError("seconds_budget must be positive")
     started = time.perf_counter()
     threads = threads or os.cpu_count() or 1
-    bandwidth, bw_details = _bandwidth(seconds_budget * 0.45, threads, array_bytes)
-    fp32, bf16, mm_details = _matmul(seconds_budget * 0.45, matmul_size)
+    bandwidth, bw_details = _bandwidth(seconds_budget * 0.4, threads, array_bytes)
+    fp32, bf16, mm_details = _matmul(seconds_budget * 0.4, matmul_size)
     return HostMeasurement(
         bandwidth_bytes_per_s=bandwidth, fp32_flops=fp32, bf16_flops=bf16,
         memory_bytes=_physical_memory(), threads=threads,

@@ -173,7 +173,7 @@ def render_table(r: dict) -> str:
         ("decode step (batch)", f"{r['decode_floor_ms']:.2f} ms, {r['bound']}-bound "
                                 f"(memory {r['memory_ms']:.2f} ms, compute "
                                 f"{r['compute_ms']:.2f} ms)"),
-        ("ridge point", f"{r['ridge_point']:.0f} FLOP/byte (step at "
+        ("ridge point", f"{r['ridge_point']:.1f} FLOP/byte (step at "
                         f"{r['arithmetic_intensity']:.1f})"),
         ("prefill of the context at peak", f"{r['prefill_ms_at_peak']:.1f} ms"),
         ("throughput", f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_gpu']:,.0f} per "
