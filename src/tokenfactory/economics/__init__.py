@@ -5,16 +5,20 @@ matplotlib by ``plan_cli.plot_cost_vs_batch`` only. See docs/economics.md for th
 """
 
 from .analytics import (
-    CachedSessionPrice, ParamCount, StepEstimate, Throughput, cached_session_input_price,
-    cost_per_million_from_step, cost_per_million_output_tokens, decode_floor,
-    decode_throughput, draft_cost_ratio_for_speedup, embedding_bytes, kv_bytes_for_context,
-    kv_bytes_per_token, kv_transfer_seconds, max_batch, min_tp_to_fit, param_count,
-    prefill_flops, ridge_point, roofline_step, speculative_expected_tokens,
-    speculative_speedup, step_time_seconds, streamed_weight_bytes, weight_bytes,
+    ParamCount, StepEstimate, Throughput, cost_per_million_from_step,
+    cost_per_million_output_tokens, decode_floor, decode_throughput, embedding_bytes,
+    kv_bytes_for_context, kv_bytes_per_token, max_batch, min_tp_to_fit, param_count,
+    prefill_flops, ridge_point, roofline_step, step_time_seconds, streamed_weight_bytes,
+    weight_bytes,
 )
 from .catalog import (
     CatalogError, HardwareSpec, ModelSpec, hardware_names, load_hardware, load_model,
-    model_from_hf_config, model_names,
+    model_names,
+)
+from .hf_config import model_from_hf_config
+from .serving import (
+    CachedSessionPrice, cached_session_input_price, draft_cost_ratio_for_speedup,
+    kv_transfer_seconds, speculative_expected_tokens, speculative_speedup,
 )
 from .fleet import FleetPlan, Workload, euv_ceiling_gw_per_year, euv_sensitivity, \
     load_workload, size_fleet
