@@ -9,7 +9,6 @@ from .analytics import kv_bytes_for_context
 from .catalog import ModelSpec
 
 
-
 @dataclass(frozen=True)
 class CachedSessionPrice:
     effective_input_price_per_million: float
