@@ -1,0 +1,93 @@
+"""The Llama decoder family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3.
+
+They differ only in switches carried by :class:`ModelConfig`: q/k/v bias (Qwen2), per-head
+q/k RMSNorm (Qwen3), sliding-window attention (Mistral, optionally Qwen2/3), tied embeddings,
+the RoPE variant. One plain ``nn.Module`` covers all of them.
+
+Parameters are stored fused where that saves matmuls: ``qkv_proj`` = [q; k; v] and
+``gate_up_proj`` = [gate; up]. ``loader.py`` maps the checkpoint's tensor names onto them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenfactory.model.config import ModelConfig
+from tokenfactory.model.layers import AttentionMetadata, GatedMLP, RMSNorm, paged_attention
+from tokenfactory.model.rope import RotaryEmbedding, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.window = cfg.sliding_windows[layer]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        # Bound by the runner: (num_blocks, block_size, Hkv, D) each.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)        # (T, H, D)
+        k = k.view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.window, self.scale)
+        return self.o_proj(o.view(T, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """input ids (T,) + positions (T,) -> hidden states (T, hidden); ``compute_logits`` maps
+    selected hidden states to vocabulary logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Not a module: computed from the config, never loaded, survives meta-device init.
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                rope_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)                                  # (T, hidden)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, rope_seq_lens)  # (T, D) each
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (N, hidden) already normed -> (N, vocab) float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,186 @@
+"""Load a Hugging Face checkpoint directory into :class:`LlamaForCausalLM`.
+
+The model is built on the meta device (no memory, no random init), given uninitialized storage
+in the target dtype, and filled tensor by tensor from memory-mapped safetensors files, each
+tensor cast on the way in. The checkpoint is never copied into RAM as a whole.
+
+Every failure a user can cause (missing or corrupt files, shape mismatches, missing tensors)
+becomes a one-line :class:`ModelLoadError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tokenfactory.model.config import ModelConfig, ModelLoadError, load_model_config
+from tokenfactory.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(requested: str | torch.dtype | None, cfg: ModelConfig,
+                  device: torch.device | str = "cpu") -> torch.dtype:
+    """The compute dtype. ``None``/"auto": the checkpoint's own dtype (float32 if unknown).
+
+    float16 is mapped to bfloat16 on CPU with a warning: CPU fp16 matmuls run ~100x slower.
+    """
+    if requested is None or requested == "auto":
+        dtype = _DTYPE_NAMES.get(cfg.torch_dtype or "float32", torch.float32)
+    elif isinstance(requested, torch.dtype):
+        dtype = requested
+    elif requested in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES[requested]
+    else:
+        raise ValueError(f"unsupported dtype {requested!r} (use float32 or bfloat16)")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype} (use float32 or bfloat16)")
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        log.warning("float16 is very slow on CPU; using bfloat16 instead")
+        dtype = torch.bfloat16
+    return dtype
+
+
+def _tensor_sources(model_dir: Path) -> tuple[dict[str, Path], Path]:
+    """Map each checkpoint tensor name to the file holding it. Also returns the file that
+    lists the tensors (the index, or the single safetensors file) for error messages."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index}: not a valid safetensors index "
+                                 f"({type(exc).__name__}: {exc})") from None
+        files = {name: model_dir / fname for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.exists():
+                raise ModelLoadError(f"{path}: shard listed in {index.name} is missing")
+        return files, index
+    if single.exists():
+        return {name: single for name in _keys(single)}, single
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{model_dir}: no model.safetensors, model.safetensors.index.json "
+                             "or *.safetensors files found")
+    files = {}
+    for path in shards:
+        files.update({name: path for name in _keys(path)})
+    return files, shards[0]
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ModelLoadError(f"{path}: not a readable safetensors file "
+                             f"({_one_line(exc)})") from None
+
+
+def _keys(path: Path) -> list[str]:
+    with _open(path) as f:
+        return list(f.keys())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def checkpoint_names(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Our parameter name -> checkpoint tensor names concatenated (dim 0) to form it."""
+    names: dict[str, list[str]] = {"embed_tokens.weight": ["model.embed_tokens.weight"],
+                                   "norm.weight": ["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = ["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        p, hp = f"layers.{i}.", f"model.layers.{i}."
+        attn, mlp = hp + "self_attn.", hp + "mlp."
+        names[p + "self_attn.qkv_proj.weight"] = [attn + f"{x}_proj.weight" for x in "qkv"]
+        if cfg.qkv_bias:
+            names[p + "self_attn.qkv_proj.bias"] = [attn + f"{x}_proj.bias" for x in "qkv"]
+        names[p + "self_attn.o_proj.weight"] = [attn + "o_proj.weight"]
+        if cfg.o_bias:
+            names[p + "self_attn.o_proj.bias"] = [attn + "o_proj.bias"]
+        if cfg.qk_norm:
+            names[p + "self_attn.q_norm.weight"] = [attn + "q_norm.weight"]
+            names[p + "self_attn.k_norm.weight"] = [attn + "k_norm.weight"]
+        names[p + "mlp.gate_up_proj.weight"] = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
+        names[p + "mlp.down_proj.weight"] = [mlp + "down_proj.weight"]
+        if cfg.mlp_bias:
+            names[p + "mlp.gate_up_proj.bias"] = [mlp + "gate_proj.bias", mlp + "up_proj.bias"]
+            names[p + "mlp.down_proj.bias"] = [mlp + "down_proj.bias"]
+        names[p + "input_layernorm.weight"] = [hp + "input_layernorm.weight"]
+        names[p + "post_attention_layernorm.weight"] = [hp + "post_attention_layernorm.weight"]
+    return names
+
+
+def _part_rows(cfg: ModelConfig, ours: str, num_parts: int, total: int) -> list[int]:
+    """Rows each checkpoint tensor contributes to a fused parameter."""
+    if num_parts == 1:
+        return [total]
+    if "qkv_proj" in ours:
+        kv = cfg.num_kv_heads * cfg.head_dim
+        return [cfg.num_heads * cfg.head_dim, kv, kv]
+    return [total // num_parts] * num_parts  # gate/up
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
+    """Fill every parameter of ``model`` from the checkpoint, casting per tensor."""
+    sources, listing = _tensor_sources(model_dir)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    handles: dict[Path, object] = {}
+    try:
+        for ours, theirs in checkpoint_names(model.config).items():
+            param = params[ours]
+            offset = 0
+            for name, rows in zip(theirs, _part_rows(model.config, ours, len(theirs),
+                                                     param.shape[0])):
+                path = sources.get(name)
+                if path is None:
+                    raise ModelLoadError(f"{listing}: tensor {name!r} is missing")
+                if path not in handles:
+                    handles[path] = _open(path).__enter__()
+                f = handles[path]
+                expected = (rows,) + tuple(param.shape[1:])
+                try:
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected:
+                        raise ModelLoadError(
+                            f"{path}: tensor {name!r} has shape {list(shape)}, expected "
+                            f"{list(expected)} from config.json")
+                    param.data[offset:offset + rows].copy_(f.get_tensor(name))
+                except ModelLoadError:
+                    raise
+                except Exception as exc:  # truncated data, bad dtype, I/O errors
+                    raise ModelLoadError(f"{path}: cannot read tensor {name!r} "
+                                         f"({_one_line(exc)})") from None
+                offset += rows
+    finally:
+        for f in handles.values():
+            f.__exit__(None, None, None)
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """Read config.json and the safetensors weights; returns an eval-mode model."""
+    model_dir = Path(model_dir)
+    cfg = load_model_config(model_dir)
+    torch_dtype = resolve_dtype(dtype, cfg, device)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch_dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.to(device)
+    load_weights(model, model_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,182 @@
+"""Batched next-token sampling: one row of logits per request that samples this step.
+
+Order of operations, per row: penalties (repetition over prompt + output, presence/frequency over
+output) -> min_tokens masking of EOS/stop ids -> greedy argmax, or temperature -> top-k ->
+top-p -> min-p -> draw. Logprobs are reported from the raw log-softmax of the model's logits
+(vLLM's default), not from the processed distribution.
+
+Seeded requests draw from a generator seeded by (seed, output position) alone, so the token at
+position i is the same whichever requests share the batch and however often the request was
+preempted and recomputed. Unseeded requests share one global generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenfactory.engine.request import Logprob, PositionLogprobs, Request
+
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed from (request seed, output position): splitmix64 mixing, so
+    nearby (seed, position) pairs give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """In place on rows whose request asks for penalties. logits: (N, V) float32."""
+    vocab = logits.shape[1]
+    for i, req in enumerate(requests):
+        p = req.sampling_params
+        if not p.needs_penalties:
+            continue
+        row = logits[i]
+        out = torch.tensor(req.output_token_ids, dtype=torch.int64, device=logits.device)
+        out = out[(out >= 0) & (out < vocab)]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(req.prompt_token_ids, dtype=torch.int64, device=logits.device)
+            seen = torch.cat([seen[(seen >= 0) & (seen < vocab)], out]).unique()
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                    vals * p.repetition_penalty)
+        if p.frequency_penalty or p.presence_penalty:
+            counts = torch.bincount(out, minlength=vocab).to(row.dtype)  # (V,)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Forbid EOS and stop token ids until a request has ``min_tokens`` outputs."""
+    vocab = logits.shape[1]
+    for i, req in enumerate(requests):
+        p = req.sampling_params
+        if len(req.output_token_ids) < p.min_tokens:
+            banned = [t for t in set(req.eos_token_ids) | set(p.stop_token_ids) if 0 <= t < vocab]
+            if banned:
+                logits[i, banned] = float("-inf")
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Set excluded tokens to -inf. logits: (N, V) float32, already temperature-scaled;
+    top_k (N,) int (0 = off), top_p (N,) float (1 = off), min_p (N,) float (0 = off).
+
+    top-k keeps the k highest logits; top-p keeps the smallest prefix of the sorted
+    distribution whose mass reaches top_p (always at least one token); min-p drops tokens whose
+    probability is below min_p times the most likely token's."""
+    n, vocab = logits.shape
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)           # (N, V)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]            # (1, V)
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)[:, None]   # (N, 1)
+        sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs                            # exclusive cumsum
+        drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor,
+                      num_top: int) -> list[PositionLogprobs]:
+    """logprobs: (N, V) log-softmax rows; chosen: (N,) token per row. Each row's entry holds
+    the chosen token and the ``num_top`` most likely ones, with 1-based ranks."""
+    chosen_lp = logprobs.gather(1, chosen[:, None])                        # (N, 1)
+    chosen_rank = (logprobs > chosen_lp).sum(dim=-1) + 1                   # (N,)
+    top_lp, top_ids = (logprobs.topk(num_top, dim=-1) if num_top > 0 else (None, None))
+    entries = []
+    for r in range(logprobs.shape[0]):
+        entry: PositionLogprobs = {}
+        if num_top > 0:
+            for rank, (tok, lp) in enumerate(zip(top_ids[r].tolist(), top_lp[r].tolist()), 1):
+                entry[tok] = Logprob(lp, rank)
+        tok = int(chosen[r])
+        if tok not in entry:
+            entry[tok] = Logprob(float(chosen_lp[r, 0]), int(chosen_rank[r]))
+        entries.append(entry)
+    return entries
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str = "cpu", seed: int | None = None):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits: (N, V) float32, one row per request (its next-token logits)."""
+        n = logits.shape[0]
+        params = [r.sampling_params for r in requests]
+        want_logprobs = [p.logprobs is not None for p in params]
+        raw_logprobs = None
+        if any(want_logprobs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        needs_min_tokens = any(len(r.output_token_ids) < r.sampling_params.min_tokens
+                               for r in requests)
+        if any(p.needs_penalties for p in params) or needs_min_tokens:
+            logits = apply_min_tokens(apply_penalties(logits.clone(), requests), requests)
+
+        tokens = logits.argmax(dim=-1)                                       # (N,) greedy
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            sub = logits[idx] / torch.tensor([params[i].temperature for i in random_rows],
+                                             device=logits.device)[:, None]
+            sub = filter_logits(
+                sub,
+                torch.tensor([params[i].top_k for i in random_rows], device=logits.device),
+                torch.tensor([params[i].top_p for i in random_rows], device=logits.device),
+                torch.tensor([params[i].min_p for i in random_rows], device=logits.device))
+            probs = sub.softmax(dim=-1)                                      # (R, V)
+            drawn = self._draw(probs, [requests[i] for i in random_rows])
+            tokens[idx] = drawn
+        token_list = tokens.tolist()
+
+        logprobs: list[PositionLogprobs | None] = [None] * n
+        if raw_logprobs is not None:
+            rows = [i for i in range(n) if want_logprobs[i]]
+            for num_top in sorted({params[i].logprobs for i in rows}):
+                group = [i for i in rows if params[i].logprobs == num_top]
+                gi = torch.tensor(group, device=logits.device)
+                for i, entry in zip(group, position_logprobs(raw_logprobs[gi], tokens[gi],
+                                                             num_top)):
+                    logprobs[i] = entry
+        return SamplerOutput(token_list, logprobs)
+
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row from (R, V) probabilities."""
+        out = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+        unseeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
+        if unseeded:
+            ui = torch.tensor(unseeded, device=probs.device)
+            out[ui] = torch.multinomial(probs[ui], 1, generator=self.generator)[:, 0]
+        for i, req in enumerate(requests):
+            seed = req.sampling_params.seed
+            if seed is None:
+                continue
+            gen = torch.Generator(probs.device)
+            gen.manual_seed(derive_seed(seed, len(req.output_token_ids)))
+            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+        return out

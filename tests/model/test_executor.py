@@ -1,0 +1,96 @@
+"""TorchExecutor end to end through EngineCore: seeds, logprobs, prompt logprobs, bf16."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenfactory.engine.core import EngineConfig, EngineCore
+from tokenfactory.engine.sampling_params import SamplingParams
+from tokenfactory.model.runner import TorchExecutor
+
+
+@pytest.fixture(scope="module")
+def fp32(checkpoint):
+    return TorchExecutor(checkpoint("llama_gqa")[0], dtype="float32")
+
+
+def generate(ex, prompts, params, **cfg):
+    config = dict(num_kv_blocks=256, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
+    config.update(cfg)
+    engine = EngineCore(ex, EngineConfig(**config), model_max_len=ex.max_model_len)
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        engine.add_request(str(i), p, sp)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert engine.num_free_blocks() == config["num_kv_blocks"]
+    return [done[str(i)] for i in range(len(prompts))], engine
+
+
+def _prompts(n, seed=0, lo=5, hi=30):
+    gen = random.Random(seed)
+    return [[gen.randrange(512) for _ in range(gen.randrange(lo, hi))] for _ in range(n)]
+
+
+def test_seeded_sampling_independent_of_batch_and_preemption(fp32):
+    prompts = _prompts(5)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=12)
+    alone, _ = generate(fp32, [prompts[0]], seeded)
+    others = [SamplingParams(temperature=1.0, max_tokens=12)] * 4
+    batched, _ = generate(fp32, prompts, [seeded] + others)
+    assert batched[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    # a cache too small for everyone at once forces preemption and recompute
+    tight, engine = generate(fp32, prompts[::-1], others + [seeded], num_kv_blocks=14)
+    assert any(o.metrics.num_preemptions for o in tight)
+    assert tight[-1].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    again, _ = generate(fp32, [prompts[0]], seeded)
+    assert again[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
+
+
+def test_prompt_logprobs_and_logprobs_match_transformers(fp32, checkpoint):
+    _, hf = checkpoint("llama_gqa")
+    prompt = _prompts(1, seed=4, lo=20, hi=21)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2)
+    # budget 8: the prompt is prefilled in three chunks
+    (out,), _ = generate(fp32, [prompt], params, max_num_batched_tokens=8)
+    plp = out.prompt_logprobs
+    assert len(plp) == len(prompt) and plp[0] is None
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.outputs[0].token_ids])).logits[0].log_softmax(-1)
+    for j in range(1, len(prompt)):
+        entry = plp[j]
+        assert prompt[j] in entry and len(entry) in (2, 3)
+        assert entry[prompt[j]].logprob == pytest.approx(ref[j - 1, prompt[j]].item(), abs=1e-4)
+        assert entry[prompt[j]].rank == int((ref[j - 1] > ref[j - 1, prompt[j]]).sum()) + 1
+    assert len(out.outputs[0].logprobs) == 4
+    for i, (tok, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        pos = len(prompt) - 1 + i
+        assert entry[tok].rank == 1  # greedy
+        assert entry[tok].logprob == pytest.approx(ref[pos, tok].item(), abs=1e-4)
+        assert len(entry) == 3
+
+
+def test_bfloat16_mostly_agrees_with_float32(checkpoint, fp32):
+    bf16 = TorchExecutor(checkpoint("llama_gqa")[0], dtype="bfloat16")
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.kv_cache_bytes_per_block(16) * 2 == fp32.kv_cache_bytes_per_block(16)
+    prompts = _prompts(4, seed=9)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    a, _ = generate(fp32, prompts, params)
+    b, _ = generate(bf16, prompts, params)
+    firsts = sum(x.outputs[0].token_ids[0] == y.outputs[0].token_ids[0] for x, y in zip(a, b))
+    assert firsts >= 3
+
+
+def test_execute_requires_cache(checkpoint):
+    from tokenfactory.engine.executor import Batch
+    ex = TorchExecutor(checkpoint("llama_gqa")[0], dtype="float32")
+    with pytest.raises(RuntimeError, match="initialize_cache"):
+        ex.execute(Batch([], 16))
+    assert ex.max_model_len == 256
+    assert ex.kv_cache_bytes_per_block(16) == 2 * 2 * 16 * 2 * 16 * 4
