@@ -124,10 +124,11 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(tokenizer, *, engine_kwargs=None, **app_options):
-    """Start uvicorn in a thread around a fresh scripted engine; stop both on exit."""
+def live_server(tokenizer, *, engine_kwargs=None, engine=None, **app_options):
+    """Start uvicorn in a thread around a fresh scripted engine (or ``engine``); stop both."""
     clock = FakeClock()
-    engine = make_engine(tokenizer, clock=clock, **(engine_kwargs or {}))
+    if engine is None:
+        engine = make_engine(tokenizer, clock=clock, **(engine_kwargs or {}))
     app_options.setdefault("served_model_name", "tf-test")
     app_options.setdefault("ping_interval", 0.05)
     app = create_app(engine, tokenizer, **app_options)
