@@ -126,3 +126,18 @@ def test_client_disconnect_aborts_and_frees_pages(server):
         time.sleep(0.02)
     assert not server.core.has_unfinished_requests(), "the request was not aborted"
     server.assert_no_leaks()
+
+
+def test_non_streaming_client_that_leaves_aborts_its_request(server):
+    try:
+        httpx.post(server.base_url + "/v1/messages", headers=HEADERS, timeout=0.4, json={
+            "model": "tf-test", "max_tokens": 300,
+            "messages": [{"role": "user", "content": "[[slow]] [[reply:long]]"}]})
+        raise AssertionError("expected a client timeout")
+    except httpx.TimeoutException:
+        pass
+    deadline = time.monotonic() + 10
+    while server.core.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server.core.has_unfinished_requests(), "the request was not aborted"
+    server.assert_no_leaks()
