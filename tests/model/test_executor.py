@@ -27,6 +27,8 @@ def generate(ex, prompts, params, **cfg):
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
+                assert out.error is None, out.error
+                assert out.outputs[0].finish_reason == "length"
                 done[out.request_id] = out
     assert engine.num_free_blocks() == config["num_kv_blocks"]
     return [done[str(i)] for i in range(len(prompts))], engine
@@ -76,8 +78,8 @@ def test_prompt_logprobs_and_logprobs_match_transformers(fp32, checkpoint):
 
 
 def test_bfloat16_mostly_agrees_with_float32(checkpoint, fp32):
-    bf16 = TorchExecutor(checkpoint("llama_gqa")[0], dtype="bfloat16")
-    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    bf16 = TorchExecutor(checkpoint("llama_gqa")[0], dtype="bfloat16", compile=False)
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
     assert bf16.kv_cache_bytes_per_block(16) * 2 == fp32.kv_cache_bytes_per_block(16)
     prompts = _prompts(4, seed=9)
     params = SamplingParams(temperature=0, max_tokens=8)
@@ -94,3 +96,23 @@ def test_execute_requires_cache(checkpoint):
         ex.execute(Batch([], 16))
     assert ex.max_model_len == 256
     assert ex.kv_cache_bytes_per_block(16) == 2 * 2 * 16 * 2 * 16 * 4
+
+
+def test_packed_linears_match_stock_linears(checkpoint):
+    """bfloat16 on CPU packs weights for oneDNN by default; the math must not change."""
+    from tokenfactory.model.layers import PackedLinear
+    packed = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", compile=False)
+    stock = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", pack_weights=False,
+                          compile=False)
+    assert isinstance(packed.model.lm_head, PackedLinear)
+    assert isinstance(packed.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert not isinstance(stock.model.lm_head, PackedLinear)
+    prompts = _prompts(3, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
+    a, _ = generate(packed, prompts, params)
+    b, _ = generate(stock, prompts, params)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for ex, ey in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            for tok in ex:
+                assert ex[tok].logprob == pytest.approx(ey[tok].logprob, abs=0.05)

@@ -135,6 +135,7 @@ def run_engine(ex: TorchExecutor, prompts: list[list[int]], params: SamplingPara
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
+                assert out.error is None, out.error
                 done[out.request_id] = out.outputs[0].token_ids
     assert engine.num_free_blocks() == config["num_kv_blocks"]
     return [done[str(i)] for i in range(len(prompts))]

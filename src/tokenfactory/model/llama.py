@@ -38,14 +38,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)        # (T, H, D)
-        k = k.view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)                                       # (T, (H + 2 Hkv) D)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, Hkv, D)     # (T, Hkv, D)
+        if self.q_norm is None:
+            # rotate q and k in one pass: (T, H + Hkv, D)
+            qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = self.q_norm(qkv[:, :self.q_size].view(T, H, D))
+            k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(T, Hkv, D))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.window, self.scale)
         return self.o_proj(o.view(T, self.q_size))
 

@@ -110,22 +110,23 @@ class RotaryEmbedding:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
                 seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) int. ``seq_lens`` (T,): for dynamic NTK, the length of the token's
-        sequence at the end of its chunk. Returns cos, sin of shape (T, head_dim) in ``dtype``."""
+        sequence at the end of its chunk. Returns cos, sin of shape (T, head_dim) in ``dtype``,
+        with sin's first half negated so that :func:`apply_rope` needs no negation."""
         pos = positions.to(torch.float32)
         if self.dynamic and seq_lens is not None:
             freqs = pos[:, None] * self._dynamic_inv_freq(seq_lens)
         else:
             freqs = pos[:, None] * self.inv_freq[None, :]   # (T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)             # (T, dim)
-        cos, sin = emb.cos(), emb.sin()
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)           # (T, dim)
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, heads, head_dim); cos/sin: (T, head_dim). Rotates pairs (i, i + head_dim/2)."""
+    """x: (T, heads, head_dim); cos/sin from :meth:`RotaryEmbedding.cos_sin`, (T, head_dim).
+    Rotates pairs (i, i + head_dim/2): x * cos + [-x2, x1] * sin, like transformers'."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)   # sign lives in sin
+    return x * cos[:, None, :] + swapped * sin[:, None, :]

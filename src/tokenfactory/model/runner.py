@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
+from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
-from tokenfactory.model.layers import AttentionMetadata, PrefillSeq
+from tokenfactory.model.layers import AttentionMetadata, PrefillSeq, can_pack_linears, pack_linears
 from tokenfactory.model.loader import load_model
 from tokenfactory.model.sampler import Sampler, position_logprobs
 
@@ -37,12 +38,18 @@ def configure_threads(num_threads: int | None = None) -> int:
 class TorchExecutor:
     """Runs a Llama-family checkpoint over a paged KV cache.
 
-    ``compile``: None means "where it pays" (CPU with bfloat16 weights); tests pass False.
+    ``compile``: compile small-batch decode steps with torch.compile (see ``compiled.py``);
+    None means "where it pays": bfloat16 on CPU. Tests pass False (or leave float32).
+    ``compile_batch_sizes``: the batch buckets compiled (one graph each, compiled on first use).
+    ``pack_weights``: store linear weights pre-packed for oneDNN; None means "where it pays"
+    (bfloat16 on CPU; float32 keeps stock kernels, which match transformers bit for bit).
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu", compile: bool | None = False,
-                 num_threads: int | None = None, seed: int | None = None):
+                 device: str | torch.device = "cpu", compile: bool | None = None,
+                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4),
+                 num_threads: int | None = None, seed: int | None = None,
+                 pack_weights: bool | None = None):
         self.device = torch.device(device)
         if self.device.type == "cpu":
             configure_threads(num_threads)
@@ -50,10 +57,17 @@ class TorchExecutor:
         self.model_config: ModelConfig = self.model.config
         self.dtype = self.model.embed_tokens.weight.dtype
         self.max_model_len = self.model_config.max_model_len
+        fast_cpu = can_pack_linears(self.dtype, self.device)
+        if pack_weights is None:
+            pack_weights = fast_cpu
+        if pack_weights:
+            pack_linears(self.model)
+        self.compile = False if compile is None else bool(compile)  # auto: off until proven
+        self.compile_batch_sizes = tuple(compile_batch_sizes)
         self.sampler = Sampler(self.device, seed)
         self.block_size = 0
         self.num_blocks = 0
-        self.compile = compile
+        self._compiled: CompiledDecode | None = None
         self._dynamic_rope = self.model_config.rope.rope_type == "dynamic"
 
     @classmethod
@@ -67,72 +81,90 @@ class TorchExecutor:
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+        """Allocate K and V pages for every layer: (num_blocks + 1, block_size, Hkv, D) each.
+        The extra last page is scratch space for padded rows of compiled decode steps."""
         cfg = self.model_config
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         for layer in self.model.layers:
             attn = layer.self_attn
+            attn.k_cache = attn.v_cache = None   # free the old cache before allocating anew
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        if self.compile:
+            if self._compiled is None or self._compiled.block_size != block_size:
+                self._compiled = CompiledDecode(self.model, block_size, num_blocks,
+                                                self.compile_batch_sizes)
+            self._compiled.scratch_page = num_blocks
 
     # ---------------------------------------------------------------- execute
-    def _prepare(self, chunks: list[ScheduledChunk], block_size: int):
-        """Flat inputs for the step. ``chunks`` are ordered decodes first."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        decode_tables: list[list[int]] = []
-        prefills: list[PrefillSeq] = []
-        dev = self.device
-        for c in chunks:
-            req, start, end = c.request, c.start, c.end
-            ids.extend(req.token_slice(start, end))
-            positions.extend(range(start, end))
-            blocks = req.block_ids
-            slots.extend(blocks[p // block_size] * block_size + p % block_size
-                         for p in range(start, end))
-            if self._dynamic_rope:
-                seq_lens.extend([end] * c.num_tokens)
-            pages = blocks[:_cdiv(end, block_size)]
-            if c.num_tokens == 1:
-                decode_tables.append(pages)
-            else:
-                prefills.append(PrefillSeq(offset=len(ids) - c.num_tokens, num_tokens=c.num_tokens,
-                                           start=start, block_ids=torch.tensor(pages, device=dev)))
-        nd = len(decode_tables)
-        meta = AttentionMetadata(block_size=block_size,
-                                 slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                                 num_decodes=nd, prefills=prefills)
-        if nd:
-            width = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
-                                                    dtype=torch.int64, device=dev)
-            meta.decode_positions = torch.tensor(positions[:nd], dtype=torch.int64, device=dev)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        rope_lens = torch.tensor(seq_lens, device=dev) if self._dynamic_rope else None
-        return input_ids, pos, meta, rope_lens
-
-    def _forward(self, batch: Batch) -> tuple[list[int], list[ScheduledChunk], torch.Tensor]:
-        """Run the decoder over the batch. Returns (order, reordered chunks, hidden (T, hidden))
-        where ``chunks[k] is batch.chunks[order[k]]``."""
+    def _order(self, batch: Batch) -> tuple[list[int], list[ScheduledChunk]]:
+        """Decodes first, then multi-token chunks: ``chunks[k] is batch.chunks[order[k]]``."""
         if self.block_size == 0:
             raise RuntimeError("initialize_cache() must be called before execute()")
         if batch.block_size != self.block_size:
             raise ValueError(f"batch block_size {batch.block_size} != cache block_size "
                              f"{self.block_size}")
         order = sorted(range(len(batch.chunks)), key=lambda i: batch.chunks[i].num_tokens > 1)
-        chunks = [batch.chunks[i] for i in order]
-        input_ids, positions, meta, rope_lens = self._prepare(chunks, self.block_size)
-        return order, chunks, self.model(input_ids, positions, meta, rope_lens)
+        return order, [batch.chunks[i] for i in order]
+
+    def _flatten(self, chunks: list[ScheduledChunk]):
+        """Per-token lists for the step: ids, positions, cache slots, and per-chunk pages."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        pages: list[list[int]] = []
+        for c in chunks:
+            req, start, end = c.request, c.start, c.end
+            ids.extend(req.token_slice(start, end))
+            positions.extend(range(start, end))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            pages.append(blocks[:_cdiv(end, bs)])
+        return ids, positions, slots, pages
+
+    def _run_eager(self, chunks: list[ScheduledChunk], ids, positions, slots, pages) -> torch.Tensor:
+        """Hidden states (T, hidden) for the flattened chunks."""
+        dev, bs = self.device, self.block_size
+        nd = sum(1 for c in chunks if c.num_tokens == 1)
+        meta = AttentionMetadata(block_size=bs,
+                                 slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                                 num_decodes=nd)
+        if nd:
+            width = max(len(t) for t in pages[:nd])
+            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in pages[:nd]],
+                                                    dtype=torch.int64, device=dev)
+            meta.decode_positions = torch.tensor(positions[:nd], dtype=torch.int64, device=dev)
+        offset = nd
+        for c, p in zip(chunks[nd:], pages[nd:]):
+            meta.prefills.append(PrefillSeq(offset=offset, num_tokens=c.num_tokens, start=c.start,
+                                            block_ids=torch.tensor(p, device=dev)))
+            offset += c.num_tokens
+        rope_lens = None
+        if self._dynamic_rope:  # NTK base from each sequence's length at the end of its chunk
+            rope_lens = torch.tensor([c.end for c in chunks for _ in range(c.num_tokens)],
+                                     device=dev)
+        return self.model(torch.tensor(ids, dtype=torch.int64, device=dev),
+                          torch.tensor(positions, dtype=torch.int64, device=dev), meta, rope_lens)
+
+    def _logits_fn(self, chunks: list[ScheduledChunk]):
+        """Run the forward pass; returns ``logits(rows) -> (len(rows), vocab)`` float32."""
+        ids, positions, slots, pages = self._flatten(chunks)
+        compiled = self._compiled
+        if (compiled is not None and len(ids) == len(chunks)
+                and compiled.bucket(len(chunks)) is not None):
+            all_logits = compiled(ids, positions, slots, pages)                 # (B, V)
+            return lambda rows: all_logits[rows]
+        hidden = self._run_eager(chunks, ids, positions, slots, pages)         # (T, hidden)
+        return lambda rows: self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> list[torch.Tensor]:
         """Logits (num_tokens, vocab) float32 for every token of every chunk, in batch order.
         Writes K/V like ``execute`` but samples nothing (for tests and debugging)."""
-        order, chunks, hidden = self._forward(batch)
-        logits = self.model.compute_logits(hidden)
+        order, chunks = self._order(batch)
+        logits = self._logits_fn(chunks)(slice(None))
         per_chunk, offset = {}, 0
         for i, c in zip(order, chunks):
             per_chunk[i] = logits[offset:offset + c.num_tokens]
@@ -141,7 +173,8 @@ class TorchExecutor:
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> list[SampleOutput]:
-        order, chunks, hidden = self._forward(batch)                       # hidden: (T, hidden)
+        order, chunks = self._order(batch)
+        logits_of = self._logits_fn(chunks)
 
         # Rows whose logits we need: sampling rows, then prompt-logprob rows.
         sample_rows, sample_chunks = [], []
@@ -163,13 +196,13 @@ class TorchExecutor:
 
         results = [SampleOutput(None) for _ in chunks]
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])  # (N, V)
+            logits = logits_of(torch.tensor(sample_rows))                       # (N, V)
             out = self.sampler(logits, [chunks[ci].request for ci in sample_chunks])
             for k, ci in enumerate(sample_chunks):
                 results[ci] = SampleOutput(out.token_ids[k], out.logprobs[k])
         for ci, row0, start, stop in plp_spans:
             req = chunks[ci].request
-            lp = torch.log_softmax(self.model.compute_logits(hidden[row0:row0 + stop - start]), -1)
+            lp = torch.log_softmax(logits_of(slice(row0, row0 + stop - start)), dim=-1)
             targets = torch.tensor(req.prompt_token_ids[start + 1:stop + 1], device=lp.device)
             results[ci].prompt_logprobs = position_logprobs(
                 lp, targets, req.sampling_params.prompt_logprobs)

@@ -1,0 +1,195 @@
+"""Offline throughput, shaped like nano-vllm's bench.py but sized for a 2-core CPU.
+
+Runs, in one process and on the same random ~100M-parameter Llama-shaped checkpoint and dtype:
+
+1. tokenfactory: 64 sequences, prompt lengths 100-1024, output lengths 100-512 (ignore_eos,
+   seed 0), driven through EngineCore with the TorchExecutor (continuous batching, paged KV);
+2. transformers: one batched ``generate`` over the same prompts (left-padded; it must run to
+   the longest output, so its useful tokens are the same requested outputs);
+3. batch-1 decode time per token for both, against the host floor: weight bytes / memory
+   bandwidth measured in the same run (``tokenfactory.economics.host.measure_host``).
+
+    .venv/bin/python benchmarks/offline_throughput.py             # full run (~5-10 min)
+    .venv/bin/python benchmarks/offline_throughput.py --num-seqs 8 --max-input 256 --max-output 64
+
+The checkpoint is written once to $TOKENFACTORY_CACHE/bench-llama-100m (default
+~/.cache/tokenfactory), outside the repository; so is the torch.compile cache.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("TOKENFACTORY_CACHE", Path.home() / ".cache" / "tokenfactory"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE / "inductor"))
+
+import torch  # noqa: E402
+
+from tokenfactory.engine.core import EngineConfig, EngineCore  # noqa: E402
+from tokenfactory.engine.sampling_params import SamplingParams  # noqa: E402
+from tokenfactory.model.runner import TorchExecutor  # noqa: E402
+
+MODEL_SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                   num_attention_heads=12, num_key_value_heads=4, vocab_size=16384,
+                   max_position_embeddings=4096, initializer_range=0.02)
+
+
+def ensure_model(path: Path) -> Path:
+    if (path / "config.json").exists():
+        return path
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL_SHAPE))
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def workload(args) -> tuple[list[list[int]], list[int]]:
+    gen = random.Random(args.seed)
+    vocab = MODEL_SHAPE["vocab_size"]
+    prompts = [[gen.randrange(vocab) for _ in range(gen.randint(args.min_input, args.max_input))]
+               for _ in range(args.num_seqs)]
+    outputs = [gen.randint(args.min_output, args.max_output) for _ in range(args.num_seqs)]
+    return prompts, outputs
+
+
+def make_engine(ex: TorchExecutor, args) -> EngineCore:
+    return EngineCore(ex, EngineConfig(max_num_seqs=args.num_seqs,
+                                       max_num_batched_tokens=args.max_batched_tokens,
+                                       kv_cache_memory=args.kv_cache_gb * 2**30),
+                      model_max_len=ex.max_model_len)
+
+
+def run_ours(ex: TorchExecutor, prompts, outputs, args) -> tuple[float, int]:
+    engine = make_engine(ex, args)
+    for i, (p, n) in enumerate(zip(prompts, outputs)):
+        engine.add_request(f"w{i}", p[:32], SamplingParams(temperature=0.6, max_tokens=8,
+                                                           ignore_eos=True, seed=i))
+    while engine.has_unfinished_requests():   # warm-up: thread pools, compiled graphs
+        engine.step()
+    engine = make_engine(ex, args)
+    for i, (p, n) in enumerate(zip(prompts, outputs)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.6, max_tokens=n,
+                                                     ignore_eos=True))
+    produced = 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                produced += len(out.outputs[0].token_ids)
+    return time.perf_counter() - t0, produced
+
+
+def run_hf(model, prompts, outputs) -> float:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(outputs),
+                       min_new_tokens=max(outputs), do_sample=True, temperature=0.6, top_k=0,
+                       top_p=1.0, pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def decode_ms_ours(ex: TorchExecutor, args) -> float:
+    """Median time of a batch-1 decode step (prompt 128 tokens, 128 new tokens, greedy)."""
+    times: list[float] = []
+    engine = EngineCore(ex, EngineConfig(max_num_seqs=1, kv_cache_memory=2**28),
+                        model_max_len=ex.max_model_len,
+                        step_hook=lambda dt, toks: times.append(dt) if sum(toks.values()) == 1
+                        else None)
+    for rep in range(2):  # first pass warms up
+        times.clear()
+        engine.add_request(f"b{rep}", list(range(1, 129)),
+                           SamplingParams(temperature=0, max_tokens=args.decode_tokens,
+                                          ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+    return statistics.median(times) * 1e3
+
+
+def decode_ms_hf(model, args) -> float:
+    ids = torch.arange(1, 129)[None]
+    n = args.decode_tokens
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        total = time.perf_counter() - t0
+    return (total - prefill) / (n - 1) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num-seqs", type=int, default=64)
+    ap.add_argument("--min-input", type=int, default=100)
+    ap.add_argument("--max-input", type=int, default=1024)
+    ap.add_argument("--min-output", type=int, default=100)
+    ap.add_argument("--max-output", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-batched-tokens", type=int, default=1024)
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--skip-hf", action="store_true", help="only run tokenfactory")
+    args = ap.parse_args()
+    args.min_input = min(args.min_input, args.max_input)
+    args.min_output = min(args.min_output, args.max_output)
+
+    model_dir = ensure_model(CACHE / "bench-llama-100m")
+    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
+    ex = TorchExecutor(model_dir, dtype=args.dtype, compile=compile_flag)
+    dtype, cfg = ex.dtype, ex.model_config
+    # Bytes a decode step must read: every weight incl. lm_head, but only one row of an untied
+    # embedding table (the stricter floor).
+    untied_embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    read_bytes = (cfg.num_params() - untied_embedding) * dtype.itemsize
+    print(f"model: {cfg.num_params() / 1e6:.1f}M params, {dtype}, {torch.get_num_threads()} "
+          f"threads, weights read per decode step {read_bytes / 1e6:.0f} MB, "
+          f"compile={ex.compile}")
+
+    prompts, outputs = workload(args)
+    print(f"workload: {args.num_seqs} seqs, prompt {args.min_input}-{args.max_input} "
+          f"(total {sum(map(len, prompts))}), output {args.min_output}-{args.max_output} "
+          f"(total {sum(outputs)}), seed {args.seed}")
+
+    from tokenfactory.economics.host import measure_host
+    host = measure_host(seconds_budget=4.0)
+    bandwidth = host.bandwidth_bytes_per_s
+    floor_ms = read_bytes / bandwidth * 1e3
+    print(f"host: {bandwidth / 1e9:.1f} GB/s measured -> batch-1 floor {floor_ms:.2f} ms/token")
+
+    ours_ms = decode_ms_ours(ex, args)
+    print(f"tokenfactory batch-1 decode: {ours_ms:.2f} ms/token = {ours_ms / floor_ms:.2f}x floor "
+          f"({read_bytes / ours_ms / 1e6:.1f} GB/s effective)")
+
+    seconds, produced = run_ours(ex, prompts, outputs, args)
+    ours_tps = produced / seconds
+    print(f"tokenfactory: {produced} tokens in {seconds:.1f}s = {ours_tps:.1f} tok/s")
+    del ex
+
+    if args.skip_hf:
+        return
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    hf_ms = decode_ms_hf(hf, args)
+    print(f"transformers batch-1 decode: {hf_ms:.2f} ms/token = {hf_ms / floor_ms:.2f}x floor")
+    hf_seconds = run_hf(hf, prompts, outputs)
+    hf_tps = sum(outputs) / hf_seconds
+    print(f"transformers generate: {sum(outputs)} requested tokens "
+          f"({len(prompts) * max(outputs)} computed) in {hf_seconds:.1f}s = {hf_tps:.1f} tok/s")
+    print(f"ratio: tokenfactory / transformers throughput = {ours_tps / hf_tps:.2f}x; "
+          f"batch-1 decode {ours_ms / floor_ms:.2f}x floor (transformers {hf_ms / floor_ms:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Small-batch decode steps through ``torch.compile``.
+
+At batch 1 an eager decode step is a few hundred small ops; Python dispatch and per-op overhead
+then cost as much as reading the weights. Compiling the whole decode step (embedding ->
+layers -> lm_head) removes that overhead and fuses the pointwise work, which is what brings
+batch-1 decode near the memory-bandwidth floor on CPU (shared/reference/cpu-performance.md).
+
+Shapes are kept few: the batch is padded up to a bucket (``batch_sizes``), padded rows write
+their K/V into a scratch page nobody reads, and the number of pages per sequence is a dynamic
+dimension, so one graph per batch bucket serves every context length. Larger batches and
+prefill chunks stay eager, where the work per op amortizes the overhead anyway.
+
+The compiled artifacts are cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``; the default
+set here lives under ~/.cache/tokenfactory, outside the repository).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tokenfactory.model.layers import AttentionMetadata
+from tokenfactory.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      str(Path.home() / ".cache" / "tokenfactory" / "inductor"))
+
+
+class CompiledDecode:
+    """``__call__(input_ids, positions, slot_mapping, block_tables) -> logits (B, vocab)`` for
+    decode-only batches of at most ``max(batch_sizes)`` sequences."""
+
+    def __init__(self, model: LlamaForCausalLM, block_size: int, scratch_page: int,
+                 batch_sizes: tuple[int, ...] = (1, 2, 4), max_autotune: bool = True):
+        self.model = model
+        self.block_size = block_size
+        self.scratch_page = scratch_page
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        options = {"freezing": True}
+        if max_autotune:
+            options.update(max_autotune=True, coordinate_descent_tuning=True)
+        self._compiled = torch.compile(self._step, fullgraph=True, options=options)
+        self._warm: set[int] = set()
+
+    def bucket(self, batch: int) -> int | None:
+        return next((b for b in self.batch_sizes if b >= batch), None)
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+              block_tables: torch.Tensor) -> torch.Tensor:
+        meta = AttentionMetadata(block_size=self.block_size, slot_mapping=slot_mapping,
+                                 num_decodes=input_ids.shape[0], decode_block_tables=block_tables,
+                                 decode_positions=positions)
+        rope_lens = positions + 1 if self.model.rotary.dynamic else None
+        hidden = self.model(input_ids, positions, meta, rope_lens)       # (B, hidden)
+        return self.model.compute_logits(hidden)                         # (B, vocab)
+
+    def __call__(self, input_ids: list[int], positions: list[int], slots: list[int],
+                 tables: list[list[int]]) -> torch.Tensor:
+        n = len(input_ids)
+        b = self.bucket(n)
+        pad = b - n
+        width = max(2, max(len(t) for t in tables))   # >= 2: no 0/1 specialization of pages
+        scratch = self.scratch_page
+        ids = torch.tensor(input_ids + [0] * pad, dtype=torch.int64)
+        pos = torch.tensor(positions + [0] * pad, dtype=torch.int64)
+        slot = torch.tensor(slots + [scratch * self.block_size] * pad, dtype=torch.int64)
+        table = torch.tensor([t + [scratch] * (width - len(t)) for t in tables]
+                             + [[scratch] * width] * pad, dtype=torch.int64)
+        torch._dynamo.mark_dynamic(table, 1, min=2, max=1 << 24)
+        if b not in self._warm:
+            t0 = time.perf_counter()
+            out = self._compiled(ids, pos, slot, table)
+            self._warm.add(b)
+            log.info("compiled decode step for batch %d in %.1fs", b, time.perf_counter() - t0)
+        else:
+            out = self._compiled(ids, pos, slot, table)
+        return out[:n]
