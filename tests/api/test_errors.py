@@ -182,3 +182,20 @@ def test_engine_failure_is_500_and_frees_pages(server):
     check_openai(r, 500, "server_error")
     server.assert_no_leaks()
     assert post(server, "/v1/messages", MSG).status_code == 200   # still serving others
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b'{"model":"tf-test","max_tokens":4,"messages":[{"role":"user","content":"\\ud800 x"}]}', 200),
+    (b'{"model":"tf-test","max_tokens":4,"messages":[{"role":"user","content":"\xff\xfe"}]}', 400),
+    (b'{"model":"tf-test","max_tokens":1e400,"messages":[{"role":"user","content":"x"}]}', 400),
+    (b'{"model":"tf-test","max_tokens":4,"messages":[{"role":"user","content":[]}]}', 400),
+    (b'{"model":"tf-test","max_tokens":4,"top_p":0,"messages":[{"role":"user","content":"x"}]}', 400),
+    (b'{"model":"tf-test","max_tokens":99999999999999999999999,'
+     b'"messages":[{"role":"user","content":"x"}]}', 200),   # clamped
+])
+def test_odd_inputs_never_500(server, raw, status):
+    r = post(server, "/v1/messages", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    if status != 200:
+        check_anthropic(r, status, "invalid_request_error")
+    server.assert_no_leaks()

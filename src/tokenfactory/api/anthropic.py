@@ -216,6 +216,8 @@ class PromptBuilder:
 
     def _render(self, chat, tools, *, final: bool) -> str:
         tok = self.ctx.tokenizer
+        if not chat:
+            raise APIError(400, "messages: the conversation has no content to answer")
         if not final:
             return tok.apply_chat_template(chat, tools=tools, add_generation_prompt=False)
         cont = (chat[-1]["role"] == "assistant" and not chat[-1].get("tool_calls"))
@@ -230,6 +232,8 @@ class PromptBuilder:
     def render_full(self) -> tuple[str, list[dict] | None, bool]:
         from tokenfactory.text.chat_template import ChatTemplateError
         chat, tools = self.chat()
+        if not chat:
+            raise APIError(400, "messages: the conversation has no content to answer")
         try:
             return self._render(chat, tools, final=True), tools, chat[-1]["role"] == "assistant"
         except ChatTemplateError as first_err:

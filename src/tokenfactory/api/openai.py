@@ -270,7 +270,7 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
             raise APIError(400, "only one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        text, ids = prompt, ctx.tokenizer.encode(prompt, add_special_tokens=True)
+        text, ids = prompt, ctx.encode(prompt, add_special_tokens=True)
     else:
         text, ids = None, list(prompt)
         vocab = getattr(ctx.tokenizer, "vocab_size", None)

@@ -107,8 +107,12 @@ class ServingContext:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}{secrets.token_hex(12)}"
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except TypeError:  # lone UTF-16 surrogates (valid JSON escapes, not encodable text)
+            clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.tokenizer.encode(clean, add_special_tokens=add_special_tokens)
 
     # ------------------------------------------------------------- max tokens
     def effective_max_tokens(self, num_prompt: int, requested: int | None) -> tuple[int, bool]:
