@@ -5,6 +5,7 @@ import argparse
 import logging
 import re
 import sys
+import threading
 
 log = logging.getLogger("tokenfactory.serve")
 DEMO_MAX_OUTPUT_TOKENS = 256  # random weights rarely emit EOS: keep one turn short on a CPU
@@ -130,9 +131,22 @@ def serve_main(argv: list[str]) -> int:
     log.info("serving %s as '%s' (context %d tokens, %d tenants) on http://%s:%d",
              model_dir, name, app.state.ctx.context_limit, len(set(keys.values())), args.host,
              args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=30)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level.lower(),
+                                           timeout_graceful_shutdown=30))
+    stop_watch = threading.Event()
+
+    def watchdog() -> None:
+        # A dead engine thread cannot be revived: stop serving and exit non-zero so a
+        # supervisor restarts the process (in-flight requests already got errors).
+        while not stop_watch.wait(1.0):
+            if not engine.is_alive:
+                log.error("the engine thread died (%s); shutting down", engine.dead_error)
+                server.should_exit = True
+                return
+
+    threading.Thread(target=watchdog, name="tokenfactory-watchdog", daemon=True).start()
+    server.run()
+    stop_watch.set()
     engine.shutdown()
-    if not engine.is_alive and engine.dead_error is not None:
-        return 1
-    return 0
+    return 1 if engine.dead_error is not None else 0
