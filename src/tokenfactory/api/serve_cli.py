@@ -76,6 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM / SIGINT drain in-flight requests (uvicorn's graceful shutdown) and the
+        process then exits 0 instead of re-raising the signal."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer
+
+
 def serve_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -131,7 +157,7 @@ def serve_main(argv: list[str]) -> int:
     log.info("serving %s as '%s' (context %d tokens, %d tenants) on http://%s:%d",
              model_dir, name, app.state.ctx.context_limit, len(set(keys.values())), args.host,
              args.port)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+    server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=30))
     stop_watch = threading.Event()

@@ -1,0 +1,70 @@
+"""`tokenfactory serve` flags, and one real start-up of the CLI on the demo model."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tokenfactory.api.auth import parse_api_key
+from tokenfactory.api.serve_cli import build_parser
+
+
+def test_flags_parse():
+    a = build_parser().parse_args([
+        "--model-alias", "claude-*=m", "--api-key", "k1:alice", "--api-key", "k2",
+        "--max-tokens-policy", "reject", "--max-output-tokens", "99", "--kv-cache-memory", "1.5G",
+        "--strip-system-prefix", "^x-anthropic-billing-header:.*$", "--no-prefix-caching"])
+    assert a.model_alias == [("claude-*", "m")] and a.max_tokens_policy == "reject"
+    assert a.kv_cache_memory == int(1.5 * 2**30) and a.no_prefix_caching
+    assert a.min_cache_tokens == 1024 and a.host == "127.0.0.1"
+    assert parse_api_key("k1:alice") == ("k1", "alice")
+    key, tenant = parse_api_key("k2")
+    assert key == "k2" and tenant.startswith("key-") and "k2" not in tenant
+    for bad in (["--model-alias", "nopattern"], ["--strip-system-prefix", "("],
+                ["--max-tokens-policy", "maybe"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_starts_says_random_and_stops_cleanly(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenfactory.cli", "serve", "--port", str(port),
+         "--max-model-len", "512", "--kv-cache-memory", "16M", "--api-key", "sekrit:t1",
+         "--model-alias", "claude-*=tokenfactory-demo"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        assert httpx.get(base + "/v1/models").status_code == 401
+        models = httpx.get(base + "/v1/models", headers={"x-api-key": "sekrit"}).json()["data"]
+        assert [m["id"] for m in models] == ["tokenfactory-demo", "claude-*"]
+        assert models[0]["random_weights"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    text = open(tmp_path / "serve.log").read()
+    assert code == 0, text
+    assert "RANDOM" in text and "sekrit" not in text
