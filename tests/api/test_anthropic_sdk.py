@@ -147,3 +147,12 @@ def test_system_blocks_and_merged_turns(anthropic_client, server):
         messages=[{"role": "user", "content": "one"},
                   {"role": "user", "content": [{"type": "text", "text": "two [[reply:hello]]"}]}])
     assert msg.content[0].text == "Hello! I am a scripted model."
+
+
+def test_stream_with_pings_before_and_during(anthropic_client, server):
+    # 80 ms per step and a 50 ms ping interval: pings arrive before message_start too
+    with anthropic_client.messages.stream(
+            model="tf-test", max_tokens=3,
+            messages=[{"role": "user", "content": "[[slow]] [[reply:long]]"}]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 3
