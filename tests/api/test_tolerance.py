@@ -78,7 +78,7 @@ def test_unknown_fields_everywhere_are_ignored(server):
 
 
 def test_role_system_inside_messages_is_rendered(server):
-    from tokenfactory.api.anthropic import PromptBuilder
+    from tokenfactory.api.anthropic_prompt import PromptBuilder
     from tokenfactory.api.anthropic_models import MessagesRequest
     req = MessagesRequest.model_validate(cc_body())
     text, _, _ = PromptBuilder(server.app.state.ctx, req).render_full()
@@ -111,7 +111,7 @@ def test_moving_breakpoint_reads_the_previous_turn(server):
 
 
 def test_rendering_of_earlier_turns_is_byte_stable(server):
-    from tokenfactory.api.anthropic import PromptBuilder
+    from tokenfactory.api.anthropic_prompt import PromptBuilder
     from tokenfactory.api.anthropic_models import MessagesRequest
     ctx = server.app.state.ctx
     t1 = PromptBuilder(ctx, MessagesRequest.model_validate(cc_body())).render_full()[0]

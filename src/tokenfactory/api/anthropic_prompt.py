@@ -1,0 +1,282 @@
+"""Anthropic request -> the prompt the model sees, and where its cache breakpoints fall.
+
+Blocks become chat-template messages (OpenAI-style dicts, what HF templates read); the prompt is
+rendered with the model's own template; each ``cache_control`` block is mapped to a token position
+(see caching.py for how, and for the usage arithmetic).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenfactory.api import caching
+from tokenfactory.api.anthropic_models import (DocumentBlock, ImageBlock, MessagesRequest,
+                                               TextBlock, ToolResultBlock, ToolUseBlock)
+from tokenfactory.api.errors import APIError
+from tokenfactory.api.serving import ServingContext
+from tokenfactory.engine.request import CacheBreakpoint
+
+TEXT_JOIN = "\n\n"   # between text blocks of one turn, and between system blocks
+
+
+# ---------------------------------------------------------------- request -> chat messages
+def _unsupported(block) -> None:
+    if isinstance(block, ImageBlock):
+        raise APIError(400, "this model does not accept image input")
+    if isinstance(block, DocumentBlock):
+        raise APIError(400, "this model does not accept document input")
+
+
+def _tool_result_text(block: ToolResultBlock) -> str:
+    if block.content is None:
+        return ""
+    if isinstance(block.content, str):
+        return block.content
+    parts = []
+    for b in block.content:
+        _unsupported(b)
+        parts.append(b.text)
+    return "\n".join(parts)
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    return TEXT_JOIN.join(b.text for b in content if isinstance(b, TextBlock))
+
+
+def _merge(chat: list[dict], msg: dict) -> None:
+    """Append, merging consecutive same-role turns (never tool results)."""
+    prev = chat[-1] if chat else None
+    if prev is not None and prev["role"] == msg["role"] and msg["role"] != "tool":
+        texts = [t for t in (prev.get("content", ""), msg.get("content", "")) if t]
+        prev["content"] = TEXT_JOIN.join(texts)
+        if msg.get("tool_calls"):
+            prev["tool_calls"] = prev.get("tool_calls", []) + msg["tool_calls"]
+        return
+    chat.append(msg)
+
+
+def _convert_message(msg, content, chat: list[dict], system_role: str) -> None:
+    if isinstance(content, str):
+        role = system_role if msg.role == "system" else msg.role
+        _merge(chat, {"role": role, "content": content})
+        return
+    if msg.role == "assistant":
+        texts, calls = [], []
+        for b in content:
+            _unsupported(b)
+            if isinstance(b, TextBlock):
+                texts.append(b.text)
+            elif isinstance(b, ToolUseBlock):
+                calls.append({"id": b.id, "type": "function",
+                              "function": {"name": b.name, "arguments": b.input}})
+            # thinking / redacted_thinking: not shown to this model
+        out: dict[str, Any] = {"role": "assistant", "content": TEXT_JOIN.join(texts)}
+        if calls:
+            out["tool_calls"] = calls
+        _merge(chat, out)
+        return
+    role = system_role if msg.role == "system" else "user"
+    pending: list[str] = []
+
+    def flush():
+        if pending:
+            _merge(chat, {"role": role, "content": TEXT_JOIN.join(pending)})
+            pending.clear()
+
+    for b in content:
+        _unsupported(b)
+        if isinstance(b, TextBlock):
+            pending.append(b.text)
+        elif isinstance(b, ToolResultBlock):
+            flush()
+            chat.append({"role": "tool", "tool_call_id": b.tool_use_id,
+                         "content": _tool_result_text(b)})
+        elif isinstance(b, ToolUseBlock):
+            raise APIError(400, f"tool_use blocks may only appear in assistant messages "
+                                f"(found one in a {msg.role} message)")
+    flush()
+
+
+@dataclass
+class AnthropicPrompt:
+    text: str
+    ids: list[int]
+    tools: list[dict] | None
+    resolved: list[caching.ResolvedBreakpoint] = field(default_factory=list)
+    engine_breakpoints: list[CacheBreakpoint] = field(default_factory=list)
+    parser_prefill: str = ""
+    use_parser: bool = False
+
+
+class PromptBuilder:
+    """Turns one Anthropic request into the prompt the model sees, and its cache breakpoints."""
+
+    def __init__(self, ctx: ServingContext, req: MessagesRequest):
+        self.ctx = ctx
+        self.req = req
+        self.tools = [t for t in (req.tools or []) if t.type in (None, "custom")]
+        blocks = ([TextBlock(type="text", text=req.system)] if isinstance(req.system, str)
+                  else list(req.system or []))
+        if ctx.strip_re is not None:
+            blocks = [b.model_copy(update={"text": ctx.strip_re.sub("", b.text)}) for b in blocks]
+        self.system_blocks = blocks
+        self.system_role = "system"
+        self._validate()
+
+    # ------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        req = self.req
+        seen_ids: set[str] = set()
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, str):
+                continue
+            for b in m.content:
+                _unsupported(b)
+                if isinstance(b, ToolUseBlock):
+                    seen_ids.add(b.id)
+                elif isinstance(b, ToolResultBlock):
+                    if b.tool_use_id not in seen_ids:
+                        raise APIError(400, f"messages.{i}: tool_result block refers to "
+                                            f"tool_use_id '{b.tool_use_id}', which no earlier "
+                                            "tool_use block has")
+                    if not isinstance(b.content, str):
+                        for inner in b.content or []:
+                            _unsupported(inner)
+        names = [t.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise APIError(400, "tools: tool names must be unique")
+        tc = req.tool_choice
+        if tc is not None and tc.type == "tool" and tc.name not in names:
+            raise APIError(400, f"tool_choice names tool '{tc.name}', which is not in tools")
+        if tc is not None and tc.type in ("any", "tool") and not self.tools:
+            raise APIError(400, f"tool_choice.type '{tc.type}' needs at least one tool")
+        stops = req.stop_sequences or []
+        if len(stops) > self.ctx.options.max_stop_sequences:
+            raise APIError(400, f"stop_sequences: at most {self.ctx.options.max_stop_sequences} "
+                                f"are allowed, got {len(stops)}")
+
+    # ------------------------------------------------------------ breakpoints
+    def breakpoint_specs(self) -> list[caching.BreakpointSpec]:
+        specs = []
+
+        def add(cc, pos):
+            if cc is not None:
+                specs.append(caching.BreakpointSpec(pos, cc.ttl or "5m"))
+
+        for i, t in enumerate(self.tools):
+            add(t.cache_control, ("tools", i))
+        for j, b in enumerate(self.system_blocks):
+            add(b.cache_control, ("system", j))
+        last_pos = None
+        for m, msg in enumerate(self.req.messages):
+            if isinstance(msg.content, str):
+                last_pos = ("msg", m, -1)
+                continue
+            for k, b in enumerate(msg.content):
+                add(getattr(b, "cache_control", None), ("msg", m, k))
+                last_pos = ("msg", m, k)
+        if self.req.cache_control is not None and last_pos is not None:
+            if not any(s.position == last_pos for s in specs):
+                add(self.req.cache_control, last_pos)
+        return specs
+
+    # ------------------------------------------------------------ conversion
+    def chat(self, cut=None) -> tuple[list[dict], list[dict] | None]:
+        """Chat-template messages and tools, optionally cut right after block ``cut``."""
+        tools, system, messages = self.tools, self.system_blocks, list(self.req.messages)
+        last_content = None
+        if cut is not None:
+            if cut[0] == "tools":
+                tools, system, messages = tools[:cut[1] + 1], [], []
+            elif cut[0] == "system":
+                system, messages = system[:cut[1] + 1], []
+            else:
+                m, k = cut[1], cut[2]
+                messages = messages[:m + 1]
+                content = messages[m].content
+                last_content = content if k < 0 else content[:k + 1]
+        chat: list[dict] = []
+        sys_text = TEXT_JOIN.join(b.text for b in system if b.text.strip())
+        if sys_text:
+            chat.append({"role": "system", "content": sys_text})
+        for i, msg in enumerate(messages):
+            content = last_content if (last_content is not None and i == len(messages) - 1) \
+                else msg.content
+            _convert_message(msg, content, chat, self.system_role)
+        tool_dicts = [{"type": "function",
+                       "function": {"name": t.name, "description": t.description or "",
+                                    "parameters": t.input_schema}} for t in tools]
+        return chat, (tool_dicts or None)
+
+    def _render(self, chat, tools, *, final: bool) -> str:
+        tok = self.ctx.tokenizer
+        if not chat:
+            raise APIError(400, "messages: the conversation has no content to answer")
+        if not final:
+            return tok.apply_chat_template(chat, tools=tools, add_generation_prompt=False)
+        cont = (chat[-1]["role"] == "assistant" and not chat[-1].get("tool_calls"))
+        if cont and not chat[-1].get("content"):
+            chat = chat[:-1]
+            cont = False
+        if not chat:
+            raise APIError(400, "messages: the conversation has no content to answer")
+        return tok.apply_chat_template(chat, tools=tools, add_generation_prompt=not cont,
+                                       continue_final_message=cont)
+
+    def render_full(self) -> tuple[str, list[dict] | None, bool]:
+        from tokenfactory.text.chat_template import ChatTemplateError
+        chat, tools = self.chat()
+        if not chat:
+            raise APIError(400, "messages: the conversation has no content to answer")
+        try:
+            return self._render(chat, tools, final=True), tools, chat[-1]["role"] == "assistant"
+        except ChatTemplateError as first_err:
+            if not any(m.role == "system" for m in self.req.messages):
+                raise APIError(400, str(first_err)) from None
+            # The template refuses system turns mid-conversation: render them as user turns.
+            self.system_role = "user"
+            chat, tools = self.chat()
+            try:
+                return self._render(chat, tools, final=True), tools, chat[-1]["role"] == "assistant"
+            except ChatTemplateError as exc:
+                raise APIError(400, str(exc)) from None
+
+    def render_truncated(self, cut) -> list[str]:
+        from tokenfactory.text.chat_template import ChatTemplateError
+        chat, tools = self.chat(cut)
+        variants = [chat] if chat and cut[0] == "msg" else [
+            chat + [{"role": "user", "content": "\u2063"}],
+            chat + [{"role": "assistant", "content": "\u2063"}]]
+        out = []
+        for v in variants:
+            try:
+                out.append(self._render(v, tools, final=False))
+            except ChatTemplateError:
+                continue
+        return out or [""]
+
+    def tool_prefill(self, continuing: bool) -> tuple[str, bool]:
+        """(text appended after the generation prompt, whether tool calls are parsed)."""
+        from tokenfactory.text.tool_parsers import render_tool_call_text
+        tc, parser = self.req.tool_choice, self.ctx.parser_name
+        if not self.tools or parser is None or (tc is not None and tc.type == "none"):
+            return "", False
+        if tc is None or tc.type == "auto" or continuing:
+            return "", True
+        if tc.type == "tool":
+            text = render_tool_call_text(tc.name, {"__tf_args__": 0}, parser)
+            return text[:text.index('{"__tf_args__"')], True
+        text = render_tool_call_text("__tf_name__", {}, parser)  # "any": the model picks the name
+        return text[:text.index("__tf_name__")], True
+
+    def build(self) -> AnthropicPrompt:
+        specs = self.breakpoint_specs()
+        caching.validate_breakpoints(specs)
+        text, tools, continuing = self.render_full()
+        prefill, use_parser = self.tool_prefill(continuing)
+        ids = self.ctx.encode(text + prefill)
+        resolved = caching.resolve_breakpoints(specs, ids, self.render_truncated, self.ctx.encode)
+        bps = caching.engine_breakpoints(resolved, self.ctx.options.min_cache_tokens)
+        return AnthropicPrompt(text + prefill, ids, tools, resolved, bps, prefill, use_parser)
