@@ -60,7 +60,7 @@ def workload(args) -> tuple[list[list[int]], list[int]]:
 def make_engine(ex: TorchExecutor, args) -> EngineCore:
     return EngineCore(ex, EngineConfig(max_num_seqs=args.num_seqs,
                                        max_num_batched_tokens=args.max_batched_tokens,
-                                       kv_cache_memory=args.kv_cache_gb * 2**30),
+                                       kv_cache_memory=int(args.kv_cache_gb * 2**30)),
                       model_max_len=ex.max_model_len)
 
 

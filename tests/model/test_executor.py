@@ -116,3 +116,24 @@ def test_packed_linears_match_stock_linears(checkpoint):
         for ex, ey in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
             for tok in ex:
                 assert ex[tok].logprob == pytest.approx(ey[tok].logprob, abs=0.05)
+
+
+def test_decode_groups_split_by_length():
+    from tokenfactory.model.runner import _decode_groups
+    assert _decode_groups([]) == []
+    assert _decode_groups([1] * 5) == [(0, 5)]
+    pages = [1] * 8 + [2] * 8 + [10] * 3
+    assert _decode_groups(pages) == [(0, 8), (8, 16), (16, 19)]
+    groups = _decode_groups(sorted([3, 50, 7, 9, 120, 4, 33, 2, 80, 64, 5, 6, 11, 90, 13, 1, 2]))
+    assert groups[0][0] == 0 and groups[-1][1] == 17
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+
+
+def test_many_decodes_of_mixed_lengths_equal_one_at_a_time(fp32):
+    """16 sequences decode together in several length groups; each equals its solo run."""
+    prompts = _prompts(16, seed=21, lo=2, hi=90)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    together, _ = generate(fp32, prompts, params, max_num_seqs=16, max_num_batched_tokens=2048)
+    for prompt, out in zip(prompts, together):
+        (solo,), _ = generate(fp32, [prompt], params)
+        assert out.outputs[0].token_ids == solo.outputs[0].token_ids

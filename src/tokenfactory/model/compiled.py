@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tokenfactory.model.layers import AttentionMetadata
+from tokenfactory.model.layers import AttentionMetadata, DecodeGroup
 from tokenfactory.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,10 @@ class CompiledDecode:
 
     def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               block_tables: torch.Tensor) -> torch.Tensor:
+        b = input_ids.shape[0]
         meta = AttentionMetadata(block_size=self.block_size, slot_mapping=slot_mapping,
-                                 num_decodes=input_ids.shape[0], decode_block_tables=block_tables,
-                                 decode_positions=positions)
+                                 num_decodes=b,
+                                 decode_groups=[DecodeGroup(0, b, block_tables, positions)])
         rope_lens = positions + 1 if self.model.rotary.dynamic else None
         hidden = self.model(input_ids, positions, meta, rope_lens)       # (B, hidden)
         return self.model.compute_logits(hidden)                         # (B, vocab)

@@ -95,32 +95,42 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token decodes in rows [start, end) of the flat batch, attending to their first
+    ``block_tables.shape[1]`` pages. Decodes are grouped by context length so that padding every
+    table to the group's longest sequence wastes little gather and attention work."""
+    start: int
+    end: int
+    block_tables: torch.Tensor       # (b, pages) int64, padded with any valid page
+    positions: torch.Tensor          # (b,) int64
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> mask
+
+    def mask(self, window: int | None, block_size: int) -> torch.Tensor:
+        """(b, 1, 1, pages * block_size) bool: key positions each row may attend to."""
+        mask = self.masks.get(window)
+        if mask is None:
+            length = self.block_tables.shape[1] * block_size
+            kv_pos = torch.arange(length, device=self.positions.device)[None, :]   # (1, L)
+            q_pos = self.positions[:, None]                                        # (b, 1)
+            mask = kv_pos <= q_pos
+            if window is not None:
+                mask &= kv_pos > q_pos - window
+            mask = self.masks[window] = mask[:, None, None, :]
+        return mask
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens go and what they attend to. Built once per step by the runner.
 
-    The flat batch holds the single-token decodes first (``num_decodes`` of them), then the
-    multi-token chunks in ``prefills``.
+    The flat batch holds the single-token decodes first (``num_decodes`` of them, in
+    ``decode_groups``), then the multi-token chunks in ``prefills``.
     """
     block_size: int
     slot_mapping: torch.Tensor                    # (T,) int64 flat cache slot of each token
     num_decodes: int = 0
-    decode_block_tables: torch.Tensor | None = None  # (B, max_pages) int64, padded with page 0
-    decode_positions: torch.Tensor | None = None     # (B,) int64
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
-    # decode masks per window size, (B, 1, 1, max_pages * block_size) bool; built lazily
-    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        mask = self.decode_masks.get(window)
-        if mask is None:
-            length = self.decode_block_tables.shape[1] * self.block_size
-            kv_pos = torch.arange(length, device=self.decode_positions.device)[None, :]                    # (1, L)
-            q_pos = self.decode_positions[:, None]                     # (B, 1)
-            mask = kv_pos <= q_pos
-            if window is not None:
-                mask &= kv_pos > q_pos - window
-            mask = self.decode_masks[window] = mask[:, None, None, :]  # (B, 1, 1, L)
-        return mask
 
     def prefill_mask(self, seq: PrefillSeq, window: int | None, group: int) -> torch.Tensor:
         """(num_tokens * G, end) bool: query rows ordered (token, group member)."""
@@ -154,20 +164,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     flat_v = v_cache.view(-1, num_kv, head_dim)
     flat_k.index_copy_(0, meta.slot_mapping, k)
     flat_v.index_copy_(0, meta.slot_mapping, v)
-    nd = meta.num_decodes
-    out = None if nd == num_tokens else q.new_empty(q.shape)
+    single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
+    out = None if single else q.new_empty(q.shape)
 
-    if nd:
-        tables = meta.decode_block_tables                                   # (B, P)
+    for dg in meta.decode_groups:
+        b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs
-        kd = k_cache[tables].view(nd, length, num_kv, head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        vd = v_cache[tables].view(nd, length, num_kv, head_dim).transpose(1, 2)
-        qd = q[:nd].view(nd, num_kv, group, head_dim)                       # (B, Hkv, G, D)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask(window),
-                                            scale=scale)                    # (B, Hkv, G, D)
-        if out is None:   # decodes only
-            return od.reshape(nd, num_heads, head_dim)
-        out[:nd] = od.reshape(nd, num_heads, head_dim)
+        kd = k_cache[tables].view(b, length, num_kv, head_dim).transpose(1, 2)  # (b, Hkv, L, D)
+        vd = v_cache[tables].view(b, length, num_kv, head_dim).transpose(1, 2)
+        qd = q[dg.start:dg.end].view(b, num_kv, group, head_dim)            # (b, Hkv, G, D)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dg.mask(window, bs),
+                                            scale=scale)                    # (b, Hkv, G, D)
+        if out is None:   # one group of decodes and nothing else
+            return od.reshape(b, num_heads, head_dim)
+        out[dg.start:dg.end] = od.reshape(b, num_heads, head_dim)
 
     for seq in meta.prefills:
         rows = slice(seq.offset, seq.offset + seq.num_tokens)

@@ -16,7 +16,7 @@ import torch
 from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
 from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
-from tokenfactory.model.layers import AttentionMetadata, PrefillSeq, can_pack_linears, pack_linears
+from tokenfactory.model.layers import AttentionMetadata, DecodeGroup, PrefillSeq, can_pack_linears, pack_linears
 from tokenfactory.model.loader import load_model
 from tokenfactory.model.sampler import Sampler, position_logprobs
 
@@ -25,6 +25,21 @@ log = logging.getLogger(__name__)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _decode_groups(num_pages: list[int], min_size: int = 8,
+                   max_waste: float = 1.3) -> list[tuple[int, int]]:
+    """Split decodes sorted by page count into row ranges whose longest member has at most
+    ``max_waste`` times the pages of its shortest (groups of at least ``min_size``), so padding
+    each group's block tables to its longest sequence costs little."""
+    groups, lo = [], 0
+    for i, n in enumerate(num_pages):
+        if i - lo >= min_size and n > max_waste * num_pages[lo]:
+            groups.append((lo, i))
+            lo = i
+    if lo < len(num_pages):
+        groups.append((lo, len(num_pages)))
+    return groups
 
 
 def configure_threads(num_threads: int | None = None) -> int:
@@ -105,8 +120,12 @@ class TorchExecutor:
         if batch.block_size != self.block_size:
             raise ValueError(f"batch block_size {batch.block_size} != cache block_size "
                              f"{self.block_size}")
-        order = sorted(range(len(batch.chunks)), key=lambda i: batch.chunks[i].num_tokens > 1)
-        return order, [batch.chunks[i] for i in order]
+        chunks = batch.chunks
+        # decodes by context length (so similar lengths share a padded group), then the rest
+        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens > 1,
+                                                          chunks[i].end if chunks[i].num_tokens == 1
+                                                          else 0))
+        return order, [chunks[i] for i in order]
 
     def _flatten(self, chunks: list[ScheduledChunk]):
         """Per-token lists for the step: ids, positions, cache slots, and per-chunk pages."""
@@ -131,11 +150,12 @@ class TorchExecutor:
         meta = AttentionMetadata(block_size=bs,
                                  slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
                                  num_decodes=nd)
-        if nd:
-            width = max(len(t) for t in pages[:nd])
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in pages[:nd]],
-                                                    dtype=torch.int64, device=dev)
-            meta.decode_positions = torch.tensor(positions[:nd], dtype=torch.int64, device=dev)
+        for lo, hi in _decode_groups([len(p) for p in pages[:nd]]):
+            width = len(pages[hi - 1])   # sorted: the last row has the most pages
+            meta.decode_groups.append(DecodeGroup(
+                lo, hi, torch.tensor([t + [0] * (width - len(t)) for t in pages[lo:hi]],
+                                     dtype=torch.int64, device=dev),
+                torch.tensor(positions[lo:hi], dtype=torch.int64, device=dev)))
         offset = nd
         for c, p in zip(chunks[nd:], pages[nd:]):
             meta.prefills.append(PrefillSeq(offset=offset, num_tokens=c.num_tokens, start=c.start,
