@@ -62,9 +62,10 @@ def tokenizer(tmp_path_factory):
 
 
 def make_engine(tokenizer, *, clock=None, num_blocks=NUM_BLOCKS, max_queued_requests=None,
-                **config):
+                model_len=MODEL_LEN, script=None, **config):
     eos = min(tokenizer.eos_token_ids)
     cache: dict[tuple, list[int]] = {}
+    script_override = script
 
     def script(req):
         text = tokenizer.decode(req.prompt_token_ids, skip_special_tokens=False)
@@ -75,7 +76,7 @@ def make_engine(tokenizer, *, clock=None, num_blocks=NUM_BLOCKS, max_queued_requ
             cache[(key, reply)] = tokenizer.encode(reply) + [eos]
         return cache[(key, reply)]
 
-    executor = ScriptedExecutor(script, fallback_token=eos)
+    executor = ScriptedExecutor(script_override or script, fallback_token=eos)
     inner = executor.execute
     flags: dict[str, tuple[bool, bool]] = {}
 
@@ -96,7 +97,7 @@ def make_engine(tokenizer, *, clock=None, num_blocks=NUM_BLOCKS, max_queued_requ
     executor.execute = execute
     cfg = EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=num_blocks,
                        max_num_batched_tokens=config.pop("max_num_batched_tokens", 2048), **config)
-    core = EngineCore(executor, cfg, model_max_len=MODEL_LEN, tokenizer=tokenizer,
+    core = EngineCore(executor, cfg, model_max_len=model_len, tokenizer=tokenizer,
                       eos_token_ids=[eos], clock=clock or FakeClock())
     return AsyncEngine(core, max_queued_requests=max_queued_requests)
 
