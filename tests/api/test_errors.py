@@ -110,7 +110,17 @@ def test_context_overflow_reject_policy_and_clamp(tokenizer):
         assert r.headers["x-tokenfactory-max-tokens"] == "7"
         assert r.headers["x-tokenfactory-max-tokens-clamped"] == "128000->7"
         assert r.json()["usage"]["output_tokens"] == 7
-        assert r.json()["stop_reason"] == "max_tokens"
+        # the operator's cap, not the client's budget, ended the turn
+        assert r.json()["stop_reason"] == "end_turn"
+        r = post(srv, "/v1/messages", {**MSG, "max_tokens": 5, "messages": [
+            {"role": "user", "content": "[[reply:long]]"}]})
+        assert r.json()["stop_reason"] == "max_tokens"       # the client's own budget
+    with live_server(tokenizer) as srv:                       # clamped by the context window
+        r = post(srv, "/v1/messages", {**MSG, "max_tokens": 100000, "messages": [
+            {"role": "user", "content": "[[reply:long]]" + " the" * 8150}]})
+        assert r.status_code == 200 and "x-tokenfactory-max-tokens-clamped" in r.headers
+        assert r.json()["stop_reason"] == "model_context_window_exceeded"
+        srv.assert_no_leaks()
 
 
 def test_prompt_longer_than_context(server):

@@ -87,9 +87,18 @@ class ContentAssembler:
         return self._close()
 
 
-def stop_reason(out, num_tool_calls: int) -> tuple[str, str | None]:
+def stop_reason(out, num_tool_calls: int, limited_by: str | None = None
+                ) -> tuple[str, str | None]:
+    """``limited_by``: why the served max_tokens is below the requested one (clamp policy).
+    The client's own budget was not reached then, so ``max_tokens`` would mislead it (Claude
+    Code treats it as an error and retries): the operator's --max-output-tokens cap ends the
+    turn (``end_turn``), a full context window is ``model_context_window_exceeded``."""
     comp = out.outputs[0]
     if comp.finish_reason == "length":
+        if limited_by == "output_cap":
+            return "end_turn", None
+        if limited_by == "context":
+            return "model_context_window_exceeded", None
         return "max_tokens", None
     if isinstance(comp.stop_reason, str):
         return "stop_sequence", comp.stop_reason
@@ -113,6 +122,8 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     ctx.resolve_model(body.model)
     prompt = PromptBuilder(ctx, body).build()
     max_tokens, clamped = ctx.effective_max_tokens(len(prompt.ids), body.max_tokens)
+    cap = ctx.options.max_output_tokens
+    limited_by = None if not clamped else ("output_cap" if cap and max_tokens == cap else "context")
     params = make_sampling_params(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -129,11 +140,11 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     if clamped:
         headers["x-tokenfactory-max-tokens-clamped"] = f"{body.max_tokens}->{max_tokens}"
     if body.stream:
-        frames = _stream(ctx, gen, prompt, body.model, msg_id)
+        frames = _stream(ctx, gen, prompt, body.model, msg_id, limited_by)
         return StreamingResponse(with_keepalive(frames, ctx.options.ping_interval, ANTHROPIC_PING),
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     message = await collect_unless_disconnected(request, _collect(ctx, gen, prompt, body.model,
-                                                                  msg_id))
+                                                                  msg_id, limited_by))
     return JSONResponse(message, headers=headers)
 
 
@@ -142,7 +153,8 @@ def _usage(ctx: ServingContext, prompt: AnthropicPrompt, out) -> dict:
                                ctx.block_size, ctx.prefix_caching).anthropic()
 
 
-async def _collect(ctx, gen: Generation, prompt: AnthropicPrompt, model: str, msg_id: str) -> dict:
+async def _collect(ctx, gen: Generation, prompt: AnthropicPrompt, model: str, msg_id: str,
+                   limited_by: str | None) -> dict:
     asm = ContentAssembler(ctx)
     usage, final = None, None
     try:
@@ -156,7 +168,7 @@ async def _collect(ctx, gen: Generation, prompt: AnthropicPrompt, model: str, ms
     except GenerationFailed as exc:
         raise APIError(500, f"generation failed: {exc}") from None
     asm.finish()
-    reason, seq = stop_reason(final, asm.num_tool_calls)
+    reason, seq = stop_reason(final, asm.num_tool_calls, limited_by)
     usage["output_tokens"] = len(final.outputs[0].token_ids)
     ctx.metrics.cache_creation_tokens.inc(usage["cache_creation_input_tokens"])
     return {"id": msg_id, "type": "message", "role": "assistant", "model": model,
@@ -164,7 +176,7 @@ async def _collect(ctx, gen: Generation, prompt: AnthropicPrompt, model: str, ms
 
 
 async def _stream(ctx, gen: Generation, prompt: AnthropicPrompt, model: str,
-                  msg_id: str) -> AsyncIterator[str]:
+                  msg_id: str, limited_by: str | None) -> AsyncIterator[str]:
     asm = ContentAssembler(ctx)
     usage = None
     try:
@@ -179,7 +191,7 @@ async def _stream(ctx, gen: Generation, prompt: AnthropicPrompt, model: str,
             elif isinstance(ev, Finished):
                 for e in asm.finish():
                     yield anthropic_frame(e)
-                reason, seq = stop_reason(ev.output, asm.num_tool_calls)
+                reason, seq = stop_reason(ev.output, asm.num_tool_calls, limited_by)
                 yield anthropic_frame({"type": "message_delta",
                                        "delta": {"stop_reason": reason, "stop_sequence": seq},
                                        "usage": {**usage,
