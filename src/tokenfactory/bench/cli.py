@@ -13,6 +13,7 @@ import datetime as _dt
 import os
 import platform
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -216,7 +217,18 @@ def run_main(argv: list[str]) -> int:
         host = host_roofline()
         if "error" in host:
             print(f"[bench] roofline: {host['error']}", file=sys.stderr)
-    runs = asyncio.run(_run_all(args, workload, model_dir, shape, host))
+    def interrupted(signum, frame):             # SIGTERM/SIGINT: stop a `self` server on the way out
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runs = asyncio.run(_run_all(args, workload, model_dir, shape, host))
+    except KeyboardInterrupt:
+        print("[bench] interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     result = {
         "tokenfactory_bench": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
