@@ -176,7 +176,7 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
 
     @app.post("/v1/messages/count_tokens")
     async def messages_count_tokens(body: CountTokensRequest):
-        return anthropic.count_tokens(ctx, body)
+        return await anthropic.count_tokens(ctx, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
