@@ -209,3 +209,36 @@ def test_odd_inputs_never_500(server, raw, status):
     if status != 200:
         check_anthropic(r, status, "invalid_request_error")
     server.assert_no_leaks()
+
+
+def test_engine_death_fails_requests_and_health(tokenizer):
+    with live_server(tokenizer) as srv:
+        assert post(srv, "/v1/messages", MSG).status_code == 200
+
+        def broken_step():
+            raise RuntimeError("engine thread crashed")
+        srv.core.step = broken_step
+        check_anthropic(post(srv, "/v1/messages", MSG), 500, "api_error")       # in flight
+        r = httpx.get(srv.base_url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "unhealthy"
+        check_anthropic(post(srv, "/v1/messages", MSG), 500, "api_error")       # new request
+        check_openai(post(srv, "/v1/chat/completions", {"model": "tf-test", "messages": [
+            {"role": "user", "content": "x"}]}), 500, "server_error")
+
+
+def test_interleaved_streams(server):
+    import asyncio
+
+    async def one(client, i):
+        async with client.messages.stream(model="tf-test", max_tokens=4, messages=[
+                {"role": "user", "content": f"{i} [[slow]] [[reply:long]]"}]) as s:
+            return await s.get_final_message()
+
+    async def go():
+        client = anthropic.AsyncAnthropic(base_url=server.base_url, api_key="x", max_retries=0)
+        out = await asyncio.gather(*[one(client, i) for i in range(6)])
+        await client.close()
+        return out
+    finals = asyncio.run(go())
+    assert all(f.usage.output_tokens == 4 and f.content[0].text.startswith("word0") for f in finals)
+    server.assert_no_leaks()
