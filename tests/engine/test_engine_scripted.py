@@ -226,3 +226,18 @@ def test_bad_sampling_params_are_clear_errors():
                         ({"stop": [""]}, "stop"), ({"n": 2}, "n must be 1")]:
         with pytest.raises(ValueError, match=msg):
             SamplingParams(**kwargs)
+
+
+def test_pins_give_way_when_a_request_could_otherwise_never_run():
+    clock = FakeClock()
+    core = make_core(num_blocks=16, block_size=4, clock=clock, script=lambda r: [EOS],
+                     max_pinned_fraction=0.5)
+    core.add_request("pinned", list(range(100, 133)), SamplingParams(max_tokens=1),
+                     cache_breakpoints=[CacheBreakpoint(32, ttl_seconds=3600)])
+    run_all(core)
+    assert core.kv.pool.stats().num_pinned == 8
+    # Needs 13 of the 16 pages while 8 sit pinned and idle: pins must yield, not hang the queue.
+    core.add_request("big", list(range(1000, 1050)), SamplingParams(max_tokens=2))
+    outs = run_all(core)
+    assert outs["big"].outputs[0].finish_reason == "stop"
+    assert core.num_free_blocks() == core.kv.num_blocks

@@ -179,6 +179,17 @@ class BlockPool:
             self.blocks[bid].pin_ttl = 0.0
             self.free[bid] = None
 
+    def release_pins(self) -> int:
+        """Make every unused pinned block evictable now. Pins are best-effort retention: when a
+        request could otherwise never get its pages (nothing running will free any), they give
+        way. Returns how many blocks were released."""
+        released = list(self.pinned_free)
+        for bid in released:
+            self.blocks[bid].pin_expiry = self.blocks[bid].pin_ttl = 0.0
+            self.free[bid] = None
+        self.pinned_free.clear()
+        return len(released)
+
     def reset_prefix_cache(self) -> None:
         """Forget all cached content (only blocks not in use)."""
         for bid in list(self.pinned_free):

@@ -134,8 +134,11 @@ class Scheduler:
                 num_new = budget
             req.num_computed_tokens = num_cached
             if not self.kv.allocate_slots(req, num_new, cached):
-                req.num_computed_tokens = 0
-                break
+                # Nothing running will free pages: TTL pins must give way or this waits forever.
+                if (self.running or chunks or not self.kv.pool.release_pins()
+                        or not self.kv.allocate_slots(req, num_new, cached)):
+                    req.num_computed_tokens = 0
+                    break
             self.waiting.popleft()
             self.kv.pool.record_lookup(req.num_tokens, num_cached)
             if req.num_cached_tokens < 0:
