@@ -3,10 +3,15 @@
 Shapes use T for the number of tokens in the step (all sequences flattened), H query heads,
 Hkv key/value heads, G = H / Hkv queries per KV head, D head_dim.
 
-The KV cache of one layer is two tensors of shape (num_blocks, block_size, Hkv, D). A token at
-position p of a sequence lives in page ``block_ids[p // block_size]`` at slot
-``p % block_size``; the runner turns that into one flat slot index per token
-(``page * block_size + slot``) so new K/V are written with a single ``index_copy_``.
+The KV cache of one layer is two tensors of shape (Hkv, num_blocks, block_size, D): head-major,
+so that one KV head's page is a contiguous (block_size, D) block. A token at position p of a
+sequence lives in page ``block_ids[p // block_size]`` at slot ``p % block_size``; the runner
+turns that into one flat slot index per token (``page * block_size + slot``), so new K/V are
+written with a single ``index_copy_`` along the (num_blocks * block_size) axis.
+
+Why head-major: gathering a batch's pages with ``index_select`` then yields (Hkv, B, L, D)
+directly, which is already the (Hkv * B, L, D) batch of matrices that ``bmm`` wants; with a
+(num_blocks, block_size, Hkv, D) layout every gather would need another transposing copy.
 """
 from __future__ import annotations
 
@@ -94,6 +99,25 @@ class PrefillSeq:
         return self.start + self.num_tokens
 
 
+class Workspace:
+    """Reusable scratch buffers for the page gathers. Large temporaries freshly allocated each
+    layer cost a page fault per 4 KiB (glibc hands out new mmaps above 32 MiB), which made the
+    gathers run at ~3 GB/s; reusing one buffer keeps them near memory bandwidth."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(int(numel * 1.25) + 1, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
 @dataclass
 class DecodeGroup:
     """Single-token decodes in rows [start, end) of the flat batch, attending to their first
@@ -106,16 +130,19 @@ class DecodeGroup:
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> mask
 
     def mask(self, window: int | None, block_size: int) -> torch.Tensor:
-        """(b, 1, 1, pages * block_size) bool: key positions each row may attend to."""
+        """(1, b, 1, pages * block_size) float32 additive mask: 0 where a row may attend, -inf
+        elsewhere (padding pages, future slots, outside the sliding window)."""
         mask = self.masks.get(window)
         if mask is None:
             length = self.block_tables.shape[1] * block_size
             kv_pos = torch.arange(length, device=self.positions.device)[None, :]   # (1, L)
             q_pos = self.positions[:, None]                                        # (b, 1)
-            mask = kv_pos <= q_pos
+            allowed = kv_pos <= q_pos
             if window is not None:
-                mask &= kv_pos > q_pos - window
-            mask = self.masks[window] = mask[:, None, None, :]
+                allowed &= kv_pos > q_pos - window
+            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+            mask = mask.masked_fill_(~allowed, float("-inf"))[None, :, None, :]
+            self.masks[window] = mask
         return mask
 
 
@@ -131,6 +158,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
+    workspace: Workspace | None = None            # None: allocate gathers afresh (compiled)
 
     def prefill_mask(self, seq: PrefillSeq, window: int | None, group: int) -> torch.Tensor:
         """(num_tokens * G, end) bool: query rows ordered (token, group member)."""
@@ -146,54 +174,70 @@ class AttentionMetadata:
         return mask
 
 
+def _gather_pages(cache: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata,
+                  name: str) -> torch.Tensor:
+    """cache (Hkv, N, bs, D), pages (n,) -> (Hkv, n, bs, D), into a reused buffer if any."""
+    if meta.workspace is None:
+        return cache.index_select(1, pages)
+    hkv, _, bs, d = cache.shape
+    out = meta.workspace.get(name, (hkv, pages.shape[0], bs, d), cache)
+    return torch.index_select(cache, 1, pages, out=out)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     window: int | None, scale: float) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend. q: (T, H, D); k, v: (T, Hkv, D).
-    Returns (T, H, D).
+    """Write this step's K/V into the cache, then attend. q: (T, H, D); k, v: (T, Hkv, D);
+    caches (Hkv, num_blocks, block_size, D). Returns (T, H, D).
 
-    Grouped-query attention is done by folding the G query heads that share a KV head into the
-    query-length axis ([.., Hkv, G, D]) rather than repeating K/V or using SDPA's enable_gqa,
-    which is ~10x slower in bfloat16 on CPU.
+    Grouped-query attention folds the G query heads that share a KV head into the query axis
+    ([Hkv, .., G, D]) instead of repeating K/V (or SDPA's enable_gqa, ~10x slower in bfloat16).
+    Decodes use two batched matmuls around a float32 softmax: SDPA's CPU flash kernel runs at
+    a few GB/s when each head has only G query rows. Prefill chunks use SDPA.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
     bs = meta.block_size
-    flat_k = k_cache.view(-1, num_kv, head_dim)  # (num_blocks * block_size, Hkv, D)
-    flat_v = v_cache.view(-1, num_kv, head_dim)
-    flat_k.index_copy_(0, meta.slot_mapping, k)
-    flat_v.index_copy_(0, meta.slot_mapping, v)
+    flat_k = k_cache.view(num_kv, -1, head_dim)  # (Hkv, num_blocks * block_size, D)
+    flat_v = v_cache.view(num_kv, -1, head_dim)
+    flat_k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    flat_v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
     out = None if single else q.new_empty(q.shape)
 
     for dg in meta.decode_groups:
         b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs
-        kd = k_cache[tables].view(b, length, num_kv, head_dim).transpose(1, 2)  # (b, Hkv, L, D)
-        vd = v_cache[tables].view(b, length, num_kv, head_dim).transpose(1, 2)
-        qd = q[dg.start:dg.end].view(b, num_kv, group, head_dim)            # (b, Hkv, G, D)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dg.mask(window, bs),
-                                            scale=scale)                    # (b, Hkv, G, D)
+        pages = tables.flatten()
+        kd = _gather_pages(k_cache, pages, meta, "k").view(num_kv * b, length, head_dim)
+        vd = _gather_pages(v_cache, pages, meta, "v").view(num_kv * b, length, head_dim)
+        qd = q[dg.start:dg.end].reshape(b, num_kv, group, head_dim).transpose(0, 1)
+        qd = qd.reshape(num_kv * b, group, head_dim)                        # (Hkv*b, G, D)
+        scores = torch.bmm(qd, kd.transpose(1, 2)).view(num_kv, b, group, length)
+        scores = scores.float() * scale + dg.mask(window, bs)               # (Hkv, b, G, L)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(num_kv * b, group, length)
+        od = torch.bmm(probs, vd).view(num_kv, b, group, head_dim)          # (Hkv, b, G, D)
+        od = od.transpose(0, 1).reshape(b, num_heads, head_dim)
         if out is None:   # one group of decodes and nothing else
-            return od.reshape(b, num_heads, head_dim)
-        out[dg.start:dg.end] = od.reshape(b, num_heads, head_dim)
+            return od
+        out[dg.start:dg.end] = od
 
     for seq in meta.prefills:
         rows = slice(seq.offset, seq.offset + seq.num_tokens)
         n = seq.num_tokens
         if seq.start == 0:   # nothing cached before the chunk: attend to the fresh K/V
-            ks, vs = k[rows], v[rows]                                        # (n, Hkv, D)
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)        # (Hkv, n, D)
         else:                # read positions [0, end) through the block table
-            ks = k_cache[seq.block_ids].view(-1, num_kv, head_dim)[:seq.end]  # (end, Hkv, D)
-            vs = v_cache[seq.block_ids].view(-1, num_kv, head_dim)[:seq.end]
-        qs = q[rows].view(n, num_kv, group, head_dim).permute(1, 0, 2, 3)   # (Hkv, n, G, D)
+            ks = _gather_pages(k_cache, seq.block_ids, meta, "k").view(num_kv, -1, head_dim)
+            vs = _gather_pages(v_cache, seq.block_ids, meta, "v").view(num_kv, -1, head_dim)
+            ks, vs = ks[:, :seq.end], vs[:, :seq.end]                        # (Hkv, end, D)
+        qs = q[rows].reshape(n, num_kv, group, head_dim).permute(1, 0, 2, 3)  # (Hkv, n, G, D)
         qs = qs.reshape(num_kv, n * group, head_dim)
         os_ = F.scaled_dot_product_attention(
-            qs, ks.transpose(0, 1), vs.transpose(0, 1),
-            attn_mask=meta.prefill_mask(seq, window, group), scale=scale)  # (Hkv, n*G, D)
+            qs, ks, vs, attn_mask=meta.prefill_mask(seq, window, group), scale=scale)
         out[rows] = os_.view(num_kv, n, group, head_dim).permute(1, 0, 2, 3).reshape(
-            n, num_heads, head_dim)
+            n, num_heads, head_dim)                                          # (n, H, D)
     return out
 
 

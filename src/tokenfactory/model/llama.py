@@ -50,7 +50,7 @@ class Attention(nn.Module):
             k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(T, Hkv, D))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.window, self.scale)
-        return self.o_proj(o.view(T, self.q_size))
+        return self.o_proj(o.reshape(T, self.q_size))
 
 
 class DecoderLayer(nn.Module):

@@ -16,7 +16,8 @@ import torch
 from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
 from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
-from tokenfactory.model.layers import AttentionMetadata, DecodeGroup, PrefillSeq, can_pack_linears, pack_linears
+from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
+                                       can_pack_linears, pack_linears)
 from tokenfactory.model.loader import load_model
 from tokenfactory.model.sampler import Sampler, position_logprobs
 
@@ -83,6 +84,7 @@ class TorchExecutor:
         self.block_size = 0
         self.num_blocks = 0
         self._compiled: CompiledDecode | None = None
+        self._workspace = Workspace()
         self._dynamic_rope = self.model_config.rope.rope_type == "dynamic"
 
     @classmethod
@@ -96,10 +98,11 @@ class TorchExecutor:
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
-        """Allocate K and V pages for every layer: (num_blocks + 1, block_size, Hkv, D) each.
-        The extra last page is scratch space for padded rows of compiled decode steps."""
+        """Allocate K and V pages for every layer: (Hkv, num_blocks + 1, block_size, D) each
+        (head-major, see layers.py). The extra last page is scratch space for padded rows of
+        compiled decode steps."""
         cfg = self.model_config
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_kv_heads, num_blocks + 1, block_size, cfg.head_dim)
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.k_cache = attn.v_cache = None   # free the old cache before allocating anew
@@ -149,7 +152,7 @@ class TorchExecutor:
         nd = sum(1 for c in chunks if c.num_tokens == 1)
         meta = AttentionMetadata(block_size=bs,
                                  slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                                 num_decodes=nd)
+                                 num_decodes=nd, workspace=self._workspace)
         for lo, hi in _decode_groups([len(p) for p in pages[:nd]]):
             width = len(pages[hi - 1])   # sorted: the last row has the most pages
             meta.decode_groups.append(DecodeGroup(
