@@ -93,6 +93,7 @@ class PrefillSeq:
     start: int
     block_ids: torch.Tensor          # (num_pages,) int64, pages covering positions [0, end)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> mask
+    gather_index: torch.Tensor | None = None   # built by the first layer, reused by the rest
 
     @property
     def end(self) -> int:
@@ -129,6 +130,8 @@ class DecodeGroup:
     positions: torch.Tensor          # (b,) int64
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> mask
 
+    gather_index: torch.Tensor | None = None   # built by the first layer, reused by the rest
+
     def mask(self, window: int | None, block_size: int) -> torch.Tensor:
         """(1, b, 1, pages * block_size) float32 additive mask: 0 where a row may attend, -inf
         elsewhere (padding pages, future slots, outside the sliding window)."""
@@ -160,8 +163,8 @@ class AttentionMetadata:
     prefills: list[PrefillSeq] = field(default_factory=list)
     workspace: Workspace | None = None            # None: allocate gathers afresh (compiled)
 
-    def prefill_mask(self, seq: PrefillSeq, window: int | None, group: int) -> torch.Tensor:
-        """(num_tokens * G, end) bool: query rows ordered (token, group member)."""
+    def prefill_mask(self, seq: PrefillSeq, window: int | None) -> torch.Tensor:
+        """(num_tokens, end) bool: which key positions each query token may attend to."""
         mask = seq.masks.get(window)
         if mask is None:
             dev = seq.block_ids.device
@@ -170,18 +173,29 @@ class AttentionMetadata:
             mask = kv_pos <= q_pos
             if window is not None:
                 mask &= kv_pos > q_pos - window
-            mask = seq.masks[window] = mask.repeat_interleave(group, dim=0)  # (n * G, end)
+            seq.masks[window] = mask
         return mask
 
 
-def _gather_pages(cache: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata,
+def _flat_page_index(pages: torch.Tensor, num_kv: int, num_pages: int) -> torch.Tensor:
+    """Row indices of ``pages`` for every KV head in the (Hkv * N, bs * D) view of a cache."""
+    heads = torch.arange(num_kv, device=pages.device)[:, None]
+    return (heads * num_pages + pages[None, :]).flatten()                    # (Hkv * n,)
+
+
+def _gather_pages(cache: torch.Tensor, index: torch.Tensor, meta: AttentionMetadata,
                   name: str) -> torch.Tensor:
-    """cache (Hkv, N, bs, D), pages (n,) -> (Hkv, n, bs, D), into a reused buffer if any."""
+    """cache (Hkv, N, bs, D) -> (Hkv, n, bs, D) for the flat ``index`` from
+    :func:`_flat_page_index`, into a reused buffer if there is a workspace.
+
+    Gathers rows of the flattened (Hkv * N, bs * D) cache: index_select along dim 0 copies
+    whole contiguous pages and runs 2-3x faster than selecting along dim 1."""
+    hkv, num_pages, bs, d = cache.shape
+    flat = cache.view(hkv * num_pages, bs * d)
     if meta.workspace is None:
-        return cache.index_select(1, pages)
-    hkv, _, bs, d = cache.shape
-    out = meta.workspace.get(name, (hkv, pages.shape[0], bs, d), cache)
-    return torch.index_select(cache, 1, pages, out=out)
+        return flat.index_select(0, index).view(hkv, -1, bs, d)
+    out = meta.workspace.get(name, (index.shape[0], bs * d), cache)
+    return torch.index_select(flat, 0, index, out=out).view(hkv, -1, bs, d)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -209,9 +223,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for dg in meta.decode_groups:
         b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs
-        pages = tables.flatten()
-        kd = _gather_pages(k_cache, pages, meta, "k").view(num_kv * b, length, head_dim)
-        vd = _gather_pages(v_cache, pages, meta, "v").view(num_kv * b, length, head_dim)
+        if dg.gather_index is None:
+            dg.gather_index = _flat_page_index(tables.flatten(), num_kv, k_cache.shape[1])
+        kd = _gather_pages(k_cache, dg.gather_index, meta, "k").view(num_kv * b, length, head_dim)
+        vd = _gather_pages(v_cache, dg.gather_index, meta, "v").view(num_kv * b, length, head_dim)
         qd = q[dg.start:dg.end].reshape(b, num_kv, group, head_dim).transpose(0, 1)
         qd = qd.reshape(num_kv * b, group, head_dim)                        # (Hkv*b, G, D)
         scores = torch.bmm(qd, kd.transpose(1, 2)).view(num_kv, b, group, length)
@@ -229,15 +244,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if seq.start == 0:   # nothing cached before the chunk: attend to the fresh K/V
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)        # (Hkv, n, D)
         else:                # read positions [0, end) through the block table
-            ks = _gather_pages(k_cache, seq.block_ids, meta, "k").view(num_kv, -1, head_dim)
-            vs = _gather_pages(v_cache, seq.block_ids, meta, "v").view(num_kv, -1, head_dim)
+            if seq.gather_index is None:
+                seq.gather_index = _flat_page_index(seq.block_ids, num_kv, k_cache.shape[1])
+            ks = _gather_pages(k_cache, seq.gather_index, meta, "k").view(num_kv, -1, head_dim)
+            vs = _gather_pages(v_cache, seq.gather_index, meta, "v").view(num_kv, -1, head_dim)
             ks, vs = ks[:, :seq.end], vs[:, :seq.end]                        # (Hkv, end, D)
-        qs = q[rows].reshape(n, num_kv, group, head_dim).permute(1, 0, 2, 3)  # (Hkv, n, G, D)
-        qs = qs.reshape(num_kv, n * group, head_dim)
-        os_ = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=meta.prefill_mask(seq, window, group), scale=scale)
-        out[rows] = os_.view(num_kv, n, group, head_dim).permute(1, 0, 2, 3).reshape(
-            n, num_heads, head_dim)                                          # (n, H, D)
+        if group > 1:  # many query rows: repeating K/V per query head is cheap, and keeps
+            ks = ks.repeat_interleave(group, dim=0)    # SDPA on its fast flash path
+            vs = vs.repeat_interleave(group, dim=0)                          # (H, end, D)
+        qs = q[rows].transpose(0, 1)[None]                                   # (1, H, n, D)
+        if seq.start == 0 and window is None:
+            os_ = F.scaled_dot_product_attention(qs, ks[None], vs[None], is_causal=True,
+                                                 scale=scale)
+        else:
+            os_ = F.scaled_dot_product_attention(qs, ks[None], vs[None],
+                                                 attn_mask=meta.prefill_mask(seq, window),
+                                                 scale=scale)                # (1, H, n, D)
+        out[rows] = os_[0].transpose(0, 1)                                  # (n, H, D)
     return out
 
 
