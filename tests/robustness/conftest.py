@@ -211,10 +211,13 @@ def check_openai_error(r, status: int, etype: str) -> str:
 
 def is_protocol_error(path: str, r) -> bool:
     """True when ``r`` is a 4xx in the format of the protocol ``path`` speaks."""
-    if not 400 <= r.status_code < 500:
-        return False
+    return 400 <= r.status_code < 500 and is_error_body(path, r.content)
+
+
+def is_error_body(path: str, content: bytes) -> bool:
+    """True when ``content`` is an error body in the format of the protocol ``path`` speaks."""
     try:
-        body = r.json()
+        body = json.loads(content)
     except ValueError:
         return False
     if path.startswith(("/v1/chat/completions", "/v1/completions")):

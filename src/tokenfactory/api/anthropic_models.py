@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tokenfactory.api.limits import check_nesting
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -44,6 +46,11 @@ class ToolUseBlock(_Open):
     name: str
     input: dict[str, Any]
     cache_control: CacheControl | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input_depth(cls, v):
+        return check_nesting(v, "tool_use input")
 
 
 class ToolResultBlock(_Open):
@@ -85,6 +92,11 @@ class Tool(_Open):
     input_schema: dict[str, Any] | None = None
     type: str | None = None          # "custom" or a server tool type (those are not supported)
     cache_control: CacheControl | None = None
+
+    @field_validator("input_schema")
+    @classmethod
+    def _schema_depth(cls, v):
+        return None if v is None else check_nesting(v, "input_schema")
 
     @model_validator(mode="after")
     def _schema(self):

@@ -8,9 +8,10 @@ OpenAI, everything else Anthropic), so the same failure reads naturally to eithe
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 # status -> Anthropic error type (the SDK maps these back to exception classes)
 ANTHROPIC_TYPES = {
@@ -102,3 +103,41 @@ def format_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
     if len(errors) > 5:
         parts.append(f"... and {len(errors) - 5} more")
     return "; ".join(parts) or "invalid request", first
+
+
+# --------------------------------------------------------------- OpenAPI declarations
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    """What every Anthropic route answers on failure (declared in /openapi.json)."""
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+    request_id: str | None = None
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """What the OpenAI routes answer on failure."""
+    error: OpenAIErrorDetail
+
+
+_DESCRIPTIONS = {400: "Invalid request", 401: "Missing or invalid API key",
+                 404: "Unknown model or path", 405: "Method not allowed",
+                 413: "Request body too large", 429: "Queue full (OpenAI routes); retry later",
+                 500: "Engine or internal failure", 503: "Engine not running",
+                 529: "Queue full (Anthropic routes); retry later"}
+
+
+def declared_errors(*statuses: int, openai: bool = False) -> dict[int, dict]:
+    """``responses=`` for a route: the statuses it can fail with, in its protocol's format."""
+    model = OpenAIErrorBody if openai else AnthropicErrorBody
+    return {s: {"model": model, "description": _DESCRIPTIONS[s]} for s in statuses}

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
 from tokenfactory.api.errors import APIError, openai_error_body
+from tokenfactory.api.limits import check_nesting
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       Started, TextEvent, make_sampling_params)
@@ -51,9 +52,14 @@ def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
                 if isinstance(args, str):
                     try:
                         args = json.loads(args) if args.strip() else {}
-                    except json.JSONDecodeError:
-                        raise APIError(400, "tool_calls[].function.arguments is not valid JSON",
-                                       param="messages") from None
+                        check_nesting(args, "tool_calls[].function.arguments")
+                    except RecursionError:   # the C parser gives up on absurd nesting
+                        raise APIError(400, "tool_calls[].function.arguments is nested too "
+                                            "deeply", param="messages") from None
+                    except ValueError as exc:   # JSONDecodeError is a ValueError
+                        msg = (str(exc) if not isinstance(exc, json.JSONDecodeError)
+                               else "tool_calls[].function.arguments is not valid JSON")
+                        raise APIError(400, msg, param="messages") from None
                 calls.append({"id": tc.id, "type": "function",
                               "function": {"name": tc.function.name, "arguments": args}})
             msg["tool_calls"] = calls

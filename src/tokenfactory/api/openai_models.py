@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tokenfactory.api.limits import check_nesting
 
 
 class _Open(BaseModel):
@@ -13,6 +15,11 @@ class _Open(BaseModel):
 class FunctionCall(_Open):
     name: str
     arguments: str | dict[str, Any] = "{}"
+
+    @field_validator("arguments")
+    @classmethod
+    def _depth(cls, v):
+        return v if isinstance(v, str) else check_nesting(v, "function.arguments")
 
 
 class ToolCall(_Open):
@@ -38,6 +45,11 @@ class FunctionDef(_Open):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _depth(cls, v):
+        return None if v is None else check_nesting(v, "function.parameters")
 
 
 class ToolDef(_Open):
