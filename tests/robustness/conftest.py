@@ -364,3 +364,14 @@ def metric_value(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def tokenizer_with_template(tokenizer, tmp_path: Path, template: str):
+    """A copy of ``tokenizer`` (a directory on disk) whose chat template is ``template``."""
+    import shutil
+
+    from tokenfactory.text.tokenizer import Tokenizer
+    target = tmp_path / "tok_with_template"
+    shutil.copytree(tokenizer.name_or_path, target, dirs_exist_ok=True)
+    (target / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return Tokenizer.from_dir(target)

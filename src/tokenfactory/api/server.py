@@ -29,6 +29,8 @@ from tokenfactory.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("tokenfactory.api")
 PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")
+JSON_POST_ROUTES = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions",
+                    "/v1/completions")
 
 
 class FrontDoorMiddleware:
@@ -75,6 +77,13 @@ class FrontDoorMiddleware:
                         return await reject(413, too_large)
                 except ValueError:
                     return await reject(400, "invalid content-length header")
+        ctype = next((v.decode("latin-1") for k, v in scope.get("headers", [])
+                      if k == b"content-type"), "")
+        mime = ctype.split(";", 1)[0].strip().lower()
+        json_route = scope["method"] == "POST" and path.rstrip("/") in JSON_POST_ROUTES
+        if json_route and mime != "application/json" and not mime.endswith("+json"):
+            return await reject(400, f"the request body must be JSON sent with content-type: "
+                                     f"application/json (got {ctype or 'no content-type'!r})")
         chunks, total = [], 0
         while True:
             message = await receive()
