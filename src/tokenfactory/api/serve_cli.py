@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import threading
@@ -102,6 +103,43 @@ def _server_class():
     return DrainingServer
 
 
+FAULT_DIE_AFTER_STEPS = "TOKENFACTORY_FAULT_ENGINE_DIE_AFTER_STEPS"
+FAULT_STEP_DELAY = "TOKENFACTORY_FAULT_STEP_DELAY_SECONDS"
+
+
+def install_fault_injection_hooks(core, environ) -> None:
+    """FAULT-INJECTION HOOKS for the robustness tests (tests/robustness), off unless set:
+
+    * ``TOKENFACTORY_FAULT_ENGINE_DIE_AFTER_STEPS=N``: the engine thread dies (an exception
+      escapes ``EngineCore.step``) on the step after N steps with work;
+    * ``TOKENFACTORY_FAULT_STEP_DELAY_SECONDS=S``: every step with work sleeps S seconds first
+      (makes streams slow enough to be caught in flight, e.g. by a SIGTERM).
+
+    Each logs a warning at start-up, so a production server cannot run with one unnoticed.
+    """
+    die_after = environ.get(FAULT_DIE_AFTER_STEPS)
+    delay = environ.get(FAULT_STEP_DELAY)
+    if die_after is None and delay is None:
+        return
+    import time
+    limit = int(die_after) if die_after is not None else None
+    pause = float(delay) if delay is not None else 0.0
+    log.warning("FAULT INJECTION enabled (%s=%s, %s=%s): for tests only", FAULT_DIE_AFTER_STEPS,
+                die_after, FAULT_STEP_DELAY, delay)
+    inner = core.step
+    steps = 0
+
+    def faulty_step():
+        nonlocal steps
+        if limit is not None and steps >= limit:
+            raise RuntimeError(f"fault injection: engine thread killed after {limit} steps")
+        steps += 1
+        if pause:
+            time.sleep(pause)
+        return inner()
+    core.step = faulty_step
+
+
 def serve_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -142,6 +180,7 @@ def serve_main(argv: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
         return 2
+    install_fault_injection_hooks(core, os.environ)
     engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
     name = args.served_model_name or ("tokenfactory-demo" if random_weights
                                       else Path(model_dir).resolve().name)
