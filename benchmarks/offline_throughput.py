@@ -57,11 +57,11 @@ def workload(args) -> tuple[list[list[int]], list[int]]:
     return prompts, outputs
 
 
-def make_engine(ex: TorchExecutor, args) -> EngineCore:
+def make_engine(ex: TorchExecutor, args, step_hook=None) -> EngineCore:
     return EngineCore(ex, EngineConfig(max_num_seqs=args.num_seqs,
                                        max_num_batched_tokens=args.max_batched_tokens,
                                        kv_cache_memory=int(args.kv_cache_gb * 2**30)),
-                      model_max_len=ex.max_model_len)
+                      model_max_len=ex.max_model_len, step_hook=step_hook)
 
 
 def run_ours(ex: TorchExecutor, prompts, outputs, args) -> tuple[float, int]:
@@ -71,7 +71,9 @@ def run_ours(ex: TorchExecutor, prompts, outputs, args) -> tuple[float, int]:
                                                            ignore_eos=True, seed=i))
     while engine.has_unfinished_requests():   # warm-up: thread pools, compiled graphs
         engine.step()
-    engine = make_engine(ex, args)
+    steps: list[tuple[float, int, int]] = []   # (seconds, tokens, sequences) per step
+    engine = make_engine(ex, args, lambda dt, toks: steps.append(
+        (dt, sum(toks.values()), len(toks))))
     for i, (p, n) in enumerate(zip(prompts, outputs)):
         engine.add_request(str(i), p, SamplingParams(temperature=0.6, max_tokens=n,
                                                      ignore_eos=True))
@@ -81,7 +83,14 @@ def run_ours(ex: TorchExecutor, prompts, outputs, args) -> tuple[float, int]:
         for out in engine.step():
             if out.finished:
                 produced += len(out.outputs[0].token_ids)
-    return time.perf_counter() - t0, produced
+    seconds = time.perf_counter() - t0
+    decode = [s for s in steps if s[1] == s[2]]
+    mixed = [s for s in steps if s[1] != s[2]]
+    print(f"  steps with prefill: {len(mixed)}, {sum(s[0] for s in mixed):.1f}s for "
+          f"{sum(s[1] for s in mixed)} tokens; decode-only steps: {len(decode)}, "
+          f"{sum(s[0] for s in decode):.1f}s for {sum(s[1] for s in decode)} tokens "
+          f"(mean batch {sum(s[2] for s in decode) / max(len(decode), 1):.1f})")
+    return seconds, produced
 
 
 def run_hf(model, prompts, outputs) -> float:
@@ -99,7 +108,8 @@ def run_hf(model, prompts, outputs) -> float:
 def decode_ms_ours(ex: TorchExecutor, args) -> float:
     """Median time of a batch-1 decode step (prompt 128 tokens, 128 new tokens, greedy)."""
     times: list[float] = []
-    engine = EngineCore(ex, EngineConfig(max_num_seqs=1, kv_cache_memory=2**28),
+    engine = EngineCore(ex, EngineConfig(max_num_seqs=1,
+                                         kv_cache_memory=int(args.kv_cache_gb * 2**30)),
                         model_max_len=ex.max_model_len,
                         step_hook=lambda dt, toks: times.append(dt) if sum(toks.values()) == 1
                         else None)
@@ -137,7 +147,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-batched-tokens", type=int, default=1024)
-    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--kv-cache-gb", type=float, default=1.5)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--skip-hf", action="store_true", help="only run tokenfactory")

@@ -105,9 +105,16 @@ class TorchExecutor:
         shape = (cfg.num_kv_heads, num_blocks + 1, block_size, cfg.head_dim)
         for layer in self.model.layers:
             attn = layer.self_attn
+            if attn.k_cache is not None and tuple(attn.k_cache.shape) == shape:
+                attn.k_cache.zero_()   # same geometry (a new engine on this executor): reuse
+                attn.v_cache.zero_()
+                continue
             attn.k_cache = attn.v_cache = None   # free the old cache before allocating anew
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            # zero_() touches every page now: a lazily-zeroed (calloc) cache would page-fault
+            # all through the first requests instead. Zeros (not garbage) matter: masked slots
+            # must hold finite values, since 0 * NaN would poison the attention output.
+            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
+            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
         if self.compile:
             if self._compiled is None or self._compiled.block_size != block_size:
