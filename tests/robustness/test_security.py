@@ -25,7 +25,7 @@ def test_keys_compared_in_constant_time_against_every_key(monkeypatch):
     assert "compare_digest" in source
     # no short-circuiting comparison of key material (the only == is the auth scheme's name)
     for line in source.splitlines():
-        if "==" in line or " in self._keys" in line or ".get(given" in line:
+        if "==" in line or ".get(given" in line or "given in " in line:
             assert "scheme" in line and "given" not in line and "presented" not in line, line
     calls = []
     real = auth.hmac.compare_digest
