@@ -136,3 +136,52 @@ def test_claude_code_tool_loop_with_scripted_model(demo_tokenizer, scratch_repo)
                    "output_tokens": len(o.outputs[0].token_ids), "ttft_s": round(t, 3)}
                   for o, t in engine.finished]
         print("claude-code turns:", json.dumps(report))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_claude_code_on_the_random_demo_model(scratch_repo, tmp_path):
+    """No script: the built-in demo model (random weights) behind a real `tokenfactory serve`
+    process. Claude Code must exit 0 and print what the model produced; nothing is rejected."""
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tokenfactory.cli", "serve", "--port", str(port),
+             "--model-alias", "claude-*=tokenfactory-demo"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300  # first use builds the demo checkpoint
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.5)
+        proc = run_claude(url, scratch_repo, "Add dark mode functionality to my blog.", 600)
+        log_text = log_path.read_text()
+        assert proc.returncode == 0, f"claude exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.stdout.strip(), "Claude Code printed nothing"
+        requests = [line for line in log_text.splitlines() if '"POST /v1/messages' in line]
+        assert requests, log_text[-3000:]
+        assert all(" 200 " in line for line in requests), "\n".join(requests)
+        print("demo-model turns:", len(requests), "| output:", proc.stdout[:200].replace("\n", " "))
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
