@@ -199,6 +199,10 @@ class Generation:
                 await self._first
             except BaseException:  # noqa: BLE001 - cancelled on purpose
                 pass
+        elif self._first is not None and not self._first.cancelled():
+            # finished but never awaited (the client left first): mark its exception as seen,
+            # or asyncio logs "Task exception was never retrieved" for every such client
+            self._first.exception()
         await self._agen.aclose()
 
     async def _outputs(self) -> AsyncIterator[RequestOutput]:
