@@ -5,7 +5,7 @@ import anthropic
 import httpx
 import pytest
 
-from conftest import BLOCK_SIZE, live_server
+from .conftest import BLOCK_SIZE, live_server
 from tokenfactory.api.caching import cache_usage
 from tokenfactory.engine.request import CacheBreakpoint
 

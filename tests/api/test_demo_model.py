@@ -5,7 +5,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import live_server
+from .conftest import live_server
 
 
 @pytest.fixture(scope="module")

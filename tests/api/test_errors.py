@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import live_server
+from .conftest import live_server
 
 MSG = {"model": "tf-test", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from test_anthropic_sdk import WEATHER_TOOL
+from .test_anthropic_sdk import WEATHER_TOOL
 
 HEADERS = {"anthropic-version": "2023-06-01", "content-type": "application/json"}
 

@@ -6,8 +6,8 @@ import json
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import live_server
-from test_caching import long_system
+from .conftest import live_server
+from .test_caching import long_system
 
 CC_HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "k", "x-app": "cli",
               "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",

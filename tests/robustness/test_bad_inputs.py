@@ -22,7 +22,7 @@ import json
 import httpx
 import pytest
 
-from conftest import (HEADERS, check_anthropic_error, check_openai_error, live_server,
+from .conftest import (HEADERS, check_anthropic_error, check_openai_error, live_server,
                       tokenizer_with_template)
 
 MSG = {"model": "tf-test", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from conftest import (HEADERS, ServeProcess, check_anthropic_stream, check_openai_error,
+from .conftest import (HEADERS, ServeProcess, check_anthropic_stream, check_openai_error,
                       live_server, parse_sse)
 
 

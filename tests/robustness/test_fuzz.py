@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
 
-from conftest import is_error_body, is_protocol_error, live_server
+from .conftest import is_error_body, is_protocol_error, live_server
 
 SCHEMATHESIS_EXAMPLES = 25   # per operation and phase (CI size; benchmarks/fuzz.py runs more)
 

@@ -9,7 +9,7 @@ import anthropic
 import httpx
 import openai
 
-from conftest import (HEADERS, check_anthropic_error, check_anthropic_stream, check_openai_error,
+from .conftest import (HEADERS, check_anthropic_error, check_anthropic_stream, check_openai_error,
                       live_server, metric_value, parse_sse)
 
 BUSY = {"model": "tf-test", "max_tokens": 10, "stream": True,

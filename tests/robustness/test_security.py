@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import (HEADERS, ServeProcess, check_anthropic_error, check_openai_error,
+from .conftest import (HEADERS, ServeProcess, check_anthropic_error, check_openai_error,
                       live_server, tokenizer_with_template)
 
 MSG = {"model": "tf-test", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from conftest import (HEADERS, WEATHER_TOOL, ServeProcess, anthropic_stream_text,
+from .conftest import (HEADERS, WEATHER_TOOL, ServeProcess, anthropic_stream_text,
                       check_anthropic_stream, check_openai_stream, live_server, metric_value,
                       parse_sse)
 

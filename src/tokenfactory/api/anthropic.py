@@ -16,7 +16,7 @@ from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesReques
 from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder
 from tokenfactory.api.errors import APIError, anthropic_error_body
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
-                                      Started, TextEvent, make_sampling_params)
+                                      cost_headers, Started, TextEvent, make_sampling_params)
 from tokenfactory.api.sse import ANTHROPIC_PING, SSE_HEADERS, anthropic_frame, with_keepalive
 
 log = logging.getLogger("tokenfactory.api")
@@ -131,7 +131,9 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0, stop=list(body.stop_sequences or []))
+        top_k=body.top_k or 0, stop=list(body.stop_sequences or []),
+        ignore_eos=bool(body.ignore_eos), min_tokens=min(body.min_tokens or 0, max_tokens),
+        seed=body.seed)
     parser = get_tool_parser(ctx.parser_name)() if prompt.use_parser else None
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
@@ -148,7 +150,7 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     message = await collect_unless_disconnected(request, _collect(ctx, gen, prompt, body.model,
                                                                   msg_id, limited_by))
-    return JSONResponse(message, headers=headers)
+    return JSONResponse(message, headers={**headers, **cost_headers(gen)})
 
 
 def _usage(ctx: ServingContext, prompt: AnthropicPrompt, out) -> dict:

@@ -134,6 +134,10 @@ class MessagesRequest(_Open):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     cache_control: CacheControl | None = None
+    # tokenfactory extensions (vLLM-style; benchmarks use them for fixed-length outputs)
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(default=None, ge=0)
+    seed: int | None = None
 
     @field_validator("stop_sequences")
     @classmethod

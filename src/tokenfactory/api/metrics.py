@@ -37,7 +37,29 @@ class _EngineCollector:
                                 value=1 if self.engine.is_alive else 0)
 
 
+class _LedgerCollector:
+    """The cost ledger's running totals: what the machine time served so far cost."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def collect(self):
+        t = self.ledger.totals()
+        yield CounterMetricFamily("tokenfactory_machine_seconds",
+                                  "Forward-pass seconds charged to requests", value=t.machine_seconds)
+        yield CounterMetricFamily("tokenfactory_machine_cost_dollars",
+                                  "Machine seconds priced at --cost-per-hour", value=t.dollars)
+        yield CounterMetricFamily("tokenfactory_energy_joules",
+                                  "Machine seconds converted at --watts", value=t.joules)
+        yield CounterMetricFamily("tokenfactory_api_price_dollars",
+                                  "Finished requests' usage priced at the API list prices "
+                                  "(cache writes 1.25x/2x, reads 0.1x)", value=t.api_dollars)
+
+
 class Metrics:
+    def attach_ledger(self, ledger) -> None:
+        self.registry.register(_LedgerCollector(ledger))
+
     def __init__(self, engine=None):
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram("tokenfactory_time_to_first_token_seconds",

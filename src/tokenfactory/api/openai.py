@@ -17,7 +17,7 @@ from tokenfactory.api.errors import APIError, openai_error_body
 from tokenfactory.api.limits import check_nesting
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
-                                      Started, TextEvent, make_sampling_params)
+                                      cost_headers, Started, TextEvent, make_sampling_params)
 from tokenfactory.api.sse import OPENAI_KEEPALIVE, SSE_HEADERS, openai_frame, with_keepalive
 
 
@@ -182,7 +182,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     result = await collect_unless_disconnected(request, _chat_collect(ctx, gen, body.model, cid,
                                                                       created))
-    return JSONResponse(result, headers=headers)
+    return JSONResponse(result, headers={**headers, **cost_headers(gen)})
 
 
 class _ToolCallAccumulator:
@@ -315,7 +315,8 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
                              "finish_reason": _finish_reason(final, 0)}],
                 "usage": _usage(final)}
 
-    return JSONResponse(await collect_unless_disconnected(request, collect()), headers=headers)
+    result = await collect_unless_disconnected(request, collect())
+    return JSONResponse(result, headers={**headers, **cost_headers(gen)})
 
 
 async def _completion_stream(gen: Generation, model: str, cid: str, created: int, echo: str,

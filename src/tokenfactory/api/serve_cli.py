@@ -27,6 +27,16 @@ def _alias(text: str) -> tuple[str, str]:
     return pattern, name
 
 
+def _nonneg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _regex(text: str) -> str:
     try:
         re.compile(text)
@@ -65,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tool-call format (default: detected from the chat template)")
     p.add_argument("--ping-interval", type=float, default=10.0, help="SSE keepalive seconds")
     p.add_argument("--enable-cors", action="store_true", help="allow cross-origin requests")
+    c = p.add_argument_group("cost ledger")
+    c.add_argument("--cost-per-hour", type=_nonneg, default=0.10,
+                   help="$ per hour of this machine: prices each request's machine time")
+    c.add_argument("--watts", type=_nonneg, default=120.0,
+                   help="power draw: converts machine time to energy")
+    c.add_argument("--price-input", type=_nonneg, default=3.0,
+                   help="API list price, $ per million input tokens (cache multipliers apply)")
+    c.add_argument("--price-output", type=_nonneg, default=15.0,
+                   help="API list price, $ per million output tokens")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None)
@@ -184,6 +203,12 @@ def serve_main(argv: list[str]) -> int:
     engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
     name = args.served_model_name or ("tokenfactory-demo" if random_weights
                                       else Path(model_dir).resolve().name)
+    unknown = sorted({target for _, target in args.model_alias if target != name})
+    if unknown:
+        print(f"error: --model-alias target(s) {', '.join(unknown)} not served; this server "
+              f"serves '{name}' (e.g. --model-alias 'claude-*={name}')", file=sys.stderr)
+        engine.shutdown()
+        return 2
     max_out = args.max_output_tokens
     if max_out is None and random_weights:
         max_out = DEMO_MAX_OUTPUT_TOKENS
@@ -192,7 +217,9 @@ def serve_main(argv: list[str]) -> int:
                      max_tokens_policy=args.max_tokens_policy, max_output_tokens=max_out,
                      strip_system_prefix=args.strip_system_prefix, ping_interval=args.ping_interval,
                      tool_parser=args.tool_parser, random_weights=random_weights,
-                     enable_cors=args.enable_cors)
+                     enable_cors=args.enable_cors, cost_per_hour=args.cost_per_hour,
+                     watts=args.watts, price_input_per_million=args.price_input,
+                     price_output_per_million=args.price_output)
     log.info("serving %s as '%s' (context %d tokens, %d tenants) on http://%s:%d",
              model_dir, name, app.state.ctx.context_limit, len(set(keys.values())), args.host,
              args.port)

@@ -38,6 +38,12 @@ class ServerOptions:
     random_weights: bool = False              # the built-in demo model: say so
     retry_after_seconds: int = 1
     enable_cors: bool = False
+    # The cost ledger: machine time priced at cost_per_hour, energy at watts, and the API-price
+    # view of each request's usage at these list prices ($ per million tokens).
+    cost_per_hour: float = 0.10
+    watts: float = 120.0
+    price_input_per_million: float = 3.0
+    price_output_per_million: float = 15.0
 
 
 @dataclass
@@ -54,6 +60,13 @@ class Started:
 @dataclass
 class Finished:
     output: RequestOutput
+    cost: Any = None   # economics.ledger.RequestCost
+
+
+def cost_headers(gen: "Generation") -> dict[str, str]:
+    """x-tokenfactory-* headers with the request's machine time, $, joules and API price
+    (non-streaming responses; a stream's headers leave before its cost is known)."""
+    return gen.cost.headers() if gen.cost is not None else {}
 
 
 class GenerationFailed(RuntimeError):
@@ -73,6 +86,29 @@ class ServingContext:
         self.strip_re = (re.compile(options.strip_system_prefix, re.MULTILINE)
                          if options.strip_system_prefix else None)
         self._ids = itertools.count()
+        from tokenfactory.economics.ledger import ApiPrices, CostLedger
+        self.ledger = CostLedger(options.cost_per_hour, options.watts,
+                                 ApiPrices(options.price_input_per_million,
+                                           options.price_output_per_million))
+        # Every forward pass is charged to the requests in it, by tokens processed.
+        engine.core.step_hook = self.ledger.record_step
+        metrics.attach_ledger(self.ledger)
+
+    def bill(self, request_id: str, out: RequestOutput | None,
+             breakpoints: list[CacheBreakpoint]):
+        """Close a request in the ledger: its machine time plus the API-price view of its usage."""
+        from tokenfactory.api.caching import cache_usage
+        from tokenfactory.economics.ledger import TokenUsage
+        usage = None
+        if out is not None:
+            u = cache_usage(len(out.prompt_token_ids), out.num_cached_tokens, breakpoints,
+                            self.block_size, self.prefix_caching)
+            usage = TokenUsage(input_tokens=u.input_tokens,
+                               output_tokens=len(out.outputs[0].token_ids),
+                               cache_read_tokens=u.cache_read_input_tokens,
+                               cache_write_5m_tokens=u.ephemeral_5m_input_tokens,
+                               cache_write_1h_tokens=u.ephemeral_1h_input_tokens)
+        return self.ledger.finish(request_id, usage)
 
     # ------------------------------------------------------------------ names
     @property
@@ -167,6 +203,9 @@ class Generation:
         self.parser_prefill = parser_prefill
         self.overload_status = overload_status
         self.t_start = time.monotonic()
+        self.breakpoints = breakpoints
+        self.billed = False
+        self.cost = None  # economics.ledger.RequestCost once finished
         self._agen = ctx.engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
                                          cache_breakpoints=breakpoints)
         self._first: asyncio.Future | None = None
@@ -204,6 +243,9 @@ class Generation:
             # or asyncio logs "Task exception was never retrieved" for every such client
             self._first.exception()
         await self._agen.aclose()
+        if not self.billed:  # failed or abandoned: close its ledger entry (time already spent)
+            self.billed = True
+            self.ctx.bill(self.request_id, None, self.breakpoints)
 
     async def _outputs(self) -> AsyncIterator[RequestOutput]:
         if self._first is None:
@@ -256,7 +298,9 @@ class Generation:
                     yield TextEvent(comp.new_text)
                 if out.finished:
                     m.observe_finished(out, now - self.t_start)
-                    yield Finished(out)
+                    self.billed = True
+                    self.cost = self.ctx.bill(self.request_id, out, self.breakpoints)
+                    yield Finished(out, self.cost)
                     return
         finally:
             await self.close()
