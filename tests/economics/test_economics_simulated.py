@@ -5,8 +5,8 @@ import pytest
 from tokenfactory.economics import CostLedger, load_hardware, load_model, step_time_seconds
 from tokenfactory.economics.simulated import SimulatedExecutor
 
-engine_core = pytest.importorskip("tokenfactory.engine.core")
-SamplingParams = pytest.importorskip("tokenfactory.engine.sampling_params").SamplingParams
+import tokenfactory.engine.core as engine_core
+from tokenfactory.engine.sampling_params import SamplingParams
 
 
 def test_simulated_executor_runs_the_engine_and_charges_the_ledger():

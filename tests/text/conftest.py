@@ -29,7 +29,7 @@ def demo_tokenizer(demo_tokenizer_dir: Path) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def hf_demo_tokenizer(demo_tokenizer_dir: Path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(demo_tokenizer_dir))
 
 
