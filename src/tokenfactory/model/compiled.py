@@ -36,8 +36,10 @@ class CompiledDecode:
     decode-only batches of at most ``max(batch_sizes)`` sequences."""
 
     def __init__(self, model: LlamaForCausalLM, block_size: int, scratch_page: int,
-                 batch_sizes: tuple[int, ...] = (1, 2, 4), max_autotune: bool = True):
+                 max_pages: int, batch_sizes: tuple[int, ...] = (1, 2, 4),
+                 max_autotune: bool = True):
         self.model = model
+        self.max_pages = max(2, max_pages)   # pages of the longest sequence the model allows
         self.block_size = block_size
         self.scratch_page = scratch_page
         self.batch_sizes = tuple(sorted(batch_sizes))
@@ -46,6 +48,13 @@ class CompiledDecode:
             options.update(max_autotune=True, coordinate_descent_tuning=True)
         self._compiled = torch.compile(self._step, fullgraph=True, options=options)
         self._warm: set[int] = set()
+
+    def warmup(self) -> None:
+        """Compile every batch bucket now (rows write only to the scratch page)."""
+        scratch = self.scratch_page
+        for b in self.batch_sizes:
+            if b not in self._warm:
+                self(([0] * b), [0] * b, [scratch * self.block_size] * b, [[scratch]] * b)
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.batch_sizes if b >= batch), None)
@@ -72,7 +81,7 @@ class CompiledDecode:
         slot = torch.tensor(slots + [scratch * self.block_size] * pad, dtype=torch.int64)
         table = torch.tensor([t + [scratch] * (width - len(t)) for t in tables]
                              + [[scratch] * width] * pad, dtype=torch.int64)
-        torch._dynamo.mark_dynamic(table, 1, min=2, max=1 << 24)
+        torch._dynamo.mark_dynamic(table, 1, min=2, max=self.max_pages)
         if b not in self._warm:
             t0 = time.perf_counter()
             out = self._compiled(ids, pos, slot, table)
