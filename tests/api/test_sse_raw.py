@@ -6,26 +6,15 @@ import time
 
 import httpx
 
+from tests.live import parse_sse
+
 from .test_anthropic_sdk import WEATHER_TOOL
 
 HEADERS = {"anthropic-version": "2023-06-01", "content-type": "application/json"}
 
 
 def read_frames(resp) -> list[tuple[str | None, dict | str]]:
-    frames, event, data = [], None, []
-    for line in resp.iter_lines():
-        if line == "":
-            if data:
-                raw = "\n".join(data)
-                frames.append((event, raw if raw == "[DONE]" else json.loads(raw)))
-            event, data = None, []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-    return frames
+    return parse_sse("\n".join(resp.iter_lines()) + "\n")
 
 
 def stream_messages(server, body, **kw):

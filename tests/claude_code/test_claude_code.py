@@ -10,14 +10,12 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from tokenfactory.api.server import create_app
+from tests.live import free_port, live_server
 from tokenfactory.engine.async_engine import AsyncEngine
 from tokenfactory.engine.core import EngineConfig, EngineCore
 from tokenfactory.engine.executor import ScriptedExecutor
@@ -51,30 +49,6 @@ class RecordingEngine(AsyncEngine):
             if out.finished:
                 self.finished.append((out, first))
             yield out
-
-
-class Server:
-    def __init__(self, engine: AsyncEngine, tokenizer, **options):
-        app = create_app(engine, tokenizer, served_model_name="tf-local",
-                         aliases=[("claude-*", "tf-local")], **options)
-        self.engine = engine
-        self.uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uv.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        port = self.uv.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.uv.should_exit = True
-        self.thread.join(15)
-        self.engine.shutdown()
 
 
 def run_claude(url: str, workdir: Path, prompt: str, timeout: float) -> subprocess.CompletedProcess:
@@ -121,8 +95,9 @@ def test_claude_code_tool_loop_with_scripted_model(demo_tokenizer, scratch_repo)
                       EngineConfig(num_kv_blocks=8192, block_size=16, max_num_batched_tokens=4096),
                       model_max_len=65536, tokenizer=tok, eos_token_ids=tok.eos_token_ids)
     engine = RecordingEngine(core)
-    with Server(engine, tok) as srv:
-        proc = run_claude(srv.url, scratch_repo, "Write the dark mode setting to notes.txt.", 300)
+    with live_server(tok, engine=engine, served_model_name="tf-local",
+                     aliases=[("claude-*", "tf-local")], ping_interval=10.0) as srv:
+        proc = run_claude(srv.base_url, scratch_repo, "Write the dark mode setting to notes.txt.", 300)
         assert proc.returncode == 0, f"claude exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         assert target.read_text() == FILE_CONTENT
         assert FINAL_TEXT in proc.stdout
@@ -138,20 +113,13 @@ def test_claude_code_tool_loop_with_scripted_model(demo_tokenizer, scratch_repo)
         print("claude-code turns:", json.dumps(report))
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_claude_code_on_the_random_demo_model(scratch_repo, tmp_path):
     """No script: the built-in demo model (random weights) behind a real `tokenfactory serve`
     process. Claude Code must exit 0 and print what the model produced; nothing is rejected."""
     import sys
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
