@@ -20,8 +20,3 @@ def tiny_llama_dir(tmp_path_factory):
     model.save_pretrained(out)
     return out
 
-
-@pytest.fixture(scope="session")
-def demo_tokenizer(tmp_path_factory):
-    from tokenfactory.text.demo_tokenizer import train_demo_tokenizer
-    return train_demo_tokenizer(tmp_path_factory.mktemp("demo-tok"), vocab_size=2048)

@@ -12,12 +12,6 @@ from tests.live import (BLOCK_SIZE, HEADERS, MODEL_LEN, NUM_BLOCKS, REPLIES, WEA
                         live_server, make_engine, parse_sse)
 
 
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    from tokenfactory.text.demo_tokenizer import train_demo_tokenizer
-    return train_demo_tokenizer(tmp_path_factory.mktemp("demo_tokenizer"))
-
-
 @pytest.fixture(scope="module")
 def server(tokenizer):
     with live_server(tokenizer, min_cache_tokens=1024) as s:

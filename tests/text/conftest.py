@@ -1,4 +1,4 @@
-"""Fixtures for the text tests: one demo tokenizer trained per session, plus tokenizer
+"""Fixtures for the text tests (the demo tokenizer itself comes from tests/conftest.py): tokenizer
 directories that pair it with the test chat templates (Llama-3.1 style, Qwen2.5/Hermes style)."""
 
 from __future__ import annotations
@@ -9,22 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenfactory.text.demo_tokenizer import train_demo_tokenizer
-from tokenfactory.text.tokenizer import Tokenizer
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
-
-
-@pytest.fixture(scope="session")
-def demo_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo_tokenizer")
-    train_demo_tokenizer(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def demo_tokenizer(demo_tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(demo_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
