@@ -165,6 +165,8 @@ class LiveServer:
         assert not self.core.scheduler.requests, "requests left in the scheduler's table"
         assert self.core.num_free_blocks() == self.core.kv.num_blocks, (
             f"KV pages leaked: {self.core.kv.num_blocks - self.core.num_free_blocks()}")
+        ledger = self.app.state.ctx.ledger
+        assert ledger.num_open() == 0, f"{ledger.num_open()} cost-ledger entries never closed"
 
 
 @contextmanager

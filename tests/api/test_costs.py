@@ -36,7 +36,7 @@ def test_non_streaming_responses_carry_their_cost(server):
     assert abs((after - before) - api) < 1e-9
     assert _metric(server.base_url, "tokenfactory_machine_seconds_total") >= machine - 1e-6  # header rounds to µs
     server.assert_no_leaks()
-    assert not ctx.ledger._open  # every request's ledger entry is closed
+    assert ctx.ledger.num_open() == 0  # every request's ledger entry is closed
 
 
 def test_openai_responses_carry_their_cost(server):

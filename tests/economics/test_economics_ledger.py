@@ -81,3 +81,17 @@ def test_concurrent_recording_loses_nothing():
     assert ledger.totals().steps == 8000
     assert ledger.finish("shared").machine_seconds == pytest.approx(4.0)
     assert sum(ledger.finish(f"r{i}").machine_seconds for i in range(4)) == pytest.approx(4.0)
+
+
+def test_a_step_landing_after_finish_does_not_reopen_the_request():
+    # A client disconnects: its request is billed at once, but a forward pass that was already
+    # running still reports it. That late charge must not leave an entry nobody will close.
+    ledger = CostLedger(cost_per_hour=3.6, watts=100.0)
+    ledger.record_step(1.0, {"gone": 10, "stays": 10})
+    bill = ledger.finish("gone")
+    ledger.record_step(1.0, {"gone": 10, "stays": 10})
+    assert ledger.num_open() == 1                       # only "stays"
+    assert bill.machine_seconds == 0.5
+    assert ledger.totals().machine_seconds == 2.0       # the late step still counts in the totals
+    assert ledger.finish("stays").machine_seconds == 1.0
+    assert ledger.num_open() == 0

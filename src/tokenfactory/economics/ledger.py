@@ -14,6 +14,7 @@ Anthropic API bills it (cache writes 1.25x / 2x, cache reads 0.1x of the base in
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional
 
@@ -108,6 +109,11 @@ class CostLedger:
         self._tokens = 0
         self._finished = 0
         self._api_dollars = 0.0
+        # Recently closed ids: a step already in flight when a request was closed (a client
+        # that disconnected mid-step) must not re-open an entry nobody will close. Its time
+        # still counts in the totals.
+        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._max_closed = 4096
 
     def record_step(self, step_seconds: float, tokens_by_request: Mapping[str, int]) -> None:
         """Split one step's wall time across the requests in it, by tokens processed."""
@@ -124,7 +130,7 @@ class CostLedger:
             self._busy += step_seconds
             self._tokens += total
             for request_id, n in tokens_by_request.items():
-                if n == 0:
+                if n == 0 or request_id in self._closed:
                     continue
                 entry = self._open.setdefault(request_id, _Open())
                 entry.machine_seconds += step_seconds * n / total
@@ -142,6 +148,9 @@ class CostLedger:
         usage = usage or TokenUsage()
         with self._lock:
             entry = self._open.pop(request_id, None) or _Open()
+            self._closed[request_id] = None
+            if len(self._closed) > self._max_closed:
+                self._closed.popitem(last=False)
             api = api_price(usage, self.prices)
             self._finished += 1
             self._api_dollars += api
@@ -150,6 +159,11 @@ class CostLedger:
             dollars=entry.machine_seconds * self.cost_per_hour / 3600.0,
             joules=entry.machine_seconds * self.watts, tokens_processed=entry.tokens,
             steps=entry.steps, usage=usage, api_dollars=api)
+
+    def num_open(self) -> int:
+        """Requests charged but not yet finished (for leak checks)."""
+        with self._lock:
+            return len(self._open)
 
     def totals(self) -> LedgerTotals:
         with self._lock:
