@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "robustness"))
+sys.path.insert(0, str(ROOT))  # the tests package: the soak reuses its scenarios
 
 
 def serve(port: int, max_queued: int | None) -> None:
@@ -33,8 +33,8 @@ def serve(port: int, max_queued: int | None) -> None:
 
     import uvicorn
 
-    from conftest import make_engine
-    from test_soak import SOAK_MODEL_LEN
+    from tests.live import make_engine
+    from tests.robustness.test_soak import SOAK_MODEL_LEN
     from tokenfactory.api.server import create_app
     from tokenfactory.text.demo_tokenizer import train_demo_tokenizer
 
@@ -89,7 +89,7 @@ def start_server(max_queued: int | None = None) -> tuple[subprocess.Popen, str]:
 async def run_soak(base: str, pid: int, n: int, concurrency: int, seed: int) -> dict:
     import httpx
 
-    from test_soak import make_plans, run_one
+    from tests.robustness.test_soak import make_plans, run_one
     plans = make_plans(n, seed=seed)
     statuses: dict[int, int] = {}
     failures: list[str] = []
