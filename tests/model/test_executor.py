@@ -118,6 +118,23 @@ def test_packed_linears_match_stock_linears(checkpoint):
                 assert ex[tok].logprob == pytest.approx(ey[tok].logprob, abs=0.05)
 
 
+def test_compiled_executors_keep_plain_weights_for_inductor(checkpoint):
+    """Compiled decode steps read each packed linear's plain weight (inductor lowers those to
+    its own kernels); eager-only executors do not keep that second copy."""
+    from tokenfactory.model.layers import PackedLinear
+    path = checkpoint("qwen2_tied")[0]
+    compiled = TorchExecutor(path, dtype="bfloat16", compile=True)
+    eager = TorchExecutor(path, dtype="bfloat16", compile=False)
+    for ex, keeps in ((compiled, True), (eager, False)):
+        linears = [m for m in ex.model.modules() if isinstance(m, PackedLinear)]
+        assert linears and all((m.plain_weight is not None) == keeps for m in linears)
+    head = compiled.model.lm_head
+    assert head.plain_weight.data_ptr() == compiled.model.embed_tokens.weight.data_ptr()  # tied
+    x = torch.randn(3, head.in_features, dtype=torch.bfloat16)
+    torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.plain_weight),
+                               atol=0.05, rtol=0.02)
+
+
 def test_decode_groups_split_by_length():
     from tokenfactory.model.runner import _decode_groups
     assert _decode_groups([]) == []

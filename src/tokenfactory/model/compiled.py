@@ -31,6 +31,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       str(Path.home() / ".cache" / "tokenfactory" / "inductor"))
 
 
+MAX_CONTEXT = 4096
+
+
 class CompiledDecode:
     """``__call__(input_ids, positions, slot_mapping, block_tables) -> logits (B, vocab)`` for
     decode-only batches of at most ``max(batch_sizes)`` sequences."""
@@ -39,11 +42,14 @@ class CompiledDecode:
                  max_pages: int, batch_sizes: tuple[int, ...] = (1, 2, 4),
                  max_autotune: bool = True):
         self.model = model
-        self.max_pages = max(2, max_pages)   # pages of the longest sequence the model allows
+        # Pages of the longest context a compiled step serves: the model's limit, capped at
+        # MAX_CONTEXT tokens (inductor's CPU reductions guard on their length, so one dynamic
+        # graph cannot span longer contexts); longer contexts run eager.
+        self.max_pages = max(2, min(max_pages, MAX_CONTEXT // block_size))
         self.block_size = block_size
         self.scratch_page = scratch_page
         self.batch_sizes = tuple(sorted(batch_sizes))
-        options = {"freezing": True}
+        options = {}
         if max_autotune:
             options.update(max_autotune=True, coordinate_descent_tuning=True)
         self._compiled = torch.compile(self._step, fullgraph=True, options=options)
@@ -58,6 +64,11 @@ class CompiledDecode:
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.batch_sizes if b >= batch), None)
+
+    def serves(self, tables: list[list[int]]) -> bool:
+        """Whether a decode-only batch with these block tables runs compiled."""
+        return (self.bucket(len(tables)) is not None
+                and max(len(t) for t in tables) <= self.max_pages)
 
     def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               block_tables: torch.Tensor) -> torch.Tensor:
@@ -82,11 +93,17 @@ class CompiledDecode:
         table = torch.tensor([t + [scratch] * (width - len(t)) for t in tables]
                              + [[scratch] * width] * pad, dtype=torch.int64)
         torch._dynamo.mark_dynamic(table, 1, min=2, max=self.max_pages)
-        if b not in self._warm:
-            t0 = time.perf_counter()
-            out = self._compiled(ids, pos, slot, table)
-            self._warm.add(b)
-            log.info("compiled decode step for batch %d in %.1fs", b, time.perf_counter() - t0)
-        else:
-            out = self._compiled(ids, pos, slot, table)
+        # Freezing (weights become constants that inductor packs and specializes its GEMMs
+        # for) is decided by dynamo while it traces, from the global inductor config, so it
+        # has to be on around the call: passing it in torch.compile's ``options`` only reaches
+        # inductor, after dynamo has already lifted the weights to graph inputs (no freezing).
+        with torch._inductor.config.patch(freezing=True):
+            if b not in self._warm:
+                t0 = time.perf_counter()
+                out = self._compiled(ids, pos, slot, table)
+                self._warm.add(b)
+                log.info("compiled decode step for batch %d in %.1fs", b,
+                         time.perf_counter() - t0)
+            else:
+                out = self._compiled(ids, pos, slot, table)
         return out[:n]

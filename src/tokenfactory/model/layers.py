@@ -54,16 +54,25 @@ class PackedLinear(nn.Module):
 
     Stock ``F.linear`` reaches 10-20 GB/s on this CPU at batch 1 in bfloat16; the pre-packed
     weight reaches ~30 GB/s (see docs in shared/reference/cpu-performance.md). Same math as
-    ``nn.Linear`` (bit-identical in bfloat16 in our checks)."""
+    ``nn.Linear`` (bit-identical in bfloat16 in our checks).
 
-    def __init__(self, linear: nn.Linear):
+    ``keep_plain``: also keep the plain (out, in) weight, used instead of the packed one while
+    ``torch.compile`` traces: inductor (with freezing) then lowers a stock linear on a constant
+    weight to its own kernels, faster than the opaque packed op and without its per-call
+    custom-op overhead. Costs a second copy of the weights, so only compiled executors keep it.
+    """
+
+    def __init__(self, linear: nn.Linear, keep_plain: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed_weight",
                              torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.register_buffer("plain_weight", linear.weight.detach() if keep_plain else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain_weight is not None and torch.compiler.is_compiling():
+            return F.linear(x, self.plain_weight, self.bias)
         return packed_linear(x, self.packed_weight, self.bias)
 
 
@@ -72,15 +81,15 @@ def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack_linears(module: nn.Module) -> int:
+def pack_linears(module: nn.Module, keep_plain: bool = False) -> int:
     """Replace every ``nn.Linear`` under ``module`` by a :class:`PackedLinear`. Returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child))
+            setattr(module, name, PackedLinear(child, keep_plain))
             count += 1
         else:
-            count += pack_linears(child)
+            count += pack_linears(child, keep_plain)
     return count
 
 

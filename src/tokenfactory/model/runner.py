@@ -80,9 +80,10 @@ class TorchExecutor:
         fast_cpu = can_pack_linears(self.dtype, self.device)
         if pack_weights is None:
             pack_weights = fast_cpu
-        if pack_weights:
-            pack_linears(self.model)
         self.compile = False if compile is None else bool(compile)  # auto: off until proven
+        if pack_weights:
+            # compiled decode steps read the plain weights (see PackedLinear), eager the packed
+            pack_linears(self.model, keep_plain=self.compile)
         self.compile_batch_sizes = tuple(compile_batch_sizes)
         self.compile_max_autotune = compile_max_autotune
         self.sampler = Sampler(self.device, seed)
@@ -196,8 +197,7 @@ class TorchExecutor:
         """Run the forward pass; returns ``logits(rows) -> (len(rows), vocab)`` float32."""
         ids, positions, slots, pages = self._flatten(chunks)
         compiled = self._compiled
-        if (compiled is not None and len(ids) == len(chunks)
-                and compiled.bucket(len(chunks)) is not None):
+        if compiled is not None and len(ids) == len(chunks) and compiled.serves(pages):
             all_logits = compiled(ids, positions, slots, pages)                 # (B, V)
             return lambda rows: all_logits[rows]
         hidden = self._run_eager(chunks, ids, positions, slots, pages)         # (T, hidden)
