@@ -109,12 +109,14 @@ class TorchExecutor:
         compiled decode steps."""
         cfg = self.model_config
         shape = (cfg.num_kv_heads, num_blocks + 1, block_size, cfg.head_dim)
+        reallocated = False
         for layer in self.model.layers:
             attn = layer.self_attn
             if attn.k_cache is not None and tuple(attn.k_cache.shape) == shape:
                 attn.k_cache.zero_()   # same geometry (a new engine on this executor): reuse
                 attn.v_cache.zero_()
                 continue
+            reallocated = True
             attn.k_cache = attn.v_cache = None   # free the old cache before allocating anew
             # zero_() touches every page now: a lazily-zeroed (calloc) cache would page-fault
             # all through the first requests instead. Zeros (not garbage) matter: masked slots
@@ -123,7 +125,8 @@ class TorchExecutor:
             attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
         if self.compile:
-            if self._compiled is None or self._compiled.block_size != block_size:
+            # compiled graphs are bound to the cache tensors: new tensors, new graphs
+            if self._compiled is None or reallocated or self._compiled.block_size != block_size:
                 self._compiled = CompiledDecode(self.model, block_size, num_blocks,
                                                 _cdiv(self.max_model_len, block_size),
                                                 self.compile_batch_sizes,
