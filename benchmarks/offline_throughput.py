@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="on",
                     help="torch.compile small-batch decode steps (auto: the executor's default)")
     ap.add_argument("--skip-hf", action="store_true", help="only run tokenfactory")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the host floor and tokenfactory's batch-1 decode (~2 min)")
     args = ap.parse_args()
     args.min_input = min(args.min_input, args.max_input)
     args.min_output = min(args.min_output, args.max_output)
@@ -184,6 +186,8 @@ def main() -> None:
     ours_ms = decode_ms_ours(ex, args)
     print(f"tokenfactory batch-1 decode: {ours_ms:.2f} ms/token = {ours_ms / floor_ms:.2f}x floor "
           f"({read_bytes / ours_ms / 1e6:.1f} GB/s effective)")
+    if args.decode_only:
+        return
 
     seconds, produced = run_ours(ex, prompts, outputs, args)
     ours_tps = produced / seconds
