@@ -238,20 +238,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         vd = _gather_pages(v_cache, dg.gather_index, meta, "v").view(num_kv * b, length, head_dim)
         qd = q[dg.start:dg.end].reshape(b, num_kv, group, head_dim).transpose(0, 1)
         qd = qd.reshape(num_kv * b, group, head_dim)                        # (Hkv*b, G, D)
-        if torch.compiler.is_compiling():
-            # Under inductor, broadcast-multiply-and-sum fuses the page gather, both products
-            # and the softmax into a few generated loops (float32 accumulation), where bmm
-            # would be an extern call per product (~25 us each at these tiny shapes).
-            scores = (qd[:, :, None, :].float() * kd[:, None, :, :].float()).sum(-1)
-            scores = scores.view(num_kv, b, group, length) * scale + dg.mask(window, bs)
-            probs = torch.softmax(scores, dim=-1).view(num_kv * b, group, length)
-            od = (probs[..., None] * vd[:, None, :, :].float()).sum(-2).to(q.dtype)
-            od = od.view(num_kv, b, group, head_dim)                        # (Hkv, b, G, D)
-        else:
-            scores = torch.bmm(qd, kd.transpose(1, 2)).view(num_kv, b, group, length)
-            scores = scores.float() * scale + dg.mask(window, bs)           # (Hkv, b, G, L)
-            probs = torch.softmax(scores, dim=-1).to(q.dtype).view(num_kv * b, group, length)
-            od = torch.bmm(probs, vd).view(num_kv, b, group, head_dim)      # (Hkv, b, G, D)
+        scores = torch.bmm(qd, kd.transpose(1, 2)).view(num_kv, b, group, length)
+        scores = scores.float() * scale + dg.mask(window, bs)               # (Hkv, b, G, L)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(num_kv * b, group, length)
+        od = torch.bmm(probs, vd).view(num_kv, b, group, head_dim)          # (Hkv, b, G, D)
         od = od.transpose(0, 1).reshape(b, num_heads, head_dim)
         if out is None:   # one group of decodes and nothing else
             return od
