@@ -76,3 +76,26 @@ def pytest_generate_tests(metafunc):
     """A test taking a ``variant`` argument runs once per checkpoint variant."""
     if "variant" in metafunc.fixturenames:
         metafunc.parametrize("variant", list(VARIANTS))
+
+
+def run_engine(ex, prompts, params, *, require_length: bool = False, **cfg):
+    """Drive an EngineCore over ``ex`` until every prompt finished; returns (outputs in prompt
+    order, engine). Checks that no request failed and that every KV page came back."""
+    from tokenfactory.engine.core import EngineConfig, EngineCore
+
+    config = dict(num_kv_blocks=256, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
+    config.update(cfg)
+    engine = EngineCore(ex, EngineConfig(**config), model_max_len=ex.max_model_len)
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        engine.add_request(str(i), p, sp)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.error is None, out.error
+                if require_length:
+                    assert out.outputs[0].finish_reason == "length"
+                done[out.request_id] = out
+    assert engine.num_free_blocks() == config["num_kv_blocks"]
+    return [done[str(i)] for i in range(len(prompts))], engine

@@ -6,9 +6,10 @@ import random
 import pytest
 import torch
 
-from tokenfactory.engine.core import EngineConfig, EngineCore
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.model.runner import TorchExecutor
+
+from .conftest import run_engine
 
 
 @pytest.fixture(scope="module")
@@ -17,21 +18,7 @@ def fp32(checkpoint):
 
 
 def generate(ex, prompts, params, **cfg):
-    config = dict(num_kv_blocks=256, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
-    config.update(cfg)
-    engine = EngineCore(ex, EngineConfig(**config), model_max_len=ex.max_model_len)
-    plist = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, plist)):
-        engine.add_request(str(i), p, sp)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                assert out.error is None, out.error
-                assert out.outputs[0].finish_reason == "length"
-                done[out.request_id] = out
-    assert engine.num_free_blocks() == config["num_kv_blocks"]
-    return [done[str(i)] for i in range(len(prompts))], engine
+    return run_engine(ex, prompts, params, require_length=True, **cfg)
 
 
 def _prompts(n, seed=0, lo=5, hi=30):

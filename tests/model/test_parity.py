@@ -6,11 +6,12 @@ import random
 import pytest
 import torch
 
-from tokenfactory.engine.core import EngineConfig, EngineCore
 from tokenfactory.engine.executor import Batch, ScheduledChunk
 from tokenfactory.engine.request import Request
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.model.runner import TorchExecutor
+
+from .conftest import run_engine
 
 BLOCK = 4
 
@@ -123,22 +124,11 @@ def test_prefix_pages_from_another_request(checkpoint, executors):
     assert_logits_close(lb, ref, "prefix-cached suffix")
 
 
-def run_engine(ex: TorchExecutor, prompts: list[list[int]], params: SamplingParams | list,
-               **cfg) -> list[list[int]]:
-    config = dict(num_kv_blocks=256, block_size=BLOCK, max_num_batched_tokens=24, max_num_seqs=8)
-    config.update(cfg)
-    engine = EngineCore(ex, EngineConfig(**config), model_max_len=ex.max_model_len)
-    plist = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, plist)):
-        engine.add_request(str(i), p, sp)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                assert out.error is None, out.error
-                done[out.request_id] = out.outputs[0].token_ids
-    assert engine.num_free_blocks() == config["num_kv_blocks"]
-    return [done[str(i)] for i in range(len(prompts))]
+def run_engine_tokens(ex: TorchExecutor, prompts: list[list[int]],
+                      params: SamplingParams | list, **cfg) -> list[list[int]]:
+    cfg = {"block_size": BLOCK, "max_num_batched_tokens": 24, **cfg}
+    outs, _ = run_engine(ex, prompts, params, **cfg)
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def hf_greedy(hf, prompts: list[list[int]], max_new: int, batched: bool) -> list[list[int]]:
@@ -160,7 +150,7 @@ def test_greedy_matches_generate(variant, checkpoint, executors):
     gen = random.Random(11)
     lengths = [5, 17, 9, 13] if name == "llama_dynamic" else [5, 30, 9, 21]
     prompts = [[gen.randrange(512) for _ in range(n)] for n in lengths]
-    ours = run_engine(executors(name), prompts, SamplingParams(temperature=0, max_tokens=10))
+    ours = run_engine_tokens(executors(name), prompts, SamplingParams(temperature=0, max_tokens=10))
     # dynamic NTK in transformers depends on the longest row of a batch: compare one by one
     ref = hf_greedy(hf, prompts, 10, batched=name != "llama_dynamic")
     assert ours == ref
