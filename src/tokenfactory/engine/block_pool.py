@@ -63,6 +63,9 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         # ref_count == 0 but pinned until Block.pin_expiry.
         self.pinned_free: dict[int, None] = {}
+        # Every block whose pin may still be live (pin_expiry > now), so counting live pins
+        # scans only these, not the whole pool; expired ones are pruned in pin().
+        self.pin_holders: set[int] = set()
         self.cached: dict[bytes, int] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -109,6 +112,7 @@ class BlockPool:
             b.ref_count += 1
             if b.pin_ttl:
                 b.pin_expiry = max(b.pin_expiry, now + b.pin_ttl)  # a hit refreshes the TTL
+                self.pin_holders.add(bid)
 
     def allocate(self, n: int) -> list[int]:
         """Hand out ``n`` fresh blocks, evicting least-recently-freed cached content."""
@@ -159,7 +163,8 @@ class BlockPool:
     def pin(self, block_ids: Sequence[int], ttl_seconds: float) -> None:
         """Retain blocks against eviction for ``ttl_seconds`` from now (and on every hit)."""
         now = self.clock()
-        pinned_now = sum(1 for b in self.blocks if b.pin_expiry > now)
+        self.pin_holders = {b for b in self.pin_holders if self.blocks[b].pin_expiry > now}
+        pinned_now = len(self.pin_holders)
         for bid in block_ids:
             b = self.blocks[bid]
             if b.pin_expiry <= now:
@@ -168,6 +173,7 @@ class BlockPool:
                 pinned_now += 1
             b.pin_ttl = max(b.pin_ttl, ttl_seconds)
             b.pin_expiry = max(b.pin_expiry, now + ttl_seconds)
+            self.pin_holders.add(bid)
 
     def _expire_pins(self) -> None:
         if not self.pinned_free:
