@@ -51,6 +51,16 @@ def make_plans(n: int, seed: int = 6) -> list[Plan]:
     return plans
 
 
+async def disconnect_mid_stream(resp, cut_after: int, stats: dict) -> None:
+    """Read ``cut_after`` lines of a stream, then stop (the caller leaves and drops the socket)."""
+    n = 0
+    async for _ in resp.aiter_lines():
+        n += 1
+        if n >= cut_after:
+            break
+    stats["disconnected"] += 1
+
+
 def request_for(plan: Plan) -> tuple[str, dict]:
     reply = {"hello": "hello", "stop": "stop", "max": "long", "near_limit": "long",
              "tool": "tool", "disconnect": "long"}[plan.scenario]
@@ -129,12 +139,7 @@ async def run_one(client: httpx.AsyncClient, base_url: str, plan: Plan, stats: d
     async with client.stream("POST", base_url + path, json=body, headers=HEADERS) as resp:
         if plan.scenario == "disconnect":
             assert resp.status_code == 200
-            n = 0
-            async for _ in resp.aiter_lines():
-                n += 1
-                if n >= plan.cut_after:
-                    break
-            stats["disconnected"] += 1
+            await disconnect_mid_stream(resp, plan.cut_after, stats)
             return   # leaving the block closes the connection mid-stream
         text = "".join([chunk async for chunk in resp.aiter_text()])
         check_outcome(plan, resp.status_code, resp.headers, parse_sse(text))
@@ -246,12 +251,7 @@ async def run_demo(client, base_url, plan: Plan, stats) -> None:
     async with client.stream("POST", base_url + path, json=body, headers=HEADERS) as resp:
         assert resp.status_code == 200
         if plan.scenario == "disconnect":
-            n = 0
-            async for _ in resp.aiter_lines():
-                n += 1
-                if n >= plan.cut_after:
-                    break
-            stats["disconnected"] += 1
+            await disconnect_mid_stream(resp, plan.cut_after, stats)
             return
         frames = parse_sse("".join([c async for c in resp.aiter_text()]))
     if plan.protocol == "anthropic":
