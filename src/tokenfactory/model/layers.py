@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenfactory.model import kernels
+
 
 class RMSNorm(nn.Module):
     """y = w * x / rms(x). One fused kernel (accumulating in float32); in float32 it equals
@@ -207,6 +209,18 @@ def _gather_pages(cache: torch.Tensor, index: torch.Tensor, meta: AttentionMetad
     return torch.index_select(flat, 0, index, out=out).view(hkv, -1, bs, d)
 
 
+_native_ok: dict[tuple[torch.dtype, int], bool] = {}
+
+
+def _native_prefill(q: torch.Tensor) -> bool:
+    """Whether prefill chunks of this dtype and head size go through the native kernel."""
+    key = (q.dtype, q.shape[-1])
+    ok = _native_ok.get(key)
+    if ok is None:
+        ok = _native_ok[key] = q.device.type == "cpu" and kernels.supports(*key)
+    return ok
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     window: int | None, scale: float) -> torch.Tensor:
@@ -216,7 +230,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Grouped-query attention folds the G query heads that share a KV head into the query axis
     ([Hkv, .., G, D]) instead of repeating K/V (or SDPA's enable_gqa, ~10x slower in bfloat16).
     Decodes use two batched matmuls around a float32 softmax: SDPA's CPU flash kernel runs at
-    a few GB/s when each head has only G query rows. Prefill chunks use SDPA.
+    a few GB/s when each head has only G query rows. Prefill chunks use the native bfloat16
+    kernel (model/kernels) where it runs, else SDPA.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
@@ -247,9 +262,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return od
         out[dg.start:dg.end] = od
 
+    native = bool(meta.prefills) and _native_prefill(q) and not torch.compiler.is_compiling()
     for seq in meta.prefills:
         rows = slice(seq.offset, seq.offset + seq.num_tokens)
         n = seq.num_tokens
+        if native:   # bfloat16 on AVX-512 BF16: one kernel reads the pages, no gathered copy
+            size = kernels.workspace_numel(num_kv, seq.end, head_dim)
+            ws = None if meta.workspace is None else (meta.workspace.get("kp", (size,), q),
+                                                      meta.workspace.get("vp", (size,), q))
+            kernels.prefill_attention(q[rows], k_cache, v_cache, seq.block_ids, seq.start,
+                                      window, scale, out[rows], ws)
+            continue
         if seq.start == 0:   # nothing cached before the chunk: attend to the fresh K/V
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)        # (Hkv, n, D)
         else:                # read positions [0, end) through the block table

@@ -1,0 +1,148 @@
+"""Native CPU kernels, compiled on first use with the system C compiler.
+
+``attention.c`` holds a bfloat16 prefill-attention kernel for CPUs with AVX-512 BF16 (see the
+comment at its top for why). It is built once per source version and machine into
+``~/.cache/tokenfactory/kernels/`` (override with TOKENFACTORY_CACHE) with
+``cc -O3 -march=native -fopenmp`` and loaded with ctypes; the call releases the GIL.
+
+Everything here is optional: no compiler, a CPU without AVX-512 BF16, a failed build, or
+TOKENFACTORY_NATIVE_KERNELS=0 make :func:`attention_kernel` return None, and the model falls
+back to torch's scaled_dot_product_attention. The reason is kept in :data:`unavailable_reason`.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("attention.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+unavailable_reason: str | None = None
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "avx512f" in flags
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("TOKENFACTORY_CACHE", Path.home() / ".cache" / "tokenfactory"))
+    return base / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")), "")
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + version.encode() + cpu.encode())
+    out = _cache_dir() / f"attention-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([compiler, *_FLAGS, "-o", str(tmp_out), str(_SOURCE), "-lm"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {proc.stderr.strip()[:500]}")
+        os.replace(tmp_out, out)   # atomic: concurrent builders each produce a whole file
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    global unavailable_reason
+    if os.environ.get("TOKENFACTORY_NATIVE_KERNELS", "1") == "0":
+        unavailable_reason = "disabled by TOKENFACTORY_NATIVE_KERNELS=0"
+        return None
+    if not _cpu_has_avx512_bf16():
+        unavailable_reason = "CPU has no AVX-512 BF16"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        unavailable_reason = "no C compiler (cc/gcc) on PATH"
+        return None
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as exc:
+        unavailable_reason = f"native attention kernel not built: {exc}"
+        log.warning("%s; using torch attention", unavailable_reason)
+        return None
+    i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    lib.tf_prefill_attention.restype = i32
+    lib.tf_prefill_attention.argtypes = [ptr, i64, ptr, ptr, i64, i32, ptr, i32, i32,
+                                         i32, i32, i32, i32, f32, ptr, i64, ptr, ptr]
+    lib.tf_attention_supported.restype = i32
+    lib.tf_attention_supported.argtypes = [i32]
+    return lib
+
+
+def attention_kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first call; None when unavailable."""
+    global _lib, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _load()
+                _tried = True
+    return _lib
+
+
+KEY_BLOCK = 64   # keys per block in attention.c (KB): packed K/V are padded to a multiple
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_ids: torch.Tensor, start: int, window: int | None, scale: float,
+                      out: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Causal attention of the chunk ``q`` (n, H, D) at positions start .. start + n - 1 over
+    keys [0, start + n) read through ``block_ids`` from (Hkv, N, bs, D) caches, into ``out``
+    (n, H, D). All bfloat16; the chunk's own K/V must already be in the cache. ``workspace``:
+    two flat bfloat16 buffers of at least Hkv * round_up(start + n, 64) * D elements."""
+    lib = attention_kernel()
+    assert lib is not None, unavailable_reason
+    n, num_heads, head_dim = q.shape
+    num_kv, num_blocks, bs, _ = k_cache.shape
+    assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == out.dtype == torch.bfloat16
+    table = block_ids if block_ids.dtype == torch.int64 and block_ids.is_contiguous() \
+        else block_ids.to(torch.int64).contiguous()
+    size = workspace_numel(num_kv, start + n, head_dim)
+    if workspace is None:
+        workspace = (torch.empty(size, dtype=torch.bfloat16), torch.empty(size, dtype=torch.bfloat16))
+    kp, vp = workspace
+    assert kp.numel() >= size and vp.numel() >= size
+    rc = lib.tf_prefill_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                  num_blocks, bs, table.data_ptr(), n, start, num_heads, num_kv,
+                                  head_dim, window or 0, scale, out.data_ptr(), out.stride(0),
+                                  kp.data_ptr(), vp.data_ptr())
+    if rc != 0:
+        raise ValueError(f"native attention rejected shapes q={tuple(q.shape)} cache={tuple(k_cache.shape)}")
+
+
+def workspace_numel(num_kv: int, num_keys: int, head_dim: int) -> int:
+    return num_kv * ((num_keys + KEY_BLOCK - 1) // KEY_BLOCK * KEY_BLOCK) * head_dim
+
+
+def supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :func:`prefill_attention` can run these shapes here (builds the kernel once)."""
+    if dtype != torch.bfloat16 or head_dim % 64 != 0 or head_dim > 256:
+        return False
+    return attention_kernel() is not None
