@@ -12,8 +12,10 @@ llama.cpp is in this repository). Its Python needs (sentencepiece) are pip-insta
 One fix-up: the converter identifies a BPE tokenizer's pre-tokenizer by hashing how it splits a
 test string and refuses unknown hashes ("BPE pre-tokenizer was not recognized"). Our demo
 tokenizer is a freshly trained byte-level BPE whose pre-tokenizer *is* GPT-2's (ByteLevel with
-the GPT-2 split regex), so for such a tokenizer we answer "gpt2" instead of failing; anything
-else still fails as before. Exit status 3: the peer is unavailable (the caller carries on).
+the GPT-2 split regex), so for such a tokenizer we answer "gpt-2" (the name llama.cpp's loader
+maps to its GPT-2 regex; a plain "gpt2" is rejected at load time with "unknown pre-tokenizer
+type") instead of failing; anything else still fails as before. A cached GGUF is reused only when
+it is newer than both the checkpoint's config.json and this script. Exit status 3: the peer is unavailable (the caller carries on).
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def main() -> int:
     args = p.parse_args()
     model_dir = Path(args.model_dir).resolve()
     out = Path(args.outfile) if args.outfile else CACHE / "gguf" / f"{model_dir.name}-{args.outtype}.gguf"
-    if out.exists() and out.stat().st_mtime >= (model_dir / "config.json").stat().st_mtime:
+    newest_input = max((model_dir / "config.json").stat().st_mtime, Path(__file__).stat().st_mtime)
+    if out.exists() and out.stat().st_mtime >= newest_input:
         print(out)
         return 0
     if not (LLAMA / "convert_hf_to_gguf.py").exists():
@@ -86,9 +89,9 @@ def main() -> int:
         except NotImplementedError:
             if not gpt2_like:
                 raise
-            print("pre-tokenizer not in llama.cpp's list; it is GPT-2's byte-level one: using 'gpt2'",
+            print("pre-tokenizer not in llama.cpp's list; it is GPT-2's byte-level one: using 'gpt-2'",
                   file=sys.stderr)
-            return "gpt2"
+            return "gpt-2"
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
     out.parent.mkdir(parents=True, exist_ok=True)
