@@ -1,4 +1,4 @@
-"""The native bfloat16 prefill-attention kernel (model/kernels/attention.c).
+"""The native bfloat16 attention kernels (model/kernels/attention.c): prefill and decode.
 
 Checked against float32 attention computed by torch from the same bf16 inputs, on shapes that
 hit every edge: GQA/MHA/MQA, head sizes 64 and 128, chunks after a cached prefix, sliding
@@ -82,12 +82,46 @@ def test_kernel_matches_float32_attention(n, start, heads, kv_heads, head_dim, w
     assert err <= max(2 * torch_err, 1e-2), (err, torch_err)
 
 
+DECODE_CASES = [  # b, H, Hkv, D, window, block_size, max_len
+    (1, 12, 4, 64, None, 16, 300),
+    (5, 8, 8, 64, None, 16, 1000),     # MHA, several sequences of different lengths
+    (3, 12, 4, 64, 50, 4, 400),        # sliding window
+    (4, 4, 1, 128, None, 16, 77),      # MQA, head_dim 128
+    (2, 16, 2, 64, 7, 16, 100),        # G = 8: two passes over V
+    (2, 2, 2, 256, None, 32, 90),
+]
+
+
+@pytest.mark.parametrize("b,heads,kv_heads,head_dim,window,bs,max_len", DECODE_CASES)
+def test_decode_kernel_matches_float32_attention(b, heads, kv_heads, head_dim, window, bs, max_len):
+    torch.manual_seed(b * max_len)
+    positions = torch.randint(0, max_len, (b,))
+    positions[0] = 0                                   # a sequence whose only key is itself
+    pages = (max_len + bs - 1) // bs
+    num_blocks = b * pages + 5
+    k_cache = torch.randn(kv_heads, num_blocks, bs, head_dim).to(torch.bfloat16)
+    v_cache = torch.randn(kv_heads, num_blocks, bs, head_dim).to(torch.bfloat16)
+    tables = torch.randperm(num_blocks)[:b * pages].view(b, pages)
+    q = (2 * torch.randn(b, heads + kv_heads, head_dim)).to(torch.bfloat16)[:, :heads]
+    out = torch.full((b, heads, head_dim), float("nan"), dtype=torch.bfloat16)
+    scale = head_dim ** -0.5
+    kernels.decode_attention(q, k_cache, v_cache, tables, positions, window, scale, out)
+    for i in range(b):
+        pos = int(positions[i])
+        ref = reference(q[i:i + 1], k_cache, v_cache, tables[i], pos, window, scale)
+        # float32 accumulation and probabilities: only the output's bf16 rounding remains
+        torch.testing.assert_close(out[i:i + 1].float(), ref, atol=1e-2, rtol=1e-2)
+
+
 def test_kernel_rejects_unsupported_shapes():
     q = torch.zeros(4, 4, 32, dtype=torch.bfloat16)
     cache = torch.zeros(2, 4, 16, 32, dtype=torch.bfloat16)
     assert not kernels.supports(torch.bfloat16, 32) and not kernels.supports(torch.float32, 64)
     with pytest.raises(ValueError, match="rejected"):
         kernels.prefill_attention(q, cache, cache, torch.arange(1), 0, None, 1.0, q.clone())
+    with pytest.raises(ValueError, match="failed"):
+        kernels.decode_attention(q, cache, cache, torch.zeros(4, 1, dtype=torch.int64),
+                                 torch.zeros(4, dtype=torch.int64), None, 1.0, q.clone())
 
 
 @pytest.fixture(scope="module")

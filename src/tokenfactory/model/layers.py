@@ -212,8 +212,8 @@ def _gather_pages(cache: torch.Tensor, index: torch.Tensor, meta: AttentionMetad
 _native_ok: dict[tuple[torch.dtype, int], bool] = {}
 
 
-def _native_prefill(q: torch.Tensor) -> bool:
-    """Whether prefill chunks of this dtype and head size go through the native kernel."""
+def _native_attention(q: torch.Tensor) -> bool:
+    """Whether attention for this dtype and head size runs in the native kernels."""
     key = (q.dtype, q.shape[-1])
     ok = _native_ok.get(key)
     if ok is None:
@@ -229,9 +229,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Grouped-query attention folds the G query heads that share a KV head into the query axis
     ([Hkv, .., G, D]) instead of repeating K/V (or SDPA's enable_gqa, ~10x slower in bfloat16).
-    Decodes use two batched matmuls around a float32 softmax: SDPA's CPU flash kernel runs at
-    a few GB/s when each head has only G query rows. Prefill chunks use the native bfloat16
-    kernel (model/kernels) where it runs, else SDPA.
+    In bfloat16 on CPUs with AVX-512 BF16, decodes and prefill chunks run in native kernels
+    (model/kernels) that read K/V through the block tables. Otherwise decodes use two batched
+    matmuls around a float32 softmax (SDPA's CPU flash kernel runs at a few GB/s when each
+    head has only G query rows) and prefill chunks use SDPA.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
@@ -242,9 +243,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     flat_k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     flat_v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
-    out = None if single else q.new_empty(q.shape)
+    native = _native_attention(q) and not torch.compiler.is_compiling()
+    out = q.new_empty(q.shape) if native or not single else None
 
     for dg in meta.decode_groups:
+        if native:   # bfloat16 on AVX-512 BF16: K/V read through the block tables, no copy
+            kernels.decode_attention(q[dg.start:dg.end], k_cache, v_cache, dg.block_tables,
+                                     dg.positions, window, scale, out[dg.start:dg.end])
+            continue
         b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs
         if dg.gather_index is None:
@@ -262,7 +268,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return od
         out[dg.start:dg.end] = od
 
-    native = bool(meta.prefills) and _native_prefill(q) and not torch.compiler.is_compiling()
     for seq in meta.prefills:
         rows = slice(seq.offset, seq.offset + seq.num_tokens)
         n = seq.num_tokens

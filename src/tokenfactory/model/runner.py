@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
+from tokenfactory.model import kernels
 from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
 from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
@@ -81,6 +82,12 @@ class TorchExecutor:
         if pack_weights is None:
             pack_weights = fast_cpu
         self.compile = False if compile is None else bool(compile)  # auto: off until proven
+        # bfloat16 attention runs in native kernels where the CPU has AVX-512 BF16: build
+        # (or load the cached build of) them now rather than on the first request
+        self.native_attention = fast_cpu and kernels.supports(self.dtype, self.model_config.head_dim)
+        if fast_cpu:
+            log.info("native attention kernels: %s", "on" if self.native_attention else
+                     f"off ({kernels.unavailable_reason or 'unsupported head size'})")
         if pack_weights:
             # compiled decode steps read the plain weights (see PackedLinear), eager the packed
             pack_linears(self.model, keep_plain=self.compile)

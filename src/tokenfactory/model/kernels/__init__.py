@@ -89,6 +89,9 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_prefill_attention.restype = i32
     lib.tf_prefill_attention.argtypes = [ptr, i64, ptr, ptr, i64, i32, ptr, i32, i32,
                                          i32, i32, i32, i32, f32, ptr, i64, ptr, ptr]
+    lib.tf_decode_attention.restype = i32
+    lib.tf_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, i32, ptr, i64, ptr, i32, i32,
+                                        i32, i32, i32, f32, ptr, i64]
     lib.tf_attention_supported.restype = i32
     lib.tf_attention_supported.argtypes = [i32]
     return lib
@@ -135,6 +138,32 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                   kp.data_ptr(), vp.data_ptr())
     if rc != 0:
         raise ValueError(f"native attention rejected shapes q={tuple(q.shape)} cache={tuple(k_cache.shape)}")
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, positions: torch.Tensor, window: int | None,
+                     scale: float, out: torch.Tensor) -> None:
+    """One new token per sequence: q (b, H, D) at ``positions`` (b,) attends to keys
+    [0, position] read through ``block_tables`` (b, pages) from (Hkv, N, bs, D) caches, into
+    ``out`` (b, H, D). All bfloat16; the new tokens' K/V must already be in the cache."""
+    lib = attention_kernel()
+    assert lib is not None, unavailable_reason
+    b, num_heads, head_dim = q.shape
+    num_kv, num_blocks, bs, _ = k_cache.shape
+    assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == out.dtype == torch.bfloat16
+    tables = block_tables.to(torch.int64).contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    assert tables.shape[0] == b and pos.shape == (b,)
+    assert int(pos.max()) < tables.shape[1] * bs, "positions beyond the block tables"
+    rc = lib.tf_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                 num_blocks, bs, tables.data_ptr(), tables.stride(0), pos.data_ptr(),
+                                 b, num_heads, num_kv, head_dim, window or 0, scale,
+                                 out.data_ptr(), out.stride(0))
+    if rc != 0:
+        raise ValueError(f"native decode attention failed ({rc}) for q={tuple(q.shape)} "
+                         f"cache={tuple(k_cache.shape)}")
 
 
 def workspace_numel(num_kv: int, num_keys: int, head_dim: int) -> int:

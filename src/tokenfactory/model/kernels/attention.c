@@ -255,3 +255,98 @@ int tf_prefill_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, c
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Decode attention: one new token per sequence, b sequences, read through their block tables
+ * (tables: b rows of table_stride page ids; positions: the new token's position, whose K/V are
+ * already in the cache). Memory-bound, so the plan is to touch each K and V row exactly once:
+ * pass 1 scores every key for the G query heads of a KV head (bf16 dot products), pass 2
+ * takes the softmax in float32, pass 3 accumulates V rows weighted by float32 probabilities.
+ * One task per (sequence, KV head).
+ */
+#include <stdlib.h>
+
+int tf_decode_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, const bf16 *v_cache,
+                        int64_t num_blocks, int bs, const int64_t *tables, int64_t table_stride,
+                        const int64_t *positions, int b, int H, int Hkv, int D, int window,
+                        float scale, bf16 *out, int64_t out_stride) {
+    if (!tf_attention_supported(D) || H % Hkv != 0 || b <= 0) return -1;
+    const int G = H / Hkv;
+    const int DV = D / 16;                      /* float32 vectors per row */
+    const int64_t head_stride = num_blocks * bs * D, page_elems = (int64_t)bs * D;
+    int status = 0;
+
+#pragma omp parallel
+    {
+        float *s = NULL;
+        int64_t s_cap = 0;
+        __m512 acc[16];                          /* DV <= 16 */
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < b * Hkv; task++) {
+            const int seq = task / Hkv, h = task % Hkv;
+            const int64_t pos = positions[seq];
+            const int64_t lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+            const int64_t nk = pos - lo + 1;
+            if (nk * G > s_cap) {
+                free(s);
+                s_cap = nk * G * 2;
+                s = (float *)malloc(sizeof(float) * s_cap);
+                if (!s) { s_cap = 0; status = -2; continue; }
+            }
+            const int64_t *table = tables + seq * table_stride;
+            const bf16 *kh = k_cache + h * head_stride, *vh = v_cache + h * head_stride;
+            const bf16 *qs = q + seq * q_stride + (int64_t)h * G * D;
+            /* pass 1: s[g][j] = scale * q_g . k_j */
+            for (int64_t j = lo; j <= pos; j++) {
+                const bf16 *kr = kh + table[j / bs] * page_elems + (j % bs) * D;
+                for (int g = 0; g < G; g++) {
+                    __m512 a = _mm512_setzero_ps();
+                    for (int c = 0; c < D / 32; c++)
+                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qs + g * D + c * 32),
+                                             (__m512bh)_mm512_loadu_si512(kr + c * 32));
+                    s[g * nk + (j - lo)] = scale * _mm512_reduce_add_ps(a);
+                }
+            }
+            /* pass 2: softmax per query head, in float32 */
+            for (int g = 0; g < G; g++) {
+                float *sg = s + g * nk;
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < nk; j++) mx = sg[j] > mx ? sg[j] : mx;
+                __m512 sum = _mm512_setzero_ps();
+                int64_t j = 0;
+                for (; j + 16 <= nk; j += 16) {
+                    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + j), _mm512_set1_ps(mx)));
+                    _mm512_storeu_ps(sg + j, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                float tail = 0.f;
+                for (; j < nk; j++) { sg[j] = expf(sg[j] - mx); tail += sg[j]; }
+                const float inv = 1.0f / (_mm512_reduce_add_ps(sum) + tail);
+                for (j = 0; j < nk; j++) sg[j] *= inv;
+            }
+            /* pass 3: out_g = sum_j p[g][j] v_j, walking V once for (up to 16 / DV) heads */
+            for (int g0 = 0; g0 < G; g0 += 16 / DV) {
+                const int gn = G - g0 < 16 / DV ? G - g0 : 16 / DV;
+                for (int i = 0; i < gn * DV; i++) acc[i] = _mm512_setzero_ps();
+                for (int64_t j = lo; j <= pos; j++) {
+                    const bf16 *vr = vh + table[j / bs] * page_elems + (j % bs) * D;
+                    for (int c = 0; c < DV; c++) {
+                        const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16)));
+                        for (int g = 0; g < gn; g++)
+                            acc[g * DV + c] = _mm512_fmadd_ps(_mm512_set1_ps(s[(g0 + g) * nk + (j - lo)]), vf, acc[g * DV + c]);
+                    }
+                }
+                for (int g = 0; g < gn; g++) {
+                    bf16 *dst = out + seq * out_stride + (int64_t)(h * G + g0 + g) * D;
+                    for (int c = 0; c < DV; c++) {
+                        float tmp[16];
+                        _mm512_storeu_ps(tmp, acc[g * DV + c]);
+                        for (int t = 0; t < 16; t++) dst[c * 16 + t] = f2bf(tmp[t]);
+                    }
+                }
+            }
+        }
+        free(s);
+    }
+    return status;
+}
