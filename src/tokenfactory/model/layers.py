@@ -212,6 +212,24 @@ def _gather_pages(cache: torch.Tensor, index: torch.Tensor, meta: AttentionMetad
 _native_ok: dict[tuple[torch.dtype, int], bool] = {}
 
 
+@torch.library.custom_op("tokenfactory::decode_attention", mutates_args=())
+def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, positions: torch.Tensor, window: int,
+                            scale: float) -> torch.Tensor:
+    """kernels.decode_attention as an op: compiled decode graphs call it as one opaque kernel
+    (reading the cache the graph has just written), eager steps call it directly."""
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    out = q.new_empty(q.shape)
+    kernels.decode_attention(q, k_cache, v_cache, block_tables, positions, window, scale, out)
+    return out
+
+
+@native_decode_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, positions, window, scale):
+    return q.new_empty(q.shape)
+
+
 def _native_attention(q: torch.Tensor) -> bool:
     """Whether attention for this dtype and head size runs in the native kernels."""
     key = (q.dtype, q.shape[-1])
@@ -243,13 +261,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     flat_k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     flat_v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
-    native = _native_attention(q) and not torch.compiler.is_compiling()
-    out = q.new_empty(q.shape) if native or not single else None
+    native = _native_attention(q)
+    out = None if single else q.new_empty(q.shape)
 
     for dg in meta.decode_groups:
         if native:   # bfloat16 on AVX-512 BF16: K/V read through the block tables, no copy
-            kernels.decode_attention(q[dg.start:dg.end], k_cache, v_cache, dg.block_tables,
-                                     dg.positions, window, scale, out[dg.start:dg.end])
+            qd = q[dg.start:dg.end]
+            if torch.compiler.is_compiling():
+                od = native_decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
+                                             window or 0, scale)
+            else:   # the op's dispatch costs ~20 us a call: eager calls the kernel directly
+                od = q.new_empty(qd.shape)
+                kernels.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
+                                         window, scale, od)
+            if out is None:
+                return od
+            out[dg.start:dg.end] = od
             continue
         b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs
@@ -271,7 +298,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for seq in meta.prefills:
         rows = slice(seq.offset, seq.offset + seq.num_tokens)
         n = seq.num_tokens
-        if native:   # bfloat16 on AVX-512 BF16: one kernel reads the pages, no gathered copy
+        if native and not torch.compiler.is_compiling():   # one kernel, no gathered copy
             size = kernels.workspace_numel(num_kv, seq.end, head_dim)
             ws = None if meta.workspace is None else (meta.workspace.get("kp", (size,), q),
                                                       meta.workspace.get("vp", (size,), q))

@@ -90,8 +90,8 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_prefill_attention.argtypes = [ptr, i64, ptr, ptr, i64, i32, ptr, i32, i32,
                                          i32, i32, i32, i32, f32, ptr, i64, ptr, ptr]
     lib.tf_decode_attention.restype = i32
-    lib.tf_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, i32, ptr, i64, ptr, i32, i32,
-                                        i32, i32, i32, f32, ptr, i64]
+    lib.tf_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, i32, ptr, i64, i64, ptr, i32,
+                                        i32, i32, i32, i32, f32, ptr, i64]
     lib.tf_attention_supported.restype = i32
     lib.tf_attention_supported.argtypes = [i32]
     return lib
@@ -153,17 +153,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert q.dtype == k_cache.dtype == out.dtype == torch.bfloat16
-    tables = block_tables.to(torch.int64).contiguous()
-    pos = positions.to(torch.int64).contiguous()
+    tables = block_tables if block_tables.dtype == torch.int64 and block_tables.stride(1) == 1 \
+        else block_tables.to(torch.int64).contiguous()
+    pos = positions if positions.dtype == torch.int64 and positions.is_contiguous() \
+        else positions.to(torch.int64).contiguous()
     assert tables.shape[0] == b and pos.shape == (b,)
-    assert int(pos.max()) < tables.shape[1] * bs, "positions beyond the block tables"
     rc = lib.tf_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                 num_blocks, bs, tables.data_ptr(), tables.stride(0), pos.data_ptr(),
-                                 b, num_heads, num_kv, head_dim, window or 0, scale,
-                                 out.data_ptr(), out.stride(0))
+                                 num_blocks, bs, tables.data_ptr(), tables.stride(0),
+                                 tables.shape[1], pos.data_ptr(), b, num_heads, num_kv, head_dim,
+                                 window or 0, scale, out.data_ptr(), out.stride(0))
     if rc != 0:
-        raise ValueError(f"native decode attention failed ({rc}) for q={tuple(q.shape)} "
-                         f"cache={tuple(k_cache.shape)}")
+        why = "a position lies past its block table" if rc == -3 else "unsupported shapes"
+        raise ValueError(f"native decode attention failed: {why} (q={tuple(q.shape)}, "
+                         f"cache={tuple(k_cache.shape)}, tables={tuple(tables.shape)})")
 
 
 def workspace_numel(num_kv: int, num_keys: int, head_dim: int) -> int:

@@ -258,7 +258,7 @@ int tf_prefill_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, c
 
 /* ---------------------------------------------------------------------------------------------
  * Decode attention: one new token per sequence, b sequences, read through their block tables
- * (tables: b rows of table_stride page ids; positions: the new token's position, whose K/V are
+ * (tables: b rows of num_pages page ids, table_stride apart; positions: the new token's position, whose K/V are
  * already in the cache). Memory-bound, so the plan is to touch each K and V row exactly once:
  * pass 1 scores every key for the G query heads of a KV head (bf16 dot products), pass 2
  * takes the softmax in float32, pass 3 accumulates V rows weighted by float32 probabilities.
@@ -268,9 +268,11 @@ int tf_prefill_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, c
 
 int tf_decode_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, const bf16 *v_cache,
                         int64_t num_blocks, int bs, const int64_t *tables, int64_t table_stride,
-                        const int64_t *positions, int b, int H, int Hkv, int D, int window,
-                        float scale, bf16 *out, int64_t out_stride) {
+                        int64_t num_pages, const int64_t *positions, int b, int H, int Hkv,
+                        int D, int window, float scale, bf16 *out, int64_t out_stride) {
     if (!tf_attention_supported(D) || H % Hkv != 0 || b <= 0) return -1;
+    for (int i = 0; i < b; i++)
+        if (positions[i] < 0 || positions[i] / bs >= num_pages) return -3;   /* past the table */
     const int G = H / Hkv;
     const int DV = D / 16;                      /* float32 vectors per row */
     const int64_t head_stride = num_blocks * bs * D, page_elems = (int64_t)bs * D;
