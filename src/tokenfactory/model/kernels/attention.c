@@ -299,14 +299,19 @@ int tf_decode_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, co
             const bf16 *kh = k_cache + h * head_stride, *vh = v_cache + h * head_stride;
             const bf16 *qs = q + seq * q_stride + (int64_t)h * G * D;
             /* pass 1: s[g][j] = scale * q_g . k_j */
-            for (int64_t j = lo; j <= pos; j++) {
-                const bf16 *kr = kh + table[j / bs] * page_elems + (j % bs) * D;
-                for (int g = 0; g < G; g++) {
-                    __m512 a = _mm512_setzero_ps();
-                    for (int c = 0; c < D / 32; c++)
-                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qs + g * D + c * 32),
-                                             (__m512bh)_mm512_loadu_si512(kr + c * 32));
-                    s[g * nk + (j - lo)] = scale * _mm512_reduce_add_ps(a);
+            for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {   /* page by page: no division per key */
+                const bf16 *page = kh + table[pg] * page_elems;
+                const int64_t j0 = pg * bs;
+                const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
+                for (int t = t0; t < t1; t++) {
+                    const bf16 *kr = page + (int64_t)t * D;
+                    for (int g = 0; g < G; g++) {
+                        __m512 a = _mm512_setzero_ps();
+                        for (int c = 0; c < D / 32; c++)
+                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qs + g * D + c * 32),
+                                                 (__m512bh)_mm512_loadu_si512(kr + c * 32));
+                        s[g * nk + (j0 + t - lo)] = scale * _mm512_reduce_add_ps(a);
+                    }
                 }
             }
             /* pass 2: softmax per query head, in float32 */
@@ -330,12 +335,18 @@ int tf_decode_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, co
             for (int g0 = 0; g0 < G; g0 += 16 / DV) {
                 const int gn = G - g0 < 16 / DV ? G - g0 : 16 / DV;
                 for (int i = 0; i < gn * DV; i++) acc[i] = _mm512_setzero_ps();
-                for (int64_t j = lo; j <= pos; j++) {
-                    const bf16 *vr = vh + table[j / bs] * page_elems + (j % bs) * D;
-                    for (int c = 0; c < DV; c++) {
-                        const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16)));
-                        for (int g = 0; g < gn; g++)
-                            acc[g * DV + c] = _mm512_fmadd_ps(_mm512_set1_ps(s[(g0 + g) * nk + (j - lo)]), vf, acc[g * DV + c]);
+                for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {
+                    const bf16 *page = vh + table[pg] * page_elems;
+                    const int64_t j0 = pg * bs;
+                    const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
+                    for (int t = t0; t < t1; t++) {
+                        const bf16 *vr = page + (int64_t)t * D;
+                        const float *pj = s + g0 * nk + (j0 + t - lo);
+                        for (int c = 0; c < DV; c++) {
+                            const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16)));
+                            for (int g = 0; g < gn; g++)
+                                acc[g * DV + c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[g * nk]), vf, acc[g * DV + c]);
+                        }
                     }
                 }
                 for (int g = 0; g < gn; g++) {
