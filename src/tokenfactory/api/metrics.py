@@ -1,7 +1,8 @@
 """Prometheus metrics, one CollectorRegistry per app (tests build many apps in one process).
 
 Latencies are measured where the client feels them (the HTTP layer): time to first token,
-time between tokens, end to end. Engine state (running / waiting requests, KV pages, prefix-cache
+time between tokens (between deliveries: a client slower than the engine gets the tokens that
+accumulated merged into one delivery, see serving.Generation), end to end. Engine state (running / waiting requests, KV pages, prefix-cache
 lookups) is read from ``AsyncEngine.stats()`` at scrape time.
 """
 from __future__ import annotations

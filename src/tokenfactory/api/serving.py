@@ -3,6 +3,7 @@ run (engine outputs -> text / tool-call events), independent of any wire format.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import itertools
 import logging
@@ -188,7 +189,9 @@ class Generation:
     ``start()`` submits it and surfaces admission / overload errors as HTTP errors (the engine
     raises them before its first output, which is before any response byte is sent). ``events()``
     then yields Started, TextEvent / tool-parser events, and Finished. Closing or cancelling the
-    iteration aborts the engine request (its pages are freed at once).
+    iteration aborts the engine request (its pages are freed at once). A consumer slower than
+    the engine gets the outputs that piled up merged into one (``_pump``): a request holds at
+    most one undelivered output, whatever the client's speed.
     """
 
     def __init__(self, ctx: ServingContext, request_id: str, prompt_ids: list[int],
@@ -208,7 +211,16 @@ class Generation:
         self.cost = None  # economics.ledger.RequestCost once finished
         self._agen = ctx.engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
                                          cache_breakpoints=breakpoints)
-        self._first: asyncio.Future | None = None
+        # The pump task drains the engine's stream as fast as it arrives and keeps only what the
+        # consumer has not taken yet, merged into one output (see _pump).
+        self._pump_task: asyncio.Task | None = None
+        self._latest: RequestOutput | None = None   # newest output not yet taken
+        self._texts: list[str] = []                 # new_text of every output merged into it
+        self._new_ids: list[int] = []               # and their new_token_ids
+        self._num_delivered = 0
+        self._error: BaseException | None = None
+        self._pump_done = False
+        self._ready = asyncio.Event()
 
     def _map_error(self, exc: BaseException) -> APIError:
         if isinstance(exc, AdmissionError):
@@ -222,49 +234,83 @@ class Generation:
             return APIError(400, str(exc))
         return APIError(500, f"internal error: {type(exc).__name__}")
 
+    async def _pump(self) -> None:
+        """Move the engine's outputs into ``_latest`` as soon as they arrive.
+
+        The engine thread can run far ahead of the client (a scripted or small model steps
+        faster than the event loop frames SSE), and every RequestOutput it emits is a snapshot
+        carrying the request's whole token list and text so far. Left queued until the consumer
+        asked for them, a long request's outputs cost O(n^2) memory (a 10k-request soak showed
+        ~11k queued outputs, 30 MiB, at once) and the malloc arena of the engine thread kept
+        that high-water mark as RSS. Here, an output the consumer has not taken yet is replaced
+        by the next one, whose delta (``new_text``, ``new_token_ids``) is appended: at most
+        one pending output per request, and a slow client receives the text that accumulated
+        in one frame instead of one frame per token (the same merging as vLLM's output
+        collector). When the consumer keeps up, every output is delivered on its own.
+        """
+        try:
+            async for out in self._agen:
+                comp = out.outputs[0]
+                self._texts.append(comp.new_text)
+                self._new_ids.extend(comp.new_token_ids)
+                self._latest = out
+                self._ready.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer (_outputs)
+            self._error = exc
+        finally:
+            self._pump_done = True
+            self._ready.set()
+
+    def _take(self) -> RequestOutput:
+        out, texts, ids = self._latest, self._texts, self._new_ids
+        self._latest, self._texts, self._new_ids = None, [], []
+        if len(texts) > 1:  # several outputs merged: one delta covering all of them
+            comp = dataclasses.replace(out.outputs[0], new_text="".join(texts), new_token_ids=ids)
+            out = dataclasses.replace(out, outputs=[comp])
+        self._num_delivered += 1
+        return out
+
     async def start(self) -> None:
-        self._first = asyncio.ensure_future(self._agen.__anext__())
+        self._pump_task = asyncio.ensure_future(self._pump())
         await asyncio.sleep(0)  # run generate() up to its first suspension (where it raises)
-        if self._first.done() and self._first.exception() is not None:
-            exc = self._first.exception()
-            self._first = None
+        if self._pump_done and self._error is not None and self._latest is None:
+            exc, self._error = self._error, None
             self.ctx.metrics.requests_rejected.inc()
             raise self._map_error(exc)
 
     async def close(self) -> None:
-        if self._first is not None and not self._first.done():
-            self._first.cancel()
+        if self._pump_task is not None and not self._pump_task.done():
+            self._pump_task.cancel()   # aborts the engine request (generate()'s finally)
             try:
-                await self._first
+                await self._pump_task
             except BaseException:  # noqa: BLE001 - cancelled on purpose
                 pass
-        elif self._first is not None and not self._first.cancelled():
-            # finished but never awaited (the client left first): mark its exception as seen,
-            # or asyncio logs "Task exception was never retrieved" for every such client
-            self._first.exception()
+        self._latest, self._texts, self._new_ids = None, [], []
         await self._agen.aclose()
         if not self.billed:  # failed or abandoned: close its ledger entry (time already spent)
             self.billed = True
             self.ctx.bill(self.request_id, None, self.breakpoints)
 
     async def _outputs(self) -> AsyncIterator[RequestOutput]:
-        if self._first is None:
+        if self._pump_task is None:
             await self.start()
-        try:
-            out = await self._first
-        except StopAsyncIteration:
-            return
-        except APIError:
-            raise
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._map_error(exc) from None
-        finally:
-            self._first = None
-        yield out
-        async for out in self._agen:
-            yield out
+        while True:
+            if self._latest is not None:
+                yield self._take()
+                continue
+            if self._pump_done:
+                break
+            self._ready.clear()
+            await self._ready.wait()
+        exc, self._error = self._error, None
+        if exc is not None:
+            if self._num_delivered == 0:   # before the first output: an HTTP error
+                raise self._map_error(exc) from None
+            raise exc
+        if self._pump_task.cancelled():
+            raise GenerationFailed("the generation was cancelled")
 
     async def events(self) -> AsyncIterator[Any]:
         m = self.ctx.metrics
@@ -285,17 +331,20 @@ class Generation:
                     m.itl.observe(now - t_last)
                 t_last = now
                 comp = out.outputs[0]
-                if out.finished and comp.finish_reason in ("error", "abort"):
-                    m.requests_failed.inc()
-                    raise GenerationFailed(out.error or f"request {comp.finish_reason}ed by the engine")
+                failed = out.finished and comp.finish_reason in ("error", "abort")
+                # (a failed output carries no text of its own; merged with earlier outputs it
+                # carries theirs, which was generated before the failure and is sent first)
                 if parser is not None:
                     evs = parser.feed(comp.new_text) if comp.new_text else []
-                    if out.finished:
+                    if out.finished and not failed:
                         evs += parser.finish()
                     for ev in evs:
                         yield ev
                 elif comp.new_text:
                     yield TextEvent(comp.new_text)
+                if failed:
+                    m.requests_failed.inc()
+                    raise GenerationFailed(out.error or f"request {comp.finish_reason}ed by the engine")
                 if out.finished:
                     m.observe_finished(out, now - self.t_start)
                     self.billed = True
