@@ -12,8 +12,10 @@ Runs, in one process and on the same random ~100M-parameter Llama-shaped checkpo
     .venv/bin/python benchmarks/offline_throughput.py             # full run (~5-10 min)
     .venv/bin/python benchmarks/offline_throughput.py --num-seqs 8 --max-input 256 --max-output 64
 
-The checkpoint is written once to $TOKENFACTORY_CACHE/bench-llama-100m (default
-~/.cache/tokenfactory), outside the repository; so is the torch.compile cache.
+The checkpoint is ``tokenfactory bench``'s own random 100m model
+(``tokenfactory.bench.checkpoint.build_bench_checkpoint("100m", "bfloat16")``), written once to
+$TOKENFACTORY_CACHE/bench-models (default ~/.cache/tokenfactory), outside the repository; so is
+the torch.compile cache. Loaded in ``--dtype`` (bfloat16 by default).
 """
 from __future__ import annotations
 
@@ -33,24 +35,15 @@ from tokenfactory.engine.core import EngineConfig, EngineCore  # noqa: E402
 from tokenfactory.engine.sampling_params import SamplingParams  # noqa: E402
 from tokenfactory.model.runner import TorchExecutor  # noqa: E402
 
-MODEL_SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                   num_attention_heads=12, num_key_value_heads=4, vocab_size=16384,
-                   max_position_embeddings=4096, initializer_range=0.02)
-
-
-def ensure_model(path: Path) -> Path:
-    if (path / "config.json").exists():
-        return path
-    import transformers
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL_SHAPE))
-    model.to(torch.bfloat16).save_pretrained(path)
-    return path
+def ensure_model() -> Path:
+    """The same random ~95M-parameter Llama that ``tokenfactory bench`` uses (built once)."""
+    from tokenfactory.bench.checkpoint import build_bench_checkpoint
+    return build_bench_checkpoint("100m", "bfloat16")
 
 
 def workload(args) -> tuple[list[list[int]], list[int]]:
     gen = random.Random(args.seed)
-    vocab = MODEL_SHAPE["vocab_size"]
+    vocab = args.vocab_size
     prompts = [[gen.randrange(vocab) for _ in range(gen.randint(args.min_input, args.max_input))]
                for _ in range(args.num_seqs)]
     outputs = [gen.randint(args.min_output, args.max_output) for _ in range(args.num_seqs)]
@@ -160,10 +153,11 @@ def main() -> None:
     args.min_input = min(args.min_input, args.max_input)
     args.min_output = min(args.min_output, args.max_output)
 
-    model_dir = ensure_model(CACHE / "bench-llama-100m")
+    model_dir = ensure_model()
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
     ex = TorchExecutor(model_dir, dtype=args.dtype, compile=compile_flag)
     dtype, cfg = ex.dtype, ex.model_config
+    args.vocab_size = cfg.vocab_size
     # Bytes a decode step must read: every weight incl. lm_head, but only one row of an untied
     # embedding table (the stricter floor).
     untied_embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
