@@ -119,6 +119,9 @@ def test_kernel_rejects_unsupported_shapes():
     assert not kernels.supports(torch.bfloat16, 32) and not kernels.supports(torch.float32, 64)
     with pytest.raises(ValueError, match="rejected"):
         kernels.prefill_attention(q, cache, cache, torch.arange(1), 0, None, 1.0, q.clone())
+    q64, cache64 = torch.zeros(4, 4, 64, dtype=torch.bfloat16), torch.zeros(2, 4, 16, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot hold"):
+        kernels.prefill_attention(q64, cache64, cache64, torch.arange(1), 14, None, 1.0, q64.clone())
     q64, cache64 = torch.zeros(1, 4, 64, dtype=torch.bfloat16), torch.zeros(2, 4, 16, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="past its block table"):   # never reads out of bounds
         kernels.decode_attention(q64, cache64, cache64, torch.zeros(1, 2, dtype=torch.int64),

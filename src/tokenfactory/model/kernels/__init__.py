@@ -127,6 +127,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert q.dtype == k_cache.dtype == out.dtype == torch.bfloat16
     table = block_ids if block_ids.dtype == torch.int64 and block_ids.is_contiguous() \
         else block_ids.to(torch.int64).contiguous()
+    if table.numel() * bs < start + n:   # the kernel would read past the table
+        raise ValueError(f"block table of {table.numel()} pages cannot hold {start + n} positions")
     size = workspace_numel(num_kv, start + n, head_dim)
     if workspace is None:
         workspace = (torch.empty(size, dtype=torch.bfloat16), torch.empty(size, dtype=torch.bfloat16))
