@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tool-call format (default: detected from the chat template)")
     p.add_argument("--ping-interval", type=float, default=10.0, help="SSE keepalive seconds")
     p.add_argument("--enable-cors", action="store_true", help="allow cross-origin requests")
+    p.add_argument("--malloc-trim-interval", type=_nonneg, default=1.0, metavar="SECONDS",
+                   help="give freed heap memory back to the OS (glibc malloc_trim) at most every "
+                        "SECONDS while requests come and go, and fix glibc's trim threshold at "
+                        "4 MiB (default 1; 0 turns both off); see api/memory.py")
     c = p.add_argument_group("cost ledger")
     c.add_argument("--cost-per-hour", type=_nonneg, default=0.10,
                    help="$ per hour of this machine: prices each request's machine time")
@@ -217,7 +221,8 @@ def serve_main(argv: list[str]) -> int:
                      max_tokens_policy=args.max_tokens_policy, max_output_tokens=max_out,
                      strip_system_prefix=args.strip_system_prefix, ping_interval=args.ping_interval,
                      tool_parser=args.tool_parser, random_weights=random_weights,
-                     enable_cors=args.enable_cors, cost_per_hour=args.cost_per_hour,
+                     enable_cors=args.enable_cors, malloc_trim_interval=args.malloc_trim_interval,
+                     cost_per_hour=args.cost_per_hour,
                      watts=args.watts, price_input_per_million=args.price_input,
                      price_output_per_million=args.price_output)
     log.info("serving %s as '%s' (context %d tokens, %d tenants) on http://%s:%d",

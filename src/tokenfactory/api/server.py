@@ -22,6 +22,7 @@ from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesReques
 from tokenfactory.api.auth import Authenticator
 from tokenfactory.api.errors import (APIError, declared_errors, error_response,
                                      format_validation_errors, new_request_id)
+from tokenfactory.api.memory import find_malloc_trim, set_trim_threshold, trim_periodically
 from tokenfactory.api.metrics import Metrics
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
 from tokenfactory.api.serving import ServerOptions, ServingContext
@@ -139,7 +140,19 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
-        yield
+        if opts.malloc_trim_interval > 0 and opts.malloc_trim_threshold > 0:
+            set_trim_threshold(opts.malloc_trim_threshold)
+        trim = find_malloc_trim() if opts.malloc_trim_interval > 0 else None
+        trimmer = (asyncio.ensure_future(trim_periodically(opts.malloc_trim_interval, trim,
+                                                           lambda: ctx.activity))
+                   if trim is not None else None)
+        try:
+            yield
+        finally:
+            if trimmer is not None:
+                trimmer.cancel()
+                with contextlib.suppress(BaseException):
+                    await trimmer
 
     app = FastAPI(title="tokenfactory", version="0.1.0", lifespan=lifespan,
                   description="Anthropic Messages and OpenAI-compatible inference API")

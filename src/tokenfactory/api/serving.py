@@ -39,6 +39,8 @@ class ServerOptions:
     random_weights: bool = False              # the built-in demo model: say so
     retry_after_seconds: int = 1
     enable_cors: bool = False
+    malloc_trim_interval: float = 1.0         # seconds between malloc_trim calls (memory.py); 0: off
+    malloc_trim_threshold: int = 4 << 20      # glibc M_TRIM_THRESHOLD (memory.py); 0: glibc's own
     # The cost ledger: machine time priced at cost_per_hour, energy at watts, and the API-price
     # view of each request's usage at these list prices ($ per million tokens).
     cost_per_hour: float = 0.10
@@ -87,6 +89,7 @@ class ServingContext:
         self.strip_re = (re.compile(options.strip_system_prefix, re.MULTILINE)
                          if options.strip_system_prefix else None)
         self._ids = itertools.count()
+        self.activity = 0   # bumped when a generation starts or ends (memory.trim_periodically)
         from tokenfactory.economics.ledger import ApiPrices, CostLedger
         self.ledger = CostLedger(options.cost_per_hour, options.watts,
                                  ApiPrices(options.price_input_per_million,
@@ -199,6 +202,7 @@ class Generation:
                  breakpoints: list[CacheBreakpoint], parser=None, parser_prefill: str = "",
                  overload_status: int = 529):
         self.ctx = ctx
+        ctx.activity += 1
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -288,6 +292,7 @@ class Generation:
             except BaseException:  # noqa: BLE001 - cancelled on purpose
                 pass
         self._latest, self._texts, self._new_ids = None, [], []
+        self.ctx.activity += 1
         await self._agen.aclose()
         if not self.billed:  # failed or abandoned: close its ledger entry (time already spent)
             self.billed = True
