@@ -60,3 +60,30 @@ def test_serve_flag():
     assert build_parser().parse_args([]).malloc_trim_interval == 1.0
     assert build_parser().parse_args(["--malloc-trim-interval", "0"]).malloc_trim_interval == 0
 
+
+def test_prompt_work_runs_on_a_fixed_small_pool(tokenizer):
+    """Template rendering + tokenizing: at most ``prompt_threads`` threads however many
+    requests arrive at once (each such thread keeps a malloc arena and a BPE word cache)."""
+    import threading
+
+    from tokenfactory.api.metrics import Metrics
+    from tokenfactory.api.serving import ServerOptions, ServingContext
+
+    from .conftest import make_engine
+
+    engine = make_engine(tokenizer, record_work=False)
+    ctx = ServingContext(engine, tokenizer, ServerOptions(prompt_threads=2), Metrics(engine))
+
+    def work(i):
+        time.sleep(0.01)
+        return threading.current_thread().name, len(tokenizer.encode(f"request {i}"))
+
+    async def scenario():
+        return await asyncio.gather(*[ctx.off_loop(work, i) for i in range(16)])
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        ctx.close()
+    names = {name for name, _ in results}
+    assert 1 <= len(names) <= 2 and all(n.startswith("tokenfactory-prompt") for n in names)
+    assert all(n > 0 for _, n in results)

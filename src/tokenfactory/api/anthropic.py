@@ -3,7 +3,6 @@
 The prompt side (blocks -> chat messages -> prompt + cache breakpoints) is anthropic_prompt.py."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import AsyncIterator
@@ -111,7 +110,7 @@ def stop_reason(out, num_tool_calls: int, limited_by: str | None = None
 # ---------------------------------------------------------------------- handlers
 async def count_tokens(ctx: ServingContext, body: CountTokensRequest) -> dict:
     ctx.resolve_model(body.model)
-    prompt = await asyncio.to_thread(PromptBuilder(ctx, body).build)
+    prompt = await ctx.off_loop(PromptBuilder(ctx, body).build)
     return {"input_tokens": len(prompt.ids)}
 
 
@@ -123,7 +122,7 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     ctx.resolve_model(body.model)
     # Rendering + tokenizing a 20K-token prompt (once per breakpoint) takes ~0.2 s: do it off
     # the event loop so other streams keep flowing.
-    prompt = await asyncio.to_thread(PromptBuilder(ctx, body).build)
+    prompt = await ctx.off_loop(PromptBuilder(ctx, body).build)
     max_tokens, clamped = ctx.effective_max_tokens(len(prompt.ids), body.max_tokens)
     cap = ctx.options.max_output_tokens
     limited_by = None if not clamped else ("output_cap" if cap and max_tokens == cap else "context")

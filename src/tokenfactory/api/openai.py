@@ -5,7 +5,6 @@ as ``usage.prompt_tokens_details.cached_tokens`` (a subset of ``prompt_tokens``)
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any, AsyncIterator
@@ -153,9 +152,8 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     cont = chat[-1]["role"] == "assistant" and not chat[-1].get("tool_calls") \
         and bool(chat[-1].get("content"))
     try:
-        text = await asyncio.to_thread(ctx.tokenizer.apply_chat_template, chat, tools=tools,
-                                       add_generation_prompt=not cont,
-                                       continue_final_message=cont)
+        text = await ctx.off_loop(ctx.tokenizer.apply_chat_template, chat, tools=tools,
+                                  add_generation_prompt=not cont, continue_final_message=cont)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     prefill, use_parser = "", mode != "none" and ctx.parser_name is not None
@@ -165,7 +163,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     elif use_parser and not cont and mode == "required":
         t = render_tool_call_text("__tf_name__", {}, ctx.parser_name)
         prefill = t[:t.index("__tf_name__")]
-    ids = await asyncio.to_thread(ctx.encode, text + prefill)
+    ids = await ctx.off_loop(ctx.encode, text + prefill)
     requested = body.max_completion_tokens or body.max_tokens
     params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested)
     parser = get_tool_parser(ctx.parser_name)() if use_parser else None

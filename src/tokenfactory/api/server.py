@@ -153,6 +153,7 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
                 trimmer.cancel()
                 with contextlib.suppress(BaseException):
                     await trimmer
+            ctx.close()
 
     app = FastAPI(title="tokenfactory", version="0.1.0", lifespan=lifespan,
                   description="Anthropic Messages and OpenAI-compatible inference API")

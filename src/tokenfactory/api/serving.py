@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
+import functools
 import itertools
 import logging
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -41,6 +43,7 @@ class ServerOptions:
     enable_cors: bool = False
     malloc_trim_interval: float = 1.0         # seconds between malloc_trim calls (memory.py); 0: off
     malloc_trim_threshold: int = 4 << 20      # glibc M_TRIM_THRESHOLD (memory.py); 0: glibc's own
+    prompt_threads: int = 2                   # threads rendering templates + tokenizing (see off_loop)
     # The cost ledger: machine time priced at cost_per_hour, energy at watts, and the API-price
     # view of each request's usage at these list prices ($ per million tokens).
     cost_per_hour: float = 0.10
@@ -97,6 +100,25 @@ class ServingContext:
         # Every forward pass is charged to the requests in it, by tokens processed.
         engine.core.step_hook = self.ledger.record_step
         metrics.attach_ledger(self.ledger)
+        self._prompt_pool = ThreadPoolExecutor(max_workers=max(1, options.prompt_threads),
+                                               thread_name_prefix="tokenfactory-prompt")
+
+    async def off_loop(self, fn, /, *args, **kwargs):
+        """Run blocking prompt work (chat template rendering, tokenizing) off the event loop.
+
+        On a small fixed pool (``prompt_threads``, default 2) rather than asyncio's default
+        executor, whose size grows with the machine (min(32, cores + 4) threads): that work holds
+        the GIL (Jinja is Python; ``tokenizers``' encode does not release it), so more threads
+        add no throughput, while each thread that tokenizes keeps state of its own for the life
+        of the process: a glibc malloc arena and, since tokenizers 0.23, a thread-local BPE word
+        cache of up to 10,000 words that is never freed (clear_cache only starts a new one).
+        A fixed pool bounds that memory independently of the core count.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prompt_pool, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
 
     def bill(self, request_id: str, out: RequestOutput | None,
              breakpoints: list[CacheBreakpoint]):
