@@ -10,7 +10,8 @@ The client mix is tests/robustness/test_soak.py's: Anthropic and OpenAI, streami
 stop sequences, tool calls. Every completed response is checked for completeness and stop
 reason. Reported: requests run, disconnects injected, failures, 5xx seen, KV pages in use and
 requests stuck once idle, and the server's RSS after each thousand requests (growth between
-the first and the last thousand).
+the first and the last thousand). Before the measured requests, a warm-up fills the tokenizer's
+per-thread word caches, a bounded one-time fill (see WARMUP_REQUESTS; --no-warmup skips it).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests package: the soak reuses its scenarios
 
 
-def serve(port: int, max_queued: int | None) -> None:
+def serve(port: int, max_queued: int | None, malloc_trim_interval: float | None) -> None:
     """The server process: scripted engine + the real app on 127.0.0.1:port."""
     import tempfile
 
@@ -41,8 +42,9 @@ def serve(port: int, max_queued: int | None) -> None:
     tok = train_demo_tokenizer(tempfile.mkdtemp(prefix="tf-soak-tok-"))
     engine = make_engine(tok, model_len=SOAK_MODEL_LEN, num_blocks=1024, max_num_seqs=32,
                          max_queued_requests=max_queued, record_work=False)
+    trim = {} if malloc_trim_interval is None else {"malloc_trim_interval": malloc_trim_interval}
     app = create_app(engine, tok, served_model_name="tf-test", ping_interval=1.0,
-                     aliases=[("claude-*", "tf-test")])
+                     aliases=[("claude-*", "tf-test")], **trim)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -60,7 +62,8 @@ def metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-def start_server(max_queued: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(max_queued: int | None = None,
+                 malloc_trim_interval: float | None = None) -> tuple[subprocess.Popen, str]:
     import socket
 
     import httpx
@@ -70,6 +73,8 @@ def start_server(max_queued: int | None = None) -> tuple[subprocess.Popen, str]:
     args = [sys.executable, __file__, "--serve", "--port", str(port)]
     if max_queued is not None:
         args += ["--max-queued-requests", str(max_queued)]
+    if malloc_trim_interval is not None:
+        args += ["--malloc-trim-interval", str(malloc_trim_interval)]
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -84,6 +89,36 @@ def start_server(max_queued: int | None = None) -> tuple[subprocess.Popen, str]:
         if time.monotonic() > deadline:
             raise RuntimeError("server did not start")
         time.sleep(0.2)
+
+
+# The warm-up before the measured requests: a bounded one-time fill of the tokenizer's word
+# caches, which the metric would otherwise count as growth. tokenizers >= 0.23 keep a BPE word
+# cache per thread (thread-local, at most 10,000 words, never freed) and the soak's prompts each
+# carry a new number ("request 1234"), so without this the caches of the server's prompt threads
+# (api/serving.py off_loop: 2 threads) fill throughout the run: ~330 bytes a word, ~3.3 MiB per
+# thread at most, +3.1-3.2 MiB over 10,000 requests (robustness.md). 60 count_tokens requests
+# of 1,000 distinct numbers each offer ~30,000 new words to each prompt thread: both caches end
+# up full. --no-warmup skips it, to see the fill.
+WARMUP_REQUESTS = 60
+WARMUP_WORDS_PER_REQUEST = 1_000
+
+
+async def fill_word_caches(base: str, concurrency: int) -> dict:
+    import httpx
+
+    from tests.live import HEADERS
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(k: int) -> None:
+            first = 1_000_000 + k * WARMUP_WORDS_PER_REQUEST
+            text = " ".join(str(first + j) for j in range(WARMUP_WORDS_PER_REQUEST))
+            async with sem:
+                r = await client.post(base + "/v1/messages/count_tokens", headers=HEADERS, json={
+                    "model": "tf-test", "messages": [{"role": "user", "content": text}]})
+            r.raise_for_status()
+        await asyncio.gather(*[one(k) for k in range(WARMUP_REQUESTS)])
+    return {"requests": WARMUP_REQUESTS,
+            "distinct_words": WARMUP_REQUESTS * WARMUP_WORDS_PER_REQUEST}
 
 
 async def run_soak(base: str, pid: int, n: int, concurrency: int, seed: int) -> dict:
@@ -153,19 +188,29 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=6)
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--malloc-trim-interval", type=float, default=None, metavar="SECONDS",
+                   help="the server's malloc_trim interval (default: the product's, see "
+                        "src/tokenfactory/api/memory.py; 0 turns its allocator settings off, "
+                        "for comparison)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip filling the tokenizer's word caches before the measured requests")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--max-queued-requests", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        serve(args.port, args.max_queued_requests)
+        serve(args.port, args.max_queued_requests, args.malloc_trim_interval)
         return 0
-    proc, base = start_server()
+    proc, base = start_server(malloc_trim_interval=args.malloc_trim_interval)
     try:
         print(f"soak: {args.requests} requests, concurrency {args.concurrency}, server pid "
               f"{proc.pid} at {base}", flush=True)
+        warmup = (None if args.no_warmup
+                  else asyncio.run(fill_word_caches(base, args.concurrency)))
         result = asyncio.run(run_soak(base, proc.pid, args.requests, args.concurrency,
                                       args.seed))
+        result["warmup"] = warmup
+        result["malloc_trim_interval"] = args.malloc_trim_interval   # None: the product default
     finally:
         proc.terminate()
         proc.wait(60)
