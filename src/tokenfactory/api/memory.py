@@ -9,8 +9,8 @@ them, several MiB at a time. Once freed, glibc keeps that memory resident in two
 
 * at the top of the arena's heap: a heap is shrunk on ``free`` only when its free top exceeds
   the trim threshold, and glibc raises that threshold dynamically, up to 64 MiB, whenever a
-  large mmapped block is freed (loading a model or training the demo tokenizer does that at
-  start-up). ``malloc_trim`` does not shrink the top of a thread's (non-main) arena, so the
+  large mmapped block is freed (start-up work such as loading a model does that).
+  ``malloc_trim`` does not shrink the top of a thread's (non-main) arena, so the
   engine thread kept the high-water mark of its largest burst for good: the one-off +8-12 MiB
   RSS step of the 10,000-request soak. ``mallopt(M_TRIM_THRESHOLD, 4 MiB)`` fixes the threshold
   (it also stops the dynamic adjustment, so the mmap threshold stays where glibc has learned it
@@ -18,8 +18,9 @@ them, several MiB at a time. Once freed, glibc keeps that memory resident in two
   more minor page faults per 48-token generate, no measurable change in time;
 * in the middle of the heap (free chunks between live ones): only ``malloc_trim(0)`` gives those
   pages back (``madvise``). It runs in a worker thread at start-up and then every ``interval``
-  seconds while requests come and go (one call took 2 ms median, 15 ms at most in the soak
-  server; each arena is locked while it is walked); an idle server is left alone.
+  seconds while requests come and go (one call took ~2 ms median in the soak server, 15-150 ms
+  at worst per run on the shared 2-core machine; each arena is locked while it is walked); an
+  idle server is left alone.
 
 A leak is not hidden by either: only free memory is released. ``serve --malloc-trim-interval 0``
 turns both off; where the C library is not glibc (musl, macOS) they do nothing.

@@ -266,8 +266,8 @@ class Generation:
         The engine thread can run far ahead of the client (a scripted or small model steps
         faster than the event loop frames SSE), and every RequestOutput it emits is a snapshot
         carrying the request's whole token list and text so far. Left queued until the consumer
-        asked for them, a long request's outputs cost O(n^2) memory (a 10k-request soak showed
-        ~11k queued outputs, 30 MiB, at once) and the malloc arena of the engine thread kept
+        asked for them, a long request's outputs cost O(n^2) memory (the soak server held ~11k
+        queued outputs, 30 MiB, at once) and the malloc arena of the engine thread kept
         that high-water mark as RSS. Here, an output the consumer has not taken yet is replaced
         by the next one, whose delta (``new_text``, ``new_token_ids``) is appended: at most
         one pending output per request, and a slow client receives the text that accumulated
