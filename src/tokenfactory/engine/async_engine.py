@@ -45,6 +45,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._undelivered: dict[str, list] = {}   # per request: items awaiting the event loop
         self._lock = threading.Lock()
         self._pending_adds = 0
         self._stop = False
@@ -122,6 +123,7 @@ class AsyncEngine:
                 self.abort(request_id)
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._undelivered.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -129,15 +131,40 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ engine thread
     def _deliver(self, request_id: str, item) -> None:
+        """Hand ``item`` to the request's consumer. While an earlier hand-over to the event loop
+        is still pending, a newer output replaces the pending one with the deltas merged in
+        (outputs carry cumulative token ids, text and logprobs plus what the update added):
+        an engine faster than its consumer then queues at most one output per request rather
+        than one per step, each holding a full copy of the tokens so far."""
         with self._lock:
             entry = self._streams.get(request_id)
-        if entry is None:
-            return
+            if entry is None:
+                return
+            items = self._undelivered.get(request_id)
+            if items:   # a hand-over is already scheduled: merge into it
+                last = items[-1]
+                if isinstance(last, RequestOutput) and isinstance(item, RequestOutput) \
+                        and not last.finished:
+                    new, old = item.outputs[0], last.outputs[0]
+                    new.new_text = old.new_text + new.new_text
+                    new.new_token_ids = old.new_token_ids + new.new_token_ids
+                    items[-1] = item
+                else:
+                    items.append(item)
+                return
+            self._undelivered[request_id] = [item]
         loop, q = entry
         try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop.call_soon_threadsafe(self._hand_over, request_id, q)
         except RuntimeError:  # the consumer's loop is closed
             pass
+
+    def _hand_over(self, request_id: str, q: asyncio.Queue) -> None:
+        """On the consumer's event loop: move what accumulated for the request into its queue."""
+        with self._lock:
+            items = self._undelivered.pop(request_id, ())
+        for item in items:
+            q.put_nowait(item)
 
     def _handle_commands(self) -> None:
         while True:
