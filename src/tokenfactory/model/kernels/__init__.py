@@ -111,6 +111,25 @@ def attention_kernel() -> ctypes.CDLL | None:
 KEY_BLOCK = 64   # keys per block in attention.c (KB): packed K/V are padded to a multiple
 
 
+def _checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             out: torch.Tensor) -> ctypes.CDLL:
+    """The library, after the layout checks both kernels rely on: bfloat16 throughout, q and
+    out (tokens, H, D) with rows of H contiguous D-vectors, contiguous caches."""
+    lib = attention_kernel()
+    assert lib is not None, unavailable_reason
+    head_dim = q.shape[2]
+    assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == out.dtype == torch.bfloat16
+    return lib
+
+
+def _int64_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int64 with a unit stride along its last dimension (as the C code indexes it),
+    copying only when it is not already so."""
+    return t if t.dtype == torch.int64 and t.stride(-1) == 1 else t.to(torch.int64).contiguous()
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_ids: torch.Tensor, start: int, window: int | None, scale: float,
                       out: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -118,15 +137,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     keys [0, start + n) read through ``block_ids`` from (Hkv, N, bs, D) caches, into ``out``
     (n, H, D). All bfloat16; the chunk's own K/V must already be in the cache. ``workspace``:
     two flat bfloat16 buffers of at least Hkv * round_up(start + n, 64) * D elements."""
-    lib = attention_kernel()
-    assert lib is not None, unavailable_reason
+    lib = _checked(q, k_cache, v_cache, out)
     n, num_heads, head_dim = q.shape
     num_kv, num_blocks, bs, _ = k_cache.shape
-    assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert q.dtype == k_cache.dtype == out.dtype == torch.bfloat16
-    table = block_ids if block_ids.dtype == torch.int64 and block_ids.is_contiguous() \
-        else block_ids.to(torch.int64).contiguous()
+    table = _int64_rows(block_ids)
     if table.numel() * bs < start + n:   # the kernel would read past the table
         raise ValueError(f"block table of {table.numel()} pages cannot hold {start + n} positions")
     size = workspace_numel(num_kv, start + n, head_dim)
@@ -148,17 +162,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One new token per sequence: q (b, H, D) at ``positions`` (b,) attends to keys
     [0, position] read through ``block_tables`` (b, pages) from (Hkv, N, bs, D) caches, into
     ``out`` (b, H, D). All bfloat16; the new tokens' K/V must already be in the cache."""
-    lib = attention_kernel()
-    assert lib is not None, unavailable_reason
+    lib = _checked(q, k_cache, v_cache, out)
     b, num_heads, head_dim = q.shape
     num_kv, num_blocks, bs, _ = k_cache.shape
-    assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert q.dtype == k_cache.dtype == out.dtype == torch.bfloat16
-    tables = block_tables if block_tables.dtype == torch.int64 and block_tables.stride(1) == 1 \
-        else block_tables.to(torch.int64).contiguous()
-    pos = positions if positions.dtype == torch.int64 and positions.is_contiguous() \
-        else positions.to(torch.int64).contiguous()
+    tables, pos = _int64_rows(block_tables), _int64_rows(positions)
     assert tables.shape[0] == b and pos.shape == (b,)
     rc = lib.tf_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                                  num_blocks, bs, tables.data_ptr(), tables.stride(0),
