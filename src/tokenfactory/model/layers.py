@@ -267,16 +267,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for dg in meta.decode_groups:
         if native:   # bfloat16 on AVX-512 BF16: K/V read through the block tables, no copy
             qd = q[dg.start:dg.end]
-            if torch.compiler.is_compiling():
+            compiling = torch.compiler.is_compiling()
+            if compiling:
                 od = native_decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
                                              window or 0, scale)
-            else:   # the op's dispatch costs ~20 us a call: eager calls the kernel directly
-                od = q.new_empty(qd.shape)
+            else:   # the op's dispatch costs ~20 us a call: eager calls the kernel directly,
+                    # writing straight into this group's rows of the step's output
+                od = q.new_empty(qd.shape) if out is None else out[dg.start:dg.end]
                 kernels.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
                                          window, scale, od)
             if out is None:
                 return od
-            out[dg.start:dg.end] = od
+            if compiling:
+                out[dg.start:dg.end] = od
             continue
         b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs
