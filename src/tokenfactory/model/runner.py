@@ -84,9 +84,9 @@ class TorchExecutor:
         self.compile = False if compile is None else bool(compile)  # auto: off until proven
         # bfloat16 attention runs in native kernels where the CPU has AVX-512 BF16: build
         # (or load the cached build of) them now rather than on the first request
-        self.native_attention = fast_cpu and kernels.supports(self.dtype, self.model_config.head_dim)
         if fast_cpu:
-            log.info("native attention kernels: %s", "on" if self.native_attention else
+            native = kernels.supports(self.dtype, self.model_config.head_dim)
+            log.info("native attention kernels: %s", "on" if native else
                      f"off ({kernels.unavailable_reason or 'unsupported head size'})")
         if pack_weights:
             # compiled decode steps read the plain weights (see PackedLinear), eager the packed
