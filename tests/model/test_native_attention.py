@@ -69,7 +69,6 @@ def test_kernel_matches_float32_attention(n, start, heads, kv_heads, head_dim, w
     ref = reference(q, k_cache, v_cache, table, start, window, scale)
     err = (out.float() - ref).abs().max().item()
     # the same inputs through torch in bfloat16: our error must be of the same order
-    torch_bf16 = reference(q, k_cache, v_cache, table, start, window, scale)
     torch_bf16 = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         k_cache[:, table].reshape(kv_heads, -1, head_dim)[:, :end].repeat_interleave(heads // kv_heads, 0)[None],
