@@ -217,6 +217,15 @@ def post_raw(server, path: str, raw: bytes) -> httpx.Response:
                       headers={"content-type": "application/json"})
 
 
+def property_settings(examples: int):
+    """Hypothesis settings of the body-property tests: a fixed example count, no deadline
+    (the live server's latency is not the property), no example database, and the health
+    checks that large generated bodies and the shared server fixture would trip."""
+    return settings(max_examples=examples, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])
+
+
 def check_answer(path: str, r: httpx.Response) -> None:
     assert r.status_code < 500, (r.status_code, r.text[:500])
     if r.status_code >= 400:
@@ -228,17 +237,13 @@ def check_answer(path: str, r: httpx.Response) -> None:
         r.json()
 
 
-@settings(max_examples=120, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@property_settings(120)
 @given(raw=anthropic_raw())
 def test_property_anthropic_messages(fuzz_server, raw):
     check_answer("/v1/messages", post_raw(fuzz_server, "/v1/messages", raw))
 
 
-@settings(max_examples=40, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@property_settings(40)
 @given(raw=anthropic_raw())
 def test_property_count_tokens(fuzz_server, raw):
     r = post_raw(fuzz_server, "/v1/messages/count_tokens", raw)
@@ -247,9 +252,7 @@ def test_property_count_tokens(fuzz_server, raw):
         assert isinstance(r.json()["input_tokens"], int)
 
 
-@settings(max_examples=80, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@property_settings(80)
 @given(raw=openai_raw())
 def test_property_openai_chat(fuzz_server, raw):
     check_answer("/v1/chat/completions", post_raw(fuzz_server, "/v1/chat/completions", raw))
