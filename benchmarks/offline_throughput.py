@@ -7,7 +7,8 @@ Runs, in one process and on the same random ~100M-parameter Llama-shaped checkpo
 2. transformers: one batched ``generate`` over the same prompts (left-padded; it must run to
    the longest output, so its useful tokens are the same requested outputs);
 3. batch-1 decode time per token for both, against the host floor: weight bytes / memory
-   bandwidth measured in the same run (``tokenfactory.economics.host.measure_host``).
+   bandwidth (``tokenfactory.economics.host.measure_bandwidth``, the bandwidth half of
+   ``measure_host``), measured in alternation with the decode runs (``--rounds``).
 
     .venv/bin/python benchmarks/offline_throughput.py             # full run (~5-10 min)
     .venv/bin/python benchmarks/offline_throughput.py --num-seqs 8 --max-input 256 --max-output 64
@@ -99,23 +100,56 @@ def run_hf(model, prompts, outputs) -> float:
     return time.perf_counter() - t0
 
 
-def decode_ms_ours(ex: TorchExecutor, args) -> float:
-    """Median time of a batch-1 decode step (prompt 128 tokens, 128 new tokens, greedy)."""
-    times: list[float] = []
-    engine = EngineCore(ex, EngineConfig(max_num_seqs=1,
-                                         kv_cache_memory=int(args.kv_cache_gb * 2**30)),
-                        model_max_len=ex.max_model_len,
-                        step_hook=lambda dt, toks: times.append(dt) if sum(toks.values()) == 1
-                        else None)
-    ex.warmup()           # compile the decode graphs (cached on disk after the first run)
-    for rep in range(2):  # first pass warms up
-        times.clear()
-        engine.add_request(f"b{rep}", list(range(1, 129)),
-                           SamplingParams(temperature=0, max_tokens=args.decode_tokens,
-                                          ignore_eos=True))
-        while engine.has_unfinished_requests():
-            engine.step()
-    return statistics.median(times) * 1e3
+class Batch1Decode:
+    """Batch-1 decode steps of one greedy request (prompt 128 tokens): ``run()`` returns the
+    median step time in ms over ``args.decode_tokens`` new tokens."""
+
+    def __init__(self, ex: TorchExecutor, args):
+        self.times: list[float] = []
+        self.args = args
+        self.count = 0
+        self.engine = EngineCore(ex, EngineConfig(max_num_seqs=1,
+                                                  kv_cache_memory=int(args.kv_cache_gb * 2**30)),
+                                 model_max_len=ex.max_model_len,
+                                 step_hook=lambda dt, toks: self.times.append(dt)
+                                 if sum(toks.values()) == 1 else None)
+        ex.warmup()       # compile the decode graphs (cached on disk after the first run)
+        self.run()        # warm-up pass
+
+    def run(self) -> float:
+        self.times.clear()
+        self.count += 1
+        self.engine.add_request(f"b{self.count}", list(range(1, 129)),
+                                SamplingParams(temperature=0, max_tokens=self.args.decode_tokens,
+                                               ignore_eos=True))
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        return statistics.median(self.times) * 1e3
+
+
+def decode_vs_floor(ex: TorchExecutor, args, read_bytes: int) -> tuple[float, float]:
+    """Batch-1 decode against the host floor, measured in alternation: the host's bandwidth
+    drifts by tens of percent within minutes here (shared machine), so each decode run is set
+    against a bandwidth measurement taken just before it. Returns (median decode ms, median of
+    the per-round ratios to the floor)."""
+    from tokenfactory.economics.host import measure_bandwidth
+    decode = Batch1Decode(ex, args)
+    rounds: list[tuple[float, float, float]] = []   # (GB/s, floor ms, decode ms)
+    for r in range(args.rounds):
+        bandwidth, _ = measure_bandwidth(seconds=1.6)
+        floor_ms = read_bytes / bandwidth * 1e3
+        ms = decode.run()
+        rounds.append((bandwidth / 1e9, floor_ms, ms))
+        print(f"  round {r + 1}: host {bandwidth / 1e9:.1f} GB/s -> floor {floor_ms:.2f} ms; "
+              f"decode {ms:.2f} ms/token = {ms / floor_ms:.2f}x floor "
+              f"({read_bytes / ms / 1e6:.1f} GB/s effective)")
+    ratios = sorted(ms / floor for _, floor, ms in rounds)
+    ms = statistics.median(r[2] for r in rounds)
+    strict = ms / min(r[1] for r in rounds)        # median decode vs the best floor seen
+    print(f"tokenfactory batch-1 decode: median {ms:.2f} ms/token; ratio to floor median "
+          f"{statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f}x; "
+          f"median decode vs the fastest floor of the run {strict:.2f}x)")
+    return ms, statistics.median(ratios)
 
 
 def decode_ms_hf(model, args) -> float:
@@ -144,6 +178,8 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-gb", type=float, default=1.5)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="alternating host-bandwidth / batch-1 decode measurements")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="on",
                     help="torch.compile small-batch decode steps (auto: the executor's default)")
     ap.add_argument("--skip-hf", action="store_true", help="only run tokenfactory")
@@ -171,15 +207,7 @@ def main() -> None:
           f"(total {sum(map(len, prompts))}), output {args.min_output}-{args.max_output} "
           f"(total {sum(outputs)}), seed {args.seed}")
 
-    from tokenfactory.economics.host import measure_host
-    host = measure_host(seconds_budget=4.0)
-    bandwidth = host.bandwidth_bytes_per_s
-    floor_ms = read_bytes / bandwidth * 1e3
-    print(f"host: {bandwidth / 1e9:.1f} GB/s measured -> batch-1 floor {floor_ms:.2f} ms/token")
-
-    ours_ms = decode_ms_ours(ex, args)
-    print(f"tokenfactory batch-1 decode: {ours_ms:.2f} ms/token = {ours_ms / floor_ms:.2f}x floor "
-          f"({read_bytes / ours_ms / 1e6:.1f} GB/s effective)")
+    ours_ms, ours_ratio = decode_vs_floor(ex, args, read_bytes)
     if args.decode_only:
         return
 
@@ -192,14 +220,18 @@ def main() -> None:
         return
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    from tokenfactory.economics.host import measure_bandwidth
+    bandwidth, _ = measure_bandwidth(seconds=1.6)
+    floor_ms = read_bytes / bandwidth * 1e3
     hf_ms = decode_ms_hf(hf, args)
-    print(f"transformers batch-1 decode: {hf_ms:.2f} ms/token = {hf_ms / floor_ms:.2f}x floor")
+    print(f"transformers batch-1 decode: {hf_ms:.2f} ms/token = {hf_ms / floor_ms:.2f}x floor "
+          f"(host {bandwidth / 1e9:.1f} GB/s just before)")
     hf_seconds = run_hf(hf, prompts, outputs)
     hf_tps = sum(outputs) / hf_seconds
     print(f"transformers generate: {sum(outputs)} requested tokens "
           f"({len(prompts) * max(outputs)} computed) in {hf_seconds:.1f}s = {hf_tps:.1f} tok/s")
     print(f"ratio: tokenfactory / transformers throughput = {ours_tps / hf_tps:.2f}x; "
-          f"batch-1 decode {ours_ms / floor_ms:.2f}x floor (transformers {hf_ms / floor_ms:.2f}x)")
+          f"batch-1 decode {ours_ratio:.2f}x floor (transformers {hf_ms / floor_ms:.2f}x)")
 
 
 if __name__ == "__main__":

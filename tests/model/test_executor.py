@@ -85,19 +85,22 @@ def test_execute_requires_cache(checkpoint):
     assert ex.kv_cache_bytes_per_block(16) == 2 * 2 * 16 * 2 * 16 * 4
 
 
-def test_packed_linears_match_stock_linears(checkpoint):
-    """bfloat16 on CPU packs weights for oneDNN by default; the math must not change."""
-    from tokenfactory.model.layers import PackedLinear
-    packed = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", compile=False)
-    stock = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", pack_weights=False,
+def test_cpu_linears_pack_or_not_generate_the_same(checkpoint):
+    """bfloat16 on CPU swaps every nn.Linear for a CpuLinear (native kernel for small batches,
+    oneDNN for large ones, on pre-packed weights or not): the math must not change."""
+    from tokenfactory.model.layers import CpuLinear
+    packed = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", pack_weights=True,
+                           compile=False)
+    plain = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", pack_weights=False,
                           compile=False)
-    assert isinstance(packed.model.lm_head, PackedLinear)
-    assert isinstance(packed.model.layers[0].self_attn.qkv_proj, PackedLinear)
-    assert not isinstance(stock.model.lm_head, PackedLinear)
+    for ex, pack in ((packed, True), (plain, False)):
+        linears = [m for m in ex.model.modules() if isinstance(m, CpuLinear)]
+        assert ex.model.lm_head in linears and ex.model.layers[0].self_attn.qkv_proj in linears
+        assert all((m.packed_weight is not None) == pack for m in linears)
     prompts = _prompts(3, seed=5)
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
     a, _ = generate(packed, prompts, params)
-    b, _ = generate(stock, prompts, params)
+    b, _ = generate(plain, prompts, params)
     for x, y in zip(a, b):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         for ex, ey in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
@@ -105,21 +108,34 @@ def test_packed_linears_match_stock_linears(checkpoint):
                 assert ex[tok].logprob == pytest.approx(ey[tok].logprob, abs=0.05)
 
 
-def test_compiled_executors_keep_plain_weights_for_inductor(checkpoint):
-    """Compiled decode steps read each packed linear's plain weight (inductor lowers those to
-    its own kernels); eager-only executors do not keep that second copy."""
-    from tokenfactory.model.layers import PackedLinear
-    path = checkpoint("qwen2_tied")[0]
-    compiled = TorchExecutor(path, dtype="bfloat16", compile=True)
-    eager = TorchExecutor(path, dtype="bfloat16", compile=False)
-    for ex, keeps in ((compiled, True), (eager, False)):
-        linears = [m for m in ex.model.modules() if isinstance(m, PackedLinear)]
-        assert linears and all((m.plain_weight is not None) == keeps for m in linears)
-    head = compiled.model.lm_head
-    assert head.plain_weight.data_ptr() == compiled.model.embed_tokens.weight.data_ptr()  # tied
-    x = torch.randn(3, head.in_features, dtype=torch.bfloat16)
-    torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.plain_weight),
-                               atol=0.05, rtol=0.02)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+def test_cpu_linear_matches_stock_linear_at_every_batch_size(checkpoint, rows):
+    """Small batches take the native kernel (where the CPU has one), larger ones oneDNN: both
+    agree with F.linear on the same bfloat16 weights, bias included (Qwen2's qkv)."""
+    ex = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", compile=False)
+    for layer in (ex.model.layers[0].self_attn.qkv_proj, ex.model.lm_head):
+        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
+        want = torch.nn.functional.linear(x.float(), layer.weight.float(),
+                                          None if layer.bias is None else layer.bias.float())
+        torch.testing.assert_close(layer(x).float(), want, atol=0.05, rtol=0.02)
+
+
+def test_executor_weights_live_on_huge_page_memory_once(checkpoint):
+    """The executor moves the weights into one huge-page arena (hugepages.relocate): tied
+    weights stay one tensor, nothing is a view (torch.compile copies a view's whole base
+    when it writes to it), and the KV cache gets huge-page memory of its own."""
+    ex = TorchExecutor(checkpoint("qwen2_tied")[0], dtype="bfloat16", compile=False)
+    model = ex.model
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    storages = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    storages |= {t.untyped_storage().data_ptr() for t in model.buffers()
+                 if t.layout == torch.strided}
+    assert len(storages) == 1
+    assert all(not t._is_view() for t in model.parameters())
+    ex.initialize_cache(num_blocks=4, block_size=16)
+    cache = model.layers[0].self_attn.k_cache
+    assert not cache._is_view() and cache.untyped_storage().data_ptr() not in storages
+    assert bool((cache == 0).all())
 
 
 def test_decode_groups_split_by_length():

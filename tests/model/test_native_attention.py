@@ -21,7 +21,7 @@ from tokenfactory.model.runner import TorchExecutor
 
 from .conftest import run_engine
 
-pytestmark = pytest.mark.skipif(kernels.attention_kernel() is None,
+pytestmark = pytest.mark.skipif(kernels.library() is None,
                                 reason=f"native kernel unavailable: {kernels.unavailable_reason}")
 
 

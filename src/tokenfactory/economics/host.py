@@ -94,6 +94,16 @@ def _bandwidth(seconds: float, threads: int, array_bytes: int) -> tuple[float, d
                                   "array_bytes": n * 8}
 
 
+def measure_bandwidth(seconds: float = 1.6, threads: Optional[int] = None,
+                      array_bytes: int = 256 * 2 ** 20) -> tuple[float, dict]:
+    """Memory bandwidth alone (bytes/s, details), as :func:`measure_host` measures it: for
+    benchmarks that repeat it between their own runs, since on a shared host it drifts by tens
+    of percent within minutes. numpy advises its large arrays for transparent huge pages, so
+    this is the huge-page bandwidth (the model's weights and KV pages live on huge pages too,
+    see tokenfactory.model.hugepages)."""
+    return _bandwidth(seconds, threads or os.cpu_count() or 1, array_bytes)
+
+
 def _best_matmul(matmul, a, b, flops: float, seconds: float) -> float:
     matmul(a, b)                                  # warm up (thread pools, packing)
     deadline = time.perf_counter() + seconds

@@ -41,8 +41,7 @@ class RMSNorm(nn.Module):
 @torch.library.custom_op("tokenfactory::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b with W pre-packed by ``mkldnn._reorder_linear_weight``. A custom op so that
-    torch.compile treats it as one opaque kernel call instead of re-lowering it."""
+    """x @ W.T + b with W pre-packed by ``mkldnn._reorder_linear_weight``."""
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
@@ -51,47 +50,77 @@ def _(x, packed_weight, bias):
     return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
 
 
-class PackedLinear(nn.Module):
-    """A linear layer whose weight is stored pre-packed in oneDNN's blocked layout.
+# Ops on the compiled decode path are registered with the low-level torch.library API: a
+# ``torch.library.custom_op`` call costs ~5 us more (~45 us more for one that mutates an
+# argument, measured) than this registration, and a decode step makes ~60 such calls.
+_ops = torch.library.Library("tokenfactory", "FRAGMENT")
+_ops.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_ops.impl("linear", lambda x, weight, bias: kernels.linear(x, weight, bias), "CPU")
 
-    Stock ``F.linear`` reaches 10-20 GB/s on this CPU at batch 1 in bfloat16; the pre-packed
-    weight reaches ~30 GB/s (see docs in shared/reference/cpu-performance.md). Same math as
-    ``nn.Linear`` (bit-identical in bfloat16 in our checks).
 
-    ``keep_plain``: also keep the plain (out, in) weight, used instead of the packed one while
-    ``torch.compile`` traces: inductor (with freezing) then lowers a stock linear on a constant
-    weight to its own kernels, faster than the opaque packed op and without its per-call
-    custom-op overhead. Costs a second copy of the weights, so only compiled executors keep it.
+@torch.library.register_fake("tokenfactory::linear")
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """kernels.linear as an op, so compiled decode graphs call it as one opaque kernel."""
+    return torch.ops.tokenfactory.linear.default(x, weight, bias)
+
+
+class CpuLinear(nn.Module):
+    """A bfloat16 linear layer for CPUs, picking the fastest kernel for each batch size.
+
+    Up to ``kernels.LINEAR_MAX_ROWS`` rows (decode steps) it runs the native small-batch kernel,
+    which reads every weight byte once at memory bandwidth; stock ``F.linear`` reaches 10-20
+    GB/s on this CPU at batch 1 in bfloat16, oneDNN with pre-packed weights 20-25 GB/s, the
+    native kernel ~36 GB/s from huge-page memory (see kernels/linear.c). Larger batches
+    (prefill chunks, big decode batches) use oneDNN: on a copy of the weight pre-packed in its
+    blocked layout when ``pack`` (15-30% faster at 16-64 rows, the same from ~512, at the cost
+    of a second copy of the weights), else on the plain weight.
+
+    While ``torch.compile`` traces, small batches call the native kernel as the custom op
+    ``tokenfactory::linear`` and larger ones a stock linear that inductor lowers itself.
     """
 
-    def __init__(self, linear: nn.Linear, keep_plain: bool = False):
+    def __init__(self, linear: nn.Linear, pack: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed_weight",
-                             torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        self.register_buffer("plain_weight", linear.weight.detach() if keep_plain else None)
+        self.register_buffer("weight", linear.weight.detach())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(
+            self.weight, 1) if pack else None)
+        self.native = kernels.supports_linear(self.weight.dtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain_weight is not None and torch.compiler.is_compiling():
-            return F.linear(x, self.plain_weight, self.bias)
-        return packed_linear(x, self.packed_weight, self.bias)
+        rows = x.numel() // self.in_features
+        compiling = torch.compiler.is_compiling()
+        if self.native and rows <= kernels.LINEAR_MAX_ROWS:
+            x2 = x.reshape(rows, self.in_features)
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            y = (native_linear(x2, self.weight, self.bias) if compiling
+                 else kernels.linear(x2, self.weight, self.bias))   # direct: no op dispatch
+            return y.view(*x.shape[:-1], self.out_features)
+        if self.packed_weight is not None and not compiling:
+            return packed_linear(x, self.packed_weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
-def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
+def can_use_cpu_linears(dtype: torch.dtype, device: torch.device) -> bool:
     return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack_linears(module: nn.Module, keep_plain: bool = False) -> int:
-    """Replace every ``nn.Linear`` under ``module`` by a :class:`PackedLinear`. Returns how many."""
+def use_cpu_linears(module: nn.Module, pack: bool = False) -> int:
+    """Replace every ``nn.Linear`` under ``module`` by a :class:`CpuLinear`. Returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child, keep_plain))
+            setattr(module, name, CpuLinear(child, pack))
             count += 1
         else:
-            count += pack_linears(child, keep_plain)
+            count += use_cpu_linears(child, pack)
     return count
 
 
@@ -212,12 +241,19 @@ def _gather_pages(cache: torch.Tensor, index: torch.Tensor, meta: AttentionMetad
 _native_ok: dict[tuple[torch.dtype, int], bool] = {}
 
 
-@torch.library.custom_op("tokenfactory::decode_attention", mutates_args=())
-def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, positions: torch.Tensor, window: int,
-                            scale: float) -> torch.Tensor:
-    """kernels.decode_attention as an op: compiled decode graphs call it as one opaque kernel
-    (reading the cache the graph has just written), eager steps call it directly."""
+def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    """Store the step's K/V (T, Hkv, D) at their flat slots of the (Hkv, N, bs, D) caches."""
+    num_kv, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def _decode_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                           positions: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    _write_kv(k, v, k_cache, v_cache, slot_mapping)
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     out = q.new_empty(q.shape)
@@ -225,9 +261,27 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-@native_decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, positions, window, scale):
+_ops.define("decode_step_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
+            "Tensor(b!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor positions, "
+            "int window, float scale) -> Tensor")
+_ops.impl("decode_step_attention", _decode_step_attention, "CPU")
+
+
+@torch.library.register_fake("tokenfactory::decode_step_attention")
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, positions, window, scale):
     return q.new_empty(q.shape)
+
+
+def native_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       block_tables: torch.Tensor, positions: torch.Tensor, window: int,
+                       scale: float) -> torch.Tensor:
+    """Write the step's K/V into the caches, then attend (kernels.decode_attention): the whole
+    attention of a compiled decode step as one op. Written in the graph instead, the cache
+    write followed by an opaque op reading the cache made inductor copy the entire cache
+    around it on every step (observed with the native linear ops in the same graph)."""
+    return torch.ops.tokenfactory.decode_step_attention.default(
+        q, k, v, k_cache, v_cache, slot_mapping, block_tables, positions, window, scale)
 
 
 def _native_attention(q: torch.Tensor) -> bool:
@@ -256,30 +310,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     num_kv = k.shape[1]
     group = num_heads // num_kv
     bs = meta.block_size
-    flat_k = k_cache.view(num_kv, -1, head_dim)  # (Hkv, num_blocks * block_size, D)
-    flat_v = v_cache.view(num_kv, -1, head_dim)
-    flat_k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    flat_v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
     native = _native_attention(q)
+    if native and single and torch.compiler.is_compiling():   # a compiled decode step
+        dg = meta.decode_groups[0]
+        return native_decode_step(q, k, v, k_cache, v_cache, meta.slot_mapping,
+                                  dg.block_tables, dg.positions, window or 0, scale)
+    _write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = None if single else q.new_empty(q.shape)
 
     for dg in meta.decode_groups:
         if native:   # bfloat16 on AVX-512 BF16: K/V read through the block tables, no copy
+            # (eager only: compiled steps are single decode groups, handled above), written
+            # straight into this group's rows of the step's output
             qd = q[dg.start:dg.end]
-            compiling = torch.compiler.is_compiling()
-            if compiling:
-                od = native_decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
-                                             window or 0, scale)
-            else:   # the op's dispatch costs ~20 us a call: eager calls the kernel directly,
-                    # writing straight into this group's rows of the step's output
-                od = q.new_empty(qd.shape) if out is None else out[dg.start:dg.end]
-                kernels.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
-                                         window, scale, od)
+            od = q.new_empty(qd.shape) if out is None else out[dg.start:dg.end]
+            kernels.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
+                                     window, scale, od)
             if out is None:
                 return od
-            if compiling:
-                out[dg.start:dg.end] = od
             continue
         b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs

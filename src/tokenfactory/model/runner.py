@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
-from tokenfactory.model import kernels
+from tokenfactory.model import hugepages, kernels
 from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
 from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
-                                       can_pack_linears, pack_linears)
+                                       can_use_cpu_linears, use_cpu_linears)
 from tokenfactory.model.loader import load_model
 from tokenfactory.model.sampler import Sampler, position_logprobs
 
@@ -61,8 +61,9 @@ class TorchExecutor:
     None means "where it pays": bfloat16 on CPU. Tests pass False (or leave float32).
     ``compile_batch_sizes``: the batch buckets compiled (one graph each, compiled on first use
     or by :meth:`warmup`); ``compile_max_autotune`` picks inductor's slower-to-compile mode.
-    ``pack_weights``: store linear weights pre-packed for oneDNN; None means "where it pays"
-    (bfloat16 on CPU; float32 keeps stock kernels, which match transformers bit for bit).
+    ``pack_weights``: in bfloat16 on CPU, also keep a copy of the linear weights pre-packed
+    for oneDNN's large-batch GEMM (see CpuLinear); None means the default. float32 keeps stock
+    kernels, which match transformers bit for bit.
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -78,7 +79,7 @@ class TorchExecutor:
         self.model_config: ModelConfig = self.model.config
         self.dtype = self.model.embed_tokens.weight.dtype
         self.max_model_len = self.model_config.max_model_len
-        fast_cpu = can_pack_linears(self.dtype, self.device)
+        fast_cpu = can_use_cpu_linears(self.dtype, self.device)
         if pack_weights is None:
             pack_weights = fast_cpu
         self.compile = False if compile is None else bool(compile)  # auto: off until proven
@@ -88,9 +89,12 @@ class TorchExecutor:
             native = kernels.supports(self.dtype, self.model_config.head_dim)
             log.info("native attention kernels: %s", "on" if native else
                      f"off ({kernels.unavailable_reason or 'unsupported head size'})")
-        if pack_weights:
-            # compiled decode steps read the plain weights (see PackedLinear), eager the packed
-            pack_linears(self.model, keep_plain=self.compile)
+            # native small-batch linear kernel, oneDNN for large batches (see CpuLinear)
+            use_cpu_linears(self.model, pack=pack_weights)
+        if self.device.type == "cpu":
+            # every decode step streams all weights: huge pages make that stream ~25% faster
+            # on this kind of host (see hugepages.py)
+            hugepages.relocate(self.model)
         self.compile_batch_sizes = tuple(compile_batch_sizes)
         self.compile_max_autotune = compile_max_autotune
         self.sampler = Sampler(self.device, seed)
@@ -128,8 +132,8 @@ class TorchExecutor:
             # zero_() touches every page now: a lazily-zeroed (calloc) cache would page-fault
             # all through the first requests instead. Zeros (not garbage) matter: masked slots
             # must hold finite values, since 0 * NaN would poison the attention output.
-            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
-            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
+            attn.k_cache = self._empty(shape).zero_()
+            attn.v_cache = self._empty(shape).zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
         if self.compile:
             # compiled graphs are bound to the cache tensors: new tensors, new graphs
@@ -146,6 +150,11 @@ class TorchExecutor:
         ``compile`` is off). Call after ``initialize_cache``."""
         if self._compiled is not None:
             self._compiled.warmup()
+
+    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cpu":   # decode attention streams the pages too
+            return hugepages.empty(shape, self.dtype)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
 
     # ---------------------------------------------------------------- execute
     def _order(self, batch: Batch) -> tuple[list[int], list[ScheduledChunk]]:

@@ -1,0 +1,103 @@
+"""The native small-batch bfloat16 linear kernel (model/kernels/linear.c) and its use.
+
+Checked against float32 matmuls of the same bfloat16 inputs on shapes that hit every path of
+the kernel: 1-4 rows (one pass) and more (passes of 4, a remainder of 1-3), input widths that
+are and are not multiples of 64 (the 32-wide tail), strided activation and output rows, bias,
+NaN. Then in a compiled decode step: the graph calls it as the op tokenfactory::linear, and the
+step's logits agree with the eager step's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenfactory.model import kernels
+
+pytestmark = pytest.mark.skipif(kernels.library() is None,
+                                reason=f"native kernel unavailable: {kernels.unavailable_reason}")
+
+
+def reference(x, w, b):
+    y = x.float() @ w.float().T
+    return y if b is None else y + b.float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("in_features", [32, 96, 768])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_float32_matmul(rows, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * 1000 + in_features)
+    out_features = 37                     # odd: rows do not split evenly over threads
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16() if bias else None
+    got = kernels.linear(x, w, b)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    # float32 accumulation: only the single rounding of each output to bfloat16 remains
+    torch.testing.assert_close(got.float(), reference(x, w, b), atol=1e-2, rtol=8e-3)
+
+
+def test_strided_rows_in_and_out():
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(3, 200, generator=gen).bfloat16()
+    x = wide[:, 8:136]                    # (3, 128) rows 200 apart
+    w = torch.randn(24, 128, generator=gen).bfloat16()
+    out_wide = torch.full((3, 40), 7.0, dtype=torch.bfloat16)
+    out = out_wide[:, 4:28]
+    kernels.linear(x, w, None, out)
+    torch.testing.assert_close(out.float(), reference(x, w, None), atol=1e-2, rtol=8e-3)
+    assert bool((out_wide[:, :4] == 7).all()) and bool((out_wide[:, 28:] == 7).all())
+
+
+def test_nan_propagates_and_bad_shapes_are_refused():
+    x = torch.ones(1, 64, dtype=torch.bfloat16)
+    w = torch.ones(4, 64, dtype=torch.bfloat16)
+    w[2, 5] = float("nan")
+    y = kernels.linear(x, w, None)
+    assert torch.isnan(y[0, 2]) and not torch.isnan(y[0, [0, 1, 3]]).any()
+    assert not kernels.supports_linear(torch.bfloat16, 48)
+    assert not kernels.supports_linear(torch.float32, 64)
+    with pytest.raises(ValueError, match="rejected"):
+        kernels.linear(torch.ones(1, 48, dtype=torch.bfloat16),
+                       torch.ones(4, 48, dtype=torch.bfloat16), None)
+
+
+def test_compiled_decode_calls_the_op_and_matches_eager(checkpoint, monkeypatch):
+    """A compiled bfloat16 decode step routes its linears through the op tokenfactory::linear
+    (so through kernels.linear while the graph runs) and produces the eager step's tokens."""
+    from tokenfactory.engine.sampling_params import SamplingParams
+    from tokenfactory.model.compiled import CompiledDecode
+    from tokenfactory.model.runner import TorchExecutor
+
+    from .conftest import run_engine
+    from .test_native_attention import assert_greedy_agree
+    path = checkpoint("llama_gqa")[0]
+    prompts = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 2, 4], [3, 8, 6, 7]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    inside, in_graph = [False], []
+    real_linear, real_call = kernels.linear, CompiledDecode.__call__
+
+    def linear_spy(*args, **kw):
+        if inside[0]:
+            in_graph.append(args[1].shape)
+        return real_linear(*args, **kw)
+
+    def call_spy(self, *args):
+        inside[0] = True
+        try:
+            return real_call(self, *args)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(kernels, "linear", linear_spy)
+    monkeypatch.setattr(CompiledDecode, "__call__", call_spy)
+    compiled = TorchExecutor(path, dtype="bfloat16", compile=True, compile_batch_sizes=(2,),
+                             compile_max_autotune=False)
+    got, _ = run_engine(compiled, prompts, params)
+    monkeypatch.undo()
+    eager = TorchExecutor(path, dtype="bfloat16", compile=False)
+    want, _ = run_engine(eager, prompts, params)
+    layers = compiled.model_config.num_layers
+    assert len(in_graph) >= 4 * layers + 1    # q/k/v, o, gate/up, down per layer; lm_head
+    for g, w in zip(got, want):       # bfloat16: inductor's fused pointwise code rounds
+        assert_greedy_agree(g.outputs[0], w.outputs[0])     # differently from eager's ops
