@@ -199,16 +199,18 @@ def test_engine_prefill_through_kernel_matches_sdpa(bf16_model, monkeypatch):
 
 
 def test_compiled_decode_calls_the_kernel_as_an_op(bf16_model, monkeypatch):
-    """Compiled decode graphs call the native decode kernel through its custom op (it must
-    trace, and read the K/V the graph itself has just written): same tokens as eager."""
+    """Compiled decode graphs call the native decode kernel through the op
+    tokenfactory::decode_step_attention (which writes the step's K/V, then attends): same
+    tokens as eager."""
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     prompts = [[(7 * i + 3) % 512 for i in range(n)] for n in (9, 40)]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=1)
+    # (native_decode off: it would take these decode steps before the compiled graphs)
     compiled = TorchExecutor(bf16_model, dtype="bfloat16", compile=True, compile_batch_sizes=(2,),
-                             compile_max_autotune=False)
-    eager = TorchExecutor(bf16_model, dtype="bfloat16", compile=False)
+                             compile_max_autotune=False, native_decode=False)
+    eager = TorchExecutor(bf16_model, dtype="bfloat16", compile=False, native_decode=False)
     a, _ = run_engine(compiled, prompts, params, block_size=16)
     assert compiled._compiled is not None and compiled._compiled._warm == {2}
     assert calls

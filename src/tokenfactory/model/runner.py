@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
-from tokenfactory.model import hugepages, kernels
+from tokenfactory.model import hugepages, kernels, native_step
 from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
 from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
@@ -61,6 +61,9 @@ class TorchExecutor:
     None means "where it pays": bfloat16 on CPU. Tests pass False (or leave float32).
     ``compile_batch_sizes``: the batch buckets compiled (one graph each, compiled on first use
     or by :meth:`warmup`); ``compile_max_autotune`` picks inductor's slower-to-compile mode.
+    ``native_decode``: run decode-only steps of up to 8 sequences one native call per layer
+    (``native_step.py``); None means wherever the model and CPU support it (bfloat16 with the
+    native kernels). Takes precedence over the compiled decode graphs.
     ``pack_weights``: in bfloat16 on CPU, also keep a copy of the linear weights pre-packed
     for oneDNN's large-batch GEMM (see CpuLinear); None means the default. float32 keeps stock
     kernels, which match transformers bit for bit.
@@ -71,7 +74,7 @@ class TorchExecutor:
                  compile_batch_sizes: tuple[int, ...] = (1, 2, 4),
                  compile_max_autotune: bool = True,
                  num_threads: int | None = None, seed: int | None = None,
-                 pack_weights: bool | None = None):
+                 pack_weights: bool | None = None, native_decode: bool | None = None):
         self.device = torch.device(device)
         if self.device.type == "cpu":
             configure_threads(num_threads)
@@ -95,6 +98,12 @@ class TorchExecutor:
             # every decode step streams all weights: huge pages make that stream ~25% faster
             # on this kind of host (see hugepages.py)
             hugepages.relocate(self.model)
+        supported = native_step.supports(self.model)
+        if native_decode and not supported:
+            raise ValueError("native decode steps need a bfloat16 model on a CPU with the native "
+                             f"kernels ({kernels.unavailable_reason or 'unsupported shapes'})")
+        self.native_decode = supported if native_decode is None else bool(native_decode)
+        self._native: native_step.NativeDecodeStep | None = None
         self.compile_batch_sizes = tuple(compile_batch_sizes)
         self.compile_max_autotune = compile_max_autotune
         self.sampler = Sampler(self.device, seed)
@@ -135,6 +144,8 @@ class TorchExecutor:
             attn.k_cache = self._empty(shape).zero_()
             attn.v_cache = self._empty(shape).zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
+        if self.native_decode:
+            self._native = native_step.NativeDecodeStep(self.model, num_blocks, block_size)
         if self.compile:
             # compiled graphs are bound to the cache tensors: new tensors, new graphs
             if self._compiled is None or reallocated or self._compiled.block_size != block_size:
@@ -215,6 +226,10 @@ class TorchExecutor:
     def _logits_fn(self, chunks: list[ScheduledChunk]):
         """Run the forward pass; returns ``logits(rows) -> (len(rows), vocab)`` float32."""
         ids, positions, slots, pages = self._flatten(chunks)
+        native = self._native
+        if native is not None and len(ids) == len(chunks) and native.serves(len(ids)):
+            all_logits = native(ids, positions, slots, pages)                   # (B, V)
+            return lambda rows: all_logits[rows]
         compiled = self._compiled
         if compiled is not None and len(ids) == len(chunks) and compiled.serves(pages):
             all_logits = compiled(ids, positions, slots, pages)                 # (B, V)

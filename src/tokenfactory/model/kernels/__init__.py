@@ -2,8 +2,9 @@
 
 For CPUs with AVX-512 BF16 (see the comment at the top of each file for why it exists):
 ``attention.c`` holds bfloat16 prefill and decode attention over the paged KV cache,
-``linear.c`` a small-batch bfloat16 linear layer that runs at memory bandwidth. Both are built
-into one library, once per source version and machine, in ``~/.cache/tokenfactory/kernels/``
+``linear.c`` a small-batch bfloat16 linear layer that runs at memory bandwidth, and
+``decode_layer.c`` a whole decoder layer for a batch of single-token decodes built from the two.
+They are built into one library, once per source version and machine, in ``~/.cache/tokenfactory/kernels/``
 (override with TOKENFACTORY_CACHE) with ``cc -O3 -march=native -fopenmp``, and loaded with
 ctypes; calls release the GIL.
 
@@ -28,7 +29,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("attention.c", "linear.c")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("attention.c", "linear.c", "decode_layer.c")]
+_HEADER = Path(__file__).with_name("kernels.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -50,7 +53,7 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, _HEADER))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("flags")), "")
@@ -101,6 +104,10 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_linear.argtypes = [ptr, i64, i32, ptr, i32, i32, ptr, ptr, i64]
     lib.tf_linear_supported.restype = i32
     lib.tf_linear_supported.argtypes = [i32]
+    lib.tf_decode_layer.restype = i32
+    lib.tf_decode_layer.argtypes = [ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
+    lib.tf_rms_norm_rows.restype = None
+    lib.tf_rms_norm_rows.argtypes = [ptr, i32, i32, ptr, f32, ptr]
     return lib
 
 
@@ -229,4 +236,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if rc != 0:
         raise ValueError(f"native linear rejected shapes x={tuple(x.shape)} "
                          f"weight={tuple(weight.shape)}")
+    return out
+
+
+class LayerWeights(ctypes.Structure):
+    """tf_layer in decode_layer.c: one decoder layer's tensors (NULL where absent)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "input_norm", "qkv_w", "qkv_b", "q_norm", "k_norm", "o_w", "o_b", "post_norm",
+        "gate_up_w", "gate_up_b", "down_w", "down_b", "k_cache", "v_cache")] + [
+        ("window", ctypes.c_int64)]
+
+
+class LayerDims(ctypes.Structure):
+    """tf_dims in decode_layer.c."""
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "hidden", "heads", "kv_heads", "head_dim", "intermediate", "num_blocks", "block_size")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+def decode_layer_workspace(batch: int, dims: LayerDims) -> int:
+    """bfloat16 elements of scratch :func:`decode_layer` needs for ``batch`` rows."""
+    qkv = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
+    return batch * (2 * dims.hidden + qkv + dims.heads * dims.head_dim + 3 * dims.intermediate)
+
+
+def decode_layer(layer: LayerWeights, dims: LayerDims, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                 positions: torch.Tensor, work: torch.Tensor) -> None:
+    """Run one decoder layer (decode_layer.c) on the residual stream ``x`` (B, hidden) in
+    place: B single-token decodes at ``positions`` (B,) whose K/V go to the flat cache
+    ``slots`` (B,), attending through ``tables`` (B, pages). cos/sin (B, head_dim) bfloat16,
+    ``work`` scratch of :func:`decode_layer_workspace` elements. The caller guarantees dtypes
+    and contiguity (checked once when it builds ``layer``); the kernel checks the rest."""
+    lib = _lib
+    rc = lib.tf_decode_layer(ctypes.addressof(layer), ctypes.addressof(dims), x.shape[0],
+                             x.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                             tables.data_ptr(), tables.stride(0), tables.shape[1],
+                             positions.data_ptr(), work.data_ptr())
+    if rc != 0:
+        why = {-2: "out of memory", -3: "a position lies past its block table"}.get(
+            rc, "unsupported shapes")
+        raise ValueError(f"native decode layer failed: {why}")
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of contiguous bfloat16 rows (the layer kernel's own, single-threaded: for the
+    few rows of a decode step, where torch's fused kernel costs ~0.15 ms a call here)."""
+    out = torch.empty_like(x)
+    _lib.tf_rms_norm_rows(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps,
+                          out.data_ptr())
     return out

@@ -18,21 +18,13 @@
  */
 #include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+#include <stdlib.h>
+
+#include "kernels.h"
 
 #define KB 64       /* keys per block: K and V tiles of one block stay in L1 */
 #define MR 4        /* query rows per micro-kernel */
 #define TILE 32     /* query rows per task (MR multiple) */
-
-typedef uint16_t bf16;
-
-static inline bf16 f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);   /* round to nearest even (inputs are finite) */
-    return (bf16)(u >> 16);
-}
 
 /* exp(x) for x <= 0: 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], with a degree-6
  * polynomial for 2^f (relative error ~2e-7); exactly 0 below -87 (and for -inf). */
@@ -249,7 +241,7 @@ int tf_prefill_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, c
                 const int row = r0 + r;
                 bf16 *dst = out + (int64_t)(row / G) * out_stride + (int64_t)(h * G + row % G) * D;
                 const float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
-                for (int d = 0; d < D; d++) dst[d] = f2bf(o[r * D + d] * inv);
+                for (int d = 0; d < D; d++) dst[d] = to_bf16(o[r * D + d] * inv);
             }
         }
     }
@@ -264,101 +256,121 @@ int tf_prefill_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, c
  * takes the softmax in float32, pass 3 accumulates V rows weighted by float32 probabilities.
  * One task per (sequence, KV head).
  */
-#include <stdlib.h>
+
+/* One (sequence, KV head) task of decode attention. ``s`` / ``s_cap``: the calling thread's
+ * float scratch, grown as needed (freed by the caller). Returns 0, or -2 when out of memory. */
+int tf_decode_task(int task, const bf16 *q, int64_t q_stride, const bf16 *k_cache,
+                   const bf16 *v_cache, int64_t num_blocks, int bs, const int64_t *tables,
+                   int64_t table_stride, const int64_t *positions, int H, int Hkv, int D,
+                   int window, float scale, bf16 *out, int64_t out_stride, float **s_buf,
+                   int64_t *s_cap) {
+    const int G = H / Hkv;
+    const int DV = D / 16;                      /* float32 vectors per row */
+    const int64_t head_stride = num_blocks * bs * D, page_elems = (int64_t)bs * D;
+    __m512 acc[16];                              /* DV <= 16 */
+    const int seq = task / Hkv, h = task % Hkv;
+    const int64_t pos = positions[seq];
+    const int64_t lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+    const int64_t nk = pos - lo + 1;
+    if (nk * G > *s_cap) {
+        free(*s_buf);
+        *s_cap = nk * G * 2;
+        *s_buf = (float *)malloc(sizeof(float) * *s_cap);
+        if (!*s_buf) { *s_cap = 0; return -2; }
+    }
+    float *s = *s_buf;
+    const int64_t *table = tables + seq * table_stride;
+    const bf16 *kh = k_cache + h * head_stride, *vh = v_cache + h * head_stride;
+    const bf16 *qs = q + seq * q_stride + (int64_t)h * G * D;
+    /* pass 1: s[g][j] = scale * q_g . k_j */
+    for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {   /* page by page: no division per key */
+        const bf16 *page = kh + table[pg] * page_elems;
+        const int64_t j0 = pg * bs;
+        const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
+        for (int t = t0; t < t1; t++) {
+            const bf16 *kr = page + (int64_t)t * D;
+            for (int g = 0; g < G; g++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int c = 0; c < D / 32; c++)
+                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qs + g * D + c * 32),
+                                         (__m512bh)_mm512_loadu_si512(kr + c * 32));
+                s[g * nk + (j0 + t - lo)] = scale * _mm512_reduce_add_ps(a);
+            }
+        }
+    }
+    /* pass 2: softmax per query head, in float32 */
+    for (int g = 0; g < G; g++) {
+        float *sg = s + g * nk;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < nk; j++) mx = sg[j] > mx ? sg[j] : mx;
+        __m512 sum = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= nk; j += 16) {
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + j), _mm512_set1_ps(mx)));
+            _mm512_storeu_ps(sg + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        float tail = 0.f;
+        for (; j < nk; j++) { sg[j] = expf(sg[j] - mx); tail += sg[j]; }
+        const float inv = 1.0f / (_mm512_reduce_add_ps(sum) + tail);
+        for (j = 0; j < nk; j++) sg[j] *= inv;
+    }
+    /* pass 3: out_g = sum_j p[g][j] v_j, walking V once for (up to 16 / DV) heads */
+    for (int g0 = 0; g0 < G; g0 += 16 / DV) {
+        const int gn = G - g0 < 16 / DV ? G - g0 : 16 / DV;
+        for (int i = 0; i < gn * DV; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {
+            const bf16 *page = vh + table[pg] * page_elems;
+            const int64_t j0 = pg * bs;
+            const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
+            for (int t = t0; t < t1; t++) {
+                const bf16 *vr = page + (int64_t)t * D;
+                const float *pj = s + g0 * nk + (j0 + t - lo);
+                for (int c = 0; c < DV; c++) {
+                    const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16)));
+                    for (int g = 0; g < gn; g++)
+                        acc[g * DV + c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[g * nk]), vf, acc[g * DV + c]);
+                }
+            }
+        }
+        for (int g = 0; g < gn; g++) {
+            bf16 *dst = out + seq * out_stride + (int64_t)(h * G + g0 + g) * D;
+            for (int c = 0; c < DV; c++) {
+                float tmp[16];
+                _mm512_storeu_ps(tmp, acc[g * DV + c]);
+                for (int t = 0; t < 16; t++) dst[c * 16 + t] = to_bf16(tmp[t]);
+            }
+        }
+    }
+    return 0;
+}
+
+/* Checks shared by the decode entry points: 0, -1 (shapes), -3 (a position past its table). */
+int tf_decode_check(int b, int H, int Hkv, int D, int bs, int64_t num_pages,
+                    const int64_t *positions) {
+    if (!tf_attention_supported(D) || Hkv <= 0 || H % Hkv != 0 || b <= 0) return -1;
+    for (int i = 0; i < b; i++)
+        if (positions[i] < 0 || positions[i] / bs >= num_pages) return -3;
+    return 0;
+}
 
 int tf_decode_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, const bf16 *v_cache,
                         int64_t num_blocks, int bs, const int64_t *tables, int64_t table_stride,
                         int64_t num_pages, const int64_t *positions, int b, int H, int Hkv,
                         int D, int window, float scale, bf16 *out, int64_t out_stride) {
-    if (!tf_attention_supported(D) || H % Hkv != 0 || b <= 0) return -1;
-    for (int i = 0; i < b; i++)
-        if (positions[i] < 0 || positions[i] / bs >= num_pages) return -3;   /* past the table */
-    const int G = H / Hkv;
-    const int DV = D / 16;                      /* float32 vectors per row */
-    const int64_t head_stride = num_blocks * bs * D, page_elems = (int64_t)bs * D;
+    const int check = tf_decode_check(b, H, Hkv, D, bs, num_pages, positions);
+    if (check != 0) return check;
     int status = 0;
-
 #pragma omp parallel
     {
         float *s = NULL;
         int64_t s_cap = 0;
-        __m512 acc[16];                          /* DV <= 16 */
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < b * Hkv; task++) {
-            const int seq = task / Hkv, h = task % Hkv;
-            const int64_t pos = positions[seq];
-            const int64_t lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
-            const int64_t nk = pos - lo + 1;
-            if (nk * G > s_cap) {
-                free(s);
-                s_cap = nk * G * 2;
-                s = (float *)malloc(sizeof(float) * s_cap);
-                if (!s) { s_cap = 0; status = -2; continue; }
-            }
-            const int64_t *table = tables + seq * table_stride;
-            const bf16 *kh = k_cache + h * head_stride, *vh = v_cache + h * head_stride;
-            const bf16 *qs = q + seq * q_stride + (int64_t)h * G * D;
-            /* pass 1: s[g][j] = scale * q_g . k_j */
-            for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {   /* page by page: no division per key */
-                const bf16 *page = kh + table[pg] * page_elems;
-                const int64_t j0 = pg * bs;
-                const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
-                for (int t = t0; t < t1; t++) {
-                    const bf16 *kr = page + (int64_t)t * D;
-                    for (int g = 0; g < G; g++) {
-                        __m512 a = _mm512_setzero_ps();
-                        for (int c = 0; c < D / 32; c++)
-                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qs + g * D + c * 32),
-                                                 (__m512bh)_mm512_loadu_si512(kr + c * 32));
-                        s[g * nk + (j0 + t - lo)] = scale * _mm512_reduce_add_ps(a);
-                    }
-                }
-            }
-            /* pass 2: softmax per query head, in float32 */
-            for (int g = 0; g < G; g++) {
-                float *sg = s + g * nk;
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < nk; j++) mx = sg[j] > mx ? sg[j] : mx;
-                __m512 sum = _mm512_setzero_ps();
-                int64_t j = 0;
-                for (; j + 16 <= nk; j += 16) {
-                    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + j), _mm512_set1_ps(mx)));
-                    _mm512_storeu_ps(sg + j, e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                float tail = 0.f;
-                for (; j < nk; j++) { sg[j] = expf(sg[j] - mx); tail += sg[j]; }
-                const float inv = 1.0f / (_mm512_reduce_add_ps(sum) + tail);
-                for (j = 0; j < nk; j++) sg[j] *= inv;
-            }
-            /* pass 3: out_g = sum_j p[g][j] v_j, walking V once for (up to 16 / DV) heads */
-            for (int g0 = 0; g0 < G; g0 += 16 / DV) {
-                const int gn = G - g0 < 16 / DV ? G - g0 : 16 / DV;
-                for (int i = 0; i < gn * DV; i++) acc[i] = _mm512_setzero_ps();
-                for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {
-                    const bf16 *page = vh + table[pg] * page_elems;
-                    const int64_t j0 = pg * bs;
-                    const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
-                    for (int t = t0; t < t1; t++) {
-                        const bf16 *vr = page + (int64_t)t * D;
-                        const float *pj = s + g0 * nk + (j0 + t - lo);
-                        for (int c = 0; c < DV; c++) {
-                            const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16)));
-                            for (int g = 0; g < gn; g++)
-                                acc[g * DV + c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[g * nk]), vf, acc[g * DV + c]);
-                        }
-                    }
-                }
-                for (int g = 0; g < gn; g++) {
-                    bf16 *dst = out + seq * out_stride + (int64_t)(h * G + g0 + g) * D;
-                    for (int c = 0; c < DV; c++) {
-                        float tmp[16];
-                        _mm512_storeu_ps(tmp, acc[g * DV + c]);
-                        for (int t = 0; t < 16; t++) dst[c * 16 + t] = f2bf(tmp[t]);
-                    }
-                }
-            }
-        }
+        for (int task = 0; task < b * Hkv; task++)
+            if (tf_decode_task(task, q, q_stride, k_cache, v_cache, num_blocks, bs, tables,
+                               table_stride, positions, H, Hkv, D, window, scale, out,
+                               out_stride, &s, &s_cap) != 0)
+                status = -2;
         free(s);
     }
     return status;

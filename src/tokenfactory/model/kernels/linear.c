@@ -14,25 +14,8 @@
  * rounded to bfloat16 once, after the bias is added. Output rows are split over OpenMP threads.
  */
 #include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-
-static inline bf16 to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (bf16)((u >> 16) | 0x40u);   /* NaN stays NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);                                       /* nearest even */
-    return (bf16)(u >> 16);
-}
-
-static inline float from_bf16(bf16 h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "kernels.h"
 
 /* One weight row against MM (a compile-time constant, so the accumulators live in registers)
  * activation rows. Two accumulators per activation row halve the dependency chain. */
@@ -69,11 +52,9 @@ ROW_DOT(4)
 
 int tf_linear_supported(int in_features) { return in_features > 0 && in_features % 32 == 0; }
 
-/* Returns 0, or -1 for shapes the kernel does not handle (K not a multiple of 32). */
-int tf_linear(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
-              const bf16 *bias, bf16 *out, int64_t out_stride) {
-    if (!tf_linear_supported(K) || M < 0 || N < 0) return -1;
-#pragma omp parallel for schedule(static)
+void tf_linear_rows(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
+                    const bf16 *bias, bf16 *out, int64_t out_stride) {
+#pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
         const bf16 *wp = w + (int64_t)n * K;
         const float bn = bias ? from_bf16(bias[n]) : 0.0f;
@@ -90,5 +71,13 @@ int tf_linear(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int 
             for (int m = 0; m < mm; m++) out[(m0 + m) * out_stride + n] = to_bf16(s[m] + bn);
         }
     }
+}
+
+/* Returns 0, or -1 for shapes the kernel does not handle (K not a multiple of 32). */
+int tf_linear(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
+              const bf16 *bias, bf16 *out, int64_t out_stride) {
+    if (!tf_linear_supported(K) || M < 0 || N < 0) return -1;
+#pragma omp parallel
+    tf_linear_rows(x, x_stride, M, w, N, K, bias, out, out_stride);
     return 0;
 }

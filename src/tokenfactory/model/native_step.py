@@ -1,0 +1,92 @@
+"""Decode-only steps of up to ``kernels.LINEAR_MAX_ROWS`` sequences through the native layer.
+
+A small-batch decode step streams every weight once, so its floor is weight bytes / memory
+bandwidth (2.5-5 ms for the 100M bench model on this host). Run as torch ops, the step adds
+~15 dispatches per layer; compiled with torch.compile, still ~5 opaque calls per layer plus
+inductor's own kernels, 1-3 ms per step in all. Here each layer is one call into
+``kernels/decode_layer.c``; embedding, RoPE tables, the final norm and ``lm_head`` (the native
+linear kernel) stay in torch: ~15 ops per step instead of ~200.
+
+Used by the executor for bfloat16 models on CPUs with the native kernels, whatever the
+architecture switches (q/k/v bias, q/k norm, sliding windows, tied embeddings, every RoPE
+variant: the tables come from the model's own ``RotaryEmbedding``).
+"""
+from __future__ import annotations
+
+import torch
+
+from tokenfactory.model import kernels
+from tokenfactory.model.llama import LlamaForCausalLM
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    assert t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"
+    return t.data_ptr()
+
+
+def supports(model: LlamaForCausalLM) -> bool:
+    """Whether this model's decode steps can run natively here."""
+    cfg = model.config
+    dtype = model.embed_tokens.weight.dtype
+    return (model.embed_tokens.weight.device.type == "cpu"
+            and kernels.supports(dtype, cfg.head_dim)
+            and all(kernels.supports_linear(dtype, n) for n in
+                    (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
+            and all(getattr(layer.mlp.gate_up_proj, "native", False)
+                    for layer in model.layers))
+
+
+class NativeDecodeStep:
+    """``__call__(input_ids, positions, slots, tables) -> logits (B, vocab)`` float32 for a
+    decode-only batch of ``B <= max_batch`` sequences (one new token each)."""
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+        cfg = model.config
+        self.model = model
+        self.max_batch = kernels.LINEAR_MAX_ROWS
+        self.dims = kernels.LayerDims(
+            hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
+            num_blocks=model.layers[0].self_attn.k_cache.shape[1], block_size=block_size,
+            eps=cfg.rms_norm_eps, scale=cfg.head_dim ** -0.5)
+        self.layers = []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(kernels.LayerWeights(
+                input_norm=_ptr(layer.input_layernorm.weight),
+                qkv_w=_ptr(attn.qkv_proj.weight), qkv_b=_ptr(attn.qkv_proj.bias),
+                q_norm=_ptr(attn.q_norm.weight) if attn.q_norm is not None else None,
+                k_norm=_ptr(attn.k_norm.weight) if attn.k_norm is not None else None,
+                o_w=_ptr(attn.o_proj.weight), o_b=_ptr(attn.o_proj.bias),
+                post_norm=_ptr(layer.post_attention_layernorm.weight),
+                gate_up_w=_ptr(mlp.gate_up_proj.weight), gate_up_b=_ptr(mlp.gate_up_proj.bias),
+                down_w=_ptr(mlp.down_proj.weight), down_b=_ptr(mlp.down_proj.bias),
+                k_cache=_ptr(attn.k_cache), v_cache=_ptr(attn.v_cache),
+                window=cfg.sliding_windows[i] or 0))
+        self.work = torch.empty(kernels.decode_layer_workspace(self.max_batch, self.dims),
+                                dtype=torch.bfloat16)
+        _ptr(model.norm.weight)              # checks dtype and layout
+        self.final_norm = model.norm.weight
+        # The structs hold raw cache pointers: the executor builds a new step whenever it
+        # (re)allocates the cache (TorchExecutor.initialize_cache).
+
+    def serves(self, batch: int) -> bool:
+        return 0 < batch <= self.max_batch
+
+    def __call__(self, input_ids: list[int], positions: list[int], slots: list[int],
+                 tables: list[list[int]]) -> torch.Tensor:
+        model = self.model
+        width = max(len(t) for t in tables)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        slot = torch.tensor(slots, dtype=torch.int64)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        x = model.embed_tokens(torch.tensor(input_ids, dtype=torch.int64)).contiguous()
+        rope_lens = pos + 1 if model.rotary.dynamic else None
+        cos, sin = model.rotary.cos_sin(pos, x.dtype, rope_lens)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        for layer in self.layers:
+            kernels.decode_layer(layer, self.dims, x, cos, sin, slot, table, pos, self.work)
+        return model.compute_logits(kernels.rms_norm_rows(x, self.final_norm,
+                                                          model.config.rms_norm_eps))
