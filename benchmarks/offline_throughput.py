@@ -190,6 +190,8 @@ def main() -> None:
                     help="alternating host-bandwidth / batch-1 decode measurements")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="on",
                     help="torch.compile small-batch decode steps (auto: the executor's default)")
+    ap.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
+                    help="keep a oneDNN-packed copy of the linear weights for large batches")
     ap.add_argument("--skip-hf", action="store_true", help="only run tokenfactory")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the host floor and tokenfactory's batch-1 decode (~2 min)")
@@ -199,7 +201,8 @@ def main() -> None:
 
     model_dir = ensure_model()
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
-    ex = TorchExecutor(model_dir, dtype=args.dtype, compile=compile_flag)
+    pack = {"auto": None, "on": True, "off": False}[args.pack_weights]
+    ex = TorchExecutor(model_dir, dtype=args.dtype, compile=compile_flag, pack_weights=pack)
     dtype, cfg = ex.dtype, ex.model_config
     args.vocab_size = cfg.vocab_size
     # Bytes a decode step must read: every weight incl. lm_head, but only one row of an untied
