@@ -77,8 +77,8 @@ def test_native_decode_matches_torch_ops(models, name, monkeypatch):
     prompts = [[gen.randrange(512) for _ in range(n)] for n in (5, 40, 17, 63)]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True)
     calls = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(a[3].shape[0]) or real(*a))
+    real = kernels.decode_step
+    monkeypatch.setattr(kernels, "decode_step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     native = TorchExecutor(models(name), dtype="bfloat16", compile=False)
     assert native.native_decode
     got, _ = run_engine(native, prompts, params, block_size=16)
@@ -114,8 +114,8 @@ def test_batches_above_the_native_limit_fall_back(models, monkeypatch):
     params = [SamplingParams(temperature=0, max_tokens=3 + (i % 3), logprobs=2,
                              ignore_eos=True) for i in range(n)]
     sizes = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: sizes.append(a[3].shape[0]) or real(*a))
+    real = kernels.decode_step
+    monkeypatch.setattr(kernels, "decode_step", lambda *a: sizes.append(a[2].shape[0]) or real(*a))
     native = TorchExecutor(models("llama_gqa"), dtype="bfloat16", compile=False)
     got, _ = run_engine(native, prompts, params, block_size=16, max_num_seqs=n)
     monkeypatch.undo()

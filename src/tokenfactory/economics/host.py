@@ -112,6 +112,46 @@ def measure_bandwidth(seconds: float = 1.6, threads: Optional[int] = None,
     return _bandwidth(seconds, threads or os.cpu_count() or 1, array_bytes)
 
 
+def read_seconds(buffers: list, seconds: float = 1.0, threads: Optional[int] = None) -> float:
+    """Best time to read every byte of ``buffers`` (numpy arrays, e.g. views of a model's
+    weights) once, each thread a slice of each buffer, all threads at once: the floor of a
+    step that has to stream exactly these bytes from wherever they live. (On a VM the same
+    host can read one allocation ~35 GB/s and another ~60: fresh arrays measure the host,
+    this measures the memory a model actually got.)"""
+    threads = threads or os.cpu_count() or 1
+    slices = [[buf[i * len(buf) // threads:(i + 1) * len(buf) // threads] for buf in buffers]
+              for i in range(threads)]
+    barrier = threading.Barrier(threads + 1)
+    starts, ends, stop = [0.0] * threads, [0.0] * threads, [False]
+
+    def worker(index: int) -> None:
+        while True:
+            barrier.wait()
+            if stop[0]:
+                return
+            starts[index] = time.perf_counter()
+            for part in slices[index]:
+                if len(part):
+                    part.max()
+            ends[index] = time.perf_counter()
+            barrier.wait()
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    best, rounds, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while rounds < 3 or (time.perf_counter() < deadline and rounds < 200):
+        barrier.wait()
+        barrier.wait()
+        best = min(best, max(ends) - min(starts))
+        rounds += 1
+    stop[0] = True
+    barrier.wait()
+    for t in pool:
+        t.join()
+    return best
+
+
 def _best_matmul(matmul, a, b, flops: float, seconds: float) -> float:
     matmul(a, b)                                  # warm up (thread pools, packing)
     deadline = time.perf_counter() + seconds

@@ -3,9 +3,10 @@
 A small-batch decode step streams every weight once, so its floor is weight bytes / memory
 bandwidth (2.5-5 ms for the 100M bench model on this host). Run as torch ops, the step adds
 ~15 dispatches per layer; compiled with torch.compile, still ~5 opaque calls per layer plus
-inductor's own kernels, 1-3 ms per step in all. Here each layer is one call into
-``kernels/decode_layer.c``; embedding, RoPE tables, the final norm and ``lm_head`` (the native
-linear kernel) stay in torch: ~15 ops per step instead of ~200.
+inductor's own kernels, 1-3 ms per step in all. Here the whole step -- embedding, every layer,
+final norm, ``lm_head`` -- is one call into ``kernels/decode_layer.c``. Python around it
+matters too: the weight stream flushes the caches, so every bit of Python between two steps
+runs cold (measured ~0.3 ms of it when embedding, norm and lm_head were torch ops).
 
 Used by the executor for bfloat16 models on CPUs with the native kernels, whatever the
 architecture switches (q/k/v bias, q/k norm, sliding windows, tied embeddings, every RoPE
@@ -35,7 +36,8 @@ def supports(model: LlamaForCausalLM) -> bool:
             and all(kernels.supports_linear(dtype, n) for n in
                     (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
             and all(getattr(layer.mlp.gate_up_proj, "native", False)
-                    for layer in model.layers))
+                    for layer in model.layers)
+            and getattr(model.lm_head, "native", False) and model.lm_head.bias is None)
 
 
 class NativeDecodeStep:
@@ -51,10 +53,10 @@ class NativeDecodeStep:
             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
             num_blocks=model.layers[0].self_attn.k_cache.shape[1], block_size=block_size,
             eps=cfg.rms_norm_eps, scale=cfg.head_dim ** -0.5)
-        self.layers = []
+        self.layers = (kernels.LayerWeights * len(model.layers))()
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(kernels.LayerWeights(
+            self.layers[i] = (kernels.LayerWeights(
                 input_norm=_ptr(layer.input_layernorm.weight),
                 qkv_w=_ptr(attn.qkv_proj.weight), qkv_b=_ptr(attn.qkv_proj.bias),
                 q_norm=_ptr(attn.q_norm.weight) if attn.q_norm is not None else None,
@@ -65,10 +67,18 @@ class NativeDecodeStep:
                 down_w=_ptr(mlp.down_proj.weight), down_b=_ptr(mlp.down_proj.bias),
                 k_cache=_ptr(attn.k_cache), v_cache=_ptr(attn.v_cache),
                 window=cfg.sliding_windows[i] or 0))
+        # RoPE rows for every position, once (not for dynamic NTK, whose rows depend on the
+        # sequence length too: computed per step)
+        self.rope_table = None
+        if not model.rotary.dynamic:
+            positions = torch.arange(cfg.max_model_len, dtype=torch.int64)
+            self.rope_table = tuple(t.contiguous() for t in model.rotary.cos_sin(
+                positions, model.embed_tokens.weight.dtype))
         self.work = torch.empty(kernels.decode_layer_workspace(self.max_batch, self.dims),
                                 dtype=torch.bfloat16)
-        _ptr(model.norm.weight)              # checks dtype and layout
-        self.final_norm = model.norm.weight
+        for t in (model.norm.weight, model.embed_tokens.weight, model.lm_head.weight):
+            _ptr(t)                          # checks dtype and layout
+        self.x = torch.empty(self.max_batch, cfg.hidden_size, dtype=torch.bfloat16)
         # The structs hold raw cache pointers: the executor builds a new step whenever it
         # (re)allocates the cache (TorchExecutor.initialize_cache).
 
@@ -82,11 +92,14 @@ class NativeDecodeStep:
         pos = torch.tensor(positions, dtype=torch.int64)
         slot = torch.tensor(slots, dtype=torch.int64)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
-        x = model.embed_tokens(torch.tensor(input_ids, dtype=torch.int64)).contiguous()
-        rope_lens = pos + 1 if model.rotary.dynamic else None
-        cos, sin = model.rotary.cos_sin(pos, x.dtype, rope_lens)
-        cos, sin = cos.contiguous(), sin.contiguous()
-        for layer in self.layers:
-            kernels.decode_layer(layer, self.dims, x, cos, sin, slot, table, pos, self.work)
-        return model.compute_logits(kernels.rms_norm_rows(x, self.final_norm,
-                                                          model.config.rms_norm_eps))
+        ids = torch.tensor(input_ids, dtype=torch.int64)
+        if self.rope_table is not None:
+            (cos, sin), rows = self.rope_table, pos
+        else:
+            cos, sin = (t.contiguous() for t in model.rotary.cos_sin(pos, self.x.dtype, pos + 1))
+            rows = torch.arange(len(positions), dtype=torch.int64)
+        logits = torch.empty(len(input_ids), model.config.vocab_size, dtype=torch.float32)
+        kernels.decode_step(self.layers, self.dims, ids, model.embed_tokens.weight,
+                            model.norm.weight, model.lm_head.weight, self.x, cos, sin, rows,
+                            slot, table, pos, self.work, logits)
+        return logits

@@ -104,10 +104,9 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_linear.argtypes = [ptr, i64, i32, ptr, i32, i32, ptr, ptr, i64]
     lib.tf_linear_supported.restype = i32
     lib.tf_linear_supported.argtypes = [i32]
-    lib.tf_decode_layer.restype = i32
-    lib.tf_decode_layer.argtypes = [ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
-    lib.tf_rms_norm_rows.restype = None
-    lib.tf_rms_norm_rows.argtypes = [ptr, i32, i32, ptr, f32, ptr]
+    lib.tf_decode_step.restype = i32
+    lib.tf_decode_step.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr,
+                                   ptr, ptr, ptr, i64, i64, ptr, ptr, ptr]
     return lib
 
 
@@ -260,29 +259,26 @@ def decode_layer_workspace(batch: int, dims: LayerDims) -> int:
     return batch * (2 * dims.hidden + qkv + dims.heads * dims.head_dim + 3 * dims.intermediate)
 
 
-def decode_layer(layer: LayerWeights, dims: LayerDims, x: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                 positions: torch.Tensor, work: torch.Tensor) -> None:
-    """Run one decoder layer (decode_layer.c) on the residual stream ``x`` (B, hidden) in
-    place: B single-token decodes at ``positions`` (B,) whose K/V go to the flat cache
-    ``slots`` (B,), attending through ``tables`` (B, pages). cos/sin (B, head_dim) bfloat16,
-    ``work`` scratch of :func:`decode_layer_workspace` elements. The caller guarantees dtypes
-    and contiguity (checked once when it builds ``layer``); the kernel checks the rest."""
-    lib = _lib
-    rc = lib.tf_decode_layer(ctypes.addressof(layer), ctypes.addressof(dims), x.shape[0],
-                             x.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-                             tables.data_ptr(), tables.stride(0), tables.shape[1],
-                             positions.data_ptr(), work.data_ptr())
+def decode_step(layers: ctypes.Array, dims: LayerDims, ids: torch.Tensor, embed: torch.Tensor,
+                final_norm: torch.Tensor, lm_head: torch.Tensor, x: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, rope_rows: torch.Tensor,
+                slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
+                work: torch.Tensor, logits: torch.Tensor) -> None:
+    """One decode step in one call (decode_layer.c): B = len(ids) single-token decodes at
+    ``positions`` (B,) whose K/V go to the flat cache ``slots`` (B,), attending through
+    ``tables`` (B, pages); embedding, every layer, final norm and ``lm_head`` into float32
+    ``logits`` (B, vocab). RoPE from rows ``rope_rows`` (B,) of the bfloat16 tables
+    ``cos``/``sin``; ``x`` (B, hidden) and ``work`` (:func:`decode_layer_workspace`
+    elements) are scratch. The caller guarantees dtypes and contiguity (checked once when it
+    builds ``layers``); the kernel checks the rest."""
+    b = ids.shape[0]
+    rc = _lib.tf_decode_step(layers, len(layers), ctypes.addressof(dims), b, ids.data_ptr(),
+                             embed.data_ptr(), final_norm.data_ptr(), lm_head.data_ptr(),
+                             lm_head.shape[0], x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                             rope_rows.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                             tables.stride(0), tables.shape[1], positions.data_ptr(),
+                             work.data_ptr(), logits.data_ptr())
     if rc != 0:
-        why = {-2: "out of memory", -3: "a position lies past its block table"}.get(
-            rc, "unsupported shapes")
-        raise ValueError(f"native decode layer failed: {why}")
-
-
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of contiguous bfloat16 rows (the layer kernel's own, single-threaded: for the
-    few rows of a decode step, where torch's fused kernel costs ~0.15 ms a call here)."""
-    out = torch.empty_like(x)
-    _lib.tf_rms_norm_rows(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps,
-                          out.data_ptr())
-    return out
+        why = {-1: "unsupported shapes or a token id outside the vocabulary", -2: "out of memory",
+               -3: "a position lies past its block table"}[rc]
+        raise ValueError(f"native decode step failed: {why}")

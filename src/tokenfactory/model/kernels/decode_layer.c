@@ -41,11 +41,6 @@ static void rms_norm(const bf16 *x, int n, const bf16 *w, float eps, bf16 *out) 
     for (int i = 0; i < n; i++) out[i] = to_bf16(from_bf16(x[i]) * r * from_bf16(w[i]));
 }
 
-/* rows of n: out = rms_norm(x) * w (the final norm of a native decode step). */
-void tf_rms_norm_rows(const bf16 *x, int rows, int n, const bf16 *w, float eps, bf16 *out) {
-    for (int r = 0; r < rows; r++) rms_norm(x + (int64_t)r * n, n, w, eps, out + (int64_t)r * n);
-}
-
 /* One head in place: optional RMSNorm (rounded), then RoPE with cos/sin rows of D (sin's
  * first half already negated, see rope.py): x * cos + [x2, x1] * sin. */
 static void norm_rope(bf16 *h, int D, const bf16 *norm_w, float eps, const bf16 *cos,
@@ -60,15 +55,16 @@ static void norm_rope(bf16 *h, int D, const bf16 *norm_w, float eps, const bf16 
     }
 }
 
-/* x (B, hidden) is the residual stream, updated in place. cos/sin (B, D); slots (B,) flat
+/* x (B, hidden) is the residual stream, updated in place. cos/sin: tables of D-wide rows,
+ * sequence b using row rope_rows[b] (the position, for a table over all positions); slots (B,) flat
  * cache slots (page * block_size + offset) of the new tokens; tables (B, num_pages) with a
  * row stride; positions (B,). work: B * (2 hidden + (heads + 2 kv_heads) D + heads D +
  * 3 intermediate) bfloat16 scratch. Returns 0, -1 (unsupported shapes), -2 (out of memory),
  * -3 (a position past its block table). */
-int tf_decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, const bf16 *cos,
-                    const bf16 *sin, const int64_t *slots, const int64_t *tables,
-                    int64_t table_stride, int64_t num_pages, const int64_t *positions,
-                    bf16 *work) {
+static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, const bf16 *cos,
+                        const bf16 *sin, const int64_t *rope_rows, const int64_t *slots,
+                        const int64_t *tables, int64_t table_stride, int64_t num_pages,
+                        const int64_t *positions, bf16 *work) {
     const int H = (int)d->hidden, NH = (int)d->heads, NKV = (int)d->kv_heads, D = (int)d->head_dim;
     const int I = (int)d->intermediate, NQ = NH * D, NQKV = (NH + 2 * NKV) * D;
     const int check = tf_decode_check(B, NH, NKV, D, (int)d->block_size, num_pages, positions);
@@ -91,7 +87,7 @@ int tf_decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, const b
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {   /* q/k norm + RoPE, then K/V into the cache */
             bf16 *row = qkv + (int64_t)b * NQKV;
-            const bf16 *c = cos + (int64_t)b * D, *sn = sin + (int64_t)b * D;
+            const bf16 *c = cos + rope_rows[b] * D, *sn = sin + rope_rows[b] * D;
             for (int h = 0; h < NH; h++) norm_rope(row + h * D, D, L->q_norm, d->eps, c, sn);
             for (int h = 0; h < NKV; h++) {
                 bf16 *k = row + NQ + h * D;
@@ -136,4 +132,30 @@ int tf_decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, const b
         free(s);
     }
     return status;
+}
+
+/* A whole decode step: embedding rows of ``ids`` -> every layer -> final RMSNorm -> lm_head,
+ * into float32 ``logits`` (B, vocab) (rounded to bfloat16 first, as torch computes them).
+ * ``lm_head`` may be the embedding table (tied). Scratch: ``x`` (B, hidden) and ``work``. */
+int tf_decode_step(const tf_layer *layers, int num_layers, const tf_dims *d, int B,
+                   const int64_t *ids, const bf16 *embed, const bf16 *final_norm,
+                   const bf16 *lm_head, int vocab, bf16 *x, const bf16 *cos, const bf16 *sin,
+                   const int64_t *rope_rows, const int64_t *slots, const int64_t *tables,
+                   int64_t table_stride, int64_t num_pages, const int64_t *positions, bf16 *work,
+                   float *logits) {
+    const int H = (int)d->hidden;
+    for (int b = 0; b < B; b++) {
+        if (ids[b] < 0 || ids[b] >= vocab) return -1;
+        memcpy(x + (int64_t)b * H, embed + ids[b] * H, sizeof(bf16) * H);
+    }
+    for (int i = 0; i < num_layers; i++) {
+        const int rc = decode_layer(layers + i, d, B, x, cos, sin, rope_rows, slots, tables,
+                                    table_stride, num_pages, positions, work);
+        if (rc != 0) return rc;
+    }
+    for (int b = 0; b < B; b++)
+        rms_norm(x + (int64_t)b * H, H, final_norm, d->eps, work + (int64_t)b * H);
+#pragma omp parallel
+    tf_linear_rows_to(work, H, B, lm_head, vocab, H, NULL, NULL, logits, vocab);
+    return 0;
 }

@@ -28,6 +28,8 @@ static inline float from_bf16(bf16 h) {
  * call it from inside a parallel region (every thread), or through tf_linear. */
 void tf_linear_rows(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
                     const bf16 *bias, bf16 *out, int64_t out_stride);
+void tf_linear_rows_to(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
+                       const bf16 *bias, bf16 *out, float *out_f32, int64_t out_stride);
 int tf_linear_supported(int in_features);
 
 /* attention.c: decode attention, one (sequence, KV head) task; and its argument checks. */

@@ -54,6 +54,14 @@ int tf_linear_supported(int in_features) { return in_features > 0 && in_features
 
 void tf_linear_rows(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
                     const bf16 *bias, bf16 *out, int64_t out_stride) {
+    tf_linear_rows_to(x, x_stride, M, w, N, K, bias, out, NULL, out_stride);
+}
+
+/* As tf_linear_rows; with ``out_f32`` (and out NULL) each output is still rounded to bfloat16
+ * but stored widened to float32 (the logits of a decode step: torch computes lm_head in
+ * bfloat16, then casts). */
+void tf_linear_rows_to(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
+                       const bf16 *bias, bf16 *out, float *out_f32, int64_t out_stride) {
 #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
         const bf16 *wp = w + (int64_t)n * K;
@@ -68,7 +76,11 @@ void tf_linear_rows(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N
                 case 3: row_dot3(wp, xp, x_stride, K, s); break;
                 default: row_dot4(wp, xp, x_stride, K, s); break;
             }
-            for (int m = 0; m < mm; m++) out[(m0 + m) * out_stride + n] = to_bf16(s[m] + bn);
+            for (int m = 0; m < mm; m++) {
+                const bf16 y = to_bf16(s[m] + bn);
+                if (out_f32) out_f32[(m0 + m) * out_stride + n] = from_bf16(y);
+                else out[(m0 + m) * out_stride + n] = y;
+            }
         }
     }
 }
