@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,41 @@ def _physical_memory() -> int:
         return 0
 
 
+def _best_parallel(jobs: list[Callable[[], object]], seconds: float) -> float:
+    """Run every job on a thread of its own, all released together, round after round (at
+    least 3, at most 200, until ``seconds`` pass); the best round's wall time, from the first
+    start to the last end. Each worker stamps its own times: the main thread may wake up late
+    from the barrier, after the workers (numpy runs without the GIL) already finished."""
+    count = len(jobs)
+    barrier = threading.Barrier(count + 1)
+    starts, ends, stop = [0.0] * count, [0.0] * count, [False]
+
+    def worker(index: int) -> None:
+        while True:
+            barrier.wait()
+            if stop[0]:
+                return
+            starts[index] = time.perf_counter()
+            jobs[index]()
+            ends[index] = time.perf_counter()
+            barrier.wait()
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
+    for t in pool:
+        t.start()
+    best, rounds, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while rounds < 3 or (time.perf_counter() < deadline and rounds < 200):
+        barrier.wait()                       # release the workers
+        barrier.wait()                       # all done
+        best = min(best, max(ends) - min(starts))
+        rounds += 1
+    stop[0] = True
+    barrier.wait()
+    for t in pool:
+        t.join()
+    return best
+
+
 def _bandwidth(seconds: float, threads: int, array_bytes: int) -> tuple[float, dict]:
     """STREAM-style copy (a = b: 2 bytes moved per byte) and add (a = b + c: 3), each thread
     on its own slice so every core pulls on memory; best round wins. Also a read-only stream
@@ -48,54 +83,15 @@ def _bandwidth(seconds: float, threads: int, array_bytes: int) -> tuple[float, d
     n = array_bytes // 8
     a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)     # touch every page up front
     bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
-
-    def run(kernel: str, rounds_deadline: float) -> float:
-        best = float("inf")
-        barrier = threading.Barrier(threads + 1)
-        stop = [False]
-
-        # Each worker stamps its own start and end: the main thread may wake up late from
-        # the barrier, after the workers (which run without the GIL) already finished.
-        starts = [0.0] * threads
-        ends = [0.0] * threads
-
-        def worker(index: int, lo: int, hi: int) -> None:
-            while True:
-                barrier.wait()
-                if stop[0]:
-                    return
-                starts[index] = time.perf_counter()
-                if kernel == "copy":
-                    np.copyto(a[lo:hi], b[lo:hi])
-                elif kernel == "read":
-                    b[lo:hi].max()
-                else:
-                    np.add(b[lo:hi], c[lo:hi], out=a[lo:hi])
-                ends[index] = time.perf_counter()
-                barrier.wait()
-
-        pool = [threading.Thread(target=worker, args=(i, lo, hi), daemon=True)
-                for i, (lo, hi) in enumerate(bounds)]
-        for t in pool:
-            t.start()
-        rounds = 0
-        while rounds < 3 or time.perf_counter() < rounds_deadline:
-            barrier.wait()                       # release the workers
-            barrier.wait()                       # all slices done
-            best = min(best, max(ends) - min(starts))
-            rounds += 1
-            if rounds >= 200:
-                break
-        stop[0] = True
-        barrier.wait()
-        for t in pool:
-            t.join()
-        return best
-
-    third = seconds / 3.0
-    copy_s = run("copy", time.perf_counter() + third)
-    add_s = run("add", time.perf_counter() + third)
-    read_s = run("read", time.perf_counter() + third)
+    kernels = {
+        "copy": lambda lo, hi: np.copyto(a[lo:hi], b[lo:hi]),
+        "add": lambda lo, hi: np.add(b[lo:hi], c[lo:hi], out=a[lo:hi]),
+        "read": lambda lo, hi: b[lo:hi].max(),
+    }
+    best = {name: _best_parallel([lambda f=f, lo=lo, hi=hi: f(lo, hi) for lo, hi in bounds],
+                                 seconds / 3.0)
+            for name, f in kernels.items()}
+    copy_s, add_s, read_s = best["copy"], best["add"], best["read"]
     copy_bw = 2 * n * 8 / copy_s
     add_bw = 3 * n * 8 / add_s
     return max(copy_bw, add_bw), {"copy_bytes_per_s": copy_bw, "add_bytes_per_s": add_bw,
@@ -121,35 +117,8 @@ def read_seconds(buffers: list, seconds: float = 1.0, threads: Optional[int] = N
     threads = threads or os.cpu_count() or 1
     slices = [[buf[i * len(buf) // threads:(i + 1) * len(buf) // threads] for buf in buffers]
               for i in range(threads)]
-    barrier = threading.Barrier(threads + 1)
-    starts, ends, stop = [0.0] * threads, [0.0] * threads, [False]
-
-    def worker(index: int) -> None:
-        while True:
-            barrier.wait()
-            if stop[0]:
-                return
-            starts[index] = time.perf_counter()
-            for part in slices[index]:
-                if len(part):
-                    part.max()
-            ends[index] = time.perf_counter()
-            barrier.wait()
-
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
-    for t in pool:
-        t.start()
-    best, rounds, deadline = float("inf"), 0, time.perf_counter() + seconds
-    while rounds < 3 or (time.perf_counter() < deadline and rounds < 200):
-        barrier.wait()
-        barrier.wait()
-        best = min(best, max(ends) - min(starts))
-        rounds += 1
-    stop[0] = True
-    barrier.wait()
-    for t in pool:
-        t.join()
-    return best
+    return _best_parallel([lambda parts=parts: [p.max() for p in parts if len(p)]
+                           for parts in slices], seconds)
 
 
 def _best_matmul(matmul, a, b, flops: float, seconds: float) -> float:

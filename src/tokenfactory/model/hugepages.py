@@ -27,10 +27,12 @@ ALIGN = 4096          # every tensor starts on its own page (and a 64-byte cache
 
 
 def _arena(nbytes: int) -> torch.UntypedStorage:
-    """Storage over a fresh anonymous mapping of ``nbytes`` advised for huge pages; it keeps
-    the mapping alive. (Linux places mappings of 2 MiB and more on a huge-page boundary;
-    where it does not, only the partial huge pages at either end stay small.)"""
-    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    """Storage over a fresh anonymous mapping of at least ``nbytes`` advised for huge pages;
+    it keeps the mapping alive. The length is rounded up to whole huge pages: recent kernels
+    then start the mapping on a huge-page boundary (where they do not, only the partial huge
+    pages at either end stay small)."""
+    length = (max(nbytes, 1) + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mm.madvise(mmap.MADV_HUGEPAGE)

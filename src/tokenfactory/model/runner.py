@@ -61,12 +61,12 @@ class TorchExecutor:
     None means "where it pays": bfloat16 on CPU. Tests pass False (or leave float32).
     ``compile_batch_sizes``: the batch buckets compiled (one graph each, compiled on first use
     or by :meth:`warmup`); ``compile_max_autotune`` picks inductor's slower-to-compile mode.
-    ``native_decode``: run decode-only steps of up to 8 sequences one native call per layer
+    ``native_decode``: run decode-only steps of up to 8 sequences as one native call each
     (``native_step.py``); None means wherever the model and CPU support it (bfloat16 with the
     native kernels). Takes precedence over the compiled decode graphs.
     ``pack_weights``: in bfloat16 on CPU, also keep a copy of the linear weights pre-packed
-    for oneDNN's large-batch GEMM (see CpuLinear); None means no (the default). float32 keeps stock
-    kernels, which match transformers bit for bit.
+    for oneDNN's large-batch GEMM (see CpuLinear); None means no (the default). float32 keeps
+    stock kernels, which match transformers bit for bit.
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str | torch.dtype | None = None,

@@ -3,10 +3,10 @@
 For CPUs with AVX-512 BF16 (see the comment at the top of each file for why it exists):
 ``attention.c`` holds bfloat16 prefill and decode attention over the paged KV cache,
 ``linear.c`` a small-batch bfloat16 linear layer that runs at memory bandwidth, and
-``decode_layer.c`` a whole decoder layer for a batch of single-token decodes built from the two.
-They are built into one library, once per source version and machine, in ``~/.cache/tokenfactory/kernels/``
-(override with TOKENFACTORY_CACHE) with ``cc -O3 -march=native -fopenmp``, and loaded with
-ctypes; calls release the GIL.
+``decode_layer.c`` a whole decode step for a batch of single-token decodes built from the two.
+They are built into one library, once per source version and machine, in
+``~/.cache/tokenfactory/kernels/`` (override with TOKENFACTORY_CACHE) with
+``cc -O3 -march=native -fopenmp``, and loaded with ctypes; calls release the GIL.
 
 Everything here is optional: no compiler, a CPU without AVX-512 BF16, a failed build, or
 TOKENFACTORY_NATIVE_KERNELS=0 make :func:`library` return None, and the model falls back to
@@ -254,7 +254,7 @@ class LayerDims(ctypes.Structure):
 
 
 def decode_layer_workspace(batch: int, dims: LayerDims) -> int:
-    """bfloat16 elements of scratch :func:`decode_layer` needs for ``batch`` rows."""
+    """bfloat16 elements of scratch :func:`decode_step` needs for ``batch`` rows."""
     qkv = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
     return batch * (2 * dims.hidden + qkv + dims.heads * dims.head_dim + 3 * dims.intermediate)
 
