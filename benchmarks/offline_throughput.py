@@ -131,13 +131,8 @@ class Batch1Decode:
 def weight_arrays(ex: TorchExecutor) -> list:
     """numpy views (no copies) of the bytes a decode step reads: every linear weight incl.
     lm_head (the embedding table is read one row a step)."""
-    import numpy as np
-    out = []
-    for module in ex.model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"):
-            out.append(w.detach().view(torch.int16).reshape(-1).numpy().view(np.int16))
-    return out
+    return [module.weight.detach().view(torch.int16).reshape(-1).numpy()
+            for module in ex.model.modules() if hasattr(module, "in_features")]
 
 
 def decode_vs_floor(ex: TorchExecutor, args, read_bytes: int) -> tuple[float, float]:

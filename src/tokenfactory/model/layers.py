@@ -38,18 +38,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.shape, self.weight, self.eps)
 
 
-@torch.library.custom_op("tokenfactory::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b with W pre-packed by ``mkldnn._reorder_linear_weight``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, packed_weight, bias):
-    return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
-
-
 # Ops on the compiled decode path are registered with the low-level torch.library API: a
 # ``torch.library.custom_op`` call costs ~5 us more (~45 us more for one that mutates an
 # argument, measured) than this registration, and a decode step makes ~60 such calls.
@@ -102,8 +90,9 @@ class CpuLinear(nn.Module):
             y = (native_linear(x2, self.weight, self.bias) if compiling
                  else kernels.linear(x2, self.weight, self.bias))   # direct: no op dispatch
             return y.view(*x.shape[:-1], self.out_features)
-        if self.packed_weight is not None and not compiling:
-            return packed_linear(x, self.packed_weight, self.bias)
+        if self.packed_weight is not None and not compiling:   # (eager only: no op needed)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias,
+                                                      "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 

@@ -148,7 +148,10 @@ class TorchExecutor:
         self.num_blocks, self.block_size = num_blocks, block_size
         if self.native_decode:
             self._native = native_step.NativeDecodeStep(self.model, num_blocks, block_size)
-        if self.compile:
+        # the native step takes every decode batch a compiled graph would: none is needed
+        native_covers = self._native is not None and self._native.serves(
+            max(self.compile_batch_sizes))
+        if self.compile and not native_covers:
             # compiled graphs are bound to the cache tensors: new tensors, new graphs
             if self._compiled is None or reallocated or self._compiled.block_size != block_size:
                 self._compiled = CompiledDecode(self.model, block_size, num_blocks,
