@@ -1,7 +1,8 @@
-"""Tokenizer: a Hugging Face model directory's tokenizer, without `transformers`.
+"""Tokenizer: a Hugging Face model directory's or a GGUF file's tokenizer, without `transformers`.
 
 Loads `tokenizer.json` with the `tokenizers` library and the surrounding metadata
-(`tokenizer_config.json`, `chat_template.jinja`, `generation_config.json`), and renders chat
+(`tokenizer_config.json`, `chat_template.jinja`, `generation_config.json`), or builds the same
+kind of `tokenizers` object from a GGUF file's metadata (`gguf_tokenizer.py`), and renders chat
 templates the way `transformers.PreTrainedTokenizerBase.apply_chat_template(tokenize=False)` does,
 byte for byte (see `chat_template.py`).
 """
@@ -23,8 +24,12 @@ __all__ = ["Tokenizer", "TokenizerLoadError", "ChatTemplateError"]
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+# The sampling fields of generation_config.json a request inherits when it leaves them out.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
 class TokenizerLoadError(ValueError):
-    """The model directory has no usable tokenizer (missing or corrupt file)."""
+    """The model directory or GGUF file has no usable tokenizer (missing, corrupt or unsupported)."""
 
 
 def _token_content(value: Any) -> str | None:
@@ -67,6 +72,7 @@ class Tokenizer:
         generation_config = dict(generation_config or {})
         self._backend = backend
         self.name_or_path = name_or_path
+        self._generation_config = generation_config
         # Named special tokens (strings) as the config declares them; these are what templates see.
         self.special_tokens_map: dict[str, str] = {}
         for attr in _NAMED_SPECIAL_TOKENS:
@@ -171,6 +177,48 @@ class Tokenizer:
             chat_template=template,
             name_or_path=str(root),
         )
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, reader: Any = None) -> Tokenizer:
+        """Build the tokenizer a GGUF file's metadata describes (byte-level BPE vocabularies).
+
+        `reader`: an already open `gguf.GGUFReader` of the same file, to parse its metadata once.
+        """
+        from tokenfactory.text.gguf_tokenizer import GGUFTokenizerError, read_gguf_tokenizer
+
+        try:
+            parts = read_gguf_tokenizer(path, reader=reader)
+        except GGUFTokenizerError as exc:
+            raise TokenizerLoadError(str(exc)) from None
+        return cls(
+            parts.backend,
+            config=parts.config,
+            generation_config=parts.generation_config,
+            chat_template=parts.chat_template,
+            name_or_path=str(path),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """A Hugging Face model directory or a GGUF file (recognized by its magic bytes, not its name)."""
+        from tokenfactory.text.gguf_tokenizer import is_gguf_file
+
+        p = Path(path)
+        if p.is_dir():
+            return cls.from_dir(p)
+        if is_gguf_file(p):
+            return cls.from_gguf(p)
+        if not p.exists():
+            raise TokenizerLoadError(f"{p}: no such file or directory")
+        raise TokenizerLoadError(f"{p}: neither a model directory nor a GGUF file (no GGUF magic)")
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """Sampling defaults the model ships (generation_config.json, or a GGUF's general.sampling.*):
+        only the fields present among temperature, top_p, top_k, repetition_penalty."""
+        return {k: self._generation_config[k] for k in _SAMPLING_FIELDS
+                if isinstance(self._generation_config.get(k), (int, float))
+                and not isinstance(self._generation_config.get(k), bool)}
 
     # ------------------------------------------------------------------ encode / decode
 
