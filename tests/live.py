@@ -230,7 +230,7 @@ class ServeProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"serve-{self.port}.log"
         self._log = open(self.log_path, "w+")
-        cmd = [sys.executable, "-m", "tokenfactory.cli", "serve", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "tokenfactory.cli", "serve", "--demo", "--port", str(self.port),
                "--max-model-len", "512", "--kv-cache-memory", "16M", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})

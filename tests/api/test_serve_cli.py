@@ -42,7 +42,7 @@ def test_serve_starts_says_random_and_stops_cleanly(tmp_path):
     port = _free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenfactory.cli", "serve", "--port", str(port),
+        [sys.executable, "-m", "tokenfactory.cli", "serve", "--demo", "--port", str(port),
          "--max-model-len", "512", "--kv-cache-memory", "16M", "--api-key", "sekrit:t1",
          "--model-alias", "claude-*=tokenfactory-demo"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -123,7 +123,7 @@ def test_claude_code_on_the_random_demo_model(scratch_repo, tmp_path):
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "tokenfactory.cli", "serve", "--port", str(port),
+            [sys.executable, "-m", "tokenfactory.cli", "serve", "--demo", "--port", str(port),
              "--model-alias", "claude-*=tokenfactory-demo"],
             stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -128,9 +128,11 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     limited_by = None if not clamped else ("output_cap" if cap and max_tokens == cap else "context")
     params = make_sampling_params(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0, stop=list(body.stop_sequences or []),
+        temperature=ctx.sampling_default("temperature", body.temperature, 1.0),
+        top_p=ctx.sampling_default("top_p", body.top_p, 1.0),
+        top_k=ctx.sampling_default("top_k", body.top_k, 0) or 0,
+        repetition_penalty=ctx.sampling_default("repetition_penalty", None, 1.0),
+        stop=list(body.stop_sequences or []),
         ignore_eos=bool(body.ignore_eos), min_tokens=min(body.min_tokens or 0, max_tokens),
         seed=body.seed)
     parser = get_tool_parser(ctx.parser_name)() if prompt.use_parser else None
@@ -140,7 +142,8 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
                      parser_prefill=prompt.parser_prefill, overload_status=529)
     await gen.start()
     headers = {"request-id": request_id, "x-request-id": request_id,
-               "x-tokenfactory-max-tokens": str(max_tokens)}
+               "x-tokenfactory-max-tokens": str(max_tokens),
+               **ctx.tools_dropped_headers(len(prompt.tools or []))}
     if clamped:
         headers["x-tokenfactory-max-tokens-clamped"] = f"{body.max_tokens}->{max_tokens}"
     if body.stream:

@@ -103,11 +103,15 @@ def _sampling(ctx: ServingContext, body, num_prompt: int, requested: int | None)
                        param="stop")
     kw: dict[str, Any] = dict(
         max_tokens=max_tokens, stop=stop, seed=body.seed,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0, ignore_eos=bool(body.ignore_eos),
+        temperature=ctx.sampling_default("temperature", body.temperature, 1.0),
+        top_p=ctx.sampling_default("top_p", body.top_p, 1.0),
+        top_k=ctx.sampling_default("top_k", body.top_k, 0) or 0,
+        min_p=ctx.sampling_default("min_p", body.min_p, 0.0),
+        presence_penalty=ctx.sampling_default("presence_penalty", body.presence_penalty, 0.0),
+        frequency_penalty=ctx.sampling_default("frequency_penalty", body.frequency_penalty, 0.0),
+        repetition_penalty=ctx.sampling_default("repetition_penalty", body.repetition_penalty,
+                                                1.0),
+        ignore_eos=bool(body.ignore_eos),
         min_tokens=body.min_tokens or 0, stop_token_ids=body.stop_token_ids or [])
     return make_sampling_params(**kw), max_tokens, clamped
 
@@ -171,7 +175,8 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     gen = Generation(ctx, cid, ids, params, cache_salt=tenant, breakpoints=[], parser=parser,
                      parser_prefill=prefill, overload_status=429)
     await gen.start()
-    headers = _headers(max_tokens, clamped, requested)
+    headers = {**_headers(max_tokens, clamped, requested),
+               **ctx.tools_dropped_headers(len(tools or []))}
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

