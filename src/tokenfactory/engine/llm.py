@@ -15,7 +15,8 @@ Prompt = str | Sequence[int]
 def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
                       compile: bool | None = None, step_hook=None, clock=None,
                       **engine_args) -> EngineCore:
-    """Load a Hugging Face directory (weights + tokenizer) and build an EngineCore on it."""
+    """Load a model (a GGUF file or a Hugging Face directory: weights + tokenizer) and build an
+    EngineCore on it."""
     from tokenfactory.model.runner import TorchExecutor
     from tokenfactory.text.tokenizer import Tokenizer
 
@@ -23,7 +24,7 @@ def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
     if compile is not None:
         executor_kwargs["compile"] = compile
     executor = TorchExecutor(model_dir, **executor_kwargs)
-    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
     extra = {"clock": clock} if clock is not None else {}
     return EngineCore(executor, EngineConfig(**engine_args), model_max_len=executor.max_model_len,
                       tokenizer=tokenizer, eos_token_ids=tokenizer.eos_token_ids,
@@ -33,7 +34,7 @@ def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
 class LLM:
     """Generate offline with continuous batching and prefix caching.
 
-    >>> llm = LLM("path/to/hf-model", dtype="bfloat16", max_model_len=4096)
+    >>> llm = LLM("path/to/model.gguf or hf-model-dir", dtype="bfloat16", max_model_len=4096)
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))
     >>> outs[0].outputs[0].text
     """
