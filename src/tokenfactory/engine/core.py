@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from tokenfactory.engine.executor import Executor
+from tokenfactory.engine.executor import Batch, Executor, SampleOutput
 from tokenfactory.engine.kv_manager import KVCacheManager
 from tokenfactory.engine.request import (CacheBreakpoint, CompletionOutput, Request, RequestMetrics,
                                          RequestOutput, RequestStatus)
@@ -70,6 +70,10 @@ class EngineCore:
         self.clock = clock
         self.step_hook = step_hook
         self.max_model_len = min(config.max_model_len or model_max_len, model_max_len)
+        # Prompt ids are checked against it (when the executor knows it): an out-of-range id
+        # would fail the forward pass of every request batched with it.
+        self.vocab_size: int | None = getattr(getattr(executor, "model_config", None),
+                                              "vocab_size", None)
 
         bytes_per_block = executor.kv_cache_bytes_per_block(config.block_size)
         if config.num_kv_blocks is not None:
@@ -106,15 +110,22 @@ class EngineCore:
                     sampling_params: SamplingParams | None = None, *, prompt: str | None = None,
                     cache_salt: str | None = None,
                     cache_breakpoints: Sequence[CacheBreakpoint] = (),
-                    arrival_time: float | None = None) -> Request:
+                    arrival_time: float | None = None, tenant: str | None = None) -> Request:
+        """Queue a request. ``tenant`` (e.g. the API key's name; None = the shared tenant)
+        only affects admission order: waiting requests are admitted round robin by tenant,
+        FIFO within one (see ``Scheduler``). Raises ValueError (AdmissionError) for a request
+        that can never be served; nothing is queued then."""
         params = sampling_params or SamplingParams()
         ids = list(prompt_token_ids)
+        if ids and self.vocab_size is not None and not (
+                0 <= min(ids) and max(ids) < self.vocab_size):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(ids))
         req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids,
                       arrival_time=self.clock() if arrival_time is None else arrival_time,
                       cache_salt=cache_salt, cache_breakpoints=tuple(cache_breakpoints),
-                      prompt=prompt)
+                      prompt=prompt, tenant=tenant)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first token has no logprob
         if self.tokenizer is not None:
@@ -149,6 +160,14 @@ class EngineCore:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def num_waiting_for(self, tenant: str | None) -> int:
+        """Requests of ``tenant`` waiting for admission (preempted ones included)."""
+        return self.scheduler.waiting.count(tenant)
+
+    def waiting_by_tenant(self) -> dict[str | None, int]:
+        """{tenant: waiting requests}, tenants with none omitted (a snapshot)."""
+        return self.scheduler.waiting.counts()
+
     # -------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -160,24 +179,22 @@ class EngineCore:
         for c in batch.chunks:
             if c.request.first_scheduled_time is None:
                 c.request.first_scheduled_time = t0
-        try:
-            results = self.executor.execute(batch)
-        except Exception as exc:  # noqa: BLE001 - a failed forward pass fails its requests only
-            log.exception("forward pass failed; failing %d request(s)", len(batch.chunks))
-            for c in batch.chunks:
-                req = c.request
-                req.finish_reason, req.error = "error", f"{type(exc).__name__}: {exc}"
-                self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-                req.finished_time = self.clock()
-                outputs.append(self._make_output(req, [], ""))
-            return outputs
+        results = self._execute(batch, outputs)
         now = self.clock()
-        if self.step_hook is not None:
-            self.step_hook(now - t0, {c.request.request_id: c.num_tokens for c in batch.chunks})
+        done = {c.request.request_id: c.num_tokens for c, r in zip(batch.chunks, results)
+                if r is not None}
+        if self.step_hook is not None and done:   # failed chunks are not charged
+            self.step_hook(now - t0, done)
 
         for chunk, res in zip(batch.chunks, results):
             req = chunk.request
-            if req.is_finished:  # aborted while the step ran
+            if req.is_finished or res is None:  # aborted while the step ran, or failed
+                continue
+            if req.sampling_error is not None:
+                # this request's row could not be sampled: it fails, its batch-mates go on
+                log.warning("request %s failed in sampling: %s", req.request_id,
+                            req.sampling_error)
+                self._fail(req, f"sampling failed: {req.sampling_error}", outputs)
                 continue
             was_prefilling = req.num_computed_tokens < req.num_prompt_tokens
             req.num_computed_tokens += chunk.num_tokens
@@ -206,6 +223,39 @@ class EngineCore:
             outputs.append(self._make_output(req, [token], new_text))
         return outputs
 
+    def _execute(self, batch: Batch, outputs: list[RequestOutput]) -> list[SampleOutput | None]:
+        """Run the batch. When the forward pass raises, each chunk is retried alone, so a
+        fault that one request causes fails that request only (finish reason ``error``, pages
+        freed) and its batch-mates get the results they would have had alone; a failed chunk's
+        result is None. Retrying rewrites the same K/V slots with the same values and nothing
+        else has changed yet: the engine's state is only updated after this returns."""
+        try:
+            return self.executor.execute(batch)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(batch.chunks) == 1:
+                log.exception("forward pass failed; failing request %s",
+                              batch.chunks[0].request.request_id)
+                self._fail(batch.chunks[0].request, f"{type(exc).__name__}: {exc}", outputs)
+                return [None]
+            log.warning("forward pass of %d requests failed (%s: %s); retrying each alone",
+                        len(batch.chunks), type(exc).__name__, exc)
+        results: list[SampleOutput | None] = []
+        for chunk in batch.chunks:
+            try:
+                results.append(self.executor.execute(Batch([chunk], batch.block_size))[0])
+            except Exception as exc:  # noqa: BLE001 - fails this request only
+                log.exception("forward pass failed; failing request %s",
+                              chunk.request.request_id)
+                self._fail(chunk.request, f"{type(exc).__name__}: {exc}", outputs)
+                results.append(None)
+        return results
+
+    def _fail(self, req: Request, error: str, outputs: list[RequestOutput]) -> None:
+        req.finish_reason, req.error = "error", error
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        req.finished_time = self.clock()
+        outputs.append(self._make_output(req, [], ""))
+
     def _check_stop(self, req: Request, token: int) -> str:
         """Detokenize the new token and decide whether the request is done. Returns new text."""
         params = req.sampling_params
@@ -217,7 +267,7 @@ class EngineCore:
             new_text, stop_string = upd.text_delta, upd.stop_string
         if stop_string is not None:
             req.finish_reason, req.stop_reason = "stop", stop_string
-        elif n_out >= params.min_tokens and token in params.stop_token_ids:
+        elif n_out >= params.min_tokens and token in req.stop_token_set:
             req.finish_reason, req.stop_reason = "stop", token
         elif n_out >= params.min_tokens and not params.ignore_eos and token in req.eos_token_ids:
             req.finish_reason = "stop"

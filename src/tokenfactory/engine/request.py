@@ -55,6 +55,9 @@ class Request:
     cache_salt: str | None = None
     cache_breakpoints: tuple[CacheBreakpoint, ...] = ()
     prompt: str | None = None
+    # Who sent it (an API key's tenant); None is the one shared tenant. Admission is fair
+    # across tenants (see Scheduler).
+    tenant: str | None = None
 
     # ---- mutable state, owned by the scheduler ----
     status: RequestStatus = RequestStatus.WAITING
@@ -80,6 +83,16 @@ class Request:
     finished_time: float | None = None
     # Tokens processed in forward passes for this request (prefill + decode), for the ledger.
     num_processed_tokens: int = 0
+    # Set by the sampler when this request's row could not be sampled (non-finite logits, a
+    # kernel error): the engine fails this request alone.
+    sampling_error: str | None = None
+    # Computed once per request, never per step: stop ids as a set for the stop check, and the
+    # sampler's own per-request state (e.g. the ids masked until min_tokens, as a tensor).
+    stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
+    sampler_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.stop_token_set = frozenset(self.sampling_params.stop_token_ids or ())
 
     @property
     def num_prompt_tokens(self) -> int:

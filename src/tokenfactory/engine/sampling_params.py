@@ -1,16 +1,83 @@
-"""Per-request sampling parameters, shaped like vLLM's so users feel at home."""
+"""Per-request sampling parameters, shaped like vLLM's so users feel at home.
+
+Every field is bounded here, at the edge, because one request's values reach the sampler
+batched with other tenants' requests: a value the sampler cannot represent (a ``top_k`` beyond
+int64, a temperature whose reciprocal overflows, a million stop ids) must be turned away or
+normalized before it gets there. Violations raise ``ValueError`` with a one-line message (the
+HTTP layer answers 400 with it).
+"""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+# Below this temperature sampling is greedy: 1/T would only amplify rounding noise, and a
+# subnormal T overflows the scaled logits (vLLM uses the same epsilon).
+MIN_TEMPERATURE = 1e-5
+# Above this the distribution is uniform for any practical purpose, and 1/T stays representable.
+MAX_TEMPERATURE = 100.0
+# top_k at or above the vocabulary disables top-k; larger values are clamped to this (the
+# sampler clamps to the real vocabulary size), so no value overflows a tensor's int64.
+MAX_TOP_K = 2**31 - 1
+MAX_REPETITION_PENALTY = 100.0
+MAX_STOP_TOKEN_IDS = 1024
+MAX_STOP_TOKEN_ID = 2**31 - 1
+MAX_STOP_STRINGS = 64            # the HTTP layer's own limit (32 by default) is below this
+MAX_STOP_STRING_CHARS = 1024
+MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**64)   # [lo, hi): any signed or unsigned 64-bit seed
+
+
+def _show(value) -> str:
+    """A short rendering of an offending value: huge ints and long sequences are not printed
+    (``str`` of a 5,000-digit int raises, a million-item list would flood the log)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a finite float, or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {_show(value)}")
+    try:
+        v = float(value)
+    except (OverflowError, ValueError):
+        raise ValueError(f"{name} must be a finite number, got {_show(value)}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
+
+
+def _int(name: str, value) -> int:
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {_show(value)}")
+    return int(value)
 
 
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    Defaults follow vLLM: temperature 1.0, max_tokens 16. ``temperature == 0`` means greedy.
-    ``top_k`` of 0 or -1 disables top-k. ``seed`` makes sampling reproducible for this request
-    regardless of which other requests share its batches (and across preemption).
+    Defaults follow vLLM: temperature 1.0, max_tokens 16. A temperature below
+    ``MIN_TEMPERATURE`` (including 0) means greedy. ``top_k`` of 0 or -1 disables top-k; values
+    above ``MAX_TOP_K`` are clamped (anything at least the vocabulary size is "off"). ``seed``
+    makes sampling reproducible for this request regardless of which other requests share its
+    batches (and across preemption).
+
+    Bounds (ValueError otherwise; NaN and infinities are rejected everywhere): temperature
+    in [0, 100]; top_p in (0, 1]; min_p in [0, 1]; presence/frequency penalty in [-2, 2];
+    repetition_penalty in (0, 100]; seed a 64-bit integer; at most 1,024 ``stop_token_ids``
+    (each in [0, 2**31)) and 64 ``stop`` strings of at most 1,024 characters; logprobs and
+    prompt_logprobs in [0, 20]; max_tokens >= 1; 0 <= min_tokens <= max_tokens.
     """
 
     n: int = 1
@@ -37,53 +104,98 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {_show(self.stop)}")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(f"stop_token_ids must be a list of integers, "
+                             f"got {_show(self.stop_token_ids)}")
+        if _is_int(self.top_k):
+            if self.top_k == -1:
+                self.top_k = 0
+            elif self.top_k > MAX_TOP_K:
+                self.top_k = MAX_TOP_K
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            setattr(self, name, bool(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError with a clear message on any out-of-range parameter."""
+        """Raise ValueError with a clear message on any out-of-range parameter; floats are
+        stored as Python floats and ints as Python ints once valid."""
 
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
-        if self.n != 1:
-            bad(f"n must be 1 (got {self.n}); several completions per prompt are not supported")
-        if not self.temperature >= 0.0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
+        if not _is_int(self.n) or self.n != 1:
+            bad(f"n must be 1 (got {_show(self.n)}); several completions per prompt are not "
+                "supported")
+        self.temperature = _real("temperature", self.temperature)
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        self.top_p = _real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            bad(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
+        self.top_k = _int("top_k", self.top_k)
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            bad(f"top_k must be >= 0 (0 or -1 disables it), got {_show(self.top_k)}")
+        self.min_p = _real("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
+        self.presence_penalty = _real("presence_penalty", self.presence_penalty)
         if not -2.0 <= self.presence_penalty <= 2.0:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        self.frequency_penalty = _real("frequency_penalty", self.frequency_penalty)
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not self.repetition_penalty > 0.0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], "
+                f"got {self.repetition_penalty}")
+        if self.max_tokens is not None:
+            self.max_tokens = _int("max_tokens", self.max_tokens)
+            if self.max_tokens < 1:
+                bad(f"max_tokens must be at least 1, got {_show(self.max_tokens)}")
+        self.min_tokens = _int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
-            bad(f"min_tokens must be >= 0, got {self.min_tokens}")
+            bad(f"min_tokens must be >= 0, got {_show(self.min_tokens)}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            bad(f"min_tokens ({_show(self.min_tokens)}) must not exceed max_tokens "
+                f"({_show(self.max_tokens)})")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             bad("stop strings must be non-empty strings")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            bad(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            bad(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got "
+                f"{len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or not 0 <= t <= MAX_STOP_TOKEN_ID:
+                bad(f"stop_token_ids must be integers in [0, {MAX_STOP_TOKEN_ID}], "
+                    f"got {_show(t)}")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                if not _is_int(value) or not 0 <= value <= MAX_LOGPROBS:
+                    bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {_show(value)}")
+                setattr(self, name, int(value))
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                bad(f"seed must be an integer, got {_show(self.seed)}")
+            if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+                bad(f"seed must be a 64-bit integer, got {_show(self.seed)}")
+            self.seed = int(self.seed)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

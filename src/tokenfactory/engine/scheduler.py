@@ -6,11 +6,17 @@ admitted while the budget (``max_num_batched_tokens``) and ``max_num_seqs`` allo
 longer than the remaining budget is prefilled in chunks that share steps with running decodes.
 When pages run out, the most recently admitted running request is preempted: its pages are
 freed and it is later recomputed from its prompt plus the tokens it had already produced.
+
+Admission is fair across tenants (:class:`WaitingQueue`): waiting requests are admitted round
+robin by tenant, the least recently served tenant first, FIFO within a tenant, so a flood from
+one API key cannot starve another's queued requests. With one tenant this is plain FIFO.
+Preempted requests resume before any new admission, whoever sent them.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 from tokenfactory.engine.executor import Batch, ScheduledChunk
 from tokenfactory.engine.kv_manager import KVCacheManager, cdiv
@@ -29,11 +35,107 @@ class AdmissionError(ValueError):
     """A request that can never be served with this configuration."""
 
 
+class WaitingQueue:
+    """Requests waiting for admission: one FIFO per tenant, served round robin.
+
+    ``peek``/``popleft`` give the head of the preempted queue if any (those requests were
+    already admitted once: they resume first, most recently preempted first, as before), else
+    the head of the tenant served least recently (a tenant new to the queue counts as never
+    served; ties go to whoever queued first). Popping a tenant's request moves that tenant to
+    the back of the rotation. A tenant's place is forgotten when its queue empties, so state is
+    bounded by the tenants that have requests waiting.
+    """
+
+    def __init__(self) -> None:
+        self._resume: deque[Request] = deque()
+        self._queues: dict[str | None, deque[Request]] = {}
+        # tenant -> (admission counter when last served, or -1; join order): lowest goes next
+        self._rank: dict[str | None, tuple[int, int]] = {}
+        self._counts: dict[str | None, int] = {}
+        self._served = 0
+        self._joined = 0
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def __iter__(self) -> Iterator[Request]:
+        yield from self._resume
+        for q in self._queues.values():
+            yield from q
+
+    def count(self, tenant: str | None) -> int:
+        """Waiting requests of ``tenant`` (including its preempted ones)."""
+        return self._counts.get(tenant, 0)
+
+    def counts(self) -> dict[str | None, int]:
+        return dict(self._counts)
+
+    def _inc(self, tenant: str | None, by: int) -> None:
+        n = self._counts.get(tenant, 0) + by
+        if n:
+            self._counts[tenant] = n
+        else:
+            del self._counts[tenant]
+
+    def append(self, req: Request) -> None:
+        q = self._queues.get(req.tenant)
+        if q is None:
+            q = self._queues[req.tenant] = deque()
+            self._rank[req.tenant] = (-1, self._joined)
+            self._joined += 1
+        q.append(req)
+        self._inc(req.tenant, 1)
+
+    def appendleft(self, req: Request) -> None:
+        """A preempted request: it resumes before any new admission."""
+        self._resume.appendleft(req)
+        self._inc(req.tenant, 1)
+
+    def _next_tenant(self) -> str | None:
+        return min(self._rank, key=self._rank.__getitem__)
+
+    def peek(self) -> Request:
+        if self._resume:
+            return self._resume[0]
+        return self._queues[self._next_tenant()][0]
+
+    def popleft(self) -> Request:
+        if self._resume:
+            req = self._resume.popleft()
+        else:
+            tenant = self._next_tenant()
+            q = self._queues[tenant]
+            req = q.popleft()
+            if q:
+                self._rank[tenant] = (self._served, self._rank[tenant][1])
+            else:
+                del self._queues[tenant], self._rank[tenant]
+            self._served += 1
+        self._inc(req.tenant, -1)
+        return req
+
+    def remove(self, req: Request) -> None:
+        """Remove ``req`` (ValueError when it is not waiting)."""
+        try:
+            self._resume.remove(req)
+        except ValueError:
+            q = self._queues.get(req.tenant)
+            if q is None:
+                raise
+            q.remove(req)
+            if not q:
+                del self._queues[req.tenant], self._rank[req.tenant]
+        self._inc(req.tenant, -1)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
         self.kv = kv
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
 
@@ -119,10 +221,11 @@ class Scheduler:
                 continue
             break  # req itself was preempted; everything after it is gone too
 
-        # 2. Waiting requests, FIFO, unless this step had to preempt.
+        # 2. Waiting requests, fair across tenants (FIFO within one), unless this step had to
+        #    preempt.
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < cfg.max_num_seqs):
-            req = self.waiting[0]
+            req = self.waiting.peek()
             # Prompt logprobs need every prompt position computed, so they bypass the cache.
             cached = ([] if req.sampling_params.prompt_logprobs is not None
                       else self.kv.find_cached_prefix(req))

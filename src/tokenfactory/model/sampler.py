@@ -8,6 +8,13 @@ top-p -> min-p -> draw. Logprobs are reported from the raw log-softmax of the mo
 Seeded requests draw from a generator seeded by (seed, output position) alone, so the token at
 position i is the same whichever requests share the batch and however often the request was
 preempted and recomputed. Unseeded requests share one global generator.
+
+A request is sampled as if it were alone: a row that cannot be sampled (NaN or +inf logits, no
+token left, an exception while processing it) gets no token and its request's
+``sampling_error`` set, and the engine fails that request only; the other rows get exactly the
+tokens they would have had without it. Extreme but valid parameters never reach a kernel in a
+form it cannot take: scaled logits that overflow are recomputed from the row's maximum, and
+penalized logits are kept finite.
 """
 from __future__ import annotations
 
@@ -31,13 +38,35 @@ def derive_seed(seed: int, position: int) -> int:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int | None]                # None: the row failed (see Request.sampling_error)
     logprobs: list[PositionLogprobs | None]
 
 
+def unsampleable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: rows with a NaN or +inf, or without a single finite logit. -inf alone is a
+    masked token, not a fault. logits: (N, V)."""
+    return (torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
+            | ~torch.isfinite(logits).any(dim=-1))
+
+
+def _cached_ids(req: Request, key: str, ids, vocab: int, device: torch.device) -> torch.Tensor:
+    """A request's fixed id list as a unique int64 tensor of in-vocabulary ids, built on first
+    use and kept on the request (never rebuilt per step)."""
+    entry = req.sampler_cache.get(key)
+    if entry is None or entry[0] != vocab or entry[1].device != device:
+        t = torch.tensor(sorted({i for i in ids if 0 <= i < vocab}), dtype=torch.int64,
+                         device=device)
+        entry = req.sampler_cache[key] = (vocab, t)
+    return entry[1]
+
+
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """In place on rows whose request asks for penalties. logits: (N, V) float32."""
+    """In place on rows whose request asks for penalties. logits: (N, V) float32.
+
+    A repetition penalty near 0 divides positive logits by almost nothing: the result is capped
+    at the dtype's largest finite value instead of becoming inf (which softmax turns to NaN)."""
     vocab = logits.shape[1]
+    fmax = torch.finfo(logits.dtype).max
     for i, req in enumerate(requests):
         p = req.sampling_params
         if not p.needs_penalties:
@@ -46,10 +75,10 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         out = torch.tensor(req.output_token_ids, dtype=torch.int64, device=logits.device)
         out = out[(out >= 0) & (out < vocab)]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(req.prompt_token_ids, dtype=torch.int64, device=logits.device)
-            seen = torch.cat([seen[(seen >= 0) & (seen < vocab)], out]).unique()
+            prompt = _cached_ids(req, "prompt_ids", req.prompt_token_ids, vocab, logits.device)
+            seen = torch.cat([prompt, out]).unique()
             vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+            row[seen] = torch.where(vals > 0, (vals / p.repetition_penalty).clamp(max=fmax),
                                     vals * p.repetition_penalty)
         if p.frequency_penalty or p.presence_penalty:
             counts = torch.bincount(out, minlength=vocab).to(row.dtype)  # (V,)
@@ -63,8 +92,9 @@ def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     for i, req in enumerate(requests):
         p = req.sampling_params
         if len(req.output_token_ids) < p.min_tokens:
-            banned = [t for t in set(req.eos_token_ids) | set(p.stop_token_ids) if 0 <= t < vocab]
-            if banned:
+            banned = _cached_ids(req, "min_tokens_ban",
+                                 req.eos_token_ids | req.stop_token_set, vocab, logits.device)
+            if banned.numel():
                 logits[i, banned] = float("-inf")
     return logits
 
@@ -126,9 +156,15 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: (N, V) float32, one row per request (its next-token logits)."""
+        """logits: (N, V) float32, one row per request (its next-token logits).
+
+        Never raises for one row's sake: a failing row gets token None and its request's
+        ``sampling_error`` set; the other rows are unaffected."""
         n = logits.shape[0]
         params = [r.sampling_params for r in requests]
+        errors: dict[int, str] = {}
+        for i in unsampleable_rows(logits).nonzero()[:, 0].tolist():
+            errors[i] = "the model produced non-finite logits (NaN or +inf) for this request"
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = None
         if any(want_logprobs):
@@ -136,34 +172,68 @@ class Sampler:
         needs_min_tokens = any(len(r.output_token_ids) < r.sampling_params.min_tokens
                                for r in requests)
         if any(p.needs_penalties for p in params) or needs_min_tokens:
-            logits = apply_min_tokens(apply_penalties(logits.clone(), requests), requests)
+            logits = logits.clone()
+            for i in range(n):   # row by row, so that one row's failure stays its own
+                if i in errors:
+                    continue
+                try:
+                    apply_min_tokens(apply_penalties(logits[i:i + 1], requests[i:i + 1]),
+                                     requests[i:i + 1])
+                except Exception as exc:  # noqa: BLE001 - fails this row only
+                    errors[i] = f"penalties failed: {type(exc).__name__}: {exc}"
+            for i in unsampleable_rows(logits).nonzero()[:, 0].tolist():
+                errors.setdefault(i, "no token is left to sample (every logit is masked)")
 
         tokens = logits.argmax(dim=-1)                                       # (N,) greedy
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        random_rows = [i for i, p in enumerate(params) if not p.greedy and i not in errors]
         if random_rows:
-            idx = torch.tensor(random_rows, device=logits.device)
-            sub = logits[idx] / torch.tensor([params[i].temperature for i in random_rows],
-                                             device=logits.device)[:, None]
-            sub = filter_logits(
-                sub,
-                torch.tensor([params[i].top_k for i in random_rows], device=logits.device),
-                torch.tensor([params[i].top_p for i in random_rows], device=logits.device),
-                torch.tensor([params[i].min_p for i in random_rows], device=logits.device))
-            probs = sub.softmax(dim=-1)                                      # (R, V)
-            drawn = self._draw(probs, [requests[i] for i in random_rows])
-            tokens[idx] = drawn
-        token_list = tokens.tolist()
+            try:
+                tokens[torch.tensor(random_rows, device=logits.device)] = self._sample_rows(
+                    logits, requests, random_rows)
+            except Exception:  # noqa: BLE001 - isolate the culprit: one row at a time
+                for i in random_rows:
+                    try:
+                        tokens[i] = self._sample_rows(logits, requests, [i])[0]
+                    except Exception as exc:  # noqa: BLE001 - fails this row only
+                        errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+        token_list: list[int | None] = tokens.tolist()
 
         logprobs: list[PositionLogprobs | None] = [None] * n
         if raw_logprobs is not None:
-            rows = [i for i in range(n) if want_logprobs[i]]
+            rows = [i for i in range(n) if want_logprobs[i] and i not in errors]
             for num_top in sorted({params[i].logprobs for i in rows}):
                 group = [i for i in rows if params[i].logprobs == num_top]
                 gi = torch.tensor(group, device=logits.device)
                 for i, entry in zip(group, position_logprobs(raw_logprobs[gi], tokens[gi],
                                                              num_top)):
                     logprobs[i] = entry
+        for i, msg in errors.items():
+            token_list[i] = None
+            requests[i].sampling_error = msg
         return SamplerOutput(token_list, logprobs)
+
+    def _sample_rows(self, logits: torch.Tensor, requests: list[Request],
+                     rows: list[int]) -> torch.Tensor:
+        """Draw one token for each of ``rows`` (non-greedy, sampleable rows of ``logits``)."""
+        params = [requests[i].sampling_params for i in rows]
+        dev = logits.device
+        idx = torch.tensor(rows, device=dev)
+        temps = torch.tensor([p.temperature for p in params], device=dev)
+        sub = logits[idx] / temps[:, None]                                   # (R, V)
+        overflow = unsampleable_rows(sub)
+        if bool(overflow.any()):
+            # 1/T overflowed: the same distribution from logits shifted by the row maximum
+            # (every value <= 0, so dividing cannot overflow to +inf)
+            rows_of = logits[idx][overflow]
+            sub[overflow] = ((rows_of - rows_of.max(dim=-1, keepdim=True).values)
+                             / temps[overflow][:, None])
+        sub = filter_logits(
+            sub,
+            torch.tensor([p.top_k for p in params], device=dev),
+            torch.tensor([p.top_p for p in params], device=dev),
+            torch.tensor([p.min_p for p in params], device=dev))
+        probs = sub.softmax(dim=-1)                                          # (R, V)
+        return self._draw(probs, [requests[i] for i in rows])
 
     def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """One token per row from (R, V) probabilities."""
