@@ -1,4 +1,5 @@
-"""Load a Hugging Face checkpoint directory into :class:`LlamaForCausalLM`.
+"""Load a Hugging Face checkpoint directory (or a GGUF file, see gguf.py) into
+:class:`LlamaForCausalLM`.
 
 The model is built on the meta device (no memory, no random init), given uninitialized storage
 in the target dtype, and filled tensor by tensor from memory-mapped safetensors files, each
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from tokenfactory.model.config import ModelConfig, ModelLoadError, load_model_config
+from tokenfactory.model.gguf import is_gguf_file, load_gguf_config, load_gguf_weights, open_gguf
 from tokenfactory.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -170,9 +172,19 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
                device: torch.device | str = "cpu") -> LlamaForCausalLM:
-    """Read config.json and the safetensors weights; returns an eval-mode model."""
+    """Read a Hugging Face directory (config.json + safetensors) or a GGUF file (recognized
+    by its magic bytes, see gguf.py); returns an eval-mode model. A GGUF file is served in
+    bfloat16 unless ``dtype`` says otherwise."""
     model_dir = Path(model_dir)
-    cfg = load_model_config(model_dir)
+    gguf_file = None
+    if is_gguf_file(model_dir) or (model_dir.suffix.lower() == ".gguf" and not model_dir.is_dir()):
+        gguf_file = open_gguf(model_dir)   # one-line errors for missing/truncated files
+        cfg = load_gguf_config(gguf_file)
+    elif model_dir.is_file():
+        raise ModelLoadError(f"{model_dir}: not a GGUF file (no GGUF magic) and not a model "
+                             "directory")
+    else:
+        cfg = load_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg, device)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch_dtype)
@@ -180,7 +192,10 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.to(device)
-    load_weights(model, model_dir)
+    if gguf_file is not None:
+        load_gguf_weights(model, gguf_file)
+    else:
+        load_weights(model, model_dir)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

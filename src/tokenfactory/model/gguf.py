@@ -1,0 +1,311 @@
+"""Load a GGUF file (llama.cpp's format) into :class:`LlamaForCausalLM`.
+
+The file is read with the ``gguf`` package (llama.cpp's own reader): it memory-maps the file and
+exposes every tensor as a numpy view of its raw bytes. Each tensor is dequantized on its own
+(``gguf.quants.dequantize``: float32, one tensor at a time) and copied into the model's storage
+in the serving dtype, so at most one tensor's float copy exists beyond the final weights.
+
+Three things differ from a Hugging Face checkpoint:
+
+* dimensions are stored fastest-first (ggml's ``ne`` order): a weight of ``ne = [in, out]`` is
+  the row-major matrix ``(out, in)`` that ``nn.Linear`` holds;
+* llama.cpp's converter reorders the rows of each head of the q and k projections for the
+  llama-architecture family (llama, mistral): Hugging Face rotates pairs ``(i, i + D/2)``,
+  ggml's "normal" RoPE rotates neighbours ``(2i, 2i + 1)``, so row ``j * D/2 + i`` of a head
+  (``j`` in {0, 1}) was moved to ``2 i + j``. Our RoPE is the Hugging Face one, so the loader
+  moves the rows back (qwen2/qwen3 use ggml's "neox" RoPE, which is the HF layout: untouched);
+* the config is metadata inside the file (``{arch}.block_count`` and friends).
+
+Every failure a user can cause becomes a one-line :class:`ModelLoadError` naming the file.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenfactory.model.config import ARCHITECTURES, ModelConfig, ModelLoadError, RopeConfig
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+# general.architecture -> our architecture name (config.ARCHITECTURES)
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# architectures whose q/k rows llama.cpp's converter permutes per head (see module docstring)
+_PERMUTED_QK = {"llama", "mistral"}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
+                   "Q6_K")
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """True if ``path`` is a regular file starting with the GGUF magic (whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:   # missing, a directory, unreadable
+        return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@dataclass
+class GGUFFile:
+    """An opened GGUF file: the ``gguf`` reader plus lookups that raise one-line errors."""
+    path: Path
+    reader: Any                       # gguf.GGUFReader
+    tensors: dict[str, Any]           # name -> gguf ReaderTensor (data: memory-mapped view)
+
+    @property
+    def arch(self) -> str:
+        return str(self.value("general.architecture"))
+
+    def has(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def value(self, key: str, default: Any = ...) -> Any:
+        """A scalar or string metadata value; ``default`` if absent (error if not given)."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise ModelLoadError(f"{self.path}: missing metadata key {key!r}")
+            return default
+        try:
+            return field.contents()
+        except Exception as exc:   # malformed value bytes
+            raise ModelLoadError(f"{self.path}: cannot read metadata key {key!r} "
+                                 f"({_one_line(exc)})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in torch (row-major) order: ggml's ``ne`` reversed."""
+        return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
+
+
+def _reader_class():
+    import gguf
+
+    class PlainViewReader(gguf.GGUFReader):
+        """GGUFReader over a plain ndarray view of its memory map. The stock reader slices an
+        ``np.memmap`` ~10^6 times while parsing the vocabulary arrays, and every memmap slice
+        runs ``memmap.__array_finalize__``: viewing the same mapping as an ndarray (still
+        memory-mapped, nothing copied) parses the 135M file ~3x faster (2.1 -> 0.7 s) and
+        dequantizes it ~1.7x faster."""
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "data" and isinstance(value, np.memmap):
+                value = value.view(np.ndarray)
+            super().__setattr__(name, value)
+
+    return PlainViewReader
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Memory-map and parse a GGUF file; raises :class:`ModelLoadError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: GGUF file not found")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a file")
+    if not is_gguf_file(path):
+        raise ModelLoadError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        reader = _reader_class()(path)
+    except Exception as exc:   # the reader indexes past the end of a truncated map, etc.
+        raise ModelLoadError(f"{path}: truncated or corrupt GGUF file ({_one_line(exc)})") from None
+    tensors = {t.name: t for t in reader.tensors}
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > path.stat().st_size:
+        raise ModelLoadError(f"{path}: truncated GGUF file ({path.stat().st_size} bytes, tensor "
+                             f"data needs {end})")
+    return GGUFFile(path, reader, tensors)
+
+
+def _rope_config(gf: GGUFFile, arch: str, max_pos: int) -> RopeConfig:
+    theta = float(gf.value(f"{arch}.rope.freq_base", 10000.0))
+    kind = str(gf.value(f"{arch}.rope.scaling.type", "none"))
+    factor = gf.value(f"{arch}.rope.scaling.factor", None)
+    if factor is None:
+        factor = gf.value(f"{arch}.rope.scale_linear", None)   # older files
+        if factor is not None and kind == "none":
+            kind = "linear"
+    if kind == "none" or (kind == "linear" and float(factor or 1.0) == 1.0):
+        return RopeConfig(theta=theta)
+    if kind not in ("linear", "yarn"):
+        raise ModelLoadError(f"{gf.path}: unsupported RoPE scaling type {kind!r} "
+                             "(supported: none, linear, yarn)")
+    if factor is None:
+        raise ModelLoadError(f"{gf.path}: RoPE scaling {kind!r} without "
+                             f"{arch}.rope.scaling.factor")
+    if kind == "linear":
+        return RopeConfig(rope_type="linear", theta=theta, factor=float(factor))
+    orig = gf.value(f"{arch}.rope.scaling.original_context_length", max_pos)
+    attn = gf.value(f"{arch}.rope.scaling.attn_factor", None)
+    return RopeConfig(rope_type="yarn", theta=theta, factor=float(factor),
+                      original_max_position_embeddings=int(orig),
+                      beta_fast=float(gf.value(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                      beta_slow=float(gf.value(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+                      attention_factor=None if attn is None else float(attn))
+
+
+def load_gguf_config(source: str | Path | GGUFFile) -> ModelConfig:
+    """Build a :class:`ModelConfig` from a GGUF file's metadata (and, where the metadata is
+    silent, from which tensors exist: vocabulary size, tied embeddings, biases)."""
+    gf = source if isinstance(source, GGUFFile) else open_gguf(source)
+    arch = gf.arch
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"{gf.path}: unsupported architecture {arch!r} (general.architecture;"
+                             f" supported: {', '.join(GGUF_ARCHITECTURES)})")
+    name = GGUF_ARCHITECTURES[arch]
+
+    def need(key: str) -> int:
+        return int(gf.value(f"{arch}.{key}"))
+
+    hidden, heads, layers = need("embedding_length"), need("attention.head_count"), \
+        need("block_count")
+    kv_heads = int(gf.value(f"{arch}.attention.head_count_kv", heads))
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise ModelLoadError(f"{gf.path}: attention.head_count ({heads}) is not a positive "
+                             f"multiple of attention.head_count_kv ({kv_heads})")
+    head_dim = int(gf.value(f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = int(gf.value(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ModelLoadError(f"{gf.path}: partial rotary embeddings (rope.dimension_count "
+                             f"{rope_dim} != head size {head_dim}) are not supported")
+    if "token_embd.weight" not in gf.tensors:
+        raise ModelLoadError(f"{gf.path}: tensor 'token_embd.weight' is missing")
+    vocab = gf.shape("token_embd.weight")[0]
+    max_pos = int(gf.value(f"{arch}.context_length", 2048))
+    window = gf.value(f"{arch}.attention.sliding_window", None)
+    defaults = ARCHITECTURES[name]
+    bias = "blk.0.attn_q.bias" in gf.tensors
+    qkv_bias = bias if defaults["qkv_bias"] is None else defaults["qkv_bias"]
+    return ModelConfig(
+        architecture=name, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=need("feed_forward_length"), vocab_size=vocab,
+        rms_norm_eps=float(gf.value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings="output.weight" not in gf.tensors,
+        qkv_bias=qkv_bias, o_bias="blk.0.attn_output.bias" in gf.tensors,
+        mlp_bias="blk.0.ffn_up.bias" in gf.tensors,
+        qk_norm=defaults["qk_norm"] or "blk.0.attn_q_norm.weight" in gf.tensors,
+        rope=_rope_config(gf, arch, max_pos),
+        sliding_windows=[int(window) if window else None] * layers,
+        # dequantized weights are served in bfloat16 unless asked otherwise
+        torch_dtype="bfloat16", hidden_act="silu")
+
+
+@dataclass
+class _Part:
+    """One GGUF tensor forming ``rows`` rows of a (possibly fused) parameter."""
+    name: str
+    rows: int
+    permute_heads: int = 0   # > 0: undo llama.cpp's per-head q/k row order over this many heads
+
+
+def gguf_tensor_names(cfg: ModelConfig, arch: str) -> dict[str, list[_Part]]:
+    """Our parameter name -> the GGUF tensors concatenated (dim 0) to form it."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    permute = arch in _PERMUTED_QK
+    qh, kh = (cfg.num_heads, cfg.num_kv_heads) if permute else (0, 0)
+    names = {"embed_tokens.weight": [_Part("token_embd.weight", cfg.vocab_size)],
+             "norm.weight": [_Part("output_norm.weight", h)]}
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = [_Part("output.weight", cfg.vocab_size)]
+    for i in range(cfg.num_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        for kind in ("weight",) + (("bias",) if cfg.qkv_bias else ()):
+            names[p + f"self_attn.qkv_proj.{kind}"] = [
+                _Part(b + f"attn_q.{kind}", q_rows, qh), _Part(b + f"attn_k.{kind}", kv_rows, kh),
+                _Part(b + f"attn_v.{kind}", kv_rows)]
+        names[p + "self_attn.o_proj.weight"] = [_Part(b + "attn_output.weight", h)]
+        if cfg.o_bias:
+            names[p + "self_attn.o_proj.bias"] = [_Part(b + "attn_output.bias", h)]
+        if cfg.qk_norm:
+            names[p + "self_attn.q_norm.weight"] = [_Part(b + "attn_q_norm.weight", cfg.head_dim)]
+            names[p + "self_attn.k_norm.weight"] = [_Part(b + "attn_k_norm.weight", cfg.head_dim)]
+        for kind in ("weight",) + (("bias",) if cfg.mlp_bias else ()):
+            names[p + f"mlp.gate_up_proj.{kind}"] = [_Part(b + f"ffn_gate.{kind}", inter),
+                                                      _Part(b + f"ffn_up.{kind}", inter)]
+            names[p + f"mlp.down_proj.{kind}"] = [_Part(b + f"ffn_down.{kind}", h)]
+        names[p + "input_layernorm.weight"] = [_Part(b + "attn_norm.weight", h)]
+        names[p + "post_attention_layernorm.weight"] = [_Part(b + "ffn_norm.weight", h)]
+    return names
+
+
+def dequantize(gf: GGUFFile, name: str) -> np.ndarray:
+    """The tensor as float32 in torch (row-major) shape. F32 tensors come back as a read-only
+    view of the map; everything else is a fresh array."""
+    import gguf
+
+    t = gf.tensors[name]
+    try:
+        out = gguf.quants.dequantize(t.data, t.tensor_type)
+    except Exception as exc:   # e.g. I/O errors reading the map
+        raise ModelLoadError(f"{gf.path}: cannot dequantize tensor {name!r} "
+                             f"({_one_line(exc)})") from None
+    return out.reshape(gf.shape(name))
+
+
+def unpermute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's q/k row order: within each head, ggml row ``2 i + j`` holds HF
+    row ``j * D/2 + i``. ``w``: (heads * D, ...) -> same shape, HF order (a view when it can)."""
+    rest = w.shape[1:]
+    d_half = w.shape[0] // heads // 2
+    return w.reshape(heads, d_half, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def _check_tensors(gf: GGUFFile, names: dict[str, list[_Part]],
+                   params: dict[str, torch.nn.Parameter]) -> None:
+    """Every tensor present, of a supported type and of the expected shape, before any work."""
+    for ours, parts in names.items():
+        tail = tuple(params[ours].shape[1:])
+        for part in parts:
+            t = gf.tensors.get(part.name)
+            if t is None:
+                raise ModelLoadError(f"{gf.path}: tensor {part.name!r} is missing")
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                raise ModelLoadError(f"{gf.path}: tensor {part.name!r} has unsupported type "
+                                     f"{t.tensor_type.name} (supported: "
+                                     f"{', '.join(SUPPORTED_TYPES)})")
+            shape, expected = gf.shape(part.name), (part.rows,) + tail
+            if shape != expected:
+                raise ModelLoadError(f"{gf.path}: tensor {part.name!r} has shape {list(shape)}, "
+                                     f"expected {list(expected)} from the metadata")
+
+
+def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile) -> None:
+    """Fill every parameter of ``model`` (built from :func:`load_gguf_config` of ``gf``)."""
+    cfg: ModelConfig = model.config
+    names = gguf_tensor_names(cfg, gf.arch)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    _check_tensors(gf, names, params)
+    with torch.no_grad():
+        for ours, parts in names.items():
+            param, offset = params[ours], 0
+            for part in parts:
+                w = torch.from_numpy(np.require(dequantize(gf, part.name), requirements="W"))
+                if part.permute_heads:
+                    w = unpermute_qk(w, part.permute_heads)
+                param[offset:offset + part.rows].copy_(w)   # casts to the serving dtype
+                offset += part.rows
+                del w
+    if "rope_freqs.weight" in gf.tensors:
+        # Llama 3.1-style RoPE: llama.cpp stores the per-frequency divisors it computed from
+        # the checkpoint's rope_scaling instead of the parameters themselves
+        factors = torch.from_numpy(np.require(dequantize(gf, "rope_freqs.weight"),
+                                              requirements="W")).float().flatten()
+        rotary = model.rotary
+        if factors.numel() != rotary.inv_freq.numel():
+            raise ModelLoadError(f"{gf.path}: tensor 'rope_freqs.weight' has {factors.numel()} "
+                                 f"values, expected {rotary.inv_freq.numel()}")
+        rotary.inv_freq = rotary.inv_freq / factors.to(rotary.inv_freq.device)
