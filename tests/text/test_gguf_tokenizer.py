@@ -295,3 +295,33 @@ def test_unsupported_pre_tokenizer_and_missing_merges(tmp_path: Path) -> None:
                       tokenizer__ggml__tokens=tokens, tokenizer__ggml__merges=merges,
                       tokenizer__ggml__eos_token_id=10**6)
     assert "tokenizer.ggml.eos_token_id = 1000000 is not a token id" in _error(path)
+
+
+def test_pre_tokenizer_labels_split_like_transformers(texts) -> None:
+    """Every label we know splits text as transformers' GGUF loader does, except where transformers
+    has no entry and falls back to GPT-2's regex while llama.cpp's splitting differs: the digit family
+    (`smollm`, `starcoder`, ...; see the module docstring) and `stablelm2`, `hunyuan`, `solar-open`
+    (Qwen2's regex in llama.cpp). There llama.cpp, which defines the labels, is followed."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    splits = mapping.GGUF_PRE_TOKENIZER_SPLITS
+    sample = [t for t in texts if "\n" in t[:-1] or not t.isascii()][::2]  # multi-line chunks, non-ASCII
+    assert len(sample) > 80
+    from tokenizers import Regex
+    from tokenfactory.text.gguf_tokenizer import _pre_tokenizer
+    checked, seen = 0, set()
+    for label, spec in PRE_TOKENIZERS.items():
+        if spec.digits or (label not in splits and spec.split is not None):
+            continue
+        checked += 1
+        if (spec.split, splits.get(label)) in seen:  # labels sharing both regexes: checked once
+            continue
+        seen.add((spec.split, splits.get(label)))
+        if label in splits:
+            ref = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(splits[label]), behavior="isolated"),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:  # transformers keeps GPT-2's byte-level regex for labels it has no entry for
+            ref = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        ours = _pre_tokenizer(spec)
+        for text in sample:
+            assert ours.pre_tokenize_str(text) == ref.pre_tokenize_str(text), (label, text[:80])
+    assert checked >= 30 and len(seen) >= 6
