@@ -126,6 +126,15 @@ def test_decode_round_trips(gguf_tokenizer, hf_gguf_tokenizer, texts) -> None:
         assert gguf_tokenizer.decode(ids) == hf_gguf_tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_streamed_text_equals_whole_decode(gguf_tokenizer) -> None:
+    """Token-by-token streaming (station 9) releases exactly the text, emoji split across tokens included."""
+    from tokenfactory.text.detokenizer import IncrementalDetokenizer
+    for text in OTHER_SCRIPTS:
+        detok = IncrementalDetokenizer(gguf_tokenizer)
+        streamed = "".join(detok.update([i]).text_delta for i in gguf_tokenizer.encode(text)) + detok.flush()
+        assert streamed == text
+
+
 # ---------------------------------------------------------------- 2. chat template
 
 CONVERSATIONS = [
