@@ -39,15 +39,23 @@ class EngineStats:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None):
+    """``max_queued_requests`` bounds the whole waiting queue; ``max_queued_per_tenant`` bounds
+    each tenant's share of it (checked atomically in ``generate``, EngineOverloadedError when
+    full), so one API key cannot fill the queue for everyone. Admission from the queue is
+    round robin by tenant (see ``Scheduler``)."""
+
+    def __init__(self, core: EngineCore, *, max_queued_requests: int | None = None,
+                 max_queued_per_tenant: int | None = None):
         self.core = core
         self.max_queued_requests = max_queued_requests
+        self.max_queued_per_tenant = max_queued_per_tenant
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._undelivered: dict[str, list] = {}   # per request: items awaiting the event loop
         self._lock = threading.Lock()
         self._pending_adds = 0
+        self._pending_by_tenant: dict[str | None, int] = {}   # adds not yet in the core
         self._stop = False
         self.dead_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tokenfactory-engine", daemon=True)
@@ -73,6 +81,12 @@ class AsyncEngine:
         with self._lock:
             return len(self._streams)
 
+    def num_waiting_for(self, tenant: str | None) -> int:
+        """Requests of ``tenant`` queued and not yet admitted (including ones submitted but
+        not yet handed to the engine thread): what a per-tenant queue limit compares."""
+        with self._lock:
+            return self.core.num_waiting_for(tenant) + self._pending_by_tenant.get(tenant, 0)
+
     def stats(self) -> EngineStats:
         s = self.core.kv.pool.stats()
         return EngineStats(self.core.num_running, self.core.num_waiting + self._pending_adds,
@@ -83,12 +97,15 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        sampling_params: SamplingParams, *, prompt: str | None = None,
                        cache_salt: str | None = None,
-                       cache_breakpoints: Sequence[CacheBreakpoint] = ()
-                       ) -> AsyncIterator[RequestOutput]:
+                       cache_breakpoints: Sequence[CacheBreakpoint] = (),
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes.
 
-        Raises AdmissionError (can never fit), EngineOverloadedError (queue full) or
-        EngineDeadError before the first output; all of them leave no state behind.
+        Raises AdmissionError (can never fit), EngineOverloadedError (queue full, or this
+        tenant's share of it) or EngineDeadError before the first output; all of them leave
+        no state behind. A request that fails in the engine (its forward pass or its sampling)
+        ends with an output whose ``finished`` is set, ``outputs[0].finish_reason == "error"``
+        and ``error`` holding the reason; its batch-mates are unaffected.
         """
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
@@ -100,12 +117,18 @@ class AsyncEngine:
                     and self.core.num_waiting + self._pending_adds >= self.max_queued_requests):
                 raise EngineOverloadedError(
                     f"{self.max_queued_requests} requests are already queued")
+            if (self.max_queued_per_tenant is not None
+                    and self.core.num_waiting_for(tenant)
+                    + self._pending_by_tenant.get(tenant, 0) >= self.max_queued_per_tenant):
+                raise EngineOverloadedError(
+                    f"{self.max_queued_per_tenant} requests of this tenant are already queued")
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id!r}")
             self._streams[request_id] = (loop, q)
             self._pending_adds += 1
+            self._pending_by_tenant[tenant] = self._pending_by_tenant.get(tenant, 0) + 1
         self._commands.put(("add", request_id, list(prompt_token_ids), sampling_params,
-                            prompt, cache_salt, tuple(cache_breakpoints)))
+                            prompt, cache_salt, tuple(cache_breakpoints), tenant))
         self._wakeup.set()
         finished = False
         try:
@@ -173,17 +196,25 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params, prompt, salt, bps = cmd
-                with self._lock:
-                    self._pending_adds -= 1
-                    wanted = rid in self._streams
-                if not wanted:  # the client left before we got to it
-                    continue
+                _, rid, ids, params, prompt, salt, bps, tenant = cmd
                 try:
+                    with self._lock:
+                        wanted = rid in self._streams
+                    if not wanted:  # the client left before we got to it
+                        continue
                     self.core.add_request(rid, ids, params, prompt=prompt, cache_salt=salt,
-                                          cache_breakpoints=bps)
+                                          cache_breakpoints=bps, tenant=tenant)
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
                     self._deliver(rid, exc)
+                finally:
+                    # the request now counts in the core's queue (or nowhere): not pending
+                    with self._lock:
+                        self._pending_adds -= 1
+                        n = self._pending_by_tenant[tenant] - 1
+                        if n:
+                            self._pending_by_tenant[tenant] = n
+                        else:
+                            del self._pending_by_tenant[tenant]
             else:
                 self.core.abort(cmd[1])
 

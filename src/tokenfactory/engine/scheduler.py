@@ -54,12 +54,13 @@ class WaitingQueue:
         self._counts: dict[str | None, int] = {}
         self._served = 0
         self._joined = 0
+        self._len = 0   # kept as a plain int: other threads read it while the engine works
 
     def __len__(self) -> int:
-        return sum(self._counts.values())
+        return self._len
 
     def __bool__(self) -> bool:
-        return bool(self._counts)
+        return self._len > 0
 
     def __iter__(self) -> Iterator[Request]:
         yield from self._resume
@@ -74,6 +75,7 @@ class WaitingQueue:
         return dict(self._counts)
 
     def _inc(self, tenant: str | None, by: int) -> None:
+        self._len += by
         n = self._counts.get(tenant, 0) + by
         if n:
             self._counts[tenant] = n
