@@ -110,7 +110,11 @@ def stop_reason(out, num_tool_calls: int, limited_by: str | None = None
 # ---------------------------------------------------------------------- handlers
 async def count_tokens(ctx: ServingContext, body: CountTokensRequest) -> dict:
     ctx.resolve_model(body.model)
-    prompt = await ctx.off_loop(PromptBuilder(ctx, body).build)
+    builder = PromptBuilder(ctx, body)   # validates (cheap); rendering waits for build()
+    # A prompt that cannot fit the context is refused from its size alone (it could never be
+    # served; counting it would cost a tokenizer pass over all of it).
+    ctx.check_prompt_bytes(builder.text_bytes(), reserve=0)
+    prompt = await ctx.off_loop(builder.build)
     return {"input_tokens": len(prompt.ids)}
 
 
@@ -120,9 +124,12 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     from tokenfactory.text.tool_parsers import get_tool_parser
 
     ctx.resolve_model(body.model)
-    # Rendering + tokenizing a 20K-token prompt (once per breakpoint) takes ~0.2 s: do it off
-    # the event loop so other streams keep flowing.
-    prompt = await ctx.off_loop(PromptBuilder(ctx, body).build)
+    # Cheap rejections first: validation, the prompt's size against the context, a full queue;
+    # only then rendering + tokenizing (~0.2 s for a 20K-token prompt), off the event loop.
+    builder = PromptBuilder(ctx, body)
+    ctx.check_prompt_bytes(builder.text_bytes())
+    ctx.check_capacity(tenant, 529)
+    prompt = await ctx.off_loop(builder.build)
     max_tokens, clamped = ctx.effective_max_tokens(len(prompt.ids), body.max_tokens)
     cap = ctx.options.max_output_tokens
     limited_by = None if not clamped else ("output_cap" if cap and max_tokens == cap else "context")

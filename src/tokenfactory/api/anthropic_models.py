@@ -3,13 +3,19 @@
 Tolerance (issue 7): every model accepts and ignores unknown keys (``thinking``,
 ``context_management``, ``output_config``, ``defer_loading`` on tools, ...); known keys are
 still validated strictly, so a malformed known field is a 400.
+
+Strict types (issue 13), as the real API: ``"stream": "yes"``, ``"max_tokens": true`` or
+``"max_tokens": 5.0`` are 400s, not coerced (an integer is still a valid float). A lone UTF-16
+surrogate anywhere in the body is a 400 before anything else looks at it (errors.py).
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      field_validator, model_validator)
 
+from tokenfactory.api.errors import reject_lone_surrogates
 from tokenfactory.api.limits import check_nesting
 
 
@@ -58,7 +64,7 @@ class ToolResultBlock(_Open):
     tool_use_id: str
     content: str | list[Annotated[Union[TextBlock, ImageBlock, DocumentBlock],
                                   Field(discriminator="type")]] | None = None
-    is_error: bool | None = None
+    is_error: StrictBool | None = None
     cache_control: CacheControl | None = None
 
 
@@ -111,7 +117,7 @@ class Tool(_Open):
 class ToolChoice(_Open):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
-    disable_parallel_tool_use: bool | None = None
+    disable_parallel_tool_use: StrictBool | None = None
 
     @model_validator(mode="after")
     def _named(self):
@@ -123,21 +129,27 @@ class ToolChoice(_Open):
 class MessagesRequest(_Open):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int = Field(ge=1)
+    max_tokens: StrictInt = Field(ge=1)
     system: str | list[TextBlock] | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
+    # huge values are clamped to the vocabulary (SamplingParams), not refused
+    top_k: StrictInt | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     metadata: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     cache_control: CacheControl | None = None
     # tokenfactory extensions (vLLM-style; benchmarks use them for fixed-length outputs)
-    ignore_eos: bool | None = False
-    min_tokens: int | None = Field(default=None, ge=0)
-    seed: int | None = None
+    ignore_eos: StrictBool | None = False
+    min_tokens: StrictInt | None = Field(default=None, ge=0)
+    seed: StrictInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        return reject_lone_surrogates(data)
 
     @field_validator("stop_sequences")
     @classmethod
@@ -148,4 +160,4 @@ class MessagesRequest(_Open):
 
 
 class CountTokensRequest(MessagesRequest):
-    max_tokens: int | None = Field(default=None, ge=1)  # type: ignore[assignment]
+    max_tokens: StrictInt | None = Field(default=None, ge=1)  # type: ignore[assignment]

@@ -129,12 +129,23 @@ class PromptBuilder:
     def _validate(self) -> None:
         req = self.req
         seen_ids: set[str] = set()
+        last = len(req.messages) - 1
         for i, m in enumerate(req.messages):
+            # as the real API: only a final assistant turn (a prefill) may be empty
+            if not m.content and not (i == last and m.role == "assistant"):
+                raise APIError(400, f"messages.{i}: all messages must have non-empty content "
+                                    "except for the optional final assistant message")
             if isinstance(m.content, str):
                 continue
-            for b in m.content:
+            for k, b in enumerate(m.content):
                 _unsupported(b)
+                if isinstance(b, TextBlock) and not b.text:
+                    raise APIError(400, f"messages.{i}.content.{k}: text content blocks must "
+                                        "be non-empty")
                 if isinstance(b, ToolUseBlock):
+                    if b.id in seen_ids:
+                        raise APIError(400, f"messages.{i}.content.{k}: tool_use ids must be "
+                                            f"unique, '{b.id}' appears twice")
                     seen_ids.add(b.id)
                 elif isinstance(b, ToolResultBlock):
                     if b.tool_use_id not in seen_ids:
@@ -271,12 +282,37 @@ class PromptBuilder:
         text = render_tool_call_text("__tf_name__", {}, parser)  # "any": the model picks the name
         return text[:text.index("__tf_name__")], True
 
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of the text every chat template shows verbatim: system, user and
+        tool-result text (assistant turns are left out: some templates drop parts of earlier
+        ones, such as reasoning). The prompt has at least this many bytes, whatever else the
+        template adds; ``ServingContext.check_prompt_bytes`` turns it into an early 400."""
+        texts = [b.text for b in self.system_blocks]
+        for m in self.req.messages:
+            if m.role == "assistant":
+                continue
+            if isinstance(m.content, str):
+                texts.append(m.content)
+                continue
+            for b in m.content:
+                if isinstance(b, TextBlock):
+                    texts.append(b.text)
+                elif isinstance(b, ToolResultBlock):
+                    if isinstance(b.content, str):
+                        texts.append(b.content)
+                    else:
+                        texts.extend(x.text for x in b.content or [] if isinstance(x, TextBlock))
+        return sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass"))
+                   for t in texts)
+
     def build(self) -> AnthropicPrompt:
         specs = self.breakpoint_specs()
         caching.validate_breakpoints(specs)
         text, tools, continuing = self.render_full()
         prefill, use_parser = self.tool_prefill(continuing)
-        ids = self.ctx.encode(text + prefill)
-        resolved = caching.resolve_breakpoints(specs, ids, self.render_truncated, self.ctx.encode)
+        ids, offsets = self.ctx.encode_with_offsets(text + prefill)
+        full = caching.TokenizedText(text + prefill, ids, offsets)
+        resolved = caching.resolve_breakpoints(specs, full, self.render_truncated, self.ctx.encode,
+                                               self.ctx.split_tokens)
         bps = caching.engine_breakpoints(resolved, self.ctx.options.min_cache_tokens)
         return AnthropicPrompt(text + prefill, ids, tools, resolved, bps, prefill, use_parser)

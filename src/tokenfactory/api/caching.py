@@ -6,7 +6,8 @@ by rendering the conversation truncated right after that block and counting the 
 truncated rendering shares with the full one (longest common prefix of the two token lists).
 That count is exact whatever the template does around the block (role headers, end-of-turn
 tokens, BPE merges across the boundary), and it is what a later request that repeats this
-prefix will find in the prefix cache.
+prefix will find in the prefix cache. The full prompt is tokenized once: of a truncated
+rendering only the part from its last turn marker on is (``shared_prefix_tokens``).
 
 Usage arithmetic (documented in docs/api.md):
   P  = prompt tokens, c = ``RequestOutput.num_cached_tokens`` (reused KV, from pinned or plainly
@@ -19,6 +20,7 @@ Usage arithmetic (documented in docs/api.md):
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -67,16 +69,93 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def resolve_breakpoints(specs: Sequence[BreakpointSpec], full_ids: Sequence[int],
+def common_text_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings (binary search over C-level
+    comparisons: a few dozen slices even for megabytes of text)."""
+    if a.startswith(b):
+        return len(b)
+    lo, hi = 0, min(len(a), len(b))   # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a.startswith(b[lo:mid], lo):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    """A text, its token ids and each token's character span (None: the tokenizer gives none)."""
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]] | None = None
+
+
+def split_tokens(tokenizer) -> dict[int, str]:
+    """Added tokens at whose start a text can be cut and tokenized in two independent halves.
+
+    ``tokenizers`` first cuts the text around its added tokens (leftmost-longest match) and
+    then normalizes, pre-tokenizes and BPE-encodes each piece on its own, so if ``text[s:]``
+    starts with an added token the encoding of ``text`` is the encoding of ``text[:s]``
+    followed by that of ``text[s:]``. That holds for tokens that swallow no neighbouring
+    whitespace (no lstrip/rstrip), match anywhere (not single_word), are matched on the raw
+    text (not normalized), and whose text appears inside no other added token (else a longer
+    match could start before ``s``). Chat templates put such a token (``<|im_start|>``,
+    ``<|start_header_id|>``) at every turn boundary.
+    """
+    backend = getattr(tokenizer, "backend", None)
+    getter = getattr(backend, "get_added_tokens_decoder", None)
+    if getter is None:
+        return {}
+    added = getter()
+    contents = [t.content for t in added.values()]
+    safe = {}
+    for i, t in added.items():
+        if t.lstrip or t.rstrip or t.single_word or t.normalized or not t.content:
+            continue
+        if any(t.content in other and t.content != other for other in contents):
+            continue
+        safe[i] = t.content
+    return safe
+
+
+def shared_prefix_tokens(full: TokenizedText, text: str, encode: Callable[[str], list[int]],
+                         splits: dict[int, str]) -> int:
+    """``common_prefix_len(full.ids, encode(text))`` (what a breakpoint's position is defined
+    as), computed by tokenizing only the end of ``text``: from the last split token (see
+    ``split_tokens``) that lies inside the part ``text`` shares with ``full.text``, the tokens
+    before it are ``full.ids``' own. A breakpoint then costs the tokens of its last turn, not
+    of the whole prompt again."""
+    if full.offsets is None or not splits:
+        return common_prefix_len(full.ids, encode(text))
+    m = common_text_prefix_len(full.text, text)
+    j, start = 0, 0
+    # tokens ending inside the shared text (token end offsets never decrease)
+    k = bisect.bisect_right(full.offsets, m, key=lambda span: span[1])
+    for k in range(k - 1, -1, -1):
+        content = splits.get(full.ids[k])
+        s, e = full.offsets[k]
+        if content is not None and e == s + len(content) and full.text.startswith(content, s):
+            j, start = k, s
+            break
+    tail = encode(text[start:])
+    return j + common_prefix_len(full.ids[j:], tail)
+
+
+def resolve_breakpoints(specs: Sequence[BreakpointSpec], full: TokenizedText,
                         render_truncated: Callable[[Any], list[str]],
-                        encode: Callable[[str], list[int]]) -> list[ResolvedBreakpoint]:
+                        encode: Callable[[str], list[int]],
+                        splits: dict[int, str] | None = None) -> list[ResolvedBreakpoint]:
     """Token position of every breakpoint. ``render_truncated(position)`` returns one or more
     renderings of the conversation cut right after that block; the smallest common prefix wins
-    (several renderings guard against a placeholder turn that happens to match what follows)."""
+    (several renderings guard against a placeholder turn that happens to match what follows).
+    The full prompt is tokenized once (``full``); each rendering only from its last turn."""
     out = []
     for spec in specs:
         texts = render_truncated(spec.position)
-        n = min((common_prefix_len(full_ids, encode(t)) for t in texts), default=0)
+        n = min((shared_prefix_tokens(full, t, encode, splits or {}) for t in texts), default=0)
         out.append(ResolvedBreakpoint(n, spec.ttl))
     return out
 

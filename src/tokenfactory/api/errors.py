@@ -7,6 +7,7 @@ OpenAI, everything else Anthropic), so the same failure reads naturally to eithe
 """
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any, Literal
 
@@ -55,6 +56,57 @@ class APIError(Exception):
         self.code = code
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = frozenset({int, float, bool, type(None)})   # list items with no text inside
+
+
+def find_lone_surrogate(value: Any) -> str | None:
+    """The dotted path of the first string (or dict key) in ``value`` holding a lone UTF-16
+    surrogate, else None. JSON can spell one (``"\\ud800"``) but it is not text: it cannot be
+    encoded as UTF-8, so echoing it back (a model name in an error, a tool_use id) or
+    tokenizing it would fail. Walked without recursion; an ASCII string costs one C call and
+    a path is only spelled out for the string that fails."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return _dotted(path) or "body"
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
+                    return (_dotted(path) or "body") + " (a key)"
+                if isinstance(v, (str, dict, list)):
+                    stack.append((v, (path, k)))
+        elif isinstance(item, list) and not _SCALARS.issuperset(map(type, item)):
+            stack.extend((v, (path, i)) for i, v in enumerate(item)
+                         if isinstance(v, (str, dict, list)))
+    return None
+
+
+def _dotted(path: tuple) -> str:
+    parts = []
+    while path:
+        path, key = path
+        parts.append(str(key))
+    return ".".join(reversed(parts))
+
+
+def reject_lone_surrogates(data: Any) -> Any:
+    """A pydantic ``mode="before"`` validator body: ``data`` unchanged, or ValueError."""
+    where = find_lone_surrogate(data)
+    if where is not None:
+        where = _SURROGATE.sub("\ufffd", where)
+        raise ValueError(f"{where}: the string contains a lone UTF-16 surrogate (an unpaired "
+                         "\\ud800-\\udfff escape), which is not valid Unicode text")
+    return data
+
+
+def safe_text(text: str) -> str:
+    """``text`` with lone surrogates replaced, so it can always be sent as UTF-8."""
+    return text if text.isascii() or not _SURROGATE.search(text) else _SURROGATE.sub("\ufffd", text)
+
+
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
@@ -66,7 +118,7 @@ def is_openai_path(path: str) -> bool:
 def anthropic_error_body(status: int, message: str, request_id: str | None = None) -> dict:
     body: dict[str, Any] = {"type": "error",
                             "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"),
-                                      "message": message}}
+                                      "message": safe_text(message)}}
     if request_id:
         body["request_id"] = request_id
     return body
@@ -74,8 +126,9 @@ def anthropic_error_body(status: int, message: str, request_id: str | None = Non
 
 def openai_error_body(status: int, message: str, param: str | None = None,
                       code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": OPENAI_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": safe_text(message),
+                      "type": OPENAI_TYPES.get(status, "server_error"),
+                      "param": None if param is None else safe_text(param), "code": code}}
 
 
 def error_response(path: str, status: int, message: str, *, request_id: str,
@@ -97,6 +150,8 @@ def format_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
         field = ".".join(loc)
         first = first or field or None
         msg = err.get("msg", "invalid value")
+        if err.get("type") == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]   # our own validators' messages read as they are
         if err.get("type") == "json_invalid":
             return "the request body is not valid JSON: " + str(err.get("ctx", {}).get("error", msg)), None
         parts.append(f"{field}: {msg}" if field else msg)

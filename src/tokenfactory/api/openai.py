@@ -6,6 +6,7 @@ as ``usage.prompt_tokens_details.cached_tokens`` (a subset of ``prompt_tokens``)
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -18,6 +19,8 @@ from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequ
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       cost_headers, Started, TextEvent, make_sampling_params)
 from tokenfactory.api.sse import OPENAI_KEEPALIVE, SSE_HEADERS, openai_frame, with_keepalive
+
+log = logging.getLogger("tokenfactory.api")
 
 
 # ------------------------------------------------------------------------ prompt
@@ -70,6 +73,17 @@ def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
     return out
 
 
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _chat_text_bytes(chat: list[dict]) -> int:
+    """UTF-8 bytes of the system/user/tool text every template shows verbatim (assistant
+    turns are left out: some templates drop parts of earlier ones). See check_prompt_bytes."""
+    return sum(_utf8_len(m["content"]) for m in chat
+               if m["role"] != "assistant" and isinstance(m.get("content"), str))
+
+
 def _tool_mode(ctx: ServingContext, body: ChatCompletionRequest) -> tuple[str, str | None]:
     """("none" | "auto" | "required" | "named", name)."""
     names = [t.function.name for t in body.tools or []]
@@ -101,6 +115,10 @@ def _sampling(ctx: ServingContext, body, num_prompt: int, requested: int | None)
     if len(stop) > ctx.options.max_stop_sequences:
         raise APIError(400, f"stop: at most {ctx.options.max_stop_sequences} sequences",
                        param="stop")
+    vocab = getattr(ctx.tokenizer, "vocab_size", None)
+    if vocab and any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
+        raise APIError(400, f"stop_token_ids must be token ids in [0, {vocab})",
+                       param="stop_token_ids")
     kw: dict[str, Any] = dict(
         max_tokens=max_tokens, stop=stop, seed=body.seed,
         temperature=ctx.sampling_default("temperature", body.temperature, 1.0),
@@ -155,6 +173,9 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     chat = _chat_messages(body)
     cont = chat[-1]["role"] == "assistant" and not chat[-1].get("tool_calls") \
         and bool(chat[-1].get("content"))
+    # Cheap rejections before rendering and tokenizing: the prompt's size, a full queue.
+    ctx.check_prompt_bytes(_chat_text_bytes(chat), param="messages")
+    ctx.check_capacity(tenant, 429)
     try:
         text = await ctx.off_loop(ctx.tokenizer.apply_chat_template, chat, tools=tools,
                                   add_generation_prompt=not cont, continue_final_message=cont)
@@ -266,6 +287,9 @@ async def _chat_stream(ctx, gen: Generation, model: str, cid: str, created: int,
         yield openai_frame(openai_error_body(exc.status, exc.message))
     except GenerationFailed as exc:
         yield openai_frame(openai_error_body(500, f"generation failed: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - never a cut stream without an error event
+        log.exception("stream %s failed", cid)
+        yield openai_frame(openai_error_body(500, f"internal error: {type(exc).__name__}"))
     yield openai_frame("[DONE]")
 
 
@@ -280,8 +304,15 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
         if len(prompt) != 1:
             raise APIError(400, "only one prompt per request is supported", param="prompt")
         prompt = prompt[0]
+    # Cheap rejections before tokenizing: the prompt's size (its bytes, or its token count
+    # when given as ids), a full queue. Tokenizing then runs off the event loop.
     if isinstance(prompt, str):
-        text, ids = prompt, ctx.encode(prompt, add_special_tokens=True)
+        ctx.check_prompt_bytes(_utf8_len(prompt), param="prompt")
+    elif len(prompt) >= ctx.context_limit:
+        ctx.effective_max_tokens(len(prompt), 1)   # the "prompt is too long" 400
+    ctx.check_capacity(tenant, 429)
+    if isinstance(prompt, str):
+        text, ids = prompt, await ctx.off_loop(ctx.encode, prompt, add_special_tokens=True)
     else:
         text, ids = None, list(prompt)
         vocab = getattr(ctx.tokenizer, "vocab_size", None)
@@ -289,12 +320,13 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
-    params, max_tokens, clamped = _sampling(ctx, body, len(ids), body.max_tokens or 16)
+    requested = body.max_tokens or 16   # the completions API's documented default
+    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested)
     cid = ctx.new_request_id("cmpl-")
     gen = Generation(ctx, cid, ids, params, cache_salt=tenant, breakpoints=[],
                      overload_status=429)
     await gen.start()
-    headers = _headers(max_tokens, clamped, body.max_tokens)
+    headers = _headers(max_tokens, clamped, requested)
     created = int(time.time())
     echo = (text if text is not None else ctx.tokenizer.decode(ids)) if body.echo else ""
     if body.stream:
@@ -345,4 +377,7 @@ async def _completion_stream(gen: Generation, model: str, cid: str, created: int
         yield openai_frame(openai_error_body(exc.status, exc.message))
     except GenerationFailed as exc:
         yield openai_frame(openai_error_body(500, f"generation failed: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - never a cut stream without an error event
+        log.exception("stream %s failed", cid)
+        yield openai_frame(openai_error_body(500, f"internal error: {type(exc).__name__}"))
     yield openai_frame("[DONE]")

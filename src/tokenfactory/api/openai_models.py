@@ -1,11 +1,21 @@
-"""Pydantic models of the OpenAI chat/completions and completions requests (unknown keys ignored)."""
+"""Pydantic models of the OpenAI chat/completions and completions requests (unknown keys ignored).
+
+Known fields are strictly typed, as OpenAI's API is (``"stream": "yes"`` or
+``"max_tokens": true`` are 400s, an integer is still a valid float), list fields are capped,
+and a lone UTF-16 surrogate anywhere in the body is a 400 (errors.py)."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      field_validator, model_validator)
 
+from tokenfactory.api.errors import reject_lone_surrogates
 from tokenfactory.api.limits import check_nesting
+
+# At most this many stop_token_ids (vLLM has no limit; the sampler checks them every step, so
+# a million of them slowed every batch-mate). Each must also be in the vocabulary (openai.py).
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class _Open(BaseModel):
@@ -58,37 +68,42 @@ class ToolDef(_Open):
 
 
 class StreamOptions(_Open):
-    include_usage: bool | None = False
+    include_usage: StrictBool | None = False
 
 
 class _SamplingFields(_Open):
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int | None = 1
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = None          # huge values are clamped to the vocabulary
+    min_p: StrictFloat | None = None
+    n: StrictInt | None = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
+    seed: StrictInt | None = None
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = False
-    min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    repetition_penalty: StrictFloat | None = None
+    ignore_eos: StrictBool | None = False
+    min_tokens: StrictInt | None = None
+    stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        return reject_lone_surrogates(data)
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int]
-    echo: bool | None = False
+    prompt: str | list[str] | list[StrictInt]
+    echo: StrictBool | None = False

@@ -96,6 +96,7 @@ class ServingContext:
         self.strip_re = (re.compile(options.strip_system_prefix, re.MULTILINE)
                          if options.strip_system_prefix else None)
         self._ids = itertools.count()
+        self.encoded_chars = 0   # characters handed to the tokenizer (tests read it)
         self.activity = 0   # bumped when a generation starts or ends (memory.trim_periodically)
         from tokenfactory.economics.ledger import ApiPrices, CostLedger
         self.ledger = CostLedger(options.cost_per_hour, options.watts,
@@ -186,11 +187,104 @@ class ServingContext:
         return f"{prefix}{secrets.token_hex(12)}"
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; see ``encode_with_offsets`` for why the backend is called
+        through its batch API."""
+        return self.encode_with_offsets(text, add_special_tokens)[0]
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False
+                            ) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """(token ids, character span of each token or None when the tokenizer gives none).
+
+        Through ``tokenizers``' ``encode_batch`` when the tokenizer wraps one: unlike
+        ``encode``, it releases the interpreter lock while it works, so a long prompt being
+        tokenized on a prompt thread does not freeze the event loop (/health, other streams).
+        The ids are the same as ``Tokenizer.encode``'s (BOS/EOS added the same way).
+        """
+        self.encoded_chars += len(text)
+        backend = getattr(self.tokenizer, "backend", None)
+        if backend is None or not hasattr(backend, "encode_batch"):
+            return self._plain_encode(text, add_special_tokens), None
+        tok = self.tokenizer
+        explicit = add_special_tokens and backend.post_processor is None
+        try:
+            enc = backend.encode_batch([text], add_special_tokens=add_special_tokens
+                                       and not explicit)[0]
+        except (TypeError, UnicodeError):
+            return self._plain_encode(text, add_special_tokens), None
+        ids, offsets = list(enc.ids), list(enc.offsets)
+        if explicit:   # what Tokenizer.encode does without a post-processor
+            if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
+                ids, offsets = [tok.bos_token_id, *ids], [(0, 0), *offsets]
+            if getattr(tok, "add_eos_token", False) and tok.eos_token_id is not None:
+                ids, offsets = [*ids, tok.eos_token_id], [*offsets, (len(text), len(text))]
+        return ids, offsets
+
+    def _plain_encode(self, text: str, add_special_tokens: bool) -> list[int]:
         try:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        except TypeError:  # lone UTF-16 surrogates (valid JSON escapes, not encodable text)
+        except TypeError:  # lone UTF-16 surrogates (the API refuses them; offline callers may not)
             clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return self.tokenizer.encode(clean, add_special_tokens=add_special_tokens)
+
+    @functools.cached_property
+    def split_tokens(self) -> dict[int, str]:
+        """Added tokens a prompt can be cut at without changing its tokens (caching.py)."""
+        from tokenfactory.api.caching import split_tokens
+        return split_tokens(self.tokenizer)
+
+    # ------------------------------------------------------- cheap rejections
+    @functools.cached_property
+    def max_bytes_per_token(self) -> int:
+        """An upper bound on how many UTF-8 bytes of input one token can stand for.
+
+        A token's string in the vocabulary is never shorter in UTF-8 than the text it covers:
+        byte-level BPE writes each byte as a character of 1-2 UTF-8 bytes, SentencePiece
+        writes a space as the 3-byte "\u2581" and a byte-fallback token as "<0xAB>", added
+        tokens are their own text. A normalizer may compose several characters into one
+        (NFC/NFKC: Hangul jamo 9 bytes -> 3), so with one the bound is multiplied by 4.
+        Computed once (one pass over the vocabulary, ~50 ms for 49K tokens).
+        """
+        vocab_of = getattr(self.tokenizer, "get_vocab", None)
+        vocab = vocab_of() if vocab_of is not None else {}
+        if not vocab:
+            return 0   # unknown tokenizer: no early bound
+        longest = max(len(t.encode("utf-8", "surrogatepass")) for t in vocab)
+        backend = getattr(self.tokenizer, "backend", None)
+        if getattr(backend, "normalizer", None) is not None:
+            longest *= 4
+        return max(1, longest)
+
+    def check_prompt_bytes(self, num_bytes: int, *, reserve: int = 1, param: str | None = None
+                           ) -> None:
+        """400 "prompt is too long" from the size of the text alone, before any rendering or
+        tokenizing: ``num_bytes`` UTF-8 bytes of text that will surely be tokenized make at
+        least ``num_bytes / max_bytes_per_token`` tokens, so beyond ``(context_limit - reserve)
+        * max_bytes_per_token`` bytes the prompt cannot fit whatever its exact token count."""
+        per_token = self.max_bytes_per_token
+        room = self.context_limit - reserve
+        if per_token and num_bytes > room * per_token:
+            at_least = -(-num_bytes // per_token)
+            raise APIError(400, f"prompt is too long: its text alone is {num_bytes} bytes, at "
+                                f"least {at_least} tokens, but the context holds "
+                                f"{self.context_limit} tokens (prompt + max_tokens)",
+                           param=param)
+
+    def check_capacity(self, tenant: str | None, overload_status: int) -> None:
+        """The engine's queue-full answer (429/529) before the prompt is rendered and tokenized;
+        ``AsyncEngine.generate`` checks again, atomically, when the request is submitted."""
+        engine = self.engine
+        limit = getattr(engine, "max_queued_requests", None)
+        full = None
+        if limit is not None and engine.stats().num_waiting >= limit:
+            full = f"{limit} requests are already queued"
+        per_tenant = getattr(engine, "max_queued_per_tenant", None)
+        if full is None and per_tenant is not None and hasattr(engine, "num_waiting_for") \
+                and engine.num_waiting_for(tenant) >= per_tenant:
+            full = f"{per_tenant} requests of this tenant are already queued"
+        if full is not None:
+            self.metrics.requests_rejected.inc()
+            raise APIError(overload_status, f"the server is overloaded ({full}); retry later",
+                           headers={"retry-after": str(self.options.retry_after_seconds)})
 
     # ------------------------------------------------------------- max tokens
     def effective_max_tokens(self, num_prompt: int, requested: int | None) -> tuple[int, bool]:
@@ -233,10 +327,15 @@ def template_shows_tools(tokenizer) -> bool:
 
 
 def make_sampling_params(**kw) -> SamplingParams:
+    """SamplingParams, or a 400 naming the parameter its bounds refused (its messages start
+    with the field's name: "top_p must be in (0, 1], got 5.0")."""
     try:
         return SamplingParams(**kw)
     except ValueError as exc:
-        raise APIError(400, str(exc)) from None
+        msg = str(exc)
+        head = re.match(r"[a-z_]+", msg)
+        param = head.group(0) if head and head.group(0) in kw else None
+        raise APIError(400, msg, param=param) from None
 
 
 class Generation:
@@ -266,8 +365,10 @@ class Generation:
         self.breakpoints = breakpoints
         self.billed = False
         self.cost = None  # economics.ledger.RequestCost once finished
+        # The tenant (the API key's, which is also the cache salt) drives fair admission and
+        # the per-tenant queue limit in the engine.
         self._agen = ctx.engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
-                                         cache_breakpoints=breakpoints)
+                                         cache_breakpoints=breakpoints, tenant=cache_salt)
         # The pump task drains the engine's stream as fast as it arrives and keeps only what the
         # consumer has not taken yet, merged into one output (see _pump).
         self._pump_task: asyncio.Task | None = None
