@@ -162,3 +162,67 @@ def test_logprobs_are_raw_log_softmax(num):
     assert entry[tok].rank == top.index(tok) + 1
     assert entry[tok].logprob == pytest.approx(ref[tok].item(), abs=1e-5)
     assert len(entry) in (num, num + 1)
+
+
+# ------------------------------------------------------------- a row is judged alone (issue 13)
+def test_unsampleable_row_fails_alone_and_others_are_unchanged():
+    torch.manual_seed(1)
+    logits = torch.randn(4, V) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=11),
+              SamplingParams(temperature=0.8, seed=12, logprobs=2), SamplingParams(temperature=0)]
+    alone = [Sampler(seed=0)(logits[i:i + 1].clone(), [req(p)]) for i, p in enumerate(params)]
+    for bad_row, fault in ((1, math.nan), (2, math.inf), (0, -math.inf)):
+        broken = logits.clone()
+        if fault == -math.inf:
+            broken[bad_row] = fault            # nothing left to sample
+        else:
+            broken[bad_row, 5] = fault
+        requests = [req(p, rid=str(i)) for i, p in enumerate(params)]
+        out = Sampler(seed=0)(broken, requests)
+        for i in range(4):
+            if i == bad_row:
+                assert out.token_ids[i] is None and out.logprobs[i] is None
+                assert requests[i].sampling_error
+            else:
+                assert requests[i].sampling_error is None
+                assert out.token_ids[i] == alone[i].token_ids[0]
+                assert out.logprobs[i] == alone[i].logprobs[0]
+
+
+def test_tiny_repetition_penalty_stays_finite():
+    from tokenfactory.model.sampler import apply_penalties
+    logits = torch.randn(1, V) * 5
+    logits[0, 1] = 3.0
+    r = req(SamplingParams(repetition_penalty=1e-300), prompt=[1, 2, 3])
+    got = apply_penalties(logits.clone(), [r])
+    assert torch.isfinite(got).all()
+    # seen positive logits are pushed to the top, seen negative ones to ~0
+    assert got[0].argmax().item() in (1, 2, 3) and got[0, 1] == torch.finfo(torch.float32).max
+    out = Sampler(seed=0)(logits.clone(), [req(SamplingParams(repetition_penalty=1e-300,
+                                                               temperature=0.5, seed=1))])
+    assert out.token_ids[0] is not None
+
+
+def test_scaled_logits_overflow_samples_the_same_distribution():
+    """logits / T overflowing float32 is recomputed from the row maximum: the draw is the one
+    the mathematically identical, shifted row gives, and other rows are unaffected."""
+    torch.manual_seed(2)
+    base = torch.randn(V)
+    huge = base * 1e34                       # / 1e-5 overflows float32 (max ~3.4e38)
+    p = SamplingParams(temperature=1e-5, seed=4)
+    got = Sampler()(torch.stack([huge, base]), [req(p, rid="a"), req(p, rid="b")]).token_ids
+    assert got[0] == huge.argmax().item()    # so peaked that only the top token survives
+    # the same distribution written without overflow (every value <= 0) draws the same
+    assert got[0] == Sampler()((huge - huge.max())[None], [req(p)]).token_ids[0]
+    assert got[1] == Sampler()(base[None].clone(), [req(p)]).token_ids[0]
+
+
+def test_stop_ids_for_min_tokens_are_built_once_per_request():
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 0], logits[0, 9] = 9.0, 8.0, 1.0   # stop id, eos, best allowed
+    r = req(SamplingParams(temperature=0, min_tokens=5, stop_token_ids=[3, 4, 10**6]), eos={0})
+    for n in range(3):
+        r.output_token_ids = [7] * n
+        assert Sampler()(logits.clone(), [r]).token_ids == [9]
+    vocab, ban = r.sampler_cache["min_tokens_ban"]
+    assert vocab == V and ban.tolist() == [0, 3, 4]
