@@ -67,7 +67,7 @@ def test_api_keys_never_logged(tmp_path):
         r = httpx.post(base + "/v1/messages", content=b"{bad", timeout=60,
                        headers={"x-api-key": secret, "content-type": "application/json"})
         assert r.status_code == 400 and secret not in r.text
-        assert httpx.get(base + "/metrics").status_code == 200
+        assert httpx.get(base + "/metrics").status_code == 403   # keys, no --metrics-key: off
     finally:
         code = srv.terminate()
         srv.close()

@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 
 log = logging.getLogger("tokenfactory.serve")
-DEMO_MAX_OUTPUT_TOKENS = 256  # random weights rarely emit EOS: keep one turn short on a CPU
+DEMO_MAX_OUTPUT_TOKENS = 256
+FD_RESERVE = 128   # descriptors kept for the model file, threads' pipes, logs and the listener  # random weights rarely emit EOS: keep one turn short on a CPU
 
 
 def _bytes(text: str) -> int:
@@ -36,6 +37,13 @@ def _nonneg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _nonneg(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
     return value
 
 
@@ -77,9 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve requests for model names matching the glob PATTERN (e.g. "
                         "'claude-*') with the served model NAME; repeatable")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY[:TENANT]",
-                   help="require this key; its tenant salts the prefix cache; repeatable")
+                   help="require this key; its tenant salts the prefix cache; repeatable (keys "
+                        "on the command line show in ps: prefer --api-key-file or "
+                        "TOKENFACTORY_API_KEYS=KEY[:TENANT],...)")
+    p.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                   help="read keys from PATH, one KEY[:TENANT] per line (# comments); repeatable")
+    p.add_argument("--metrics-key", default=None, metavar="KEY",
+                   help="the key /metrics requires (x-api-key or Bearer; tenant keys are refused). "
+                        "With API keys and no metrics key /metrics is off. Also from "
+                        "TOKENFACTORY_METRICS_KEY")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="beyond this many waiting requests answer 529 / 429 with retry-after")
+    p.add_argument("--max-queued-requests-per-tenant", type=int, default=None, metavar="N",
+                   help="beyond N waiting requests of one tenant (API key) answer that tenant "
+                        "529 / 429 with retry-after; others are still admitted")
+    d = p.add_argument_group("front door")
+    d.add_argument("--max-connections", type=int, default=1024,
+                   help="open HTTP connections; beyond it the oldest idle one is closed, or the "
+                        "new one gets 503 when all are busy (default 1024, at most the file "
+                        "descriptor limit minus a reserve)")
+    d.add_argument("--header-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                   help="a connection must send a complete request head within SECONDS of "
+                        "opening or of its previous response (default 10)")
+    d.add_argument("--body-timeout", type=_positive, default=60.0, metavar="SECONDS",
+                   help="a request body must arrive completely within SECONDS, else 408 "
+                        "(default 60)")
+    d.add_argument("--max-body-bytes", type=_bytes, default=32 * 2**20, metavar="SIZE",
+                   help="largest body of the JSON POST routes (default 32M); other routes "
+                        "take no body")
     p.add_argument("--max-tokens-policy", choices=["clamp", "reject"], default="clamp",
                    help="max_tokens beyond the context: clamp (default, header says so) or 400")
     p.add_argument("--max-output-tokens", type=int, default=None,
@@ -199,9 +232,9 @@ def generation_defaults(tokenizer, model_path: str) -> dict:
 def serve_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
-    from tokenfactory.api.auth import parse_api_key
+    from tokenfactory.api.auth import ENV_METRICS_KEY, collect_api_keys
+    from tokenfactory.api.frontdoor import (ConnectionLimits, quiet_repeats, raise_fd_limit,
+                                            uvicorn_config)
     from tokenfactory.api.server import create_app
     from tokenfactory.engine.async_engine import AsyncEngine
     from tokenfactory.engine.llm import build_engine_core
@@ -216,10 +249,20 @@ def serve_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        keys = dict(parse_api_key(k) for k in args.api_key)
-    except ValueError as exc:
-        print(f"error: --api-key: {exc}", file=sys.stderr)
+        keys = collect_api_keys(args.api_key, args.api_key_file, os.environ)
+    except (ValueError, OSError) as exc:
+        print(f"error: API keys: {exc}", file=sys.stderr)
         return 2
+    metrics_key = args.metrics_key or os.environ.get(ENV_METRICS_KEY) or None
+    if keys and metrics_key is None:
+        log.info("API keys configured without --metrics-key: /metrics is off")
+    fd_limit = raise_fd_limit()
+    max_conn = args.max_connections
+    if fd_limit and max_conn > fd_limit - FD_RESERVE:
+        max_conn = max(1, fd_limit - FD_RESERVE)
+        log.warning("--max-connections %d exceeds the file descriptor limit %d (minus %d kept "
+                    "for the process): using %d", args.max_connections, fd_limit, FD_RESERVE,
+                    max_conn)
     if not keys:
         log.warning("no --api-key configured: anyone who can reach %s:%d can use this server",
                     args.host, args.port)
@@ -236,7 +279,10 @@ def serve_main(argv: list[str]) -> int:
         print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
         return 2
     install_fault_injection_hooks(core, os.environ)
-    engine = AsyncEngine(core, max_queued_requests=args.max_queued_requests)
+    queue_limits: dict = {"max_queued_requests": args.max_queued_requests}
+    if args.max_queued_requests_per_tenant is not None:
+        queue_limits["max_queued_per_tenant"] = args.max_queued_requests_per_tenant
+    engine = AsyncEngine(core, **queue_limits)
     name = args.served_model_name or served_default
     sampling_defaults = generation_defaults(core.tokenizer, model_dir)
     sampling_defaults.update(args.override_generation_config or {})
@@ -250,7 +296,8 @@ def serve_main(argv: list[str]) -> int:
     if max_out is None and random_weights:
         max_out = DEMO_MAX_OUTPUT_TOKENS
     app = create_app(engine, core.tokenizer, served_model_name=name, aliases=args.model_alias,
-                     api_keys=keys, min_cache_tokens=args.min_cache_tokens,
+                     api_keys=keys, metrics_key=metrics_key, body_timeout=args.body_timeout,
+                     max_body_bytes=args.max_body_bytes, min_cache_tokens=args.min_cache_tokens,
                      max_tokens_policy=args.max_tokens_policy, max_output_tokens=max_out,
                      strip_system_prefix=args.strip_system_prefix, ping_interval=args.ping_interval,
                      tool_parser=args.tool_parser, random_weights=random_weights,
@@ -269,9 +316,14 @@ def serve_main(argv: list[str]) -> int:
         log.warning("the chat template of %s has no place for tools: tool definitions in "
                     "requests are NOT shown to the model (responses say so in the "
                     "x-tokenfactory-tools-dropped header)", name)
-    server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port,
-                                           log_level=args.log_level.lower(),
-                                           timeout_graceful_shutdown=30))
+    limits = ConnectionLimits(max_connections=max_conn, header_timeout=args.header_timeout)
+    server = _server_class()(uvicorn_config(app, host=args.host, port=args.port, limits=limits,
+                                            log_level=args.log_level.lower(),
+                                            timeout_graceful_shutdown=30))
+    quiet_repeats()   # after uvicorn configured its loggers
+    log.info("front door: at most %d connections (fd limit %d), header timeout %g s, body "
+             "timeout %g s, body limit %d bytes", max_conn, fd_limit, args.header_timeout,
+             args.body_timeout, args.max_body_bytes)
     stop_watch = threading.Event()
 
     def watchdog() -> None:

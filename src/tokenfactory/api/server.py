@@ -20,7 +20,7 @@ from starlette.requests import Request
 from tokenfactory.api import anthropic, openai
 from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesRequest
 from tokenfactory.api.auth import Authenticator
-from tokenfactory.api.errors import (APIError, declared_errors, error_response,
+from tokenfactory.api.errors import (AnthropicErrorBody, APIError, declared_errors, error_response,
                                      format_validation_errors, new_request_id)
 from tokenfactory.api.memory import find_malloc_trim, set_trim_threshold, trim_periodically
 from tokenfactory.api.metrics import Metrics
@@ -29,18 +29,30 @@ from tokenfactory.api.serving import ServerOptions, ServingContext
 from tokenfactory.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("tokenfactory.api")
-PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")
+# Open without a key: the liveness probe and the API's own description.
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# Server-wide views of every tenant's traffic: the operator's --metrics-key only (auth.py).
+ADMIN_PATHS = frozenset({"/metrics", "/dashboard"})
+# The only routes that take a request body; every other (method, path) is answered without
+# reading one (a 31 MB POST to /health gets its 405 at once).
 JSON_POST_ROUTES = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions",
                     "/v1/completions")
+DEFAULT_BODY_TIMEOUT = 60.0   # seconds for a whole request body to arrive
 
 
 class FrontDoorMiddleware:
-    """Runs before any parsing: request id, API key -> tenant, and the body size limit."""
+    """Runs before any parsing: request id, API key -> tenant (or the metrics key), and the
+    body: read only on the routes that take one, within the route's size limit and within
+    ``body_timeout`` seconds (a 408 and a closed connection otherwise)."""
 
-    def __init__(self, app, *, auth: Authenticator, max_body_bytes: int):
+    def __init__(self, app, *, auth: Authenticator, max_body_bytes: int,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 route_body_limits: dict[str, int] | None = None):
         self.app = app
         self.auth = auth
-        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.limits = {route: max_body_bytes for route in JSON_POST_ROUTES}
+        self.limits.update(route_body_limits or {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -58,18 +70,23 @@ class FrontDoorMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        async def reject(status: int, msg: str):
-            resp = error_response(path, status, msg, request_id=rid)
+        async def reject(status: int, msg: str, *, close: bool = False):
+            resp = error_response(path, status, msg, request_id=rid,
+                                  headers={"connection": "close"} if close else None)
             await resp(scope, receive, send)
 
-        if not path.startswith(PUBLIC_PATHS):
-            try:
+        try:
+            if path in ADMIN_PATHS:
+                self.auth.check_metrics_access(Request(scope))
+            elif path not in PUBLIC_PATHS:
                 state["tenant"] = self.auth.tenant_for(Request(scope))
-            except APIError as exc:
-                return await reject(exc.status, exc.message)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send_with_id)
-        limit = self.max_body_bytes
+        except APIError as exc:
+            return await reject(exc.status, exc.message)
+        limit = (self.limits.get(path.rstrip("/")) if scope["method"] == "POST" else None)
+        if limit is None:
+            # No body is read here: the app sees an empty one (uvicorn discards what the client
+            # still sends, and its next request head is due within the header timeout).
+            return await self.app(scope, _without_body(receive), send_with_id)
         too_large = f"request body exceeds the limit of {limit} bytes"
         for k, v in scope.get("headers", []):
             if k == b"content-length":
@@ -81,13 +98,20 @@ class FrontDoorMiddleware:
         ctype = next((v.decode("latin-1") for k, v in scope.get("headers", [])
                       if k == b"content-type"), "")
         mime = ctype.split(";", 1)[0].strip().lower()
-        json_route = scope["method"] == "POST" and path.rstrip("/") in JSON_POST_ROUTES
-        if json_route and mime != "application/json" and not mime.endswith("+json"):
+        if mime != "application/json" and not mime.endswith("+json"):
             return await reject(400, f"the request body must be JSON sent with content-type: "
                                      f"application/json (got {ctype or 'no content-type'!r})")
         chunks, total = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            message = await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), remaining)
+            except (TimeoutError, asyncio.TimeoutError):
+                return await reject(408, f"the request body did not arrive within "
+                                         f"{self.body_timeout:g} s", close=True)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -110,6 +134,20 @@ class FrontDoorMiddleware:
         await self.app(scope, replay, send_with_id)
 
 
+def _without_body(receive):
+    """A ``receive`` whose first message is an empty, complete body; later calls (disconnect
+    checks) go to the server."""
+    given = False
+
+    async def empty():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return await receive()
+    return empty
+
+
 async def collect_unless_disconnected(request: Request, coro, poll_seconds: float = 0.25):
     """Await ``coro``; if the client goes away first, cancel it (which aborts the engine request)."""
     task = asyncio.ensure_future(coro)
@@ -125,12 +163,19 @@ async def collect_unless_disconnected(request: Request, coro, poll_seconds: floa
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        elif not task.cancelled():
+            task.exception()   # finished while we checked for a disconnect: mark it retrieved
+                               # (else asyncio logs "Task exception was never retrieved")
 
 
 def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "tokenfactory",
                aliases: list[tuple[str, str]] | None = None,
-               api_keys: dict[str, str] | None = None, **options: Any) -> FastAPI:
-    """A FastAPI app serving ``engine``. ``options`` are ServerOptions fields."""
+               api_keys: dict[str, str] | None = None, metrics_key: str | None = None,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               route_body_limits: dict[str, int] | None = None, **options: Any) -> FastAPI:
+    """A FastAPI app serving ``engine``. ``options`` are ServerOptions fields; ``metrics_key``
+    guards /metrics, ``body_timeout`` bounds the time to receive a body, and
+    ``route_body_limits`` (path -> bytes) overrides ``max_body_bytes`` per JSON route."""
     opts = ServerOptions(served_model_name=served_model_name, aliases=list(aliases or []),
                          api_keys=dict(api_keys or {}), **options)
     metrics = Metrics(engine)
@@ -158,8 +203,9 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
     app = FastAPI(title="tokenfactory", version="0.1.0", lifespan=lifespan,
                   description="Anthropic Messages and OpenAI-compatible inference API")
     app.state.ctx = ctx
-    app.add_middleware(FrontDoorMiddleware, auth=Authenticator(opts.api_keys),
-                       max_body_bytes=opts.max_body_bytes)
+    app.add_middleware(FrontDoorMiddleware, auth=Authenticator(opts.api_keys, metrics_key),
+                       max_body_bytes=opts.max_body_bytes, body_timeout=body_timeout,
+                       route_body_limits=route_body_limits)
     if opts.enable_cors:  # off by default (issue 6)
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
@@ -247,14 +293,18 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
         return model_card(model_id, alias_of=None if model_id == opts.served_model_name
                           else ctx.resolve_model(model_id))
 
-    @app.get("/health", responses={503: {"description": "The engine thread has died"}})
+    @app.api_route("/health", methods=["GET", "HEAD"],
+                   responses={503: {"description": "The engine thread has died"}})
     async def health():
         if not engine.is_alive:
             return JSONResponse({"status": "unhealthy", "error": str(engine.dead_error)},
                                 status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        **declared_errors(401, 405, 500),
+        403: {"model": AnthropicErrorBody, "description": "A tenant key (metrics need the "
+              "--metrics-key key), or metrics are off: keys are configured without one"}})
     async def prom_metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
