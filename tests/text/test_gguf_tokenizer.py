@@ -287,9 +287,11 @@ def test_gguf_without_tokenizer(tmp_path: Path) -> None:
 
 
 def test_unsupported_tokenizer_model(tmp_path: Path) -> None:
-    path = write_gguf(tmp_path / "spm.gguf", tokenizer__ggml__model="llama", tokenizer__ggml__tokens=["<unk>", "a"],
+    path = write_gguf(tmp_path / "t5.gguf", tokenizer__ggml__model="t5", tokenizer__ggml__tokens=["<unk>", "a"],
                       tokenizer__ggml__scores=[0.0, -1.0])
-    assert "unsupported tokenizer model 'llama'" in _error(path)
+    assert "unsupported tokenizer model 't5'" in _error(path)
+    path = write_gguf(tmp_path / "spm.gguf", tokenizer__ggml__model="llama", tokenizer__ggml__tokens=["<unk>", "a"])
+    assert "the token scores missing from the GGUF metadata (tokenizer.ggml.scores)" in _error(path)
 
 
 def test_unsupported_pre_tokenizer_and_missing_merges(tmp_path: Path) -> None:
@@ -334,3 +336,66 @@ def test_pre_tokenizer_labels_split_like_transformers(texts) -> None:
         for text in sample:
             assert ours.pre_tokenize_str(text) == ref.pre_tokenize_str(text), (label, text[:80])
     assert checked >= 30 and len(seen) >= 6
+
+
+# ---------------------------------------------------------------- 5. SentencePiece vocabularies
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory: pytest.TempPathFactory, texts) -> Path:
+    """A SentencePiece-style BPE GGUF laid out as llama.cpp's converter writes one (<unk> <s> </s>,
+    256 byte tokens, merged pieces scored by merge order, then single characters), with pieces
+    learned from stdlib text by the `tokenizers` BPE trainer (no sentencepiece dependency)."""
+    import json
+    from tokenizers import models, trainers
+    trainer_backend = HFBackend(models.BPE())
+    trainer_backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer_backend.train_from_iterator(texts[:3000], trainers.BpeTrainer(vocab_size=1500, show_progress=False))
+    model = json.loads(trainer_backend.to_str())["model"]
+    merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
+    chars = [t for t in model["vocab"] if t not in set(merged)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + merged + chars
+    return write_gguf(
+        tmp_path_factory.mktemp("spm") / "spm.gguf",
+        tokenizer__ggml__model="llama", tokenizer__ggml__tokens=tokens,
+        tokenizer__ggml__token_type=[2, 3, 3] + [6] * 256 + [1] * (len(merged) + len(chars)),
+        tokenizer__ggml__scores=[0.0] * 259 + [-float(i) for i in range(len(merged) + len(chars))],
+        tokenizer__ggml__bos_token_id=1, tokenizer__ggml__eos_token_id=2, tokenizer__ggml__unknown_token_id=0,
+    )
+
+
+def test_sentencepiece_ids_equal_transformers(spm_gguf: Path, texts) -> None:
+    """Equal where transformers and llama.cpp agree: text that neither starts with whitespace nor
+    holds special tokens (see the next test for those). Non-Latin text exercises the byte fallback."""
+    import transformers
+    hf = transformers.AutoTokenizer.from_pretrained(str(spm_gguf.parent), gguf_file=spm_gguf.name)
+    tok = Tokenizer.from_gguf(spm_gguf)
+    sample = [t for t in texts if t.strip() and not t[0].isspace() and "<" not in t]
+    assert len(sample) > 2000
+    ours = tok.encode_batch(sample)
+    ref = hf(sample, add_special_tokens=False)["input_ids"]
+    bad = [t for t, a, b in zip(sample, ours, ref) if a != b]
+    assert not bad, f"{len(bad)} texts differ, first: {bad[0]!r}"
+    for text, ids in zip(sample, ours):
+        assert tok.decode(ids) == text
+    assert any("<0x" in t for ids in ours for t in tok.convert_ids_to_tokens(ids))  # byte fallback used
+    assert tok.encode("hello", add_special_tokens=True) == hf("hello").input_ids  # BOS by default
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0) == \
+        (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id)
+
+
+def test_sentencepiece_whitespace_follows_llama_cpp(spm_gguf: Path, tmp_path: Path) -> None:
+    """llama.cpp (the GGUF reference) puts U+2581 before every stretch of text at the start or after
+    a special token, even one starting with a space; transformers' Metaspace(prepend_scheme="first")
+    only at the very start and not before a leading space."""
+    tok = Tokenizer.from_gguf(spm_gguf)
+    pieces = tok.convert_ids_to_tokens
+    assert pieces(tok.encode(" x")) == ["\u2581", "\u2581x"]                  # transformers: ["\u2581x"]
+    assert pieces(tok.encode("<s>x</s> x")) == ["<s>", "\u2581x", "</s>", "\u2581", "\u2581x"]
+    # add_space_prefix = false: no U+2581 is added anywhere
+    reader = gguf.GGUFReader(spm_gguf)
+    meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("tokenizer.")}
+    path = write_gguf(tmp_path / "noprefix.gguf", **{k.replace(".", "__"): v for k, v in meta.items()},
+                      tokenizer__ggml__add_space_prefix=False)
+    plain = Tokenizer.from_gguf(path)
+    assert plain.convert_ids_to_tokens(plain.encode("x y")) == ["x", "\u2581y"]
+    assert plain.decode(plain.encode(" x y")) == " x y"

@@ -14,8 +14,10 @@ GPT-2's plain byte-level regex and so does not isolate digits; SmolLM2's own tok
 llama.cpp put every digit in its own piece (`Digits(individual_digits=True)` before `ByteLevel`),
 and that is what we do.
 
-Only byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are supported; anything else
-(SentencePiece `llama`, `t5`, `bert`, ...) is a one-line `TokenizerLoadError`.
+Two vocabulary kinds are supported: byte-level BPE (`tokenizer.ggml.model == "gpt2"`: Llama 3,
+Qwen, SmolLM, ...) and SentencePiece BPE (`"llama"`: Llama 2, Mistral, TinyLlama, ...), the latter
+with llama.cpp's whitespace rules (see `_sentencepiece_backend`). Anything else (`t5`, `bert`, ...)
+is a one-line `TokenizerLoadError`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,68 @@ def _pre_tokenizer(spec: PreTokenizerSpec) -> pre_tokenizers.PreTokenizer:
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
 
 
+def _byte_level_backend(meta: _Metadata, vocab: dict[str, int], notes: list[str]) -> tuple[_HFTokenizer, bool, str]:
+    """GPT-2 style byte-level BPE: merges from the file, splitting by `tokenizer.ggml.pre`."""
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    spec = PRE_TOKENIZERS.get(pre)
+    if spec is None:
+        raise GGUFTokenizerError(f"{meta.path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre)")
+    if pre == "default":
+        notes.append("no tokenizer.ggml.pre label: GPT-2's byte-level splitting assumed")
+    merges = []
+    for m in meta.require("tokenizer.ggml.merges", "the BPE merges"):
+        cut = m.find(" ", 1)  # llama.cpp's rule: the separator is the first space after position 0
+        if cut < 0:
+            raise GGUFTokenizerError(f"{meta.path}: malformed merge {m!r} in tokenizer.ggml.merges")
+        merges.append((m[:cut], m[cut + 1:]))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=spec.ignore_merges)
+    except Exception as exc:  # a merge naming a token that is not in the vocabulary
+        raise GGUFTokenizerError(f"{meta.path}: inconsistent vocabulary and merges ({_one_line(exc)})") from None
+    backend = _HFTokenizer(bpe)
+    backend.pre_tokenizer = _pre_tokenizer(spec)
+    backend.decoder = decoders.ByteLevel()
+    return backend, spec.add_bos, pre
+
+
+def _sentencepiece_merges(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
+    """The merges a SentencePiece BPE vocabulary implies: every split of a token into two tokens,
+    best-scored result first (SentencePiece, and llama.cpp, merge the pair whose joined piece
+    scores highest). Ties: longer left piece first, as transformers orders them."""
+    found = []
+    for token, score in zip(tokens, scores):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                found.append((-score, -len(left), -len(right), vocab[left], vocab[right], left, right))
+    found.sort()
+    return [(f[5], f[6]) for f in found]
+
+
+def _sentencepiece_backend(meta: _Metadata, tokens: list[str], vocab: dict[str, int]) -> tuple[_HFTokenizer, bool, str]:
+    """SentencePiece BPE (`tokenizer.ggml.model == "llama"`) the way llama.cpp runs it: spaces
+    become U+2581, a U+2581 is put before each stretch of text that starts the input or follows a
+    special token (`add_space_prefix`, on unless the file says otherwise), characters missing from
+    the vocabulary fall back to <0xNN> byte tokens."""
+    scores = meta.require("tokenizer.ggml.scores", "the token scores")
+    if len(scores) != len(tokens):
+        raise GGUFTokenizerError(f"{meta.path}: tokenizer.ggml.scores has {len(scores)} entries for "
+                                 f"{len(tokens)} tokens")
+    unk_id = meta.token_id("tokenizer.ggml.unknown_token_id", len(tokens))
+    unk = tokens[unk_id] if unk_id is not None else ("<unk>" if "<unk>" in vocab else None)
+    bpe = models.BPE(vocab=vocab, merges=_sentencepiece_merges(tokens, vocab, scores), unk_token=unk,
+                     fuse_unk=True, byte_fallback=True)
+    backend = _HFTokenizer(bpe)
+    prefix = meta.get("tokenizer.ggml.add_space_prefix")
+    prefix = True if prefix is None else bool(prefix)
+    # The normalizer runs on each stretch of text between added tokens, hence "after each special".
+    prepend = [normalizers.Prepend("\u2581")] if prefix else []
+    backend.normalizer = normalizers.Sequence([*prepend, normalizers.Replace(" ", "\u2581")])
+    strip = [decoders.Strip(" ", 1, 0)] if prefix else []
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    return backend, True, ""
+
+
 def read_gguf_tokenizer(path: str | Path, reader: Any = None) -> GGUFTokenizerParts:
     """Build the tokenizer a GGUF file describes. `reader`: an already open `gguf.GGUFReader` of
     the same file (the weight loader's), so the metadata is parsed once (parsing the string arrays
@@ -185,20 +249,11 @@ def read_gguf_tokenizer(path: str | Path, reader: Any = None) -> GGUFTokenizerPa
     model = meta.get("tokenizer.ggml.model")
     if model is None:
         raise GGUFTokenizerError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.model missing)")
-    if model != "gpt2":
-        kind = "SentencePiece " if model == "llama" else ""
-        raise GGUFTokenizerError(f"{path}: unsupported tokenizer model {model!r} ({kind}tokenizer.ggml.model; "
-                                 "supported: 'gpt2' byte-level BPE)")
-    pre = meta.get("tokenizer.ggml.pre") or "default"
-    spec = PRE_TOKENIZERS.get(pre)
-    if spec is None:
-        raise GGUFTokenizerError(f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre)")
-    notes = []
-    if pre == "default":
-        notes.append("no tokenizer.ggml.pre label: GPT-2's byte-level splitting assumed")
-
+    if model not in ("gpt2", "llama"):
+        raise GGUFTokenizerError(f"{path}: unsupported tokenizer model {model!r} (tokenizer.ggml.model; "
+                                 "supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
+    notes: list[str] = []
     tokens: list[str] = meta.require("tokenizer.ggml.tokens", "the vocabulary")
-    merges_raw: list[str] = meta.require("tokenizer.ggml.merges", "the BPE merges")
     n_vocab = len(tokens)
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * n_vocab
     if len(types) != n_vocab:
@@ -214,24 +269,16 @@ def read_gguf_tokenizer(path: str | Path, reader: Any = None) -> GGUFTokenizerPa
             vocab[f"<gguf-duplicate-{prev}>"] = prev
             notes.append(f"token {tok!r} appears more than once (ids {prev} and {i})")
         vocab[tok] = i
-    merges = []
-    for m in merges_raw:
-        cut = m.find(" ", 1)  # a token can start with a space only outside byte-level; llama.cpp's rule
-        if cut < 0:
-            raise GGUFTokenizerError(f"{path}: malformed merge {m!r} in tokenizer.ggml.merges")
-        merges.append((m[:cut], m[cut + 1:]))
+    if model == "gpt2":
+        backend, add_bos_default, pre = _byte_level_backend(meta, vocab, notes)
+    else:
+        backend, add_bos_default, pre = _sentencepiece_backend(meta, tokens, vocab)
 
-    try:
-        bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=spec.ignore_merges)
-    except Exception as exc:  # a merge naming a token that is not in the vocabulary
-        raise GGUFTokenizerError(f"{path}: inconsistent vocabulary and merges ({_one_line(exc)})") from None
-    backend = _HFTokenizer(bpe)
-    backend.pre_tokenizer = _pre_tokenizer(spec)
-    backend.decoder = decoders.ByteLevel()
-
-    # Control tokens (<|im_start|>, ...) are matched whole in text and are "special" (dropped by
-    # decode(skip_special_tokens=True)); user-defined ones are matched whole but kept.
-    control = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL]
+    # Control and unknown tokens (<|im_start|>, <s>, ...) are matched whole in text and are
+    # "special" (dropped by decode(skip_special_tokens=True)); user-defined ones are matched whole
+    # but kept. (llama.cpp matches user-defined tokens always, control ones when parsing specials.)
+    control = [AddedToken(tokens[i], special=True, normalized=False)
+               for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)]
     user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _USER_DEFINED]
     if control:
         backend.add_special_tokens(control)
@@ -245,7 +292,7 @@ def read_gguf_tokenizer(path: str | Path, reader: Any = None) -> GGUFTokenizerPa
         if tid is not None:
             config[name] = tokens[tid]
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
-    config["add_bos_token"] = spec.add_bos if add_bos is None else bool(add_bos)
+    config["add_bos_token"] = add_bos_default if add_bos is None else bool(add_bos)
     config["add_eos_token"] = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if config["add_bos_token"] and "bos_token" not in config:
         raise GGUFTokenizerError(f"{path}: the file asks for a BOS token but has no tokenizer.ggml.bos_token_id")
