@@ -32,7 +32,10 @@ log = logging.getLogger("tokenfactory.api")
 # Open without a key: the liveness probe and the API's own description.
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 # Server-wide views of every tenant's traffic: the operator's --metrics-key only (auth.py).
+# (The dashboard's page and static files carry no data and are served by its own outer
+# middleware before this one; what reaches here under /dashboard/ is its data.)
 ADMIN_PATHS = frozenset({"/metrics", "/dashboard"})
+ADMIN_PREFIXES = ("/dashboard/",)
 # The only routes that take a request body; every other (method, path) is answered without
 # reading one (a 31 MB POST to /health gets its 405 at once).
 JSON_POST_ROUTES = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions",
@@ -76,7 +79,7 @@ class FrontDoorMiddleware:
             await resp(scope, receive, send)
 
         try:
-            if path in ADMIN_PATHS:
+            if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
                 self.auth.check_metrics_access(Request(scope))
             elif path not in PUBLIC_PATHS:
                 state["tenant"] = self.auth.tenant_for(Request(scope))
@@ -203,7 +206,8 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
     app = FastAPI(title="tokenfactory", version="0.1.0", lifespan=lifespan,
                   description="Anthropic Messages and OpenAI-compatible inference API")
     app.state.ctx = ctx
-    app.add_middleware(FrontDoorMiddleware, auth=Authenticator(opts.api_keys, metrics_key),
+    app.state.auth = auth = Authenticator(opts.api_keys, metrics_key)
+    app.add_middleware(FrontDoorMiddleware, auth=auth,
                        max_body_bytes=opts.max_body_bytes, body_timeout=body_timeout,
                        route_body_limits=route_body_limits)
     if opts.enable_cors:  # off by default (issue 6)
