@@ -32,7 +32,8 @@ from tokenfactory.api.dashboard import decode_weight_bytes, install_dashboard, p
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium not installed")
-KEY = "dash-secret-key"
+TENANT_KEY = "tenant-key-1"
+ADMIN_KEY = "operator-metrics-key"
 
 
 # --------------------------------------------------------------------------- the browser
@@ -151,8 +152,10 @@ def dashboard_server(tokenizer, **app_options):
     def create_app(engine, tok, **kw):
         app = real(engine, tok, **kw)
         ctx = app.state.ctx
-        authorize = Authenticator(ctx.options.api_keys).tenant_for
-        states.append(install_dashboard(app, ctx, ctx.metrics, authorize=authorize))
+        # server-wide data: the operator's metrics key, never a tenant key (auth.py)
+        auth = Authenticator(ctx.options.api_keys, kw.get("metrics_key"))
+        states.append(install_dashboard(app, ctx, ctx.metrics,
+                                        authorize=auth.check_metrics_access))
         return app
 
     with pytest.MonkeyPatch.context() as mp:
@@ -250,21 +253,23 @@ def test_dashboard_draws_live_data_under_load(tokenizer, browser, tmp_path):
 
 @needs_chromium
 def test_dashboard_with_keys_shows_nothing_without_one(tokenizer, browser, tmp_path):
-    with dashboard_server(tokenizer, api_keys={KEY: "ops"}) as server:
+    with dashboard_server(tokenizer, api_keys={TENANT_KEY: "acme"},
+                          metrics_key=ADMIN_KEY) as server:
         base = server.base_url
         # the shell is public (it holds no data); the data endpoint is not
         page = httpx.get(base + "/dashboard")
         assert page.status_code == 200 and "uPlot" in page.text
         assert httpx.get(base + "/dashboard/static/uPlot.iife.min.js").status_code == 200
-        for headers in ({}, {"x-api-key": "wrong"}):
+        for headers, status in (({}, 401), ({"x-api-key": "wrong"}, 401),
+                                ({"x-api-key": TENANT_KEY}, 403)):
             r = httpx.get(base + "/dashboard/data", headers=headers)
-            assert r.status_code == 401, r.text
-            body = r.json()
-            assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
-        assert httpx.get(base + "/dashboard/data", headers={"x-api-key": KEY}).status_code == 200
-        assert httpx.get(base + "/dashboard/static/../dashboard.py").status_code == 401
+            assert r.status_code == status, r.text
+            body = r.json()   # the Anthropic error format, as on every non-OpenAI route
+            assert body["type"] == "error" and body["error"]["type"] in (
+                "authentication_error", "permission_error"), body
+        ok = httpx.get(base + "/dashboard/data", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert ok.status_code == 200 and ok.json()["samples"]
 
-        browser.js("sessionStorage.clear()")
         browser.goto(base + "/dashboard")
         browser.wait_for("document.body.dataset.state === 'key'")
         time.sleep(1.5)   # more polls go by: still nothing shown
@@ -274,12 +279,18 @@ def test_dashboard_with_keys_shows_nothing_without_one(tokenizer, browser, tmp_p
         assert all(v is None for v in locked["tiles"].values())
         browser.screenshot(artifact_dir(tmp_path) / "dashboard-locked.png")
 
-        browser.js(f"document.getElementById('key').value = {KEY!r}; "
-                   "document.getElementById('keyform').requestSubmit(); true")
+        def submit(key):
+            browser.js(f"document.getElementById('key').value = {key!r}; "
+                       "document.getElementById('keyform').requestSubmit(); true")
+
+        submit(TENANT_KEY)   # a tenant key sees no server-wide data either
+        browser.wait_for("document.getElementById('keyerror').textContent.includes('tenant')")
+        assert browser.js(READ_STATE)["polls"] == 0
+        submit(ADMIN_KEY)
         browser.wait_for("document.body.dataset.state === 'live'")
         unlocked = browser.js(READ_STATE)
         assert not unlocked["keyform"] and unlocked["charts"]["chart-kv"][0] >= 1
-        browser.js("sessionStorage.clear()")
+        browser.js("sessionStorage.clear(); true")
 
 
 # --------------------------------------------------------------------------- pieces

@@ -3,12 +3,15 @@
 ``install_dashboard(app, ctx, metrics, authorize=...)`` adds
 
 * ``GET /dashboard`` and ``GET /dashboard/static/{file}``: the page, its script and the vendored
-  uPlot charting library (MIT, ``static/uPlot.LICENSE``). They carry no data, so they are served
-  without an API key, before the front door's key check (a small outer ASGI middleware): a
-  browser cannot attach ``x-api-key`` to a page load, and the page asks for the key itself.
-* ``GET /dashboard/data[?since=T]``: a JSON snapshot polled by the page (every second). It
-  needs the API key when keys are configured (``authorize``, the front door's Authenticator)
-  and answers 401 in the Anthropic error format without one.
+  uPlot charting library (MIT, ``static/uPlot.LICENSE``). They carry no data and are served
+  without a key: a browser cannot attach ``x-api-key`` to a page load; the page asks for it.
+* ``GET /dashboard/data[?since=T]``: a JSON snapshot polled by the page (every second). It is
+  server-wide data (every tenant's traffic), so ``authorize`` should be the front door's
+  ``Authenticator.check_metrics_access``: with keys configured it needs the operator's metrics
+  key (401 without or with a wrong key, 403 for a tenant key), in the Anthropic error format.
+
+All three are answered by a small outermost ASGI middleware, ahead of the front door's key
+check, so the dashboard does not depend on the front door's path lists.
 
 Where the numbers come from (nothing here is estimated when it can be counted):
 
@@ -40,13 +43,17 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
+
+from tokenfactory.api.errors import APIError, error_response, new_request_id
 
 log = logging.getLogger("tokenfactory.api.dashboard")
 
 STATIC_DIR = Path(__file__).parent / "static"
 PAGE = "dashboard.html"
+DATA_PATH = "/dashboard/data"
 # The only files served from /dashboard/static/ (no path from the URL ever reaches the disk).
 ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -293,6 +300,9 @@ class DashboardState:
             sample["roofline_eff"] = roof["efficiency"]
             sample["decode_gbps"] = (roof["achieved_bytes_per_s"] / 1e9
                                      if roof["achieved_bytes_per_s"] else None)
+            for k, v in sample.items():   # JSON has no NaN/inf
+                if isinstance(v, float) and not math.isfinite(v):
+                    sample[k] = None
             self.samples.append(sample)
             self._mono.append(now)
             self._raw.append(raw)
@@ -318,25 +328,59 @@ class DashboardState:
         }
 
 
-class _PublicShell:
-    """Serves the dashboard page and its static files ahead of the API-key check."""
+class _DashboardDoor:
+    """Answers the dashboard's paths ahead of the front door (outermost ASGI middleware).
 
-    def __init__(self, app, files: dict[str, tuple[bytes, str]]):
+    The page and its static files are public: they hold no data, and a browser cannot attach
+    a key to a page load. ``/dashboard/data`` is checked here by ``authorize`` (the operator's
+    metrics key: the data covers every tenant's traffic), so it does not depend on which key
+    kind the front door asks for on other paths; failures use the Anthropic error format of
+    every non-OpenAI route (errors.error_response).
+    """
+
+    def __init__(self, app, files: dict[str, tuple[bytes, str]], state: "DashboardState",
+                 authorize: Callable[[Request], Any] | None):
         self.app = app
         self.files = files   # URL path -> (body, content type)
+        self.state = state
+        self.authorize = authorize
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            hit = self.files.get(scope.get("path", ""))
-            if hit is not None:
-                body, ctype = hit
-                headers = [(b"content-type", ctype.encode()),
-                           (b"content-length", str(len(body)).encode()), *SHELL_HEADERS]
-                await send({"type": "http.response.start", "status": 200, "headers": headers})
-                await send({"type": "http.response.body",
-                            "body": body if scope["method"] == "GET" else b""})
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path == DATA_PATH:
+            return await self._data(scope, receive, send)
+        hit = self.files.get(path)
+        if hit is None:
+            return await self.app(scope, receive, send)
+        body, ctype = hit
+        headers = [(b"content-type", ctype.encode()),
+                   (b"content-length", str(len(body)).encode()), *SHELL_HEADERS]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body",
+                    "body": body if scope["method"] == "GET" else b""})
+
+    async def _data(self, scope, receive, send):
+        request = Request(scope)
+        rid = new_request_id()
+        try:
+            if self.authorize is not None:
+                self.authorize(request)
+            raw = request.query_params.get("since")
+            try:
+                since = float(raw) if raw not in (None, "") else None
+            except ValueError:
+                raise APIError(400, f"since: expected unix seconds, got {raw!r}",
+                               param="since") from None
+            if since is not None and not math.isfinite(since):
+                raise APIError(400, "since: expected a finite number", param="since")
+            resp = JSONResponse(self.state.payload(since),
+                                headers={"request-id": rid, "cache-control": "no-store"})
+        except APIError as exc:
+            resp = error_response(DATA_PATH, exc.status, exc.message, request_id=rid,
+                                  param=exc.param, headers=exc.headers)
+        await resp(scope, receive, send)
 
 
 def _shell_files() -> dict[str, tuple[bytes, str]]:
@@ -351,19 +395,12 @@ def _shell_files() -> dict[str, tuple[bytes, str]]:
 def install_dashboard(app: FastAPI, ctx, metrics, *,
                       authorize: Callable[[Request], Any] | None = None,
                       **options: Any) -> DashboardState:
-    """Mount the dashboard on ``app`` (before it starts). ``authorize(request)`` raises
-    ``APIError(401)`` without a valid key (e.g. ``Authenticator(keys).tenant_for``); None means
-    no keys. ``options`` are DashboardState's keyword arguments (window, history, poll_ms,
-    host_bandwidth, measure_host, ...)."""
+    """Mount the dashboard on ``app`` before it starts (it adds a middleware, which Starlette
+    refuses once an app has served). ``authorize(request)`` raises APIError (401/403) unless
+    the request may read server-wide metrics: ``Authenticator(keys, metrics_key)
+    .check_metrics_access``; None leaves the data open. ``options`` are DashboardState's
+    keyword arguments (window, history, poll_ms, host_bandwidth, measure_host, ...)."""
     state = DashboardState(ctx, metrics, **options)
     app.state.dashboard = state
-    app.add_middleware(_PublicShell, files=_shell_files())
-
-    @app.get("/dashboard/data", include_in_schema=False)
-    async def dashboard_data(request: Request,
-                             since: float | None = Query(None, description="unix seconds")):
-        if authorize is not None:
-            authorize(request)
-        return state.payload(since)
-
+    app.add_middleware(_DashboardDoor, files=_shell_files(), state=state, authorize=authorize)
     return state

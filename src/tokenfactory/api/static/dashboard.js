@@ -93,10 +93,13 @@
     try {
       const resp = await fetch(url, { headers, cache: "no-store" });
       const body = await resp.json().catch(() => null);
-      if (resp.status === 401) {
+      if (resp.status === 401 || resp.status === 403) {
+        // 401: no key or a wrong one; 403: a key that may not read server-wide metrics
+        // (a tenant key, or metrics switched off). Nothing is shown until a key is accepted.
+        const msg = (body && body.error && body.error.message) || "key refused";
         $("#keyform").hidden = false;
-        $("#keyerror").textContent = key ? ((body && body.error && body.error.message) || "invalid API key") : "";
-        setState("key", "API key required");
+        $("#keyerror").textContent = key || resp.status === 403 ? msg : "";
+        setState("key", resp.status === 401 ? "key required" : "key refused");
         return;
       }
       if (!resp.ok || !body) {
