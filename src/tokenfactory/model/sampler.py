@@ -42,11 +42,14 @@ class SamplerOutput:
     logprobs: list[PositionLogprobs | None]
 
 
+_NON_FINITE = "the model produced non-finite logits (NaN or +inf) for this request"
+_NOTHING_LEFT = "no token is left to sample (every logit is masked)"
+
+
 def unsampleable_rows(logits: torch.Tensor) -> torch.Tensor:
     """(N,) bool: rows with a NaN or +inf, or without a single finite logit. -inf alone is a
     masked token, not a fault. logits: (N, V)."""
-    return (torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
-            | ~torch.isfinite(logits).any(dim=-1))
+    return ~torch.isfinite(logits.amax(dim=-1))   # amax propagates NaN; all -inf gives -inf
 
 
 def _cached_ids(req: Request, key: str, ids, vocab: int, device: torch.device) -> torch.Tensor:
@@ -163,8 +166,6 @@ class Sampler:
         n = logits.shape[0]
         params = [r.sampling_params for r in requests]
         errors: dict[int, str] = {}
-        for i in unsampleable_rows(logits).nonzero()[:, 0].tolist():
-            errors[i] = "the model produced non-finite logits (NaN or +inf) for this request"
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = None
         if any(want_logprobs):
@@ -172,6 +173,9 @@ class Sampler:
         needs_min_tokens = any(len(r.output_token_ids) < r.sampling_params.min_tokens
                                for r in requests)
         if any(p.needs_penalties for p in params) or needs_min_tokens:
+            # checked before penalties, which could hide a +inf behind the finite cap
+            for i in unsampleable_rows(logits).nonzero()[:, 0].tolist():
+                errors[i] = _NON_FINITE
             logits = logits.clone()
             for i in range(n):   # row by row, so that one row's failure stays its own
                 if i in errors:
@@ -181,10 +185,12 @@ class Sampler:
                                      requests[i:i + 1])
                 except Exception as exc:  # noqa: BLE001 - fails this row only
                     errors[i] = f"penalties failed: {type(exc).__name__}: {exc}"
-            for i in unsampleable_rows(logits).nonzero()[:, 0].tolist():
-                errors.setdefault(i, "no token is left to sample (every logit is masked)")
 
-        tokens = logits.argmax(dim=-1)                                       # (N,) greedy
+        best, tokens = logits.max(dim=-1)                                    # (N,) greedy
+        # the same pass finds rows that cannot be sampled: max propagates NaN, is +inf when
+        # any logit is, and -inf when every token is masked
+        for i in (~torch.isfinite(best)).nonzero()[:, 0].tolist():
+            errors.setdefault(i, _NOTHING_LEFT if best[i] == float("-inf") else _NON_FINITE)
         random_rows = [i for i, p in enumerate(params) if not p.greedy and i not in errors]
         if random_rows:
             try:
