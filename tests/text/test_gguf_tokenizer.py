@@ -248,6 +248,21 @@ def test_tiny_gguf_options(tiny_gguf: Path) -> None:
     assert tok.apply_chat_template(msgs, tools=[{"type": "function"}], add_generation_prompt=False) == "TOOLS x"
 
 
+def test_tokens_outside_the_byte_alphabet_and_duplicates(tmp_path: Path) -> None:
+    """Added tokens are stored as plain text in a GGUF (DeepSeek's <｜begin▁of▁sentence｜>) and must
+    decode as such; a repeated token string keeps its last id, and every id still exists."""
+    tokens, merges, types = tiny_vocab()
+    path = write_gguf(tmp_path / "odd.gguf", tokenizer__ggml__model="gpt2", tokenizer__ggml__pre="gpt-2",
+                      tokenizer__ggml__tokens=tokens + ["<｜begin▁of▁sentence｜>", "日本", "<think>"],
+                      tokenizer__ggml__merges=merges, tokenizer__ggml__token_type=types + [3, 4, 1])
+    tok = Tokenizer.from_gguf(path)
+    text = "<｜begin▁of▁sentence｜>hello 日本 world"
+    ids = tok.encode(text)
+    assert tok.convert_ids_to_tokens(ids) == ["<｜begin▁of▁sentence｜>", "hello", "Ġ", "日本", "Ġworld"]
+    assert tok.decode(ids, skip_special_tokens=False) == text and tok.decode(ids) == "hello 日本 world"
+    assert tok.vocab_size == len(tokens) + 3 and tok.encode("<think>") == [len(tokens) + 2]
+
+
 def test_generation_defaults_of_a_model_directory(demo_tokenizer_dir: Path, tmp_path: Path) -> None:
     out = make_tokenizer_dir(demo_tokenizer_dir, tmp_path / "gen", {}, generation_config={
         "temperature": 0.6, "top_p": 0.9, "do_sample": True, "eos_token_id": [1, 2], "max_new_tokens": 5})
