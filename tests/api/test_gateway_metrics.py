@@ -103,3 +103,17 @@ def test_values_mean_what_vllm_means(gw_server):
     assert value("vllm:time_to_first_token_seconds",
                  "vllm:time_to_first_token_seconds_count") == 2
     assert value("vllm:generation_tokens") == value("tokenfactory_generation_tokens") > 0
+
+
+def test_grafana_board_queries_only_series_we_expose(gw_server):
+    """docs/grafana-dashboard.json: every series its PromQL names is in our exposition."""
+    import json
+    import re
+    from pathlib import Path
+
+    board = json.loads((Path(__file__).parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(?:vllm:|tokenfactory_)[A-Za-z0-9_:]+", e)}
+    text = httpx.get(gw_server.base_url + "/metrics", timeout=10).text
+    exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert used and used <= exposed, sorted(used - exposed)

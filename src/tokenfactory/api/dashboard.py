@@ -27,7 +27,8 @@ Where the numbers come from (nothing here is estimated when it can be counted):
 * host-roofline efficiency: decode steps of the last minute, bytes they had to read (the
   model's weights once per step plus every sequence's KV) / their time, over this machine's
   measured read bandwidth (``economics.host.measure_bandwidth``, run once in a background thread
-  when the dashboard is first opened: ~0.6 s of both cores, so not at start-up).
+  the first time the dashboard is polled while the engine is idle: ~0.6 s of every core, so
+  not at start-up; ``host_bandwidth=`` skips it).
 
 History is kept only while someone watches: a sample is taken when the data endpoint is
 polled (at most every ``min_interval`` seconds) and the last ``history`` samples are kept, so
@@ -215,6 +216,9 @@ class DashboardState:
     def _start_measuring(self) -> None:
         if not self._measure or self._measuring or self.bandwidth is not None:
             return
+        stats = self.engine.stats()
+        if stats.num_running or stats.num_waiting:
+            return   # measured while idle: a busy engine would halve what it finds
         self._measuring = True
 
         def run():
@@ -314,7 +318,8 @@ class DashboardState:
         opts = self.ctx.options
         note = self.roofline_note
         if note is None and self.bandwidth is None:
-            note = "measuring the host's memory bandwidth ..."
+            note = ("measuring the host's memory bandwidth ..." if self._measuring else
+                    "waiting for an idle moment to measure the host's memory bandwidth")
         return {
             "model": opts.served_model_name, "poll_ms": self.poll_ms, "window_s": self.window,
             "config": {"kv_pages_total": self.core.kv.num_blocks,
