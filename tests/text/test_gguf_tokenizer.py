@@ -227,7 +227,7 @@ def tiny_gguf(tmp_path: Path) -> Path:
         tokenizer__ggml__eot_token_id=0,
         tokenizer__chat_template="{{ messages[0]['content'] }}",
         tokenizer__chat_template__tool_use="TOOLS {{ messages[0]['content'] }}",
-        general__sampling__temp=0.5, general__sampling__top_k=40,
+        general__sampling__temp=0.7, general__sampling__top_k=40,
         llama__context_length=4096,
     )
 
@@ -241,7 +241,7 @@ def test_tiny_gguf_options(tiny_gguf: Path) -> None:
     # llama.cpp's default for the Llama 3 labels: add BOS when the file does not say
     assert tok.add_bos_token and tok.encode("hello", add_special_tokens=True) == [tok.token_to_id("!"), *tok.encode("hello")]
     assert tok.eos_token_ids == frozenset({tok.token_to_id("#"), 0})
-    assert tok.generation_defaults == {"temperature": 0.5, "top_k": 40}
+    assert tok.generation_defaults == {"temperature": 0.7, "top_k": 40}
     assert tok.model_max_length == 4096
     msgs = [{"role": "user", "content": "x"}]
     assert tok.apply_chat_template(msgs, add_generation_prompt=False) == "x"

@@ -2,9 +2,9 @@
 
 A GGUF (llama.cpp's format) carries no `tokenizer.json`: the vocabulary, the merges, the token
 kinds, the special-token ids and the chat template are metadata under `tokenizer.*` keys. This
-module reads them with the `gguf` package's reader and assembles the same pipeline the model's own
-`tokenizer.json` describes (byte-level BPE, a pre-tokenizer, a byte-level decoder), so encoding
-needs nothing from llama.cpp or `transformers`.
+module reads them with the `gguf` package's reader and assembles the pipeline the model's own
+`tokenizer.json` describes (BPE model, pre-tokenizer or normalizer, decoder, added tokens), so
+encoding needs nothing from llama.cpp or `transformers`.
 
 The pre-tokenizer is the part a GGUF only names (`tokenizer.ggml.pre`, a llama.cpp label). Each
 supported label maps to the splitting llama.cpp applies for it (`llm_tokenizer_bpe` in its
@@ -308,7 +308,9 @@ def read_gguf_tokenizer(path: str | Path, reader: Any = None) -> GGUFTokenizerPa
     generation_config: dict[str, Any] = {"eos_token_id": eos_ids} if eos_ids else {}
     for key, name in _SAMPLING_KEYS.items():
         value = meta.get(key)
-        if isinstance(value, (int, float)):
+        if isinstance(value, float):  # stored as float32: 0.6 reads back as 0.6000000238
+            generation_config[name] = float(f"{value:.7g}")
+        elif isinstance(value, int) and not isinstance(value, bool):
             generation_config[name] = value
 
     template: str | dict[str, str] | None = meta.get("tokenizer.chat_template")
