@@ -199,7 +199,8 @@ class LoadGenerator:
     def __exit__(self, *exc):
         self.stop.set()
         for t in self.threads:
-            t.join(30)
+            if t.is_alive():
+                t.join(30)
 
 
 def artifact_dir(tmp_path: Path) -> Path:
@@ -232,6 +233,14 @@ def test_dashboard_draws_live_data_under_load(tokenizer, browser, tmp_path):
         browser.wait_for(f"document.body.dataset.polls > {first['polls'] + 1}")
         second = browser.js(READ_STATE)
         browser.screenshot(artifact_dir(tmp_path) / "dashboard.png")
+        load.__exit__()
+        server.wait_idle()
+        # the step hook's token counts agree with what the requests themselves reported
+        registry, state = server.app.state.ctx.metrics.registry, server.dashboard
+        value = lambda name: registry.get_sample_value(f"tokenfactory_{name}_total")  # noqa: E731
+        assert state.output_tokens == value("generation_tokens") > 0
+        assert state.prefill_tokens == value("prompt_tokens") - value("cached_prompt_tokens") > 0
+        assert state.decode_steps and all(batch <= 3 for _, _, batch, _ in state.decode_steps)
     assert not load.errors, load.errors[:2]
     assert second["state"] == "live" and not second["keyform"]
     for chart, (points, nonnull, canvases) in second["charts"].items():
