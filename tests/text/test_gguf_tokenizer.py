@@ -239,7 +239,8 @@ def test_tiny_gguf_options(tiny_gguf: Path) -> None:
     assert tok.convert_ids_to_tokens(ids) == ["hello", "Ġworld", "<|eot|>", "<think>"]
     assert tok.decode(ids) == "hello world<think>"  # control tokens are special, user-defined ones are not
     # llama.cpp's default for the Llama 3 labels: add BOS when the file does not say
-    assert tok.add_bos_token and tok.encode("hello", add_special_tokens=True) == [tok.token_to_id("!"), *tok.encode("hello")]
+    assert tok.add_bos_token
+    assert tok.encode("hello", add_special_tokens=True) == [tok.token_to_id("!"), *tok.encode("hello")]
     assert tok.eos_token_ids == frozenset({tok.token_to_id("#"), 0})
     assert tok.generation_defaults == {"temperature": 0.7, "top_k": 40}
     assert tok.model_max_length == 4096

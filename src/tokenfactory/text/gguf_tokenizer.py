@@ -234,7 +234,8 @@ def _sentencepiece_backend(meta: _Metadata, tokens: list[str], vocab: dict[str, 
     prepend = [normalizers.Prepend("\u2581")] if prefix else []
     backend.normalizer = normalizers.Sequence([*prepend, normalizers.Replace(" ", "\u2581")])
     strip = [decoders.Strip(" ", 1, 0)] if prefix else []
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     return backend, True, ""
 
 
