@@ -59,7 +59,7 @@ def _is_numeric(ch: str) -> bool:
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    """~5,000 lines and ~150 multi-line chunks of stdlib source, its non-ASCII lines, the extras."""
+    """~5,000 lines and ~170 multi-line chunks of stdlib source, its non-ASCII lines, the extras."""
     root = Path(sysconfig.get_paths()["stdlib"])
     lines, chunks, non_ascii = [], [], []
     for path in sorted(root.glob("*.py")) + sorted((root / "encodings").glob("*.py")):
@@ -71,7 +71,10 @@ def texts() -> list[str]:
             lines += body[:30]
             chunks.append("".join(body[:40]))
         non_ascii += [ln for ln in body if not ln.isascii()]
-    return lines + chunks + non_ascii[:400] + OTHER_SCRIPTS + SPECIAL_TEXTS
+    # Chinese, Japanese and Korean prose from the codec tests, where the installation ships them
+    for path in sorted((root / "test" / "cjkencodings").glob("*-utf8.txt")):
+        non_ascii += path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[:20]
+    return lines + chunks + non_ascii[:600] + OTHER_SCRIPTS + SPECIAL_TEXTS
 
 
 @pytest.fixture(scope="module")
