@@ -1,12 +1,14 @@
 """Fuzzing: schemathesis against /openapi.json, and hypothesis over message structures.
 
 Every answer must be a 2xx or a 4xx in the protocol's own error format: never a 5xx, never a
-response that contradicts the declared schema, and no KV page may be left behind.
+response that contradicts the declared schema, and no KV page may be left behind. The last
+properties drive the real PyTorch executor and sampler (issue 13), not the scripted one.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import threading
 
 import httpx
 import pytest
@@ -71,7 +73,7 @@ def test_schemathesis_all_operations(fuzz_server):
                 run()
             except Unsatisfiable:
                 # no parameters and no body: there is nothing to make invalid
-                assert mode == GenerationMode.NEGATIVE and op.method.upper() == "GET"
+                assert mode == GenerationMode.NEGATIVE and op.method.upper() in ("GET", "HEAD")
     assert tried["cases"] >= 200
     fuzz_server.assert_no_leaks()
 
@@ -275,3 +277,116 @@ def test_property_deeply_nested_tool_input(fuzz_server, depth, leaf):
 
 def test_properties_left_nothing_behind(fuzz_server):
     fuzz_server.assert_no_leaks()
+
+
+# ------------------------------------------------------ the real sampler (issue 13)
+# The scripted executor above never samples: here the real PyTorch executor on the random-weight
+# demo model does, with sampling parameters at the extremes of their JSON types. Every answer
+# must be a 200 or a 400 naming the problem, and a greedy request sharing the engine with the
+# attacks must produce exactly the text it produces alone (float32: greedy does not depend on
+# batch composition there).
+ANY_FLOAT = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                     st.integers(-2**70, 2**70))
+ANY_INT = st.integers(-2**64, 2**64)
+TINY = [5e-324, 1e-300, 1e-30]
+
+
+def edge(valid: list, anything) -> st.SearchStrategy:
+    """Mostly a valid value at the edge of the field's range, sometimes anything of its type."""
+    return st.one_of(st.sampled_from(valid), st.sampled_from(valid), st.sampled_from(valid),
+                     anything)
+
+
+SAMPLING_FIELDS = {
+    "temperature": edge([0.0, -0.0, *TINY, 1e-5, 2.0], ANY_FLOAT),
+    "top_p": edge([*TINY, 1e-6, 1.0], ANY_FLOAT),
+    "top_k": edge([0, -1, 1, 2, 8191, 8192, 49152, 2**31, 2**63 - 1, 2**63, 10**20], ANY_INT),
+    "min_p": edge([0.0, *TINY, 0.999999, 1.0], ANY_FLOAT),
+    "presence_penalty": edge([-2.0, -1e-300, 2.0], ANY_FLOAT),
+    "frequency_penalty": edge([-2.0, 1e-300, 2.0], ANY_FLOAT),
+    "repetition_penalty": edge([*TINY, 1e-3, 100.0], ANY_FLOAT),
+    "seed": edge([0, -1, 2**63 - 1, -(2**63), 2**64 - 1], ANY_INT),
+    "min_tokens": edge([0, 1, 4], ANY_INT),
+    "ignore_eos": st.booleans(),
+    "stop_token_ids": st.lists(edge([0, 1, 2, 8191], ANY_INT), max_size=4),
+    "stream": st.booleans()}
+STATUSES: dict[str, set[int]] = {}
+
+
+GREEDY = {"model": "tf-test", "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
+          "messages": [{"role": "user", "content": "The victim's steady request"}]}
+
+
+@st.composite
+def extreme_sampling(draw):
+    fields = draw(st.lists(st.sampled_from(sorted(SAMPLING_FIELDS)), unique=True, max_size=6))
+    body = {k: draw(SAMPLING_FIELDS[k]) for k in fields}
+    body["max_tokens"] = draw(st.integers(1, 4))
+    return body
+
+
+@pytest.fixture(scope="module")
+def real_sampler_server():
+    from tokenfactory.engine.async_engine import AsyncEngine
+    from tokenfactory.engine.llm import build_engine_core
+    from tokenfactory.model.demo import ensure_demo_checkpoint
+
+    core = build_engine_core(ensure_demo_checkpoint(), dtype="float32", compile=False,
+                             max_model_len=512, kv_cache_memory=16 << 20)
+    with live_server(core.tokenizer, engine=AsyncEngine(core)) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json=GREEDY, timeout=120)
+        assert r.status_code == 200, r.text
+        srv.greedy_text = r.json()["choices"][0]["message"]["content"]
+        yield srv
+
+
+def _attack_and_victim(server, path: str, attack: dict) -> tuple[httpx.Response, str]:
+    """Send ``attack`` and the greedy victim at the same time; (attack's answer, victim's text)."""
+    out = {}
+
+    def victim():
+        out["victim"] = httpx.post(server.base_url + "/v1/chat/completions", json=GREEDY,
+                                   timeout=120)
+    t = threading.Thread(target=victim)
+    t.start()
+    out["attack"] = httpx.post(server.base_url + path, json=attack, timeout=120)
+    t.join()
+    assert out["victim"].status_code == 200, out["victim"].text
+    return out["attack"], out["victim"].json()["choices"][0]["message"]["content"]
+
+
+def check_real_answer(path: str, r: httpx.Response) -> None:
+    STATUSES.setdefault(path, set()).add(r.status_code)
+    assert r.status_code in (200, 400), (r.status_code, r.text[:500])
+    if r.status_code == 400:
+        assert is_protocol_error(path, r), r.text[:500]
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert '"error"' not in r.text, r.text[-500:]   # the attack's own stream completes
+        assert r.text.rstrip().endswith("data: [DONE]"), r.text[-200:]
+    else:
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text[:500]
+
+
+@property_settings(30)
+@given(sampling=extreme_sampling())
+def test_property_real_sampler_chat(real_sampler_server, sampling):
+    attack = {"model": "tf-test", "messages": [{"role": "user", "content": "attack"}], **sampling}
+    r, victim = _attack_and_victim(real_sampler_server, "/v1/chat/completions", attack)
+    check_real_answer("/v1/chat/completions", r)
+    assert victim == real_sampler_server.greedy_text
+
+
+@property_settings(20)
+@given(sampling=extreme_sampling())
+def test_property_real_sampler_completions(real_sampler_server, sampling):
+    attack = {"model": "tf-test", "prompt": "attack", **sampling}
+    r, victim = _attack_and_victim(real_sampler_server, "/v1/completions", attack)
+    check_real_answer("/v1/completions", r)
+    assert victim == real_sampler_server.greedy_text
+
+
+def test_real_sampler_left_nothing_behind(real_sampler_server):
+    # both kinds of answer were seen: the extremes reached the sampler, not only the 400s
+    assert all(STATUSES.get(p) == {200, 400} for p in ("/v1/chat/completions",
+                                                         "/v1/completions")), STATUSES
+    real_sampler_server.assert_no_leaks()
