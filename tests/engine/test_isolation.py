@@ -236,36 +236,72 @@ def test_out_of_vocabulary_prompt_ids_are_refused(core):
 
 
 # ---------------------------------------------------------------- extremes of every type
-FLOATS = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
-    st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e-5, 1e-4, 0.5, 1.0, 2.0, 100.0, 1e300]))
-INTS = st.one_of(st.integers(-(2**64), 2**64), st.sampled_from([0, 1, -1, 2**31, 2**63 - 1]))
-STOP_IDS = st.one_of(
-    st.lists(st.integers(-(2**64), 2**64), max_size=8),
-    st.builds(lambda n, lo: list(range(lo, lo + n)),
-              st.sampled_from([0, 1, 511, 1024, 1025, 50_000]), st.sampled_from([0, 256, 500])))
+def _edge_floats(lo: float, hi: float, *edges: float):
+    return st.one_of(st.floats(lo, hi, allow_subnormal=True), st.sampled_from([lo, hi, *edges]))
+
+
+ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                      st.sampled_from([math.nan, math.inf, -math.inf, -5e-324, 1e308]))
+ANY_INT = st.one_of(st.integers(-(2**70), 2**70),
+                    st.sampled_from([-1, -(2**63) - 1, 2**63, 2**64, 10**20]))
+# Valid values, at the edges of their ranges (subnormals, 0, the bounds, huge ints).
+VALID = dict(
+    temperature=_edge_floats(0.0, 100.0, -0.0, 5e-324, 1e-300, 9.99e-6, 1e-5, 1.0),
+    top_p=_edge_floats(5e-324, 1.0, 1e-300, 1e-45),
+    min_p=_edge_floats(0.0, 1.0, 5e-324, 1e-300),
+    presence_penalty=_edge_floats(-2.0, 2.0, 5e-324),
+    frequency_penalty=_edge_floats(-2.0, 2.0, -5e-324),
+    repetition_penalty=_edge_floats(5e-324, 100.0, 1e-300, 1e-30, 1.0),
+    top_k=st.one_of(st.integers(-1, 2**70), st.sampled_from([0, -1, 1, 511, 512, 2**63])),
+    seed=st.none() | st.integers(-(2**63), 2**64 - 1),
+    min_tokens=st.integers(0, 3),
+    max_tokens=st.integers(3, 6),
+    stop_token_ids=st.one_of(
+        st.lists(st.integers(0, 2**31 - 1), max_size=8),
+        st.builds(lambda n, lo: list(range(lo, lo + n)),
+                  st.sampled_from([0, 1, 511, 1024]), st.sampled_from([0, 3, 256, 500]))),
+    logprobs=st.none() | st.integers(0, 20),
+)
+# Anything the field's type allows (each example replaces at most one field with one).
+WILD = dict(
+    **{k: ANY_FLOAT for k in ("temperature", "top_p", "min_p", "presence_penalty",
+                              "frequency_penalty", "repetition_penalty")},
+    top_k=ANY_INT, seed=ANY_INT, min_tokens=ANY_INT, max_tokens=ANY_INT, logprobs=ANY_INT,
+    stop_token_ids=st.one_of(st.lists(ANY_INT, max_size=4),
+                             st.sampled_from([1025, 50_000]).map(lambda n: list(range(n)))),
+)
+WILD_FIELD = st.none() | st.sampled_from(sorted(WILD)).flatmap(
+    lambda k: WILD[k].map(lambda v: (k, v)))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(temperature=FLOATS, top_p=FLOATS, min_p=FLOATS, presence_penalty=FLOATS,
-       frequency_penalty=FLOATS, repetition_penalty=FLOATS, top_k=INTS, seed=st.none() | INTS,
-       min_tokens=st.sampled_from([0, 1, 3, 2**63]), stop_token_ids=STOP_IDS,
-       logprobs=st.none() | st.sampled_from([0, 1, 20, 21, -1, 2**63]),
-       max_tokens=st.sampled_from([1, 3, 5, 0, -1, 2**63]))
-def test_extreme_parameters_never_harm_a_neighbour(core, reference, **kw):
-    try:
-        params = SamplingParams(**kw)
-    except ValueError:
-        return
+@given(kw=st.fixed_dictionaries(VALID), wild=WILD_FIELD)
+def test_extreme_parameters_never_harm_a_neighbour(core, reference, kw, wild):
+    """Valid values at the edges of their ranges are accepted and run; any value of the type
+    is either refused at construction (ValueError) or runs. Either way the greedy neighbour's
+    tokens are unchanged and no page leaks."""
+    if wild is None:
+        params = SamplingParams(**kw)           # edge-of-range but valid: must be accepted
+    else:
+        kw[wild[0]] = wild[1]
+        try:
+            params = SamplingParams(**kw)
+        except ValueError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 300
+            return
     victim = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     try:
         core.add_request("attacker", [3, 4, 5, 6, 7], params)
     except ValueError:      # e.g. max_tokens beyond the context: refused before queueing
-        assert core.num_waiting == 0
+        assert wild is not None and core.num_waiting == 0
         return
     finished = run(core, [("victim", VICTIM_PROMPT, victim)])
     assert_victim_unharmed(finished["victim"], reference["greedy"][:8])
-    assert finished["attacker"].finished
+    attacker = finished["attacker"]
+    assert attacker.finished and attacker.outputs[0].finish_reason in ("stop", "length", "error")
+    if attacker.outputs[0].finish_reason == "error":
+        # only possible when every token is banned until min_tokens (stop ids cover the vocab)
+        assert params.min_tokens > 0 and len(set(params.stop_token_ids) & set(range(512))) >= 511
 
 
 def test_sampler_does_not_rebuild_stop_sets_per_step(core):
