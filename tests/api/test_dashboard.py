@@ -276,8 +276,14 @@ def test_dashboard_with_keys_shows_nothing_without_one(tokenizer, browser, tmp_p
             body = r.json()   # the Anthropic error format, as on every non-OpenAI route
             assert body["type"] == "error" and body["error"]["type"] in (
                 "authentication_error", "permission_error"), body
-        ok = httpx.get(base + "/dashboard/data", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        ok = httpx.get(base + "/dashboard/data", headers=admin)
         assert ok.status_code == 200 and ok.json()["samples"]
+        last = ok.json()["samples"][-1]["t"]
+        newer = httpx.get(base + f"/dashboard/data?since={last}", headers=admin).json()["samples"]
+        assert all(s["t"] > last for s in newer)
+        bad = httpx.get(base + "/dashboard/data?since=yesterday", headers=admin)
+        assert bad.status_code == 400 and "since" in bad.json()["error"]["message"]
 
         browser.goto(base + "/dashboard")
         browser.wait_for("document.body.dataset.state === 'key'")
