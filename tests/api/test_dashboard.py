@@ -145,7 +145,8 @@ def browser():
 @contextlib.contextmanager
 def dashboard_server(tokenizer, **app_options):
     """live_server whose app gets the dashboard mounted before it starts (install_dashboard
-    adds an ASGI middleware, which Starlette only allows before the first request)."""
+    adds an ASGI middleware, which Starlette only allows before the first request). When
+    create_app mounts it itself, install_dashboard returns that one (idempotent)."""
     real = tests.live.create_app
     states = []
 
@@ -154,8 +155,9 @@ def dashboard_server(tokenizer, **app_options):
         ctx = app.state.ctx
         # server-wide data: the operator's metrics key, never a tenant key (auth.py)
         auth = Authenticator(ctx.options.api_keys, kw.get("metrics_key"))
-        states.append(install_dashboard(app, ctx, ctx.metrics,
-                                        authorize=auth.check_metrics_access))
+        state = install_dashboard(app, ctx, ctx.metrics, authorize=auth.check_metrics_access)
+        assert install_dashboard(app, ctx, ctx.metrics) is state
+        states.append(state)
         return app
 
     with pytest.MonkeyPatch.context() as mp:

@@ -48,7 +48,8 @@ def scrape(base_url: str) -> dict:
 def gw_server(tokenizer):
     with live_server(tokenizer, served_model_name=MODEL) as s:
         ctx = s.app.state.ctx
-        register_gateway_metrics(ctx.metrics, s.engine, MODEL)
+        collector = register_gateway_metrics(ctx.metrics, s.engine, MODEL)
+        assert register_gateway_metrics(ctx.metrics, s.engine, MODEL) is collector
         # the same long prompt twice: the second finds the first's pages in the prefix cache
         prompt = "shared system prompt " * 40 + "[[reply:hello]]"
         for _ in range(2):
@@ -74,8 +75,10 @@ def test_names_types_and_labels_follow_the_published_lists(gw_server):
     assert info.labels["block_size"] == str(gw_server.core.config.block_size)
     assert info.labels["num_gpu_blocks"] == str(gw_server.core.kv.num_blocks)
     # counters are exposed with vLLM's _total suffix
-    names = {s.name for s in families["vllm:prefix_cache_hits"].samples}
-    assert names == {"vllm:prefix_cache_hits_total"}
+    names = [s.name for s in families["vllm:prefix_cache_hits"].samples]
+    assert names == ["vllm:prefix_cache_hits_total"]
+    text = httpx.get(gw_server.base_url + "/metrics", timeout=10).text
+    assert text.count("\nvllm:num_requests_running{") == 1   # registering twice adds nothing
 
 
 def test_values_mean_what_vllm_means(gw_server):

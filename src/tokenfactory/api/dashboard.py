@@ -404,7 +404,11 @@ def install_dashboard(app: FastAPI, ctx, metrics, *,
     refuses once an app has served). ``authorize(request)`` raises APIError (401/403) unless
     the request may read server-wide metrics: ``Authenticator(keys, metrics_key)
     .check_metrics_access``; None leaves the data open. ``options`` are DashboardState's
-    keyword arguments (window, history, poll_ms, host_bandwidth, measure_host, ...)."""
+    keyword arguments (window, history, poll_ms, host_bandwidth, measure_host, ...).
+    Idempotent: an app that already has a dashboard keeps it (taps and hooks are not doubled)."""
+    existing = getattr(app.state, "dashboard", None)
+    if existing is not None:
+        return existing
     state = DashboardState(ctx, metrics, **options)
     app.state.dashboard = state
     app.add_middleware(_DashboardDoor, files=_shell_files(), state=state, authorize=authorize)

@@ -115,7 +115,13 @@ class GatewayCollector:
 
 
 def register_gateway_metrics(metrics, engine, model_name: str) -> GatewayCollector:
-    """Add the vLLM-named series to ``metrics``' registry (served by the same ``/metrics``)."""
+    """Add the vLLM-named series to ``metrics``' registry (served by the same ``/metrics``).
+    Idempotent: a second call returns the collector already registered (a registry would
+    otherwise serve every series twice)."""
+    existing = getattr(metrics, "gateway_collector", None)
+    if existing is not None:
+        return existing
     collector = GatewayCollector(metrics, engine, model_name)
     metrics.registry.register(collector)
+    metrics.gateway_collector = collector
     return collector
