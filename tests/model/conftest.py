@@ -99,3 +99,115 @@ def run_engine(ex, prompts, params, *, require_length: bool = False, **cfg):
                 done[out.request_id] = out
     assert engine.num_free_blocks() == config["num_kv_blocks"]
     return [done[str(i)] for i in range(len(prompts))], engine
+
+
+# ---------------------------------------------------------------- GGUF files
+# Hugging Face tensor name pieces -> GGUF (llama.cpp) names
+_GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                     "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf_name: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+           "output_norm.weight", "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)          # model.layers.N.<module>.<kind>
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+
+
+def llamacpp_permute(w, heads: int):
+    """What llama.cpp's converter does to llama/mistral q and k rows (written from its
+    description: HF's rotate-half pairs (i, i + D/2) become neighbours (2i, 2i + 1))."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+def k_quant_blocks(qtype, num_blocks: int, rng):
+    """Random K-quant blocks with small finite scales (gguf-py cannot quantize K types)."""
+    import gguf
+    import numpy as np
+
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, size=(num_blocks, block_bytes), dtype=np.uint8)
+    scale = lambda: rng.uniform(1e-3, 4e-3, size=num_blocks).astype(np.float16).view(np.uint8) \
+        .reshape(num_blocks, 2)  # noqa: E731
+    if qtype.name in ("Q4_K", "Q5_K"):       # d, dmin at the start
+        blocks[:, 0:2], blocks[:, 2:4] = scale(), scale()
+    else:                                    # Q6_K: d at the end
+        blocks[:, -2:] = scale()
+    return blocks
+
+
+def write_gguf(path, model, arch: str, *, qtype=None, drop=(), metadata=None, extra=None):
+    """Write a transformers model as a GGUF file the way llama.cpp's converter lays it out.
+
+    ``qtype(gguf_name, shape) -> GGMLQuantizationType`` picks each tensor's type (F32 if None);
+    ``drop``: GGUF tensor names left out; ``metadata``: extra/overriding keys
+    ({key: value}, written with the writer's typed helpers by Python type); ``extra``: more
+    tensors {name: (array, raw_dtype or None)}."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), arch)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    keys = {"block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
+            "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
+            "attention.head_count": heads, "attention.head_count_kv": kv_heads,
+            "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+            "rope.freq_base": float(getattr(cfg, "rope_theta", None)
+                                    or cfg.rope_parameters["rope_theta"]),
+            "attention.key_length": head_dim, "attention.value_length": head_dim,
+            "rope.dimension_count": head_dim, "vocab_size": cfg.vocab_size}
+    if getattr(cfg, "sliding_window", None) and arch == "mistral":
+        keys["attention.sliding_window"] = cfg.sliding_window
+    keys = {f"{arch}.{k}": v for k, v in keys.items()}
+    keys.update(metadata or {})
+    for key, value in keys.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        gname = gguf_name(name)
+        if gname in drop:
+            continue
+        w = tensor.detach().float().numpy()
+        if arch in ("llama", "mistral") and gname.split(".")[-2] in ("attn_q", "attn_k"):
+            w = llamacpp_permute(w, heads if ".attn_q." in gname else kv_heads)
+        t = qtype(gname, w.shape) if qtype is not None and w.ndim == 2 else None
+        if t is None or t == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gname, np.ascontiguousarray(w))
+        elif t == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gname, w.astype(np.float16))
+        elif t.name in ("Q4_K", "Q5_K", "Q6_K"):
+            n = w.size // 256
+            writer.add_tensor(gname, k_quant_blocks(t, n, rng).reshape(w.shape[0], -1),
+                              raw_dtype=t)
+        else:
+            try:
+                data = gguf.quants.quantize(w, t)
+            except NotImplementedError:   # e.g. IQ types: random bytes of the right size
+                block, size = gguf.GGML_QUANT_SIZES[t]
+                data = rng.integers(0, 256, size=(w.shape[0], w.shape[1] // block * size),
+                                    dtype=np.uint8)
+            writer.add_tensor(gname, data, raw_dtype=t)
+    for name, (array, raw_dtype) in (extra or {}).items():
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
