@@ -31,7 +31,8 @@ from tokenfactory.api.auth import Authenticator
 from tokenfactory.api.dashboard import decode_weight_bytes, install_dashboard, percentile
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium not installed")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="Debian package chromium not installed")
 TENANT_KEY = "tenant-key-1"
 ADMIN_KEY = "operator-metrics-key"
 
@@ -66,7 +67,8 @@ class Chromium:
         self.next_id = 0
         self.session = None
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        attached = self.call("Target.attachToTarget", targetId=target, flatten=True)
+        self.session = attached["sessionId"]
         self.call("Emulation.setDeviceMetricsOverride", width=1400, height=1500,
                   deviceScaleFactor=1, mobile=False)
 
@@ -108,7 +110,8 @@ class Chromium:
         deadline = time.monotonic() + timeout   # hang guard, not a performance threshold
         while True:
             # (during a navigation the document may not have a body yet)
-            value = self.js(f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()")
+            value = self.js(f"(() => {{ try {{ return ({expression}); }} "
+                            "catch (e) { return null; } })()")
             if value:
                 return value
             assert time.monotonic() < deadline, f"page never satisfied {expression}"
@@ -213,7 +216,8 @@ def artifact_dir(tmp_path: Path) -> Path:
 
 READ_STATE = """(() => {
   const tiles = {};
-  for (const el of document.querySelectorAll('.tile')) tiles[el.dataset.key] = el.dataset.value ?? null;
+  for (const el of document.querySelectorAll('.tile'))
+    tiles[el.dataset.key] = el.dataset.value ?? null;
   const charts = {};
   for (const el of document.querySelectorAll('.chart'))
     charts[el.id] = [Number(el.dataset.points), Number(el.dataset.nonnull || 0),

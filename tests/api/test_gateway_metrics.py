@@ -116,7 +116,8 @@ def test_grafana_board_queries_only_series_we_expose(gw_server):
 
     board = json.loads((Path(__file__).parents[2] / "docs" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
-    used = {name for e in exprs for name in re.findall(r"\b(?:vllm:|tokenfactory_)[A-Za-z0-9_:]+", e)}
+    series = re.compile(r"\b(?:vllm:|tokenfactory_)[A-Za-z0-9_:]+")
+    used = {name for e in exprs for name in series.findall(e)}
     text = httpx.get(gw_server.base_url + "/metrics", timeout=10).text
     exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert used and used <= exposed, sorted(used - exposed)
