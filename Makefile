@@ -9,7 +9,9 @@ CLAUDE_CODE_VERSION ?= 2.1.329
 CLAUDE_CODE_DIR ?= $(HOME)/.cache/tokenfactory/claude-code-$(CLAUDE_CODE_VERSION)
 CLAUDE_CODE_BIN := $(CLAUDE_CODE_DIR)/node_modules/.bin/claude
 
-.PHONY: install serve test bench clean claude-code
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install serve test bench clean claude-code chromium
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,7 +35,11 @@ $(CLAUDE_CODE_BIN):
 
 claude-code: $(CLAUDE_CODE_BIN)
 
-test: $(STAMP) claude-code
+# headless Chromium (Debian's package) for the dashboard's browser test
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) claude-code chromium
 	TOKENFACTORY_CLAUDE_BIN=$(CLAUDE_CODE_BIN) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
