@@ -418,3 +418,11 @@ def test_raise_fd_limit_reaches_the_hard_limit():
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
+
+
+def test_connection_budget_fits_the_descriptor_limit():
+    from tokenfactory.api.frontdoor import FD_RESERVE, connection_budget
+    assert connection_budget(1024, 20000) == (1024, 256)
+    for fd_limit in (256, 1024, 4096):
+        cap, backlog = connection_budget(1024, fd_limit)
+        assert 1 <= cap <= 1024 and cap + backlog <= fd_limit - FD_RESERVE, (fd_limit, cap)

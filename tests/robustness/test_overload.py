@@ -10,7 +10,7 @@ import httpx
 import openai
 
 from .conftest import (HEADERS, check_anthropic_error, check_anthropic_stream, check_openai_error,
-                      live_server, metric_value, parse_sse)
+                      live_server, make_engine, metric_value, parse_sse)
 
 BUSY = {"model": "tf-test", "max_tokens": 10, "stream": True,
         "messages": [{"role": "user", "content": "[[slow]] [[reply:long]]"}]}
@@ -131,4 +131,52 @@ def test_queue_limit_counts_waiting_not_running(tokenizer):
         for t in threads:
             t.join(60)
         assert results == [200] * 4
+        srv.assert_no_leaks()
+
+
+def test_one_tenant_flooding_cannot_starve_another(tokenizer):
+    """Issue 13 item 4: tenant A retries at once on every 529 from six clients; tenant B, one
+    client honouring retry-after, still gets its requests served. The door caps each tenant's
+    share of the queue (--max-queued-requests-per-tenant) and the scheduler admits tenants
+    round-robin."""
+    from tokenfactory.engine.async_engine import AsyncEngine
+    core = make_engine(tokenizer, max_num_seqs=1, record_work=False).core
+    engine = AsyncEngine(core, max_queued_requests=4, max_queued_per_tenant=2)
+    keys = {"key-a": "A", "key-b": "B"}
+    with live_server(tokenizer, engine=engine, api_keys=keys) as srv:
+        stop = threading.Event()
+        a_status: list[int] = []
+
+        def greedy(i):
+            with httpx.Client(base_url=srv.base_url, timeout=60) as client:
+                n = 0
+                while not stop.is_set() and n < 2000:   # bounded
+                    n += 1
+                    r = client.post("/v1/messages", headers={**HEADERS, "x-api-key": "key-a"},
+                                    json={**QUICK, "max_tokens": 4, "messages": [
+                                        {"role": "user", "content": f"a{i}-{n} [[slow]]"}]})
+                    a_status.append(r.status_code)
+        flood = [threading.Thread(target=greedy, args=(i,)) for i in range(6)]
+        for t in flood:
+            t.start()
+        _wait_for(lambda: a_status.count(529) >= 5, "A never filled its share")
+        b_status: list[int] = []
+        try:
+            for j in range(3):
+                for _ in range(30):   # bounded retries, each after retry-after
+                    r = httpx.post(srv.base_url + "/v1/messages", timeout=60,
+                                   headers={**HEADERS, "x-api-key": "key-b"},
+                                   json={**QUICK, "messages": [
+                                       {"role": "user", "content": f"b{j} [[slow]]"}]})
+                    b_status.append(r.status_code)
+                    if r.status_code == 200:
+                        break
+                    assert r.status_code == 529, r.text
+                    time.sleep(float(r.headers["retry-after"]))
+        finally:
+            stop.set()
+            for t in flood:
+                t.join(120)
+        assert b_status.count(200) == 3, b_status
+        assert a_status.count(200) > 0 and a_status.count(529) > 0
         srv.assert_no_leaks()

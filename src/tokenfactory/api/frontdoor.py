@@ -150,6 +150,27 @@ def raise_fd_limit() -> int:
     return soft if soft != inf else 1 << 20
 
 
+FD_RESERVE = 128   # descriptors kept for the model file, threads' pipes, logs and the listener
+
+
+def connection_budget(requested: int, fd_limit: int) -> tuple[int, int]:
+    """(max_connections, listen backlog) that fit in ``fd_limit`` descriptors.
+
+    asyncio accepts up to ``backlog`` connections per loop iteration before any of them runs
+    ``connection_made`` (where the cap evicts), and a closed socket's descriptor is released
+    an iteration later, so the transient peak is about max_connections + backlog. A backlog of
+    a quarter of the cap also keeps a well-behaved client's fresh connection from being
+    evicted before its first bytes are read (it would need the cap's worth of younger idle
+    connections within one or two iterations)."""
+    def backlog_for(cap: int) -> int:
+        return max(16, min(2048, cap // 4))
+    cap = max(1, requested)
+    budget = fd_limit - FD_RESERVE if fd_limit else 0
+    if budget > 0 and cap + backlog_for(cap) > budget:
+        cap = max(1, budget * 4 // 5)
+    return cap, backlog_for(cap)
+
+
 class RepeatFilter(logging.Filter):
     """Lets the first record of each kind through, then at most one per ``interval`` seconds,
     noting how many were held back. A kind is the logger plus the first line of the message

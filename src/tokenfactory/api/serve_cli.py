@@ -11,8 +11,7 @@ import threading
 from pathlib import Path
 
 log = logging.getLogger("tokenfactory.serve")
-DEMO_MAX_OUTPUT_TOKENS = 256
-FD_RESERVE = 128   # descriptors kept for the model file, threads' pipes, logs and the listener  # random weights rarely emit EOS: keep one turn short on a CPU
+DEMO_MAX_OUTPUT_TOKENS = 256  # random weights rarely emit EOS: keep one turn short on a CPU
 
 
 def _bytes(text: str) -> int:
@@ -233,8 +232,8 @@ def serve_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tokenfactory.api.auth import ENV_METRICS_KEY, collect_api_keys
-    from tokenfactory.api.frontdoor import (ConnectionLimits, quiet_repeats, raise_fd_limit,
-                                            uvicorn_config)
+    from tokenfactory.api.frontdoor import (ConnectionLimits, connection_budget, quiet_repeats,
+                                            raise_fd_limit, uvicorn_config)
     from tokenfactory.api.server import create_app
     from tokenfactory.engine.async_engine import AsyncEngine
     from tokenfactory.engine.llm import build_engine_core
@@ -257,12 +256,11 @@ def serve_main(argv: list[str]) -> int:
     if keys and metrics_key is None:
         log.info("API keys configured without --metrics-key: /metrics is off")
     fd_limit = raise_fd_limit()
-    max_conn = args.max_connections
-    if fd_limit and max_conn > fd_limit - FD_RESERVE:
-        max_conn = max(1, fd_limit - FD_RESERVE)
-        log.warning("--max-connections %d exceeds the file descriptor limit %d (minus %d kept "
-                    "for the process): using %d", args.max_connections, fd_limit, FD_RESERVE,
-                    max_conn)
+    max_conn, backlog = connection_budget(args.max_connections, fd_limit)
+    if max_conn < args.max_connections:
+        log.warning("--max-connections %d does not fit the file descriptor limit %d (with the "
+                    "accept backlog and a reserve for the process): using %d",
+                    args.max_connections, fd_limit, max_conn)
     if not keys:
         log.warning("no --api-key configured: anyone who can reach %s:%d can use this server",
                     args.host, args.port)
@@ -319,11 +317,11 @@ def serve_main(argv: list[str]) -> int:
     limits = ConnectionLimits(max_connections=max_conn, header_timeout=args.header_timeout)
     server = _server_class()(uvicorn_config(app, host=args.host, port=args.port, limits=limits,
                                             log_level=args.log_level.lower(),
-                                            timeout_graceful_shutdown=30))
+                                            backlog=backlog, timeout_graceful_shutdown=30))
     quiet_repeats()   # after uvicorn configured its loggers
-    log.info("front door: at most %d connections (fd limit %d), header timeout %g s, body "
-             "timeout %g s, body limit %d bytes", max_conn, fd_limit, args.header_timeout,
-             args.body_timeout, args.max_body_bytes)
+    log.info("front door: at most %d connections (accept backlog %d, fd limit %d), header "
+             "timeout %g s, body timeout %g s, body limit %d bytes", max_conn, backlog, fd_limit,
+             args.header_timeout, args.body_timeout, args.max_body_bytes)
     stop_watch = threading.Event()
 
     def watchdog() -> None:
