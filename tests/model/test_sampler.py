@@ -226,3 +226,19 @@ def test_stop_ids_for_min_tokens_are_built_once_per_request():
         assert Sampler()(logits.clone(), [r]).token_ids == [9]
     vocab, ban = r.sampler_cache["min_tokens_ban"]
     assert vocab == V and ban.tolist() == [0, 3, 4]
+
+
+def test_penalty_state_follows_growing_outputs():
+    """The per-request seen/counts state is updated step by step, not rebuilt: after every new
+    output it matches the reference computed from scratch."""
+    from tokenfactory.model.sampler import apply_penalties
+    gen = random.Random(5)
+    prompt = [gen.randrange(V) for _ in range(30)] + [V + 3, -1]   # out-of-vocab ids ignored
+    r = req(SamplingParams(repetition_penalty=1.4, presence_penalty=0.3, frequency_penalty=0.7),
+            prompt)
+    for step in range(12):
+        logits = torch.randn(1, V) * 3
+        ref = _reference_penalties(logits[0], prompt[:30], r.output_token_ids, 1.4, 0.3, 0.7)
+        torch.testing.assert_close(apply_penalties(logits.clone(), [r])[0], ref)
+        r.output_token_ids.append(gen.randrange(V))
+    assert r.sampler_cache["penalties"][3] == 11

@@ -63,6 +63,31 @@ def _cached_ids(req: Request, key: str, ids, vocab: int, device: torch.device) -
     return entry[1]
 
 
+def _penalty_state(req: Request, vocab: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seen, counts) for a request: seen (V,) bool marks its prompt and output tokens, counts
+    (V,) float32 counts its output tokens. Built once from the prompt and then brought up to
+    date with the outputs added since the last step (``output_token_ids`` only grows), so a
+    long prompt costs nothing per step."""
+    out = req.output_token_ids
+    state = req.sampler_cache.get("penalties")
+    if (state is None or state[0] != vocab or state[1].device != device
+            or state[3] > len(out)):
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        prompt = torch.tensor(req.prompt_token_ids, dtype=torch.int64, device=device)
+        seen[prompt[(prompt >= 0) & (prompt < vocab)]] = True
+        state = [vocab, seen, torch.zeros(vocab, dtype=torch.float32, device=device), 0]
+        req.sampler_cache["penalties"] = state
+    _, seen, counts, done = state
+    if done < len(out):
+        new = torch.tensor(out[done:], dtype=torch.int64, device=device)
+        new = new[(new >= 0) & (new < vocab)]
+        seen[new] = True
+        counts += torch.bincount(new, minlength=vocab).to(counts.dtype)
+        state[3] = len(out)
+    return seen, counts
+
+
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """In place on rows whose request asks for penalties. logits: (N, V) float32.
 
@@ -75,16 +100,13 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         if not p.needs_penalties:
             continue
         row = logits[i]
-        out = torch.tensor(req.output_token_ids, dtype=torch.int64, device=logits.device)
-        out = out[(out >= 0) & (out < vocab)]
+        seen, counts = _penalty_state(req, vocab, logits.device)               # (V,), (V,)
         if p.repetition_penalty != 1.0:
-            prompt = _cached_ids(req, "prompt_ids", req.prompt_token_ids, vocab, logits.device)
-            seen = torch.cat([prompt, out]).unique()
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, (vals / p.repetition_penalty).clamp(max=fmax),
-                                    vals * p.repetition_penalty)
+            penalized = torch.where(row > 0, (row / p.repetition_penalty).clamp(max=fmax),
+                                    row * p.repetition_penalty)
+            row.copy_(torch.where(seen, penalized, row))
         if p.frequency_penalty or p.presence_penalty:
-            counts = torch.bincount(out, minlength=vocab).to(row.dtype)  # (V,)
+            counts = counts.to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return logits
 
