@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's `llama-server` from the llama-cpp-python sdist on PyPI (its vendored llama.cpp).
+# Build llama.cpp's `llama-server` (and `llama-quantize`, which makes the bf16 GGUF of
+# benchmarks/real_model.md) from the llama-cpp-python sdist on PyPI (its vendored llama.cpp).
 #
 # The llama-cpp-python wheel ships only shared libraries, so the server binary is built here with
 # cmake. Everything (sdist, sources, build, binary) lives under the cache dir, outside the repo:
@@ -17,8 +18,9 @@ PIP="${PIP:-$(dirname "$0")/../../.venv/bin/pip}"
 [ -x "$PIP" ] || PIP="python3 -m pip"
 JOBS="${JOBS:-$(nproc)}"
 BIN="$CACHE/bin/llama-server"
+QUANTIZE="$CACHE/bin/llama-quantize"
 
-if [ -x "$BIN" ]; then
+if [ -x "$BIN" ] && [ -x "$QUANTIZE" ]; then
   echo "llama-server already built" >&2
   echo "$BIN"
   exit 0
@@ -47,12 +49,14 @@ echo "configuring llama.cpp from $(basename "$tarball") ..." >&2
 cmake -S "$llama" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2 \
   || { echo "cannot build llama-server: cmake configure failed" >&2; exit 3; }
-echo "building llama-server with $JOBS jobs (about 5 minutes on 2 cores) ..." >&2
-cmake --build "$CACHE/build" --target llama-server -j "$JOBS" >&2 \
+echo "building llama-server and llama-quantize with $JOBS jobs (about 5 minutes on 2 cores) ..." >&2
+cmake --build "$CACHE/build" --target llama-server llama-quantize -j "$JOBS" >&2 \
   || { echo "cannot build llama-server: compilation failed" >&2; exit 3; }
-built=$(find "$CACHE/build" -name llama-server -type f -perm -u+x | head -1)
-[ -n "$built" ] || { echo "cannot build llama-server: binary not found after the build" >&2; exit 3; }
-cp "$built" "$BIN"
+for name in llama-server llama-quantize; do
+  built=$(find "$CACHE/build" -name "$name" -type f -perm -u+x | head -1)
+  [ -n "$built" ] || { echo "cannot build $name: binary not found after the build" >&2; exit 3; }
+  cp "$built" "$CACHE/bin/$name"
+done
 # the converter and its gguf-py package, used by convert_to_gguf.py (kept in the cache, not the repo)
 echo "built $BIN" >&2
 echo "$BIN"
