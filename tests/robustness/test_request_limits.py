@@ -404,3 +404,64 @@ def test_stream_cut_by_an_exception_ends_with_an_error_event(server, failing_eve
         err = frames[-2][1]
         assert err["error"]["type"] == "server_error" and "RuntimeError" in err["error"]["message"]
     server.assert_no_leaks()
+
+
+# ------------------------------------------------------------------ the real model
+@pytest.fixture(scope="module")
+def smollm2_server():
+    """SmolLM2-135M-Instruct (GGUF) in float32, where greedy text does not depend on what
+    shares the batch or the prefix cache; two tenants."""
+    from tokenfactory.engine.async_engine import AsyncEngine
+    from tokenfactory.engine.llm import build_engine_core
+    from tokenfactory.model.default import default_model_path
+
+    core = build_engine_core(default_model_path(), dtype="float32", compile=False,
+                             max_model_len=2048, kv_cache_memory=64 << 20)
+    with live_server(core.tokenizer, engine=AsyncEngine(core), served_model_name="smollm2",
+                     api_keys={"key-a": "A", "key-b": "B"}) as srv:
+        yield srv
+
+
+def test_victim_stream_unchanged_while_another_tenant_attacks(smollm2_server):
+    srv = smollm2_server
+    victim_body = {"model": "smollm2", "max_tokens": 24, "temperature": 0.0, "stream": True,
+                   "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+    def victim() -> str:
+        with httpx.stream("POST", srv.base_url + "/v1/messages", json=victim_body, timeout=300,
+                          headers={**HEADERS, "x-api-key": "key-b"}) as r:
+            assert r.status_code == 200
+            frames = parse_sse("".join(r.iter_text()))
+        assert frames[-1][0] == "message_stop", frames[-3:]
+        return "".join(d["delta"].get("text", "") for e, d in frames
+                       if e == "content_block_delta")
+    alone = victim()
+    assert "Paris" in alone
+
+    a = {**HEADERS, "x-api-key": "key-a"}
+    chat = {"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    attacks = [   # (path, body or raw bytes, the statuses it may get); the sampler ones first
+        ("/v1/chat/completions", {**chat, "top_k": 10**20, "temperature": 1e-300}, {200}),
+        ("/v1/chat/completions", {**chat, "repetition_penalty": 1e-300, "top_p": 5e-324}, {200}),
+        ("/v1/chat/completions", {**chat, "stop_token_ids": list(range(1_000_000))}, {400}),
+        ("/v1/completions", {"model": "smollm2", "prompt": "x", "top_k": 2**63,
+                             "presence_penalty": -2.0, "seed": 2**64 - 1}, {200}),
+        ("/v1/messages", ('{"model":"smollm2\\ud800","max_tokens":4,"stream":true,'
+                          '"messages":[{"role":"user","content":"hi"}]}').encode(), {400}),
+        ("/v1/messages", {**chat, "messages": [{"role": "user", "content": "w " * (15 << 20)}]},
+         {400}),
+    ]
+    results: dict[int, int] = {}
+
+    def attack():
+        for i, (path, body, _) in enumerate(attacks):
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            results[i] = httpx.post(srv.base_url + path, content=content, headers=a,
+                                    timeout=300).status_code
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    during = victim()
+    attacker.join()
+    assert during == alone
+    assert all(results[i] in ok for i, (_, _, ok) in enumerate(attacks)), results
+    srv.assert_no_leaks()

@@ -107,6 +107,8 @@ class ServingContext:
         metrics.attach_ledger(self.ledger)
         self._prompt_pool = ThreadPoolExecutor(max_workers=max(1, options.prompt_threads),
                                                thread_name_prefix="tokenfactory-prompt")
+        # computed once now rather than inside the first request (a pass over the vocabulary)
+        self.max_bytes_per_token, self.split_tokens  # noqa: B018
 
     async def off_loop(self, fn, /, *args, **kwargs):
         """Run blocking prompt work (chat template rendering, tokenizing) off the event loop.
