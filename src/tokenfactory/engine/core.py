@@ -237,15 +237,17 @@ class EngineCore:
                               batch.chunks[0].request.request_id)
                 self._fail(batch.chunks[0].request, f"{type(exc).__name__}: {exc}", outputs)
                 return [None]
-            log.warning("forward pass of %d requests failed (%s: %s); retrying each alone",
-                        len(batch.chunks), type(exc).__name__, exc)
+            log.exception("forward pass of %d requests failed; retrying each alone",
+                          len(batch.chunks))
         results: list[SampleOutput | None] = []
         for chunk in batch.chunks:
             try:
                 results.append(self.executor.execute(Batch([chunk], batch.block_size))[0])
             except Exception as exc:  # noqa: BLE001 - fails this request only
-                log.exception("forward pass failed; failing request %s",
-                              chunk.request.request_id)
+                # one line each (the traceback was logged above): a fault hitting every
+                # request must not multiply the log by the batch size
+                log.warning("forward pass failed alone too; failing request %s (%s: %s)",
+                            chunk.request.request_id, type(exc).__name__, exc)
                 self._fail(chunk.request, f"{type(exc).__name__}: {exc}", outputs)
                 results.append(None)
         return results
