@@ -307,3 +307,9 @@ def test_missing_tensor_and_shape_mismatch(tmp_path):
     path = write_gguf(tmp_path / "b.gguf", hf, "llama",
                       metadata={"llama.feed_forward_length": 96})
     _one_line_error(path, "has shape")
+
+
+def test_bad_metadata_value(tmp_path):
+    hf = build_hf_model("llama_gqa")
+    path = write_gguf(tmp_path / "m.gguf", hf, "llama", metadata={"llama.block_count": "two"})
+    _one_line_error(path, "bad metadata value")

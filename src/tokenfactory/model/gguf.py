@@ -20,7 +20,9 @@ Every failure a user can cause becomes a one-line :class:`ModelLoadError` naming
 """
 from __future__ import annotations
 
+import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +70,6 @@ class GGUFFile:
     def arch(self) -> str:
         return str(self.value("general.architecture"))
 
-    def has(self, key: str) -> bool:
-        return key in self.reader.fields
-
     def value(self, key: str, default: Any = ...) -> Any:
         """A scalar or string metadata value; ``default`` if absent (error if not given)."""
         field = self.reader.fields.get(key)
@@ -89,8 +88,9 @@ class GGUFFile:
         return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
 
 
-def _reader_class():
-    import gguf
+@functools.cache
+def _reader_class() -> type:
+    import gguf  # imported on first use: HF-directory users never pay for it
 
     class PlainViewReader(gguf.GGUFReader):
         """GGUFReader over a plain ndarray view of its memory map. The stock reader slices an
@@ -120,12 +120,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
         reader = _reader_class()(path)
     except Exception as exc:   # the reader indexes past the end of a truncated map, etc.
         raise ModelLoadError(f"{path}: truncated or corrupt GGUF file ({_one_line(exc)})") from None
-    tensors = {t.name: t for t in reader.tensors}
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > path.stat().st_size:
-        raise ModelLoadError(f"{path}: truncated GGUF file ({path.stat().st_size} bytes, tensor "
-                             f"data needs {end})")
-    return GGUFFile(path, reader, tensors)
+    return GGUFFile(path, reader, {t.name: t for t in reader.tensors})
 
 
 def _rope_config(gf: GGUFFile, arch: str, max_pos: int) -> RopeConfig:
@@ -159,6 +154,15 @@ def load_gguf_config(source: str | Path | GGUFFile) -> ModelConfig:
     """Build a :class:`ModelConfig` from a GGUF file's metadata (and, where the metadata is
     silent, from which tensors exist: vocabulary size, tied embeddings, biases)."""
     gf = source if isinstance(source, GGUFFile) else open_gguf(source)
+    try:
+        return _build_config(gf)
+    except (TypeError, ValueError, OverflowError) as exc:   # ModelLoadError passes through
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{gf.path}: bad metadata value ({_one_line(exc)})") from None
+
+
+def _build_config(gf: GGUFFile) -> ModelConfig:
     arch = gf.arch
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"{gf.path}: unsupported architecture {arch!r} (general.architecture;"
@@ -256,12 +260,13 @@ def dequantize(gf: GGUFFile, name: str) -> np.ndarray:
     return out.reshape(gf.shape(name))
 
 
-def unpermute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Inverse of llama.cpp's q/k row order: within each head, ggml row ``2 i + j`` holds HF
-    row ``j * D/2 + i``. ``w``: (heads * D, ...) -> same shape, HF order (a view when it can)."""
-    rest = w.shape[1:]
-    d_half = w.shape[0] // heads // 2
-    return w.reshape(heads, d_half, 2, *rest).transpose(1, 2).reshape(w.shape)
+def copy_unpermuted(dst: torch.Tensor, src: torch.Tensor, heads: int) -> None:
+    """``dst.copy_(src)`` undoing llama.cpp's q/k row order: within each head, ggml row
+    ``2 i + j`` holds HF row ``j * D/2 + i``. Written through views, so no permuted temporary
+    is made. ``dst`` (contiguous), ``src``: (heads * D, ...) or (heads * D,) for a bias."""
+    rest = tuple(src.shape[1:])
+    d_half = src.shape[0] // heads // 2
+    dst.view(heads, 2, d_half, *rest).copy_(src.view(heads, d_half, 2, *rest).transpose(1, 2))
 
 
 def _check_tensors(gf: GGUFFile, names: dict[str, list[_Part]],
@@ -300,13 +305,19 @@ def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile) -> None:
                 for part in parts:   # at most one tensor's float32 copy alive at a time
                     w = torch.from_numpy(np.require(dequantize(gf, part.name),
                                                     requirements="W"))
+                    dst = param[offset:offset + part.rows]
                     if part.permute_heads:
-                        w = unpermute_qk(w, part.permute_heads)
-                    param[offset:offset + part.rows].copy_(w)   # casts to the serving dtype
+                        copy_unpermuted(dst, w, part.permute_heads)
+                    else:
+                        dst.copy_(w)   # casts to the serving dtype
                     offset += part.rows
                     del w
     finally:
         torch.set_num_threads(threads)
+    kinds = Counter(gf.tensors[p.name].tensor_type.name for ps in names.values() for p in ps)
+    log.info("%s: %s weights (%s) dequantized to %s", gf.path.name, gf.arch,
+             ", ".join(f"{n} {k}" for k, n in kinds.most_common()),
+             str(model.embed_tokens.weight.dtype).removeprefix("torch."))
     if "rope_freqs.weight" in gf.tensors:
         # Llama 3.1-style RoPE: llama.cpp stores the per-frequency divisors it computed from
         # the checkpoint's rope_scaling instead of the parameters themselves
