@@ -199,6 +199,7 @@ async def decode_b1(c: httpx.AsyncClient, url: str, model: str, prompt: list[int
     t0 = time.perf_counter()
     times: list[float] = []
     usage: dict = {}
+    text: list[str] = []
     async with c.stream("POST", url + "/v1/completions", json=body, headers=HEADERS) as r:
         if r.status_code != 200:
             raise RuntimeError(f"decode: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -211,8 +212,10 @@ async def decode_b1(c: httpx.AsyncClient, url: str, model: str, prompt: list[int
             obj = json.loads(data)
             if obj.get("usage"):
                 usage = obj["usage"]
-            if any(ch.get("text") for ch in obj.get("choices") or []):
+            piece = "".join(ch.get("text") or "" for ch in obj.get("choices") or [])
+            if piece:
                 times.append(time.perf_counter())
+                text.append(piece)
     n = int(usage.get("completion_tokens") or 0)
     if n != n_out:
         raise RuntimeError(f"decode: asked for {n_out} tokens, server reported {n} ({usage})")
@@ -221,7 +224,8 @@ async def decode_b1(c: httpx.AsyncClient, url: str, model: str, prompt: list[int
     gaps = [b - a for a, b in zip(times, times[1:])]
     return {"output_tokens": n, "chunks": len(times), "ttft_s": times[0] - t0,
             "decode_tok_s": (n - 1) / (times[-1] - times[0]),
-            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99)}
+            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+            "text": "".join(text)}
 
 
 async def prefill(c: httpx.AsyncClient, url: str, model: str, prompt: list[int]) -> dict:
@@ -309,8 +313,9 @@ def machine_info() -> dict:
     info = {"nproc": os.cpu_count(), "platform": platform.platform()}
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key in ("Model name", "CPU family", "Model"):
+                info[key.lower().replace(" ", "_")] = value.strip()
     except OSError:
         pass
     flags = set()
@@ -333,6 +338,13 @@ def fmt(v, scale=1.0, digits=1) -> str:
     return "–" if v is None else f"{v * scale:,.{digits}f}"
 
 
+def common_prefix(a: dict, b: dict) -> str:
+    """How far two configurations' greedy decode texts agree (repeat 1 of each)."""
+    x, y = a["runs"][0]["decode"]["text"], b["runs"][0]["decode"]["text"]
+    n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    return "identical" if x == y else f"same first {n} chars"
+
+
 def markdown(result: dict) -> str:
     sizes = result["args"]["prefill"]
     head = ["config", "run", "decode b1 tok/s"] + [f"prefill {n} tok/s" for n in sizes] + [
@@ -351,6 +363,11 @@ def markdown(result: dict) -> str:
             lines.append(f"| {cfg['label']} | – | failed: {cfg['error'].splitlines()[0][:120]} |")
     ours = next((c for c in result["configs"] if c["label"] == "ours" and c.get("runs")), None)
     peers = [c for c in result["configs"] if c is not ours and c.get("runs")]
+    if ours and peers:                  # greedy decode text: the same model gives the same words
+        lines += [""] + [f"Greedy decode text ({len(ours['runs'][0]['decode']['text'])} chars) vs ours: "
+                         + ", ".join(f"{c['label']} {common_prefix(ours, c)}" for c in peers) + ". "
+                         + "Chat prompt tokens (usage, repeat 1): " + ", ".join(
+                             f"{c['label']} {c['runs'][0]['chat']['prompt_tokens']:,}" for c in [ours] + peers) + "."]
     if ours and peers:
         lines += ["", "Ratios ours / llama.cpp (mean of the runs; > 1 = ours higher: better for tok/s, "
                   "worse for latencies):", ""]
