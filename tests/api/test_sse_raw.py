@@ -130,3 +130,32 @@ def test_non_streaming_client_that_leaves_aborts_its_request(server):
         time.sleep(0.02)
     assert not server.core.has_unfinished_requests(), "the request was not aborted"
     server.assert_no_leaks()
+
+
+def test_keepalive_retrieves_an_error_that_lands_as_the_client_leaves():
+    """The frame source fails while the client is gone (between a ping and the next read):
+    closing the stream must not leave an unretrieved task exception for asyncio to log
+    ("Task exception was never retrieved", once per request in a disconnect storm)."""
+    import asyncio
+    import gc
+
+    from tokenfactory.api.sse import with_keepalive
+
+    async def frames():
+        await asyncio.sleep(0.05)
+        raise RuntimeError("the source failed")
+        yield "never"   # noqa: unreachable - makes this an async generator
+
+    async def go() -> list:
+        reported = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        stream = with_keepalive(frames(), 0.01, "ping")
+        assert await stream.__anext__() == "ping"
+        await asyncio.sleep(0.2)          # the source fails meanwhile; nobody is reading
+        await stream.aclose()             # the client left
+        del stream
+        gc.collect()
+        await asyncio.sleep(0)
+        return reported
+    reported = asyncio.run(go())
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported

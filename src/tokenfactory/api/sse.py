@@ -54,5 +54,9 @@ async def with_keepalive(frames: AsyncIterator[str], interval: float,
             pending.cancel()
             with contextlib.suppress(BaseException):
                 await pending
+        elif pending is not None and not pending.cancelled():
+            # finished (with a frame or an error) just as the client left: retrieve the
+            # outcome, else asyncio logs "Task exception was never retrieved" for each one
+            pending.exception()
         with contextlib.suppress(BaseException):
             await it.aclose()
