@@ -16,6 +16,7 @@ import transformers
 from tokenfactory.engine.executor import Batch, ScheduledChunk
 from tokenfactory.engine.request import Request
 from tokenfactory.engine.sampling_params import SamplingParams
+from tokenfactory.model import gguf as gguf_loader
 from tokenfactory.model.config import ModelLoadError
 from tokenfactory.model.default import default_model_path
 from tokenfactory.model.gguf import SUPPORTED_TYPES, is_gguf_file, load_gguf_config
@@ -221,9 +222,13 @@ def _tiny_256():
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def test_every_tensor_type_matches_transformers(tmp_path):
+@pytest.mark.parametrize("slice_values", [None, 1000])
+def test_every_tensor_type_matches_transformers(tmp_path, monkeypatch, slice_values):
     """Each 2-D tensor in a different supported type (all eleven appear); our float32 weights
-    equal what transformers' GGUF loader makes of the same file, bf16 is their rounding."""
+    equal what transformers' GGUF loader makes of the same file, bf16 is their rounding.
+    ``slice_values`` 1000: tensors are dequantized a few rows (q/k: one head) at a time."""
+    if slice_values:
+        monkeypatch.setattr(gguf_loader, "_SLICE_VALUES", slice_values)
     hf = _tiny_256()
     types = [Q[name] for name in SUPPORTED_TYPES]
     assignment: dict[str, Q] = {}

@@ -246,18 +246,20 @@ def gguf_tensor_names(cfg: ModelConfig, arch: str) -> dict[str, list[_Part]]:
     return names
 
 
-def dequantize(gf: GGUFFile, name: str) -> np.ndarray:
-    """The tensor as float32 in torch (row-major) shape. F32 tensors come back as a read-only
-    view of the map; everything else is a fresh array."""
+def dequantize(gf: GGUFFile, name: str, rows: slice = slice(None)) -> np.ndarray:
+    """Rows ``rows`` of the tensor as float32, in torch (row-major) shape. F32 tensors come
+    back as a read-only view of the map; everything else is a fresh array."""
     import gguf
 
     t = gf.tensors[name]
+    shape = gf.shape(name)
+    data = t.data[rows] if len(shape) == 2 else t.data   # 2-D: rows of whole blocks
     try:
-        out = gguf.quants.dequantize(t.data, t.tensor_type)
+        out = gguf.quants.dequantize(data, t.tensor_type)
     except Exception as exc:   # e.g. I/O errors reading the map
         raise ModelLoadError(f"{gf.path}: cannot dequantize tensor {name!r} "
                              f"({_one_line(exc)})") from None
-    return out.reshape(gf.shape(name))
+    return out.reshape((-1,) + shape[1:]) if len(shape) == 2 else out.reshape(shape)
 
 
 def copy_unpermuted(dst: torch.Tensor, src: torch.Tensor, heads: int) -> None:
@@ -288,6 +290,28 @@ def _check_tensors(gf: GGUFFile, names: dict[str, list[_Part]],
                                      f"expected {list(expected)} from the metadata")
 
 
+# values dequantized at a time: a 16 MB float32 slice, never a whole float copy of a big tensor
+# (a 7B model's embedding is 0.5 GB in float32)
+_SLICE_VALUES = 1 << 22
+
+
+def _copy_tensor(gf: GGUFFile, part: _Part, dst: torch.Tensor) -> None:
+    """Dequantize ``part`` slice by slice into ``dst`` (its rows of a parameter), cast to the
+    parameter's dtype; slices of q/k hold whole heads so their row order can be undone."""
+    rows = dst.shape[0]
+    step = max(1, _SLICE_VALUES // max(1, dst[0].numel())) if dst.dim() == 2 else rows
+    head_rows = rows // part.permute_heads if part.permute_heads else 1
+    step = max(1, step // head_rows) * head_rows
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = torch.from_numpy(np.require(dequantize(gf, part.name, slice(r0, r1)),
+                                        requirements="W"))
+        if part.permute_heads:
+            copy_unpermuted(dst[r0:r1], w, (r1 - r0) // head_rows)
+        else:
+            dst[r0:r1].copy_(w)
+
+
 def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile) -> None:
     """Fill every parameter of ``model`` (built from :func:`load_gguf_config` of ``gf``)."""
     cfg: ModelConfig = model.config
@@ -302,16 +326,9 @@ def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile) -> None:
         with torch.no_grad():
             for ours, parts in names.items():
                 param, offset = params[ours], 0
-                for part in parts:   # at most one tensor's float32 copy alive at a time
-                    w = torch.from_numpy(np.require(dequantize(gf, part.name),
-                                                    requirements="W"))
-                    dst = param[offset:offset + part.rows]
-                    if part.permute_heads:
-                        copy_unpermuted(dst, w, part.permute_heads)
-                    else:
-                        dst.copy_(w)   # casts to the serving dtype
+                for part in parts:
+                    _copy_tensor(gf, part, param[offset:offset + part.rows])
                     offset += part.rows
-                    del w
     finally:
         torch.set_num_threads(threads)
     kinds = Counter(gf.tensors[p.name].tensor_type.name for ps in names.values() for p in ps)
