@@ -385,8 +385,33 @@ def test_property_real_sampler_completions(real_sampler_server, sampling):
     assert victim == real_sampler_server.greedy_text
 
 
+ANTHROPIC_SAMPLING = {k: SAMPLING_FIELDS[k] for k in ("temperature", "top_p", "top_k", "seed",
+                                                       "min_tokens", "ignore_eos", "stream")}
+
+
+@property_settings(15)
+@given(fields=st.lists(st.sampled_from(sorted(ANTHROPIC_SAMPLING)), unique=True, max_size=5),
+       data=st.data())
+def test_property_real_sampler_messages(real_sampler_server, fields, data):
+    attack = {"model": "tf-test", "max_tokens": data.draw(st.integers(1, 4)),
+              "messages": [{"role": "user", "content": "attack"}],
+              **{k: data.draw(ANTHROPIC_SAMPLING[k]) for k in fields}}
+    r, victim = _attack_and_victim(real_sampler_server, "/v1/messages", attack)
+    path = "/v1/messages"
+    STATUSES.setdefault(path, set()).add(r.status_code)
+    assert r.status_code in (200, 400), (r.status_code, r.text[:500])
+    if r.status_code == 400:
+        assert is_protocol_error(path, r), r.text[:500]
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert "event: error" not in r.text and "event: message_stop" in r.text, r.text[-500:]
+    else:
+        assert r.json()["stop_reason"] in ("end_turn", "max_tokens"), r.text[:500]
+    assert victim == real_sampler_server.greedy_text
+
+
 def test_real_sampler_left_nothing_behind(real_sampler_server):
     # both kinds of answer were seen: the extremes reached the sampler, not only the 400s
     assert all(STATUSES.get(p) == {200, 400} for p in ("/v1/chat/completions",
-                                                         "/v1/completions")), STATUSES
+                                                         "/v1/completions", "/v1/messages")), \
+        STATUSES
     real_sampler_server.assert_no_leaks()
