@@ -1,9 +1,9 @@
 """Load a GGUF file (llama.cpp's format) into :class:`LlamaForCausalLM`.
 
 The file is read with the ``gguf`` package (llama.cpp's own reader): it memory-maps the file and
-exposes every tensor as a numpy view of its raw bytes. Each tensor is dequantized on its own
-(``gguf.quants.dequantize``: float32, one tensor at a time) and copied into the model's storage
-in the serving dtype, so at most one tensor's float copy exists beyond the final weights.
+exposes every tensor as a numpy view of its raw bytes. Tensors are dequantized a slice of rows
+at a time (``gguf.quants.dequantize``, float32, at most ~16 MB) straight into the model's
+storage in the serving dtype, so no whole float copy of a tensor is ever made.
 
 Three things differ from a Hugging Face checkpoint:
 
