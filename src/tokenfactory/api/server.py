@@ -152,7 +152,8 @@ def _without_body(receive):
 
 
 async def collect_unless_disconnected(request: Request, coro, poll_seconds: float = 0.25):
-    """Await ``coro``; if the client goes away first, cancel it (which aborts the engine request)."""
+    """Await ``coro``; if the client goes away first, cancel it (which aborts the engine
+    request)."""
     task = asyncio.ensure_future(coro)
     try:
         while True:
@@ -297,8 +298,8 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
         return model_card(model_id, alias_of=None if model_id == opts.served_model_name
                           else ctx.resolve_model(model_id))
 
-    @app.api_route("/health", methods=["GET", "HEAD"],
-                   responses={503: {"description": "The engine thread has died"}})
+    @app.head("/health", include_in_schema=False)   # load balancers probe with HEAD too
+    @app.get("/health", responses={503: {"description": "The engine thread has died"}})
     async def health():
         if not engine.is_alive:
             return JSONResponse({"status": "unhealthy", "error": str(engine.dead_error)},
