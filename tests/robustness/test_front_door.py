@@ -23,7 +23,8 @@ import uvicorn
 from tokenfactory.api.frontdoor import ConnectionLimits, RepeatFilter, uvicorn_config
 from tokenfactory.api.server import collect_unless_disconnected, create_app
 
-from .conftest import HEADERS, ServeProcess, check_anthropic_error, live_server, make_engine
+from .conftest import (HEADERS, ServeProcess, check_anthropic_error, live_server, make_engine,
+                       metric_value)
 
 MSG = {"model": "tf-test", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
 GUARD_S = 30.0   # hang guard for every wait below
@@ -37,6 +38,7 @@ def guarded_server(tokenizer, limits: ConnectionLimits, **app_options):
                      **app_options)
     config = uvicorn_config(app, host="127.0.0.1", port=0, limits=limits, log_level="warning",
                             lifespan="on")
+    app.state.ctx.metrics.attach_front_door(config.http)   # as serve_cli does
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,6 +112,9 @@ def test_idle_connection_flood_keeps_health_answering(tokenizer):
             r = httpx.get(base + "/health", timeout=GUARD_S, headers={"connection": "close"})
             assert r.status_code == 200, r.text
         assert len(protocol.live) <= 64
+        metrics = httpx.get(base + "/metrics", timeout=GUARD_S).text
+        assert metric_value(metrics, "tokenfactory_connections_evicted_total") >= 200 - 64
+        assert metric_value(metrics, "tokenfactory_connections_open") <= 64
         for s in flood:
             s.close()
         r = httpx.post(base + "/v1/messages", headers=HEADERS, json=MSG, timeout=GUARD_S)
@@ -132,6 +137,7 @@ def test_all_connections_busy_new_one_gets_503_then_recovers(tokenizer):
         reply = _read_until_closed(extra)
         assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
         assert b"retry-after: 1" in reply.lower() and b"overloaded_error" in reply
+        assert protocol.stats["refused"] == 1
         extra.close()
         busy[0].close()
         deadline = time.monotonic() + GUARD_S
@@ -173,6 +179,8 @@ def test_idle_connection_is_closed_after_the_header_timeout(short_timeouts):
     sock = _connect(short_timeouts)
     assert _read_until_closed(sock) == b""     # closed, silently, by the server
     sock.close()
+    metrics = httpx.get(short_timeouts + "/metrics", timeout=GUARD_S).text
+    assert metric_value(metrics, "tokenfactory_header_timeouts_total") >= 1
 
 
 def test_next_head_on_a_kept_alive_connection_has_a_deadline_too(short_timeouts):
@@ -199,6 +207,8 @@ def test_trickled_body_gets_408(short_timeouts):
     sock.close()
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
     assert b"did not arrive within 1 s" in reply
+    metrics = httpx.get(short_timeouts + "/metrics", timeout=GUARD_S).text
+    assert metric_value(metrics, "tokenfactory_body_timeouts_total") >= 1
 
 
 # ----------------------------------------------------------------------------- bodies
@@ -320,8 +330,9 @@ def test_cli_keys_from_file_and_env_metrics_key_and_connection_guards(tmp_path):
         assert httpx.get(srv.base_url + "/metrics", timeout=60).status_code == 401
         assert httpx.get(srv.base_url + "/metrics", timeout=60,
                          headers={"x-api-key": file_key}).status_code == 403
-        assert httpx.get(srv.base_url + "/metrics", timeout=60,
-                         headers={"authorization": f"Bearer {metrics_key}"}).status_code == 200
+        r = httpx.get(srv.base_url + "/metrics", timeout=60,
+                      headers={"authorization": f"Bearer {metrics_key}"})
+        assert r.status_code == 200 and "tokenfactory_connections_evicted_total" in r.text
         # the guarded protocol is in use: an idle connection is closed after the header timeout
         sock = _connect(srv.base_url)
         assert _read_until_closed(sock) == b""

@@ -59,6 +59,7 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
 
     live: set = set()                    # open connections (not yet evicted or lost)
     waiting: OrderedDict = OrderedDict()   # connections waiting for a request head, oldest first
+    stats = {"evicted": 0, "refused": 0, "head_timeouts": 0}   # counts, for /metrics
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer = None
@@ -72,8 +73,10 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
             if len(live) > limits.max_connections:
                 victim = next((c for c in waiting if c is not self), None)
                 if victim is None:       # every other connection is busy with a request
+                    stats["refused"] += 1
                     self._drop(_FULL)
                     return
+                stats["evicted"] += 1
                 victim._drop(None)
             self._await_head()
 
@@ -113,6 +116,7 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
 
         def _head_expired(self) -> None:
             self._head_timer = None
+            stats["head_timeouts"] += 1
             partial_head = self._head_bytes > 0 and self.conn.their_state is h11.IDLE
             self._drop(_TIMEOUT if partial_head else None)
 
@@ -128,6 +132,7 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
 
     GuardedH11Protocol.limits = limits
     GuardedH11Protocol.live = live
+    GuardedH11Protocol.stats = stats
     return GuardedH11Protocol
 
 

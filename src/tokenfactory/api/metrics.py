@@ -57,9 +57,35 @@ class _LedgerCollector:
                                   "(cache writes 1.25x/2x, reads 0.1x)", value=t.api_dollars)
 
 
+class _FrontDoorCollector:
+    """What the guarded h11 protocol (frontdoor.py) turned away: attacks leave counts here
+    rather than lines in the log (whose repeats are rate-limited)."""
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+
+    def collect(self):
+        stats = self.protocol.stats
+        yield GaugeMetricFamily("tokenfactory_connections_open", "Open HTTP connections",
+                                value=len(self.protocol.live))
+        yield CounterMetricFamily("tokenfactory_connections_evicted",
+                                  "Connections waiting for a request head closed to make room "
+                                  "under --max-connections", value=stats["evicted"])
+        yield CounterMetricFamily("tokenfactory_connections_refused",
+                                  "New connections answered 503: every connection was busy",
+                                  value=stats["refused"])
+        yield CounterMetricFamily("tokenfactory_header_timeouts",
+                                  "Connections closed for not sending a request head within "
+                                  "--header-timeout", value=stats["head_timeouts"])
+
+
 class Metrics:
     def attach_ledger(self, ledger) -> None:
         self.registry.register(_LedgerCollector(ledger))
+
+    def attach_front_door(self, protocol) -> None:
+        """Export the counts of a ``frontdoor.guarded_h11_protocol`` class."""
+        self.registry.register(_FrontDoorCollector(protocol))
 
     def __init__(self, engine=None):
         r = self.registry = CollectorRegistry()
@@ -88,6 +114,9 @@ class Metrics:
         self.requests_rejected = Counter("tokenfactory_requests_rejected",
                                          "Requests refused at admission (too long, queue full)",
                                          registry=r)
+        self.body_timeouts = Counter("tokenfactory_body_timeouts",
+                                     "Requests answered 408: the body did not arrive within "
+                                     "--body-timeout", registry=r)
         if engine is not None:
             r.register(_EngineCollector(engine))
 

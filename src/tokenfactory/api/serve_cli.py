@@ -318,6 +318,7 @@ def serve_main(argv: list[str]) -> int:
     server = _server_class()(uvicorn_config(app, host=args.host, port=args.port, limits=limits,
                                             log_level=args.log_level.lower(),
                                             backlog=backlog, timeout_graceful_shutdown=30))
+    app.state.ctx.metrics.attach_front_door(server.config.http)
     quiet_repeats()   # after uvicorn configured its loggers
     log.info("front door: at most %d connections (accept backlog %d, fd limit %d), header "
              "timeout %g s, body timeout %g s, body limit %d bytes", max_conn, backlog, fd_limit,

@@ -50,9 +50,10 @@ class FrontDoorMiddleware:
 
     def __init__(self, app, *, auth: Authenticator, max_body_bytes: int,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 route_body_limits: dict[str, int] | None = None):
+                 route_body_limits: dict[str, int] | None = None, metrics: Metrics | None = None):
         self.app = app
         self.auth = auth
+        self.metrics = metrics
         self.body_timeout = body_timeout
         self.limits = {route: max_body_bytes for route in JSON_POST_ROUTES}
         self.limits.update(route_body_limits or {})
@@ -113,6 +114,8 @@ class FrontDoorMiddleware:
                     raise TimeoutError
                 message = await asyncio.wait_for(receive(), remaining)
             except (TimeoutError, asyncio.TimeoutError):
+                if self.metrics is not None:
+                    self.metrics.body_timeouts.inc()
                 return await reject(408, f"the request body did not arrive within "
                                          f"{self.body_timeout:g} s", close=True)
             if message["type"] == "http.disconnect":
@@ -210,7 +213,7 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
     app.state.auth = auth = Authenticator(opts.api_keys, metrics_key)
     app.add_middleware(FrontDoorMiddleware, auth=auth,
                        max_body_bytes=opts.max_body_bytes, body_timeout=body_timeout,
-                       route_body_limits=route_body_limits)
+                       route_body_limits=route_body_limits, metrics=metrics)
     if opts.enable_cors:  # off by default (issue 6)
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
