@@ -210,7 +210,8 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def quiet_repeats(names=("asyncio", "uvicorn.error"), interval: float = 10.0) -> RepeatFilter:
+def quiet_repeats(names=("asyncio", "uvicorn.error", "tokenfactory.api"),
+                  interval: float = 10.0) -> RepeatFilter:
     """Install one RepeatFilter on each named logger (after uvicorn configured logging)."""
     flt = RepeatFilter(interval)
     for name in names:
@@ -223,6 +224,9 @@ def quiet_repeats(names=("asyncio", "uvicorn.error"), interval: float = 10.0) ->
 
 def uvicorn_config(app, *, host: str, port: int, limits: ConnectionLimits = ConnectionLimits(),
                    **kwargs):
-    """A ``uvicorn.Config`` serving ``app`` over the guarded h11 protocol."""
+    """A ``uvicorn.Config`` serving ``app`` over the guarded h11 protocol. WebSocket upgrades
+    are off (``ws="none"``): the API has none, and an upgraded connection would leave the
+    protocol's head deadline and connection table."""
     import uvicorn
+    kwargs.setdefault("ws", "none")
     return uvicorn.Config(app, host=host, port=port, http=guarded_h11_protocol(limits), **kwargs)
