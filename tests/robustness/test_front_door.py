@@ -337,6 +337,12 @@ def test_cli_keys_from_file_and_env_metrics_key_and_connection_guards(tmp_path):
         sock = _connect(srv.base_url)
         assert _read_until_closed(sock) == b""
         sock.close()
+        # an attacker's repeated bad requests leave one log line per 10 s, not one each
+        for _ in range(50):
+            bad = _connect(srv.base_url)
+            bad.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert _read_until_closed(bad).startswith(b"HTTP/1.1 400 ")
+            bad.close()
         # the descriptor limit was raised to the hard limit
         limits = open(f"/proc/{srv.proc.pid}/limits").read()
         soft, hard = next(line for line in limits.splitlines()
@@ -348,6 +354,7 @@ def test_cli_keys_from_file_and_env_metrics_key_and_connection_guards(tmp_path):
     log = srv.log()
     assert code == 0, log
     assert "front door: at most 32 connections" in log
+    assert 1 <= log.count("Invalid HTTP request received.") <= 2, log
     for secret in (file_key, env_key, metrics_key):
         assert secret not in log
 
