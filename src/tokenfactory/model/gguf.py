@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,26 @@ def dequantize(gf: GGUFFile, name: str, rows: slice = slice(None)) -> np.ndarray
     return out.reshape((-1,) + shape[1:]) if len(shape) == 2 else out.reshape(shape)
 
 
+_TORCH_VIEWABLE = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                   "BF16": (np.int16, torch.bfloat16)}
+
+
+def _torch_view(gf: GGUFFile, name: str, rows: slice) -> torch.Tensor | None:
+    """Rows of an F32/F16/BF16 tensor as a torch view of the map (no float32 copy: the cast
+    happens in the final copy: f16 -> bf16 ran ~2x faster than through numpy); None for
+    block-quantized types. Read-only memory: the view is only ever read."""
+    t = gf.tensors[name]
+    kind = _TORCH_VIEWABLE.get(t.tensor_type.name)
+    if kind is None:
+        return None
+    shape = gf.shape(name)
+    data = (t.data[rows] if len(shape) == 2 else t.data).view(kind[0])
+    with warnings.catch_warnings():   # "the given NumPy array is not writable"
+        warnings.simplefilter("ignore", UserWarning)
+        view = torch.from_numpy(data)
+    return view.view(kind[1]).reshape((-1,) + shape[1:] if len(shape) == 2 else shape)
+
+
 def copy_unpermuted(dst: torch.Tensor, src: torch.Tensor, heads: int) -> None:
     """``dst.copy_(src)`` undoing llama.cpp's q/k row order: within each head, ggml row
     ``2 i + j`` holds HF row ``j * D/2 + i``. Written through views, so no permuted temporary
@@ -304,8 +325,9 @@ def _copy_tensor(gf: GGUFFile, part: _Part, dst: torch.Tensor) -> None:
     step = max(1, step // head_rows) * head_rows
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        w = torch.from_numpy(np.require(dequantize(gf, part.name, slice(r0, r1)),
-                                        requirements="W"))
+        w = _torch_view(gf, part.name, slice(r0, r1))
+        if w is None:
+            w = torch.from_numpy(dequantize(gf, part.name, slice(r0, r1)))
         if part.permute_heads:
             copy_unpermuted(dst[r0:r1], w, (r1 - r0) // head_rows)
         else:
