@@ -101,3 +101,35 @@ def test_compiled_decode_calls_the_op_and_matches_eager(checkpoint, monkeypatch)
     assert len(in_graph) >= 4 * layers + 1    # q/k/v, o, gate/up, down per layer; lm_head
     for g, w in zip(got, want):       # bfloat16: inductor's fused pointwise code rounds
         assert_greedy_agree(g.outputs[0], w.outputs[0])     # differently from eager's ops
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13])
+def test_float32_logits_are_not_rounded_to_bfloat16(rows):
+    """linear_f32 (logits) keeps the float32 sums: far closer to a float32 matmul of the same
+    inputs than any bfloat16 output can be, so near-ties stay ordered instead of tying."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    w = torch.randn(300, 96, generator=gen).bfloat16()
+    got = kernels.linear_f32(x, w)
+    ref = reference(x, w, None)
+    assert got.dtype == torch.float32 and got.shape == (rows, 300)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    assert not torch.equal(got, got.bfloat16().float())   # a rounded output would equal this
+
+
+def test_model_logits_are_float32_sums_in_bfloat16():
+    """A bfloat16 model's compute_logits (prefill chunks) uses the float32-summed kernel, the
+    same sums the native decode step writes, not oneDNN's bfloat16-rounded output."""
+    from tokenfactory.model.config import ModelConfig
+    from tokenfactory.model.layers import use_cpu_linears
+    from tokenfactory.model.llama import LlamaForCausalLM
+    cfg = ModelConfig(architecture="LlamaForCausalLM", hidden_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128,
+                      vocab_size=500, rms_norm_eps=1e-5, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    use_cpu_linears(model)
+    hidden = torch.randn(3, 64).bfloat16()
+    got = model.compute_logits(hidden)
+    torch.testing.assert_close(got, kernels.linear_f32(hidden, model.lm_head.weight))
+    torch.testing.assert_close(got, reference(hidden, model.lm_head.weight, None),
+                               atol=1e-4, rtol=1e-5)

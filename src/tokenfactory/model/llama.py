@@ -12,9 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenfactory.model import kernels
 from tokenfactory.model.config import ModelConfig
 from tokenfactory.model.layers import AttentionMetadata, GatedMLP, RMSNorm, paged_attention
 from tokenfactory.model.rope import RotaryEmbedding, apply_rope
+
+LOGITS_NATIVE_MAX_ROWS = 64   # the native kernel re-reads lm_head per 4 rows: fine for sampling rows
 
 
 class Attention(nn.Module):
@@ -92,5 +95,16 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (N, hidden) already normed -> (N, vocab) float32."""
-        return self.lm_head(hidden).float()
+        """hidden: (N, hidden) already normed -> (N, vocab) float32.
+
+        With the native kernels (bfloat16 on CPU) the rows that sample are summed in float32
+        and not rounded to bfloat16, as the native decode step does: rounded logits tie often
+        and greedy then depends on which path (prefill chunk, cached prefix, decode) computed
+        them. Many rows (prompt logprobs of a long prompt) take oneDNN, rounded."""
+        head = self.lm_head
+        if (getattr(head, "native", False) and head.bias is None
+                and hidden.shape[0] <= LOGITS_NATIVE_MAX_ROWS
+                and not torch.compiler.is_compiling()):
+            return kernels.linear_f32(hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+                                      head.weight)
+        return head(hidden).float()

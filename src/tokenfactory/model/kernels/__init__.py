@@ -102,6 +102,8 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_attention_supported.argtypes = [i32]
     lib.tf_linear.restype = i32
     lib.tf_linear.argtypes = [ptr, i64, i32, ptr, i32, i32, ptr, ptr, i64]
+    lib.tf_linear_f32.restype = i32
+    lib.tf_linear_f32.argtypes = [ptr, i64, i32, ptr, i32, i32, ptr, i64]
     lib.tf_linear_supported.restype = i32
     lib.tf_linear_supported.argtypes = [i32]
     lib.tf_decode_step.restype = i32
@@ -233,6 +235,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     rc = lib.tf_linear(x.data_ptr(), x.stride(0), m, weight.data_ptr(), n, k,
                        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
     if rc != 0:
+        raise ValueError(f"native linear rejected shapes x={tuple(x.shape)} "
+                         f"weight={tuple(weight.shape)}")
+    return out
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` as float32 (M, N) for bfloat16 x (M, K) and weight (N, K), summed in
+    float32 and not rounded to bfloat16 (logits: see linear.c)."""
+    lib = library()
+    assert lib is not None, unavailable_reason
+    m, k = x.shape
+    n = weight.shape[0]
+    assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k
+    assert x.dtype == weight.dtype == torch.bfloat16
+    out = torch.empty((m, n), dtype=torch.float32)
+    if lib.tf_linear_f32(x.data_ptr(), x.stride(0), m, weight.data_ptr(), n, k,
+                         out.data_ptr(), out.stride(0)) != 0:
         raise ValueError(f"native linear rejected shapes x={tuple(x.shape)} "
                          f"weight={tuple(weight.shape)}")
     return out

@@ -135,7 +135,7 @@ static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, con
 }
 
 /* A whole decode step: embedding rows of ``ids`` -> every layer -> final RMSNorm -> lm_head,
- * into float32 ``logits`` (B, vocab) (rounded to bfloat16 first, as torch computes them).
+ * into float32 ``logits`` (B, vocab) (float32 sums, not rounded to bfloat16: see linear.c).
  * ``lm_head`` may be the embedding table (tied). Scratch: ``x`` (B, hidden) and ``work``. */
 int tf_decode_step(const tf_layer *layers, int num_layers, const tf_dims *d, int B,
                    const int64_t *ids, const bf16 *embed, const bf16 *final_norm,

@@ -57,9 +57,10 @@ void tf_linear_rows(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N
     tf_linear_rows_to(x, x_stride, M, w, N, K, bias, out, NULL, out_stride);
 }
 
-/* As tf_linear_rows; with ``out_f32`` (and out NULL) each output is still rounded to bfloat16
- * but stored widened to float32 (the logits of a decode step: torch computes lm_head in
- * bfloat16, then casts). */
+/* As tf_linear_rows; with ``out_f32`` (and out NULL) each output is stored as the float32 sum,
+ * never rounded to bfloat16: logits. Rounded to bfloat16, logits of ~25 move in steps of 0.125,
+ * so near-ties become exact ties and greedy picks whichever id is lower (seen on SmolLM2: "The"
+ * vs "L" for "What is the capital of France?", 0.08 apart in float32). */
 void tf_linear_rows_to(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
                        const bf16 *bias, bf16 *out, float *out_f32, int64_t out_stride) {
 #pragma omp for schedule(static)
@@ -77,9 +78,8 @@ void tf_linear_rows_to(const bf16 *x, int64_t x_stride, int M, const bf16 *w, in
                 default: row_dot4(wp, xp, x_stride, K, s); break;
             }
             for (int m = 0; m < mm; m++) {
-                const bf16 y = to_bf16(s[m] + bn);
-                if (out_f32) out_f32[(m0 + m) * out_stride + n] = from_bf16(y);
-                else out[(m0 + m) * out_stride + n] = y;
+                if (out_f32) out_f32[(m0 + m) * out_stride + n] = s[m] + bn;
+                else out[(m0 + m) * out_stride + n] = to_bf16(s[m] + bn);
             }
         }
     }
@@ -91,5 +91,15 @@ int tf_linear(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int 
     if (!tf_linear_supported(K) || M < 0 || N < 0) return -1;
 #pragma omp parallel
     tf_linear_rows(x, x_stride, M, w, N, K, bias, out, out_stride);
+    return 0;
+}
+
+/* x @ w.T into float32 ``out`` (M, N), unrounded: the logits of prefill chunks, so they agree
+ * with the native decode step's. Returns 0, or -1 for shapes the kernel does not handle. */
+int tf_linear_f32(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
+                  float *out, int64_t out_stride) {
+    if (!tf_linear_supported(K) || M < 0 || N < 0) return -1;
+#pragma omp parallel
+    tf_linear_rows_to(x, x_stride, M, w, N, K, NULL, NULL, out, out_stride);
     return 0;
 }
