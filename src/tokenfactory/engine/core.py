@@ -126,6 +126,14 @@ class EngineCore:
                       arrival_time=self.clock() if arrival_time is None else arrival_time,
                       cache_salt=cache_salt, cache_breakpoints=tuple(cache_breakpoints),
                       prompt=prompt, tenant=tenant)
+        if params.structured_output is not None:
+            # compiled (or fetched from the cache) now, so a bad schema is refused before it
+            # is queued, and never in the middle of a batch
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer")
+            from tokenfactory.text.grammar import compile_structured_output
+            req.grammar = compile_structured_output(self.tokenizer,
+                                                    params.structured_output).matcher()
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first token has no logprob
         if self.tokenizer is not None:
@@ -209,6 +217,11 @@ class EngineCore:
             if not chunk.sample or res.token_id is None:
                 continue
             token = res.token_id
+            if req.grammar is not None and not req.grammar.accept(token):
+                # the sampler masked this row, so only a fault gets here: fail this request
+                self._fail(req, f"structured output: the grammar rejected token {token}"
+                           f" ({req.grammar.error or 'not allowed'})", outputs)
+                continue
             req.output_token_ids.append(token)
             if res.logprobs is not None:
                 req.logprobs.append(res.logprobs)
@@ -273,6 +286,8 @@ class EngineCore:
             req.finish_reason, req.stop_reason = "stop", token
         elif n_out >= params.min_tokens and not params.ignore_eos and token in req.eos_token_ids:
             req.finish_reason = "stop"
+        elif req.grammar is not None and req.grammar.is_terminated():
+            req.finish_reason = "stop"     # the structured output is complete
         elif n_out >= (params.max_tokens or 0) or req.num_tokens >= self.max_model_len:
             req.finish_reason = "length"
         if req.finish_reason is not None and stop_string is None and req.detokenizer is not None:

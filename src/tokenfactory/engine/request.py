@@ -90,6 +90,10 @@ class Request:
     # sampler's own per-request state (e.g. the ids masked until min_tokens, as a tensor).
     stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
     sampler_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Structured output: this request's grammar matcher (``text.grammar.GrammarMatcher``), or
+    # None. The sampler masks the request's logits with it; the engine advances it with each
+    # token and finishes the request when it terminates.
+    grammar: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.stop_token_set = frozenset(self.sampling_params.stop_token_ids or ())

@@ -8,6 +8,7 @@ HTTP layer answers 400 with it).
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ MAX_STOP_STRINGS = 64            # the HTTP layer's own limit (32 by default) is
 MAX_STOP_STRING_CHARS = 1024
 MAX_LOGPROBS = 20
 SEED_RANGE = (-(2**63), 2**64)   # [lo, hi): any signed or unsigned 64-bit seed
+# A schema or regex is compiled into a parser per request: bound its size (a 10 MB schema would
+# hold the engine's compile for seconds) before it reaches the grammar engine.
+MAX_STRUCTURED_OUTPUT_CHARS = 256 * 1024
 
 
 def _show(value) -> str:
@@ -64,6 +68,66 @@ def _int(name: str, value) -> int:
 
 
 @dataclass
+class StructuredOutput:
+    """Constrain the output to a grammar (``text/grammar.py`` compiles it).
+
+    Exactly one of: ``json_schema`` (a JSON schema as a dict or as JSON text), ``json_object``
+    (any JSON object), ``regex`` (the whole output matches it). ``strict`` (JSON schemas only)
+    refuses a schema using keywords the grammar engine cannot enforce; without it those
+    keywords are ignored (best effort, as OpenAI's non-strict mode). ``key`` is the canonical
+    text of the constraint, the grammar cache's key. ValueError with a one-line message
+    otherwise.
+    """
+
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    strict: bool = True
+    key: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        given = [name for name, on in (("json_schema", self.json_schema is not None),
+                                       ("json_object", bool(self.json_object)),
+                                       ("regex", self.regex is not None)) if on]
+        if len(given) != 1:
+            raise ValueError("structured output needs exactly one of json_schema, json_object, "
+                             f"regex; got {', '.join(given) or 'none'}")
+        self.json_object, self.strict = bool(self.json_object), bool(self.strict)
+        if self.json_schema is not None:
+            schema = self.json_schema
+            if isinstance(schema, str):
+                if len(schema) > MAX_STRUCTURED_OUTPUT_CHARS:
+                    raise ValueError(f"json_schema: at most {MAX_STRUCTURED_OUTPUT_CHARS} "
+                                     f"characters, got {len(schema)}")
+                try:
+                    schema = json.loads(schema)
+                except (ValueError, RecursionError) as exc:
+                    raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise ValueError(f"json_schema must be a JSON object, got {_show(schema)}")
+            try:
+                text = json.dumps(schema, sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise ValueError(f"json_schema is not a JSON document: "
+                                 f"{type(exc).__name__}: {str(exc)[:200]}") from None
+            if len(text) > MAX_STRUCTURED_OUTPUT_CHARS:
+                raise ValueError(f"json_schema: at most {MAX_STRUCTURED_OUTPUT_CHARS} "
+                                 f"characters, got {len(text)}")
+            self.json_schema = schema
+            self.key = f"schema:{'strict' if self.strict else 'lenient'}:{text}"
+        elif self.regex is not None:
+            if not isinstance(self.regex, str) or not self.regex:
+                raise ValueError(f"regex must be a non-empty string, got {_show(self.regex)}")
+            if len(self.regex) > MAX_STRUCTURED_OUTPUT_CHARS:
+                raise ValueError(f"regex: at most {MAX_STRUCTURED_OUTPUT_CHARS} characters, "
+                                 f"got {len(self.regex)}")
+            self.key = f"regex:{self.regex}"
+        else:
+            self.key = "json_object"
+
+
+@dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
 
@@ -78,6 +142,8 @@ class SamplingParams:
     repetition_penalty in (0, 100]; seed a 64-bit integer; at most 1,024 ``stop_token_ids``
     (each in [0, 2**31)) and 64 ``stop`` strings of at most 1,024 characters; logprobs and
     prompt_logprobs in [0, 20]; max_tokens >= 1; 0 <= min_tokens <= max_tokens.
+    ``structured_output`` (a ``StructuredOutput``, or a dict of its fields) constrains the
+    output to a grammar; the request finishes with "stop" when the grammar is complete.
     """
 
     n: int = 1
@@ -98,8 +164,17 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_output, dict):
+            try:
+                self.structured_output = StructuredOutput(**self.structured_output)
+            except TypeError as exc:   # an unknown field
+                raise ValueError(f"structured_output: {exc}") from None
+        elif not isinstance(self.structured_output, (StructuredOutput, type(None))):
+            raise ValueError("structured_output must be a StructuredOutput, got "
+                             f"{_show(self.structured_output)}")
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):

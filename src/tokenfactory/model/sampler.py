@@ -1,8 +1,9 @@
 """Batched next-token sampling: one row of logits per request that samples this step.
 
 Order of operations, per row: penalties (repetition over prompt + output, presence/frequency over
-output) -> min_tokens masking of EOS/stop ids -> greedy argmax, or temperature -> top-k ->
-top-p -> min-p -> draw. Logprobs are reported from the raw log-softmax of the model's logits
+output) -> min_tokens masking of EOS/stop ids -> the structured-output grammar's mask (rows with
+a grammar; one bitmask for the batch, ``text/grammar.py``) -> greedy argmax, or temperature ->
+top-k -> top-p -> min-p -> draw. Logprobs are reported from the raw log-softmax of the model's logits
 (vLLM's default), not from the processed distribution.
 
 Seeded requests draw from a generator seeded by (seed, output position) alone, so the token at
@@ -208,6 +209,11 @@ class Sampler:
                 except Exception as exc:  # noqa: BLE001 - fails this row only
                     errors[i] = f"penalties failed: {type(exc).__name__}: {exc}"
 
+        grammar_rows = [i for i, r in enumerate(requests)
+                        if getattr(r, "grammar", None) is not None and i not in errors]
+        if grammar_rows:
+            logits = self._apply_grammars(logits, requests, grammar_rows, errors)
+
         best, tokens = logits.max(dim=-1)                                    # (N,) greedy
         # the same pass finds rows that cannot be sampled: max propagates NaN, is +inf when
         # any logit is, and -inf when every token is masked
@@ -239,6 +245,26 @@ class Sampler:
             token_list[i] = None
             requests[i].sampling_error = msg
         return SamplerOutput(token_list, logprobs)
+
+    def _apply_grammars(self, logits: torch.Tensor, requests: list[Request], rows: list[int],
+                        errors: dict[int, str]) -> torch.Tensor:
+        """Mask each of ``rows`` (requests with a structured-output grammar) to the tokens its
+        grammar allows next: one bitmask for the batch, filled per row, applied to the logits
+        in one op. Rows without a grammar are untouched; a row whose matcher fails gets an
+        entry in ``errors`` (and fails alone). logits: (N, V); returns a new tensor."""
+        from tokenfactory.text.grammar import allocate_bitmask, allowed_tokens, fill_bitmasks
+        n, vocab = logits.shape
+        matchers = [requests[i].grammar for i in rows]
+        bitmask = allocate_bitmask(len(rows), max(m.vocab_size for m in matchers))  # (G, W)
+        for k, msg in fill_bitmasks(matchers, bitmask).items():
+            errors[rows[k]] = f"structured output: {msg}"
+        allowed = allowed_tokens(bitmask, vocab).to(logits.device)                # (G, V)
+        if len(rows) == n:
+            disallowed = ~allowed
+        else:
+            disallowed = torch.zeros((n, vocab), dtype=torch.bool, device=logits.device)
+            disallowed[torch.tensor(rows, device=logits.device)] = ~allowed
+        return logits.masked_fill(disallowed, float("-inf"))
 
     def _sample_rows(self, logits: torch.Tensor, requests: list[Request],
                      rows: list[int]) -> torch.Tensor:
