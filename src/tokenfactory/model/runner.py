@@ -140,11 +140,17 @@ class TorchExecutor:
                 continue
             reallocated = True
             attn.k_cache = attn.v_cache = None   # free the old cache before allocating anew
-            # zero_() touches every page now: a lazily-zeroed (calloc) cache would page-fault
-            # all through the first requests instead. Zeros (not garbage) matter: masked slots
-            # must hold finite values, since 0 * NaN would poison the attention output.
-            attn.k_cache = self._empty(shape).zero_()
-            attn.v_cache = self._empty(shape).zero_()
+            # Zeros (not garbage) matter: masked slots must hold finite values, since 0 * NaN
+            # would poison the attention output. On CPU the pages are fresh anonymous
+            # mappings, which the kernel zero-fills as they are first touched (2 MiB at a time
+            # with huge pages): no zero_() pass, which on a cache sized to the free RAM took
+            # ~13 s of start-up (11 GB) and made the whole budget resident before any use.
+            fresh_zeros = self.device.type == "cpu"
+            attn.k_cache = self._empty(shape)
+            attn.v_cache = self._empty(shape)
+            if not fresh_zeros:
+                attn.k_cache.zero_()
+                attn.v_cache.zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
         if self.native_decode:
             self._native = native_step.NativeDecodeStep(self.model, num_blocks, block_size)
