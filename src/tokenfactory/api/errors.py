@@ -21,6 +21,7 @@ ANTHROPIC_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",   # the client took too long to send its request
     413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",
@@ -34,6 +35,7 @@ OPENAI_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -186,6 +188,8 @@ class OpenAIErrorBody(BaseModel):
 
 
 _DESCRIPTIONS = {400: "Invalid request", 401: "Missing or invalid API key",
+                 403: "The key may not use this path (e.g. /metrics needs the metrics key)",
+                 408: "Request head or body not received in time",
                  404: "Unknown model or path", 405: "Method not allowed",
                  413: "Request body too large", 429: "Queue full (OpenAI routes); retry later",
                  500: "Engine or internal failure", 503: "Engine not running",

@@ -20,8 +20,10 @@ from starlette.requests import Request
 from tokenfactory.api import anthropic, openai
 from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesRequest
 from tokenfactory.api.auth import Authenticator
+from tokenfactory.api.dashboard import install_dashboard
 from tokenfactory.api.errors import (AnthropicErrorBody, APIError, declared_errors, error_response,
                                      format_validation_errors, new_request_id)
+from tokenfactory.api.gateway_metrics import register_gateway_metrics
 from tokenfactory.api.memory import find_malloc_trim, set_trim_threshold, trim_periodically
 from tokenfactory.api.metrics import Metrics
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
@@ -332,6 +334,9 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
         return app.openapi_schema
     app.openapi = openapi_without_422
 
+    # operator views: vLLM-named metrics for inference gateways, and the live dashboard
+    register_gateway_metrics(metrics, engine, opts.served_model_name)
+    install_dashboard(app, ctx, metrics, authorize=auth.check_metrics_access)
     return app
 
 
