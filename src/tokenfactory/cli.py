@@ -1,4 +1,4 @@
-"""`tokenfactory serve | generate | bench | plan` — each subcommand lives with its package."""
+"""`tokenfactory serve | generate | bench | plan | trace` — each subcommand lives with its package."""
 from __future__ import annotations
 
 import argparse
@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         "generate": (None, None, "generate offline from a prompt"),
         "bench": ("tokenfactory.bench.cli", "main", "benchmark a server or the engine"),
         "plan": ("tokenfactory.economics.plan_cli", "main", "cost and capacity arithmetic"),
+        "trace": ("tokenfactory.api.trace_cli", "main", "print one request's station trace"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: tokenfactory {serve,generate,bench,plan} [options]\n")
+        print("usage: tokenfactory {serve,generate,bench,plan,trace} [options]\n")
         for name, (_, _, desc) in commands.items():
             print(f"  {name:<9} {desc}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -121,8 +121,10 @@ async def count_tokens(ctx: ServingContext, body: CountTokensRequest) -> dict:
 async def create_message(ctx: ServingContext, request: Request, body: MessagesRequest,
                          tenant: str | None, request_id: str):
     from tokenfactory.api.server import collect_unless_disconnected
+    from tokenfactory.api.trace import trace_of
     from tokenfactory.text.tool_parsers import get_tool_parser
 
+    trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)
     # Cheap rejections first: validation, the prompt's size against the context, a full queue;
     # only then rendering + tokenizing (~0.2 s for a 20K-token prompt), off the event loop.
@@ -130,6 +132,8 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     ctx.check_prompt_bytes(builder.text_bytes())
     ctx.check_capacity(tenant, 529)
     prompt = await ctx.off_loop(builder.build)
+    if trace is not None:
+        trace.mark_tokenized(len(prompt.ids))
     max_tokens, clamped = ctx.effective_max_tokens(len(prompt.ids), body.max_tokens)
     cap = ctx.options.max_output_tokens
     limited_by = None if not clamped else ("output_cap" if cap and max_tokens == cap else "context")
@@ -146,7 +150,7 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
                      breakpoints=prompt.engine_breakpoints, parser=parser,
-                     parser_prefill=prompt.parser_prefill, overload_status=529)
+                     parser_prefill=prompt.parser_prefill, overload_status=529, trace=trace)
     await gen.start()
     headers = {"request-id": request_id, "x-request-id": request_id,
                "x-tokenfactory-max-tokens": str(max_tokens),

@@ -161,9 +161,11 @@ def _headers(max_tokens: int, clamped: bool, requested) -> dict:
 async def create_chat_completion(ctx: ServingContext, request: Request,
                                  body: ChatCompletionRequest, tenant: str | None):
     from tokenfactory.api.server import collect_unless_disconnected
+    from tokenfactory.api.trace import trace_of
     from tokenfactory.text.chat_template import ChatTemplateError
     from tokenfactory.text.tool_parsers import get_tool_parser, render_tool_call_text
 
+    trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)
     mode, name = _tool_mode(ctx, body)
     tools = [{"type": "function", "function": {
@@ -189,12 +191,14 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
         t = render_tool_call_text("__tf_name__", {}, ctx.parser_name)
         prefill = t[:t.index("__tf_name__")]
     ids = await ctx.off_loop(ctx.encode, text + prefill)
+    if trace is not None:
+        trace.mark_tokenized(len(ids))
     requested = body.max_completion_tokens or body.max_tokens
     params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested)
     parser = get_tool_parser(ctx.parser_name)() if use_parser else None
     cid = ctx.new_request_id("chatcmpl-")
     gen = Generation(ctx, cid, ids, params, cache_salt=tenant, breakpoints=[], parser=parser,
-                     parser_prefill=prefill, overload_status=429)
+                     parser_prefill=prefill, overload_status=429, trace=trace)
     await gen.start()
     headers = {**_headers(max_tokens, clamped, requested),
                **ctx.tools_dropped_headers(len(tools or []))}
@@ -297,7 +301,9 @@ async def _chat_stream(ctx, gen: Generation, model: str, cid: str, created: int,
 async def create_completion(ctx: ServingContext, request: Request, body: CompletionRequest,
                             tenant: str | None):
     from tokenfactory.api.server import collect_unless_disconnected
+    from tokenfactory.api.trace import trace_of
 
+    trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -320,11 +326,13 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
+    if trace is not None:
+        trace.mark_tokenized(len(ids))
     requested = body.max_tokens or 16   # the completions API's documented default
     params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested)
     cid = ctx.new_request_id("cmpl-")
     gen = Generation(ctx, cid, ids, params, cache_salt=tenant, breakpoints=[],
-                     overload_status=429)
+                     overload_status=429, trace=trace)
     await gen.start()
     headers = _headers(max_tokens, clamped, requested)
     created = int(time.time())

@@ -354,8 +354,9 @@ class Generation:
     def __init__(self, ctx: ServingContext, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, *, cache_salt: str | None,
                  breakpoints: list[CacheBreakpoint], parser=None, parser_prefill: str = "",
-                 overload_status: int = 529):
+                 overload_status: int = 529, trace=None):
         self.ctx = ctx
+        self.trace = trace   # api.trace.RequestTrace, or None when tracing is off
         ctx.activity += 1
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -410,6 +411,8 @@ class Generation:
         """
         try:
             async for out in self._agen:
+                if self.trace is not None:
+                    self.trace.mark_output(out)
                 comp = out.outputs[0]
                 self._texts.append(comp.new_text)
                 self._new_ids.extend(comp.new_token_ids)
@@ -433,6 +436,8 @@ class Generation:
         return out
 
     async def start(self) -> None:
+        if self.trace is not None:
+            self.trace.mark_submitted(self.request_id)
         self._pump_task = asyncio.ensure_future(self._pump())
         await asyncio.sleep(0)  # run generate() up to its first suspension (where it raises)
         if self._pump_done and self._error is not None and self._latest is None:
@@ -450,9 +455,12 @@ class Generation:
         self._latest, self._texts, self._new_ids = None, [], []
         self.ctx.activity += 1
         await self._agen.aclose()
+        cost = self.cost
         if not self.billed:  # failed or abandoned: close its ledger entry (time already spent)
             self.billed = True
-            self.ctx.bill(self.request_id, None, self.breakpoints)
+            cost = self.ctx.bill(self.request_id, None, self.breakpoints)
+        if self.trace is not None:
+            self.trace.mark_done(cost)
 
     async def _outputs(self) -> AsyncIterator[RequestOutput]:
         if self._pump_task is None:
