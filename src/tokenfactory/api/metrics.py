@@ -7,7 +7,7 @@ lookups) is read from ``AsyncEngine.stats()`` at scrape time.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -83,6 +83,14 @@ class Metrics:
     def attach_ledger(self, ledger) -> None:
         self.registry.register(_LedgerCollector(ledger))
 
+    def attach_kernel_choice(self, labels: dict[str, str]) -> None:
+        """``tokenfactory_kernels_info{...} 1``: which CPU kernels run where, and whether that
+        was measured on this CPU, read from the cache or forced (model/kernel_choice.py)."""
+        if self.kernels is None:
+            self.kernels = Info("tokenfactory_kernels", "CPU kernel choice (--kernels)",
+                                registry=self.registry)
+        self.kernels.info(labels)
+
     def attach_front_door(self, protocol) -> None:
         """Export the counts of a ``frontdoor.guarded_h11_protocol`` class."""
         self.registry.register(_FrontDoorCollector(protocol))
@@ -117,8 +125,13 @@ class Metrics:
         self.body_timeouts = Counter("tokenfactory_body_timeouts",
                                      "Requests answered 408: the body did not arrive within "
                                      "--body-timeout", registry=r)
+        self.kernels: Info | None = None
         if engine is not None:
             r.register(_EngineCollector(engine))
+            executor = getattr(getattr(engine, "core", None), "executor", None)
+            choice = getattr(executor, "kernel_choice", None)
+            if choice is not None:
+                self.attach_kernel_choice(choice.labels())
 
     def observe_finished(self, out, e2e_seconds: float) -> None:
         self.e2e.observe(e2e_seconds)

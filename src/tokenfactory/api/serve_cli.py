@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--kernels", choices=["auto", "native", "torch"], default="auto",
+                   help="bfloat16 CPU kernels: measured per CPU and cached (auto), or forced")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -272,7 +274,8 @@ def serve_main(argv: list[str]) -> int:
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=not args.no_prefix_caching)
     try:
-        core = build_engine_core(model_dir, dtype=args.dtype, **engine_args)
+        core = build_engine_core(model_dir, dtype=args.dtype, kernels=args.kernels,
+                                 **engine_args)
     except (ValueError, OSError) as exc:
         print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
         return 2

@@ -14,14 +14,15 @@ Prompt = str | Sequence[int]
 
 def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
                       compile: bool | None = None, step_hook=None, clock=None,
-                      **engine_args) -> EngineCore:
+                      kernels: str | None = "auto", **engine_args) -> EngineCore:
     """Load a model (a GGUF file or a Hugging Face directory: weights + tokenizer) and build an
-    EngineCore on it."""
+    EngineCore on it. ``kernels``: "auto" (measured per CPU, model/kernel_choice.py),
+    "native" or "torch" (forced), None (the fixed native-where-available rule)."""
     from tokenfactory.model.gguf import is_gguf_file, open_gguf
     from tokenfactory.model.runner import TorchExecutor
     from tokenfactory.text.tokenizer import Tokenizer
 
-    executor_kwargs = {"dtype": dtype}
+    executor_kwargs = {"dtype": dtype, "kernels": kernels}
     if compile is not None:
         executor_kwargs["compile"] = compile
     executor = TorchExecutor(model_dir, **executor_kwargs)

@@ -79,11 +79,14 @@ class CpuLinear(nn.Module):
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(
             self.weight, 1) if pack else None)
         self.native = kernels.supports_linear(self.weight.dtype, self.in_features)
+        # up to this many rows the native kernel runs, oneDNN above; set per CPU by
+        # model/kernel_choice.py (0: oneDNN always, as on CPUs where its GEMMs win)
+        self.native_max_rows = kernels.LINEAR_MAX_ROWS if self.native else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         compiling = torch.compiler.is_compiling()
-        if self.native and rows <= kernels.LINEAR_MAX_ROWS:
+        if rows <= self.native_max_rows:
             x2 = x.reshape(rows, self.in_features)
             if x2.stride(1) != 1:
                 x2 = x2.contiguous()
@@ -191,6 +194,10 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
     workspace: Workspace | None = None            # None: allocate gathers afresh (compiled)
+    # whether attention may take the native kernels (where they run at all): chosen per CPU
+    # by model/kernel_choice.py
+    native_prefill: bool = True
+    native_decode: bool = True
 
     def prefill_mask(self, seq: PrefillSeq, window: int | None) -> torch.Tensor:
         """(num_tokens, end) bool: which key positions each query token may attend to."""
@@ -300,7 +307,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     group = num_heads // num_kv
     bs = meta.block_size
     single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
-    native = _native_attention(q)
+    native_ok = _native_attention(q)
+    native = native_ok and meta.native_decode          # for the decode groups
     if native and single and torch.compiler.is_compiling():   # a compiled decode step
         dg = meta.decode_groups[0]
         return native_decode_step(q, k, v, k_cache, v_cache, meta.slot_mapping,
@@ -339,7 +347,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for seq in meta.prefills:
         rows = slice(seq.offset, seq.offset + seq.num_tokens)
         n = seq.num_tokens
-        if native and not torch.compiler.is_compiling():   # one kernel, no gathered copy
+        if native_ok and meta.native_prefill and not torch.compiler.is_compiling():
+            # one kernel, no gathered copy
             size = kernels.workspace_numel(num_kv, seq.end, head_dim)
             ws = None if meta.workspace is None else (meta.workspace.get("kp", (size,), q),
                                                       meta.workspace.get("vp", (size,), q))

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
-from tokenfactory.model import hugepages, kernels, native_step
+from tokenfactory.model import hugepages, kernel_choice, native_step
+from tokenfactory.model import kernels as native_kernels
 from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
 from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
@@ -67,6 +68,11 @@ class TorchExecutor:
     ``pack_weights``: in bfloat16 on CPU, also keep a copy of the linear weights pre-packed
     for oneDNN's large-batch GEMM (see CpuLinear); None means no (the default). float32 keeps
     stock kernels, which match transformers bit for bit.
+    ``kernels``: which bfloat16 CPU kernels run where (``kernel_choice.py``): "auto" times the
+    candidates on this CPU when the cache is first allocated (or reads the cached decision),
+    "native" forces the native kernels wherever they run, "torch" forces torch/oneDNN
+    everywhere; None keeps the fixed rule (native wherever available, no measurement).
+    ``native_decode``, when given, still overrides the decode-step part of the choice.
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -74,7 +80,11 @@ class TorchExecutor:
                  compile_batch_sizes: tuple[int, ...] = (1, 2, 4),
                  compile_max_autotune: bool = True,
                  num_threads: int | None = None, seed: int | None = None,
-                 pack_weights: bool | None = None, native_decode: bool | None = None):
+                 pack_weights: bool | None = None, native_decode: bool | None = None,
+                 kernels: str | None = None):
+        if kernels is not None and kernels not in kernel_choice.MODES:
+            raise ValueError(f"kernels must be one of {', '.join(kernel_choice.MODES)}, "
+                             f"not {kernels!r}")
         self.device = torch.device(device)
         if self.device.type == "cpu":
             configure_threads(num_threads)
@@ -90,22 +100,39 @@ class TorchExecutor:
         self.compile = False if compile is None else bool(compile)  # auto: off until proven
         # bfloat16 attention runs in native kernels where the CPU has AVX-512 BF16: build
         # (or load the cached build of) them now rather than on the first request
+        native = False
         if fast_cpu:
-            native = kernels.supports(self.dtype, self.model_config.head_dim)
+            native = native_kernels.supports(self.dtype, self.model_config.head_dim)
             log.info("native attention kernels: %s", "on" if native else
-                     f"off ({kernels.unavailable_reason or 'unsupported head size'})")
+                     f"off ({native_kernels.unavailable_reason or 'unsupported head size'})")
             # native small-batch linear kernel, oneDNN for large batches (see CpuLinear)
             use_cpu_linears(self.model, pack=pack_weights)
         if self.device.type == "cpu":
             # every decode step streams all weights: huge pages make that stream ~25% faster
             # on this kind of host (see hugepages.py)
             hugepages.relocate(self.model)
+        # the native library runs here at all (which paths suit this model is checked per path)
+        lib_ok = fast_cpu and native_kernels.library() is not None
+        if kernels == "native" and not lib_ok:
+            raise ValueError("kernels='native' needs a bfloat16 model on a CPU with the native "
+                             f"kernels ({native_kernels.unavailable_reason or 'unsupported shapes'})")
         supported = native_step.supports(self.model)
         if native_decode and not supported:
             raise ValueError("native decode steps need a bfloat16 model on a CPU with the native "
-                             f"kernels ({kernels.unavailable_reason or 'unsupported shapes'})")
+                             f"kernels ({native_kernels.unavailable_reason or 'unsupported shapes'})")
+        self._native_supported = supported
+        self._native_decode_arg = native_decode
         self.native_decode = supported if native_decode is None else bool(native_decode)
         self._native: native_step.NativeDecodeStep | None = None
+        self._attn_native_prefill = self._attn_native_decode = True
+        # "auto" with nothing native to choose from is the torch side, unmeasured
+        self.kernel_mode = kernels
+        self._choice_pending = kernels == "auto" and lib_ok
+        self.kernel_choice = kernel_choice.forced(
+            "default" if kernels in (None, "auto") else kernels, lib_ok)
+        if kernels == "auto":
+            self.kernel_choice.mode = "auto"
+        self.apply_kernel_choice(self.kernel_choice)
         self.compile_batch_sizes = tuple(compile_batch_sizes)
         self.compile_max_autotune = compile_max_autotune
         self.sampler = Sampler(self.device, seed)
@@ -152,6 +179,11 @@ class TorchExecutor:
                 attn.k_cache.zero_()
                 attn.v_cache.zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
+        if self._choice_pending:   # measured on the allocated cache (its scratch page)
+            self._choice_pending = False
+            self.apply_kernel_choice(kernel_choice.choose(
+                lambda: kernel_choice.measure(self), kernel_choice.model_shape(self.model)))
+            log.info("%s", self.kernel_choice.summary())
         if self.native_decode:
             self._native = native_step.NativeDecodeStep(self.model, num_blocks, block_size)
         # the native step takes every decode batch a compiled graph would: none is needed
@@ -165,6 +197,23 @@ class TorchExecutor:
                                                 self.compile_batch_sizes,
                                                 max_autotune=self.compile_max_autotune)
             self._compiled.scratch_page = num_blocks
+
+    def apply_kernel_choice(self, choice: kernel_choice.KernelChoice) -> None:
+        """Route linears, attention and decode steps as ``choice`` says (where each native
+        path runs at all: a layer the native kernel cannot take stays on oneDNN)."""
+        self.kernel_choice = choice
+        for module in self.model.modules():
+            if hasattr(module, "native_max_rows"):
+                module.native_max_rows = choice.linear_native_max_rows if module.native else 0
+        self._attn_native_prefill = choice.prefill_attention == "native"
+        self._attn_native_decode = choice.decode_attention == "native"
+        if self._native_decode_arg is None:
+            self.native_decode = self._native_supported and choice.decode_step
+        if not self.native_decode:
+            self._native = None
+        elif self._native is None and getattr(self, "block_size", 0):
+            self._native = native_step.NativeDecodeStep(self.model, self.num_blocks,
+                                                        self.block_size)
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -215,7 +264,9 @@ class TorchExecutor:
         nd = sum(1 for c in chunks if c.num_tokens == 1)
         meta = AttentionMetadata(block_size=bs,
                                  slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                                 num_decodes=nd, workspace=self._workspace)
+                                 num_decodes=nd, workspace=self._workspace,
+                                 native_prefill=self._attn_native_prefill,
+                                 native_decode=self._attn_native_decode)
         for lo, hi in _decode_groups([len(p) for p in pages[:nd]]):
             width = len(pages[hi - 1])   # sorted: the last row has the most pages
             meta.decode_groups.append(DecodeGroup(
