@@ -67,12 +67,21 @@ STATIONS = ("receive", "tokenize", "route", "queue", "prefix_lookup", "prefill",
 
 @dataclass
 class _Step:
-    """One forward pass that carried the request (engine thread)."""
+    """One forward pass that carried the request's prompt tokens (engine thread)."""
     end: float              # monotonic time the pass ended (when the hook ran)
     seconds: float          # the pass's duration
-    tokens: int             # this request's tokens in it
-    prefill_tokens: int     # of which prompt tokens
+    tokens: int             # this request's prompt tokens in it
     share: float            # this request's machine seconds: seconds * tokens / all tokens
+
+
+@dataclass
+class _Decode:
+    """Decode passes, aggregated: a long output must not cost one record per token."""
+    steps: int = 0
+    tokens: int = 0
+    busy: float = 0.0       # the passes' durations, summed
+    share: float = 0.0      # this request's machine seconds in them
+    end: float | None = None
 
 
 @dataclass
@@ -103,7 +112,9 @@ class RequestTrace:
     output_bytes: int = 0
     outputs: int = 0
     finish_reason: str | None = None
-    steps: list[_Step] = field(default_factory=list)
+    prefill: list[_Step] = field(default_factory=list)   # one per pass with prompt tokens
+    decode: _Decode = field(default_factory=_Decode)
+    t_first_pass: float | None = None   # start of the first pass that carried it
     detok_seconds: float = 0.0
     detok_calls: int = 0
     t_detok_first: float | None = None
@@ -206,28 +217,25 @@ class RequestTrace:
             tokens=self.prompt_tokens)
         add("route", self.t_tokenized, self.t_submit, _d(self.t_tokenized, self.t_submit),
             replica=0, replicas=1)
-        steps = list(self.steps)
-        prefill = [s for s in steps if s.prefill_tokens]
-        decode = [s for s in steps if not s.prefill_tokens]
-        t_sched = steps[0].end - steps[0].seconds if steps else None
+        prefill, decode = list(self.prefill), self.decode
+        t_sched = self.t_first_pass
         add("queue", self.t_submit, t_sched, _d(self.t_submit, t_sched))
         add("prefix_lookup", t_sched, t_sched, 0.0 if t_sched is not None else None,
             tokens=self.cached_tokens, tier="ram", hit_tokens=self.cached_tokens,
             prompt_tokens=self.prompt_tokens)
         t_prefill_end = prefill[-1].end if prefill else t_sched
         pid = add("prefill", t_sched, t_prefill_end, _d(t_sched, t_prefill_end),
-                  tokens=sum(s.prefill_tokens for s in prefill), chunks=len(prefill),
+                  tokens=sum(s.tokens for s in prefill), chunks=len(prefill),
                   busy_s=sum(s.seconds for s in prefill))
         for i, s in enumerate(prefill):
             add("prefill_chunk", s.end - s.seconds, s.end, None, parent=pid,
-                tokens=s.prefill_tokens, index=i)
-        t_last_step = steps[-1].end if steps else None
+                tokens=s.tokens, index=i)
+        t_last_step = decode.end or t_prefill_end
         decode_self = _d(t_prefill_end, t_last_step)
         if decode_self is not None:
             decode_self -= self.detok_seconds
         add("decode", t_prefill_end, t_last_step, decode_self,
-            tokens=sum(s.tokens for s in decode), steps=len(decode),
-            busy_s=sum(s.seconds for s in decode))
+            tokens=decode.tokens, steps=decode.steps, busy_s=decode.busy)
         handoff = _d(t_last_step, self.t_last_output) or 0.0
         detok_start = self.t_detok_first
         add("detokenize", detok_start,
@@ -244,7 +252,7 @@ class RequestTrace:
                 "output_tokens": self.output_tokens, "finish_reason": self.finish_reason,
                 "spans": spans, "cost": self._cost(prefill, decode)}
 
-    def _cost(self, prefill: list[_Step], decode: list[_Step]) -> dict | None:
+    def _cost(self, prefill: list[_Step], decode: _Decode) -> dict | None:
         """The ledger's bill split by phase, with what the prefix cache saved."""
         tracer = self.tracer
         if tracer is None:
@@ -252,8 +260,8 @@ class RequestTrace:
         ledger = tracer.ledger
         per_s = ledger.cost_per_hour / 3600.0
         pre = sum(s.share for s in prefill)
-        dec = sum(s.share for s in decode)
-        computed = sum(s.prefill_tokens for s in prefill)
+        dec = decode.share
+        computed = sum(s.tokens for s in prefill)
         # what the cached tokens would have cost at this request's own prefill rate
         saved_s = pre / computed * self.cached_tokens if computed else 0.0
         doc: dict[str, Any] = {
@@ -352,11 +360,21 @@ class Tracer:
             req = requests.get(rid)
             if trace is None or req is None:
                 continue
-            if not trace.steps:
+            if trace.t_first_pass is None:
+                trace.t_first_pass = now - seconds
                 trace._wrap_detokenizer(req.detokenizer)
+            share = seconds * n / total if total else 0.0
             done = req.num_computed_tokens
-            pre = min(n, req.num_prompt_tokens - done) if done < req.num_prompt_tokens else 0
-            trace.steps.append(_Step(now, seconds, n, pre, seconds * n / total if total else 0.0))
+            if done < req.num_prompt_tokens:   # (a preempted request recomputes: prefill again)
+                trace.prefill.append(_Step(now, seconds, min(n, req.num_prompt_tokens - done),
+                                           share))
+            else:
+                d = trace.decode
+                d.steps += 1
+                d.tokens += n
+                d.busy += seconds
+                d.share += share
+                d.end = now
 
     def open(self, route: str) -> RequestTrace:
         return RequestTrace(route=route, t_receive=time.monotonic(), start_unix=time.time(),
