@@ -184,7 +184,8 @@ def test_every_station_nests_and_adds_up(traced, proto, stream):
     assert spans["receive"]["bytes"] == r["bytes_in"]
     assert spans["stream_out"]["bytes"] == r["bytes_out"]
     assert spans["tokenize"]["tokens"] == r["usage"]["input"] == doc["prompt_tokens"]
-    assert sum(c["tokens"] for c in chunks) + spans["prefix_lookup"]["tokens"] == r["usage"]["input"]
+    computed = sum(c["tokens"] for c in chunks)
+    assert computed + spans["prefix_lookup"]["tokens"] == r["usage"]["input"]
     assert spans["decode"]["tokens"] == r["usage"]["output"] - 1   # the first comes with prefill
     assert spans["decode"]["attributes"]["steps"] == r["usage"]["output"] - 1
     assert spans["detokenize"]["tokens"] == r["usage"]["output"]
@@ -265,3 +266,13 @@ def test_cli_prints_the_journey(traced):
     denied = subprocess.run(cmd + ["--api-key", "key-bob"], capture_output=True, text=True,
                             timeout=120)
     assert denied.returncode == 1 and "404" in denied.stderr and "Traceback" not in denied.stderr
+
+
+def test_otlp_endpoint_argument():
+    """What --otlp-endpoint accepts (serve_cli's type=) and the URL it exports to."""
+    import argparse
+    from tokenfactory.api.trace_otel import otlp_endpoint_arg, traces_url
+    assert traces_url("http://127.0.0.1:4318") == "http://127.0.0.1:4318/v1/traces"
+    assert traces_url("https://c.example/otlp/v1/traces") == "https://c.example/otlp/v1/traces"
+    with pytest.raises(argparse.ArgumentTypeError, match="http\\(s\\) URL"):
+        otlp_endpoint_arg("localhost:4318")

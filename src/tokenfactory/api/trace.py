@@ -487,9 +487,13 @@ def install_tracing(app: FastAPI, ctx, otlp_endpoint: str | None = None, *,
     """Trace every generation request of ``app`` (call before it serves; idempotent).
     ``otlp_endpoint``: an OTLP/HTTP traces URL (``http://host:4318/v1/traces``; a bare
     ``http://host:4318`` gets ``/v1/traces`` appended) to export each finished trace to;
-    ``exporter``: an OpenTelemetry ``SpanExporter`` instead (tests)."""
+    ``exporter``: an OpenTelemetry ``SpanExporter`` instead (tests). Called again on the same
+    app, it returns the installed tracer (adding the exporter if it had none)."""
     existing = getattr(app.state, "tracer", None)
-    if existing is not None:
+    if existing is not None:   # hooks and middleware stay single; an exporter may be added
+        if existing.otel is None and (otlp_endpoint or exporter is not None):
+            from tokenfactory.api.trace_otel import OtelExport
+            existing.otel = OtelExport(otlp_endpoint, exporter=exporter)
         return existing
     tracer = Tracer(ctx, max_traces=max_traces, otlp_endpoint=otlp_endpoint, exporter=exporter)
     app.state.tracer = tracer

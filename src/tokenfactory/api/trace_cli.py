@@ -33,7 +33,8 @@ def format_trace(doc: dict) -> str:
              f"prompt {_num(doc.get('prompt_tokens'))} tokens ({_num(doc.get('cached_tokens'))} "
              f"cached), output {_num(doc.get('output_tokens'))} tokens, finish "
              f"{doc.get('finish_reason')}, end to end {_ms(total)}", ""]
-    header = f"{'station':<18} {'start':>11} {'duration':>11} {'tokens':>8} {'bytes':>9} {'share':>7}"
+    header = (f"{'station':<18} {'start':>11} {'duration':>11} {'tokens':>8} {'bytes':>9} "
+              f"{'share':>7}")
     lines += [header, "-" * len(header)]
     for s in doc.get("spans", []):
         if s["name"] == "request":

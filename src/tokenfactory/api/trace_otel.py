@@ -23,10 +23,33 @@ def traces_url(endpoint: str) -> str:
     """The OTLP/HTTP traces URL: a bare ``http://host:4318`` gets the standard ``/v1/traces``."""
     parsed = urlparse(endpoint)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"--otlp-endpoint must be an http(s) URL, got {endpoint!r}")
+        raise ValueError(f"expected an http(s) URL such as http://127.0.0.1:4318, "
+                         f"got {endpoint!r}")
     if parsed.path in ("", "/"):
         return endpoint.rstrip("/") + "/v1/traces"
     return endpoint
+
+
+def otlp_endpoint_arg(value: str) -> str:
+    """argparse ``type=`` for ``--otlp-endpoint``: the URL as given, or a one-line error (a bad
+    URL, or the OpenTelemetry packages missing)."""
+    import argparse
+    try:
+        traces_url(value)
+        _require_sdk()
+    except (ValueError, RuntimeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _require_sdk() -> None:
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"--otlp-endpoint needs the OpenTelemetry SDK ({exc.name} is missing):"
+                           " pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http"
+                           ) from None
 
 
 def _attr(value):
@@ -38,6 +61,7 @@ def _attr(value):
 
 class OtelExport:
     def __init__(self, endpoint: str | None, *, exporter=None, batch: bool = True):
+        _require_sdk()
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
