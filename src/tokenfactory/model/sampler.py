@@ -185,7 +185,8 @@ class Sampler:
         """logits: (N, V) float32, one row per request (its next-token logits).
 
         Never raises for one row's sake: a failing row gets token None and its request's
-        ``sampling_error`` set; the other rows are unaffected."""
+        ``sampling_error`` set; the other rows are unaffected. The rows of requests with a
+        structured-output grammar are masked in place in ``logits``."""
         n = logits.shape[0]
         params = [r.sampling_params for r in requests]
         errors: dict[int, str] = {}
@@ -250,21 +251,15 @@ class Sampler:
                         errors: dict[int, str]) -> torch.Tensor:
         """Mask each of ``rows`` (requests with a structured-output grammar) to the tokens its
         grammar allows next: one bitmask for the batch, filled per row, applied to the logits
-        in one op. Rows without a grammar are untouched; a row whose matcher fails gets an
-        entry in ``errors`` (and fails alone). logits: (N, V); returns a new tensor."""
-        from tokenfactory.text.grammar import allocate_bitmask, allowed_tokens, fill_bitmasks
-        n, vocab = logits.shape
+        in one pass. Rows without a grammar are untouched; a row whose matcher fails gets an
+        entry in ``errors`` (and fails alone). logits: (N, V), masked in place (a copy of
+        this step's logits would cost as much as the masking)."""
+        from tokenfactory.text.grammar import allocate_bitmask, fill_bitmasks, mask_logits
         matchers = [requests[i].grammar for i in rows]
         bitmask = allocate_bitmask(len(rows), max(m.vocab_size for m in matchers))  # (G, W)
         for k, msg in fill_bitmasks(matchers, bitmask).items():
             errors[rows[k]] = f"structured output: {msg}"
-        allowed = allowed_tokens(bitmask, vocab).to(logits.device)                # (G, V)
-        if len(rows) == n:
-            disallowed = ~allowed
-        else:
-            disallowed = torch.zeros((n, vocab), dtype=torch.bool, device=logits.device)
-            disallowed[torch.tensor(rows, device=logits.device)] = ~allowed
-        return logits.masked_fill(disallowed, float("-inf"))
+        return mask_logits(logits, rows, bitmask)
 
     def _sample_rows(self, logits: torch.Tensor, requests: list[Request],
                      rows: list[int]) -> torch.Tensor:

@@ -4,7 +4,7 @@ A ``StructuredOutput`` (a JSON schema, "any JSON object", or a regex) is compile
 tokenizer into a ``CompiledGrammar``; each request gets its own ``GrammarMatcher`` copied from
 it. Per step the sampler asks every constrained row's matcher for the bitmask of tokens the
 grammar allows next (``fill_bitmasks``: one int32 bitmask tensor for the batch, bit t of row r
-set when token t is allowed) and masks the logits with it in one op (``allowed_tokens``); the
+set when token t is allowed) and masks the logits with it in one pass (``mask_logits``); the
 engine then feeds the sampled token back (``GrammarMatcher.accept``) and finishes the request
 when the grammar is complete (``is_terminated``).
 
@@ -31,12 +31,14 @@ from collections import OrderedDict
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 
 from tokenfactory.engine.sampling_params import StructuredOutput
 
 __all__ = ["CompiledGrammar", "GrammarMatcher", "GrammarCompiler", "compiler_for",
-           "compile_structured_output", "allocate_bitmask", "fill_bitmasks", "allowed_tokens"]
+           "compile_structured_output", "allocate_bitmask", "fill_bitmasks", "allowed_tokens",
+           "disallowed_tokens", "mask_logits"]
 
 # Compact JSON, strings and numbers as the schema says, no free whitespace.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -216,21 +218,76 @@ def fill_bitmasks(matchers: list[GrammarMatcher], bitmask: torch.Tensor) -> dict
     return errors
 
 
-# bit b of byte value v, for every v: unpacks a bitmask viewed as bytes with one gather
-_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()   # (256, 8)
+def disallowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """(G, vocab_size) bool numpy array from a (G, W) int32 bitmask: True where the token is
+    NOT allowed. Tokens beyond the bitmask (logits wider than the tokenizer's vocabulary) are
+    not allowed. numpy, single-threaded on purpose: on a busy machine torch's elementwise ops
+    on a (16, 49152) tensor wait milliseconds for their OpenMP workers."""
+    g, w = bitmask.shape
+    as_bytes = bitmask.contiguous().numpy().view(np.uint8)                    # (G, 4W)
+    if sys.byteorder != "little":   # bit t of word t//32 must come out at position t
+        as_bytes = as_bytes.reshape(g, w, 4)[:, :, ::-1].reshape(g, 4 * w)
+    n = min(vocab_size, 32 * w)
+    dis = np.unpackbits(np.invert(as_bytes), axis=1, count=n, bitorder="little").view(np.bool_)
+    if n < vocab_size:
+        dis = np.concatenate([dis, np.ones((g, vocab_size - n), dtype=np.bool_)], axis=1)
+    return dis
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(G, vocab_size) bool from a (G, W) int32 bitmask: True where the token is allowed.
-    Tokens beyond the bitmask (a model whose logits are wider than its tokenizer's
-    vocabulary) are not allowed."""
+    """(G, vocab_size) bool tensor: True where the token is allowed."""
+    return torch.from_numpy(~disallowed_tokens(bitmask, vocab_size))
+
+
+_scratch = threading.local()
+_SHIFTS = np.arange(32, dtype=np.int32)
+_NEG_INF_BITS = np.float32(-np.inf).view(np.int32)
+
+
+def _keep_masks(bitmask: torch.Tensor) -> np.ndarray:
+    """(G, 32W) int32 from a (G, W) bitmask: all bits set where the token is allowed, 0 where
+    not. Built in a per-thread buffer reused across steps: a fresh 3 MB array per step costs
+    more in page faults (~1 ms) than the arithmetic."""
     g, w = bitmask.shape
-    if sys.byteorder == "little":
-        as_bytes = bitmask.contiguous().view(torch.uint8).long()              # (G, 4W)
-        bits = _BYTE_BITS[as_bytes].reshape(g, 32 * w)                        # (G, 32W)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.shape[0] < g or buf.shape[1] != w:
+        buf = _scratch.buf = np.empty((max(g, 16), w, 32), dtype=np.int32)
+    out = buf[:g]
+    np.right_shift(bitmask.contiguous().numpy()[:, :, None], _SHIFTS, out=out)
+    out &= 1
+    np.negative(out, out=out)
+    return out.reshape(g, 32 * w)
+
+
+def mask_logits(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """Set to -inf, IN PLACE, the logits of the tokens ``bitmask`` (len(rows), W) does not allow,
+    in each of ``rows`` of ``logits`` (N, V); other rows are untouched. Tokens beyond the
+    bitmask (logits wider than the tokenizer's vocabulary) are not allowed. Returns logits.
+
+    On the CPU this is branch-free integer arithmetic on the float32 bit patterns in numpy
+    (one thread): np.where / masked_fill mispredict on every token of a row whose allowed set
+    is ragged, and torch's elementwise ops on a (16, 49152) tensor wait milliseconds for their
+    OpenMP workers on a busy machine."""
+    n_rows, vocab = logits.shape
+    g, w = bitmask.shape
+    n = min(vocab, 32 * w)
+    if (logits.device.type != "cpu" or logits.dtype != torch.float32
+            or not logits.is_contiguous()):
+        dis = torch.from_numpy(disallowed_tokens(bitmask, vocab)).to(logits.device)
+        idx = torch.tensor(rows, device=logits.device)
+        logits[idx] = logits[idx].masked_fill(dis, float("-inf"))
+        return logits
+    arr = logits.detach().numpy()                                             # (N, V) view
+    keep = _keep_masks(bitmask)[:, :n]                                        # (G, n)
+    if len(rows) == n_rows and rows == list(range(n_rows)):
+        targets = [(arr.view(np.int32)[:, :n], keep)]
     else:
-        shifts = torch.arange(32, dtype=torch.int32)
-        bits = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(g, 32 * w)
-    if 32 * w >= vocab_size:
-        return bits[:, :vocab_size]
-    return torch.cat([bits, bits.new_zeros(g, vocab_size - 32 * w)], dim=1)
+        targets = [(arr[i].view(np.int32)[:n], keep[k]) for k, i in enumerate(rows)]
+    for bits, kp in targets:
+        bits &= kp                      # disallowed -> 0
+        np.invert(kp, out=kp)           # all bits set where disallowed
+        kp &= _NEG_INF_BITS
+        bits |= kp                      # disallowed -> -inf
+    if n < vocab:
+        arr[rows, n:] = -np.inf
+    return logits
