@@ -69,10 +69,10 @@ def format_trace(doc: dict) -> str:
             lines.append(f"  total          {cost['machine_seconds'] * 1e3:10.3f} ms  "
                          f"{_usd(cost['usd'])}  ({cost['joules']:.3f} J; API price "
                          f"{_usd(cost['api_usd'])})")
-        lines.append(f"  cache savings  {_num(cost['cache_saved_tokens'])} tokens: "
-                     f"{cost['cache_saved_machine_seconds'] * 1e3:.3f} ms "
-                     f"{_usd(cost['cache_saved_usd'])} machine time"
-                     + (f", {_usd(cost['cache_saved_api_usd'])} at API prices"
+        lines.append(f"  cache savings  {_num(cost['cache_saved_tokens'])} prompt tokens not "
+                     f"recomputed"
+                     + (f"; {_num(cost.get('cache_read_tokens'))} billed as cache reads, "
+                        f"{_usd(cost['cache_saved_api_usd'])} off at API prices"
                         if cost.get("cache_saved_api_usd") is not None else ""))
     return "\n".join(lines)
 
