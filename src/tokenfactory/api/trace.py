@@ -119,8 +119,8 @@ class RequestTrace:
     detok_calls: int = 0
     t_detok_first: float | None = None
     cost: Any = None                   # economics.ledger.RequestCost
+    t_done: float | None = None        # the middleware let go of the request
     tracer: "Tracer | None" = field(default=None, repr=False)
-    _doc: dict | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------ marks (event loop)
     def mark_handler(self) -> None:
@@ -186,13 +186,9 @@ class RequestTrace:
 
     # ------------------------------------------------------------ the spans
     def to_dict(self) -> dict:
-        if self._doc is None:
-            self._doc = self._build()
-        return self._doc
-
-    def _build(self) -> dict:
+        """Built on demand (a stored trace keeps only its marks and counters: small)."""
         t0 = self.t_receive
-        end = self.t_last_byte or self.t_last_output or time.monotonic()
+        end = self.t_last_byte or self.t_last_output or self.t_done or time.monotonic()
         total = end - t0
         spans: list[dict] = []
 
@@ -382,6 +378,7 @@ class Tracer:
                             tracer=self)
 
     def finish(self, trace: RequestTrace) -> None:
+        trace.t_done = time.monotonic()
         trace.mark_done(None)
         if trace.t_submit is None:   # refused before the engine saw it: nothing to trace
             return
