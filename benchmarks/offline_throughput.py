@@ -178,6 +178,42 @@ def decode_vs_floor(ex: TorchExecutor, args, read_bytes: int) -> tuple[float, fl
     return ms, ratio
 
 
+def chat_latency(ex: TorchExecutor, args) -> None:
+    """Batch-1 latency of a short chat request (``--chat-latency``): the first token of a
+    60-token prompt (one prefill step + sampling, prefix cache off) and the median step time
+    of the 64 decode steps after it, over ``--rounds`` requests; median and best round."""
+    times: list[float] = []
+    engine = EngineCore(ex, EngineConfig(max_num_seqs=1, enable_prefix_caching=False,
+                                         kv_cache_memory=int(args.kv_cache_gb * 2**30)),
+                        model_max_len=ex.max_model_len,
+                        step_hook=lambda dt, toks: times.append(dt))
+    prompt = [1 + (i * 37) % (args.vocab_size - 1) for i in range(60)]
+
+    def one(n: int) -> tuple[float, float]:
+        times.clear()
+        engine.add_request(f"c{time.perf_counter()}", prompt,
+                           SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        return times[0] * 1e3, statistics.median(times[1:]) * 1e3
+
+    one(8)   # warm-up: buffers, thread pool
+    first, itl = zip(*(one(65) for _ in range(args.rounds)))
+    med = statistics.median
+    info = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    flags = " ".join(sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2"))))
+    print(f"cpu: {model!r} ({flags}), {torch.get_num_threads()} threads")
+    if hasattr(ex, "kernel_choice"):
+        print(ex.kernel_choice.summary())
+    print(f"chat latency over {args.rounds} requests: first token of a 60-token prompt median "
+          f"{med(first):.1f} ms (best {min(first):.1f}); batch-1 inter-token median "
+          f"{med(itl):.2f} ms (best round {min(itl):.2f})")
+
+
 def decode_ms_hf(model, args) -> float:
     ids = torch.arange(1, 129)[None]
     n = args.decode_tokens
@@ -213,14 +249,29 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="only run tokenfactory")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the host floor and tokenfactory's batch-1 decode (~2 min)")
+    ap.add_argument("--model", default=None,
+                    help="a GGUF file or model directory instead of the bench's random 100m "
+                         "model ('default': SmolLM2-135M-Instruct)")
+    ap.add_argument("--kernels", choices=["auto", "native", "torch", "fixed"], default="auto",
+                    help="kernel choice (model/kernel_choice.py); fixed: the rule before it")
+    ap.add_argument("--chat-latency", action="store_true",
+                    help="only batch-1 first-token time of a 60-token prompt and inter-token "
+                         "latency, --rounds requests")
     args = ap.parse_args()
     args.min_input = min(args.min_input, args.max_input)
     args.min_output = min(args.min_output, args.max_output)
 
-    model_dir = ensure_model()
+    if args.model == "default":
+        from tokenfactory.model.default import default_model_path
+        model_dir = default_model_path()
+    else:
+        model_dir = Path(args.model) if args.model else ensure_model()
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
     pack = {"auto": None, "on": True, "off": False}[args.pack_weights]
-    ex = TorchExecutor(model_dir, dtype=args.dtype, compile=compile_flag, pack_weights=pack)
+    # "fixed" passes nothing, so older trees (before kernel_choice) run the same command
+    kernel_arg = {} if args.kernels == "fixed" else {"kernels": args.kernels}
+    ex = TorchExecutor(model_dir, dtype=args.dtype, compile=compile_flag, pack_weights=pack,
+                       **kernel_arg)
     dtype, cfg = ex.dtype, ex.model_config
     args.vocab_size = cfg.vocab_size
     # Bytes a decode step must read: every weight incl. lm_head, but only one row of an untied
@@ -231,6 +282,9 @@ def main() -> None:
           f"threads, weights read per decode step {read_bytes / 1e6:.0f} MB, "
           f"compile={ex.compile}")
 
+    if args.chat_latency:
+        chat_latency(ex, args)
+        return
     prompts, outputs = workload(args)
     print(f"workload: {args.num_seqs} seqs, prompt {args.min_input}-{args.max_input} "
           f"(total {sum(map(len, prompts))}), output {args.min_output}-{args.max_output} "

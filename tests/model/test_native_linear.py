@@ -133,3 +133,38 @@ def test_model_logits_are_float32_sums_in_bfloat16():
     torch.testing.assert_close(got, kernels.linear_f32(hidden, model.lm_head.weight))
     torch.testing.assert_close(got, reference(hidden, model.lm_head.weight, None),
                                atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 60])
+def test_fused_prefill_glue_matches_torch_ops(rows):
+    """The native residual-add + RMSNorm, RoPE and silu * up (one call each in prefill
+    layers) against the torch ops they replace, computed in float32."""
+    from tokenfactory.model.rope import apply_rope
+    torch.manual_seed(rows)
+    bf = torch.bfloat16
+    x = torch.randn(rows, 576, dtype=bf)
+    delta = torch.randn(rows, 576, dtype=bf)
+    w = (torch.rand(576) + 0.5).to(bf)
+    stream = x.clone()
+    normed = kernels.add_rms_norm(stream, delta, w, 1e-5)
+    want_x = (x.float() + delta.float()).to(bf)
+    assert torch.equal(stream, want_x)                     # updated in place, bf16 sums
+    want = torch.nn.functional.rms_norm(want_x.float(), (576,), w.float(), 1e-5)
+    torch.testing.assert_close(normed.float(), want, atol=0.02, rtol=0.01)
+    plain = kernels.add_rms_norm(want_x.clone(), None, w, 1e-5)
+    assert torch.equal(plain, normed)
+
+    qkv = torch.randn(rows, 15 * 64, dtype=bf)           # 9 q + 3 k heads rotated, 3 v heads not
+    angles = torch.rand(rows, 32) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(bf)
+    sin = torch.cat((-angles.sin(), angles.sin()), -1).to(bf)
+    want = apply_rope(qkv[:, :12 * 64].float().view(rows, 12, 64), cos.float(), sin.float())
+    v_before = qkv[:, 12 * 64:].clone()
+    kernels.rope_(qkv[:, :12 * 64].view(rows, 12, 64), cos, sin)
+    torch.testing.assert_close(qkv[:, :12 * 64].float().view(rows, 12, 64), want,
+                               atol=0.03, rtol=0.01)
+    assert torch.equal(qkv[:, 12 * 64:], v_before)
+
+    gu = torch.randn(rows, 2 * 1536, dtype=bf)
+    gate, up = gu.split(1536, dim=-1)
+    assert torch.equal(kernels.silu_mul(gu), torch.nn.functional.silu(gate) * up)

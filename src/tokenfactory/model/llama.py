@@ -35,6 +35,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.fused = False   # RoPE in place, one native call (bfloat16 CPU; set by the runner)
         # Bound by the runner: (num_blocks, block_size, Hkv, D) each.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -44,7 +45,11 @@ class Attention(nn.Module):
         T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                                       # (T, (H + 2 Hkv) D)
         v = qkv[:, self.q_size + self.kv_size:].view(T, Hkv, D)     # (T, Hkv, D)
-        if self.q_norm is None:
+        if self.q_norm is None and self.fused and not torch.compiler.is_compiling():
+            # rotate q and k in place in qkv, one native call
+            qk = kernels.rope_(qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+        elif self.q_norm is None:
             # rotate q and k in one pass: (T, H + Hkv, D)
             qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D), cos, sin)
             q, k = qk[:, :H], qk[:, H:]
@@ -64,10 +69,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream x (T, hidden) plus the previous layer's output ``delta`` (None for
+        the first layer) -> (the stream, this layer's MLP output): each residual add is done
+        together with the norm that follows it (RMSNorm.add_norm)."""
+        x, h = self.input_layernorm.add_norm(x, delta)
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, cos, sin, meta))
+        return x, self.mlp(h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -90,9 +99,10 @@ class LlamaForCausalLM(nn.Module):
                 rope_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                                  # (T, hidden)
         cos, sin = self.rotary.cos_sin(positions, x.dtype, rope_seq_lens)  # (T, D) each
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, meta)
-        return self.norm(x)
+            x, delta = layer(x, delta, cos, sin, meta)
+        return self.norm.add_norm(x, delta)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden) already normed -> (N, vocab) float32.

@@ -79,6 +79,10 @@ class NativeDecodeStep:
         for t in (model.norm.weight, model.embed_tokens.weight, model.lm_head.weight):
             _ptr(t)                          # checks dtype and layout
         self.x = torch.empty(self.max_batch, cfg.hidden_size, dtype=torch.bfloat16)
+        self._ints = torch.zeros(3, self.max_batch, dtype=torch.int64)   # ids, positions, slots
+        self._ints_np = self._ints.numpy()
+        self._table = torch.zeros(self.max_batch, 64, dtype=torch.int64)  # (B, pages), grows
+        self._table_np = self._table.numpy()
         # The structs hold raw cache pointers: the executor builds a new step whenever it
         # (re)allocates the cache (TorchExecutor.initialize_cache).
 
@@ -88,17 +92,30 @@ class NativeDecodeStep:
     def __call__(self, input_ids: list[int], positions: list[int], slots: list[int],
                  tables: list[list[int]]) -> torch.Tensor:
         model = self.model
+        b = len(input_ids)
         width = max(len(t) for t in tables)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        slot = torch.tensor(slots, dtype=torch.int64)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
-        ids = torch.tensor(input_ids, dtype=torch.int64)
+        # the step's int64 arguments go into buffers kept across steps, written through numpy
+        # views (a torch.tensor per argument, cold after the weight stream, cost ~0.1 ms each)
+        if self._table.shape[1] < width:
+            self._table = torch.zeros(self.max_batch, max(width, 2 * self._table.shape[1]),
+                                      dtype=torch.int64)
+            self._table_np = self._table.numpy()
+        ints = self._ints_np
+        ints[0, :b] = input_ids
+        ints[1, :b] = positions
+        ints[2, :b] = slots
+        table = self._table[:b, :width]
+        tnp = self._table_np
+        for i, t in enumerate(tables):
+            tnp[i, :len(t)] = t
+            tnp[i, len(t):width] = 0
+        ids, pos, slot = self._ints[0, :b], self._ints[1, :b], self._ints[2, :b]
         if self.rope_table is not None:
             (cos, sin), rows = self.rope_table, pos
         else:
             cos, sin = (t.contiguous() for t in model.rotary.cos_sin(pos, self.x.dtype, pos + 1))
-            rows = torch.arange(len(positions), dtype=torch.int64)
-        logits = torch.empty(len(input_ids), model.config.vocab_size, dtype=torch.float32)
+            rows = torch.arange(b, dtype=torch.int64)
+        logits = torch.empty(b, model.config.vocab_size, dtype=torch.float32)
         kernels.decode_step(self.layers, self.dims, ids, model.embed_tokens.weight,
                             model.norm.weight, model.lm_head.weight, self.x, cos, sin, rows,
                             slot, table, pos, self.work, logits)

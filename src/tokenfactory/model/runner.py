@@ -112,7 +112,7 @@ class TorchExecutor:
             # on this kind of host (see hugepages.py)
             hugepages.relocate(self.model)
         # the native library runs here at all (which paths suit this model is checked per path)
-        lib_ok = fast_cpu and native_kernels.library() is not None
+        lib_ok = self._lib_ok = fast_cpu and native_kernels.library() is not None
         if kernels == "native" and not lib_ok:
             raise ValueError("kernels='native' needs a bfloat16 model on a CPU with the native "
                              f"kernels ({native_kernels.unavailable_reason or 'unsupported shapes'})")
@@ -205,6 +205,9 @@ class TorchExecutor:
         for module in self.model.modules():
             if hasattr(module, "native_max_rows"):
                 module.native_max_rows = choice.linear_native_max_rows if module.native else 0
+        for module in self.model.modules():   # norms, RoPE, silu * up as native calls
+            if hasattr(module, "fused"):
+                module.fused = self._lib_ok and choice.mode != "torch"
         self._attn_native_prefill = choice.prefill_attention == "native"
         self._attn_native_decode = choice.decode_attention == "native"
         if self._native_decode_arg is None:
@@ -336,7 +339,11 @@ class TorchExecutor:
 
         results = [SampleOutput(None) for _ in chunks]
         if sample_rows:
-            logits = logits_of(torch.tensor(sample_rows))                       # (N, V)
+            lo = sample_rows[0]
+            # consecutive rows (every decode-only step): a view, no index tensor, no copy
+            rows = (slice(lo, lo + len(sample_rows))
+                    if sample_rows[-1] - lo == len(sample_rows) - 1 else torch.tensor(sample_rows))
+            logits = logits_of(rows)                                            # (N, V)
             out = self.sampler(logits, [chunks[ci].request for ci in sample_chunks])
             for k, ci in enumerate(sample_chunks):
                 results[ci] = SampleOutput(out.token_ids[k], out.logprobs[k])

@@ -106,6 +106,12 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_linear_f32.argtypes = [ptr, i64, i32, ptr, i32, i32, ptr, i64]
     lib.tf_linear_supported.restype = i32
     lib.tf_linear_supported.argtypes = [i32]
+    lib.tf_add_rms_norm.restype = i32
+    lib.tf_add_rms_norm.argtypes = [ptr, i64, ptr, i64, i32, i32, ptr, f32, ptr, i64]
+    lib.tf_rope_rows.restype = i32
+    lib.tf_rope_rows.argtypes = [ptr, i64, i32, i32, i32, ptr, ptr]
+    lib.tf_silu_mul.restype = i32
+    lib.tf_silu_mul.argtypes = [ptr, i32, i32, ptr]
     lib.tf_decode_step.restype = i32
     lib.tf_decode_step.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr,
                                    ptr, ptr, ptr, i64, i64, ptr, ptr, ptr]
@@ -254,6 +260,51 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                          out.data_ptr(), out.stride(0)) != 0:
         raise ValueError(f"native linear rejected shapes x={tuple(x.shape)} "
                          f"weight={tuple(weight.shape)}")
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """``x += delta`` in place (bfloat16 sums; skipped when delta is None), then return
+    RMSNorm(x) * weight (M, H): the residual add and the next norm in one call. bfloat16
+    (M, H) tensors with unit stride along H; weight (H,) contiguous."""
+    lib = library()
+    assert lib is not None, unavailable_reason
+    m, h = x.shape
+    assert x.dtype == weight.dtype == torch.bfloat16 and x.stride(1) == 1
+    assert weight.is_contiguous() and weight.shape == (h,)
+    if delta is not None:
+        assert delta.shape == (m, h) and delta.dtype == torch.bfloat16 and delta.stride(1) == 1
+    out = x.new_empty((m, h))
+    lib.tf_add_rms_norm(x.data_ptr(), x.stride(0), None if delta is None else delta.data_ptr(),
+                        0 if delta is None else delta.stride(0), m, h, weight.data_ptr(), eps,
+                        out.data_ptr(), out.stride(0))
+    return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in place on bfloat16 x (T, heads, D) (heads of D contiguous, any row stride) with
+    cos/sin (T, D) from ``RotaryEmbedding.cos_sin`` (sin's first half negated); returns x."""
+    lib = library()
+    assert lib is not None, unavailable_reason
+    t, heads, d = x.shape
+    assert x.dtype == cos.dtype == sin.dtype == torch.bfloat16
+    assert x.stride(2) == 1 and x.stride(1) == d
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape == (t, d)
+    if lib.tf_rope_rows(x.data_ptr(), x.stride(0), t, heads, d, cos.data_ptr(),
+                        sin.data_ptr()) != 0:
+        raise ValueError(f"native RoPE rejected head size {d}")
+    return x
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (M, I) for bfloat16 gate_up (M, 2I) = [gate | up], contiguous."""
+    lib = library()
+    assert lib is not None, unavailable_reason
+    assert gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous() and gate_up.dim() == 2
+    m, i2 = gate_up.shape
+    out = gate_up.new_empty((m, i2 // 2))
+    lib.tf_silu_mul(gate_up.data_ptr(), m, i2 // 2, out.data_ptr())
     return out
 
 

@@ -159,3 +159,50 @@ int tf_decode_step(const tf_layer *layers, int num_layers, const tf_dims *d, int
     tf_linear_rows_to(work, H, B, lm_head, vocab, H, NULL, NULL, logits, vocab);
     return 0;
 }
+
+/* The residual add and the next RMSNorm of a multi-token (prefill) step as one call, for the
+ * torch-op layers: x (M, H) += delta (each sum rounded to bfloat16, as a bfloat16 add would;
+ * delta may be NULL), then out = RMSNorm(x) * w (see rms_norm). Two torch ops each (the norm
+ * alone is five: upcast, pow, mean, rsqrt, mul) cost ~70 us per call at a few rows; this is
+ * a few us. Returns 0. */
+int tf_add_rms_norm(bf16 *x, int64_t x_stride, const bf16 *delta, int64_t delta_stride, int M,
+                    int H, const bf16 *w, float eps, bf16 *out, int64_t out_stride) {
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int m = 0; m < M; m++) {
+        bf16 *xr = x + (int64_t)m * x_stride;
+        if (delta) {
+            const bf16 *dr = delta + (int64_t)m * delta_stride;
+            for (int i = 0; i < H; i++) xr[i] = to_bf16(from_bf16(xr[i]) + from_bf16(dr[i]));
+        }
+        rms_norm(xr, H, w, eps, out + (int64_t)m * out_stride);
+    }
+    return 0;
+}
+
+/* RoPE in place over T rows of `heads` D-wide heads (row stride x_stride elements), row t
+ * rotated by cos/sin row t (tables (T, D), see norm_rope): one call for the q and k heads of
+ * a prefill chunk instead of torch's cat, three multiplies and an add. Returns 0, or -1 when
+ * D is unsupported. */
+int tf_rope_rows(bf16 *x, int64_t x_stride, int T, int heads, int D, const bf16 *cos,
+                 const bf16 *sin) {
+    if (D <= 0 || D > 512 || D % 2) return -1;
+#pragma omp parallel for schedule(static) if (T >= 16)
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < heads; h++)
+            norm_rope(x + (int64_t)t * x_stride + (int64_t)h * D, D, NULL, 0.f,
+                      cos + (int64_t)t * D, sin + (int64_t)t * D);
+    return 0;
+}
+
+/* out (M, I) = silu(gate) * up for gu (M, 2I) = [gate | up] rows, rounded as torch's
+ * F.silu(gate) * up in bfloat16 (silu rounded, then the product). Returns 0. */
+int tf_silu_mul(const bf16 *gu, int M, int I, bf16 *out) {
+#pragma omp parallel for schedule(static) if ((int64_t)M * I >= 65536)
+    for (int64_t j = 0; j < (int64_t)M * I; j++) {
+        const int64_t b = j / I, i = j % I;
+        const float g = from_bf16(gu[b * 2 * I + i]);
+        const float silu = from_bf16(to_bf16(g / (1.0f + expf(-g))));
+        out[j] = to_bf16(silu * from_bf16(gu[b * 2 * I + I + i]));
+    }
+    return 0;
+}
