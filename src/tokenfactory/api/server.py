@@ -28,6 +28,7 @@ from tokenfactory.api.memory import find_malloc_trim, set_trim_threshold, trim_p
 from tokenfactory.api.metrics import Metrics
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
 from tokenfactory.api.serving import ServerOptions, ServingContext
+from tokenfactory.api.trace import install_tracing
 from tokenfactory.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("tokenfactory.api")
@@ -181,10 +182,12 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
                aliases: list[tuple[str, str]] | None = None,
                api_keys: dict[str, str] | None = None, metrics_key: str | None = None,
                body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               route_body_limits: dict[str, int] | None = None, **options: Any) -> FastAPI:
+               route_body_limits: dict[str, int] | None = None,
+               otlp_endpoint: str | None = None, **options: Any) -> FastAPI:
     """A FastAPI app serving ``engine``. ``options`` are ServerOptions fields; ``metrics_key``
     guards /metrics, ``body_timeout`` bounds the time to receive a body, and
-    ``route_body_limits`` (path -> bytes) overrides ``max_body_bytes`` per JSON route."""
+    ``route_body_limits`` (path -> bytes) overrides ``max_body_bytes`` per JSON route;
+    ``otlp_endpoint`` exports each request's station trace (api/trace.py) to a collector."""
     opts = ServerOptions(served_model_name=served_model_name, aliases=list(aliases or []),
                          api_keys=dict(api_keys or {}), **options)
     metrics = Metrics(engine)
@@ -337,6 +340,8 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
     # operator views: vLLM-named metrics for inference gateways, and the live dashboard
     register_gateway_metrics(metrics, engine, opts.served_model_name)
     install_dashboard(app, ctx, metrics, authorize=auth.check_metrics_access)
+    # per-request station traces (/v1/trace/{id}; OpenTelemetry export when an endpoint is set)
+    install_tracing(app, ctx, otlp_endpoint=otlp_endpoint)
     return app
 
 
