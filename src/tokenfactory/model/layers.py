@@ -401,11 +401,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
-        self.fused = False   # silu * up in one native call (bfloat16 CPU; set by the runner)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up_proj(x)
-        if self.fused and gu.dim() == 2 and gu.is_contiguous() and not torch.compiler.is_compiling():
-            return self.down_proj(kernels.silu_mul(gu))
-        gate, up = gu.split(self.intermediate, dim=-1)
+        # (a scalar native silu * up measured 7x slower than these two vectorized torch ops)
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -110,8 +110,6 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_add_rms_norm.argtypes = [ptr, i64, ptr, i64, i32, i32, ptr, f32, ptr, i64]
     lib.tf_rope_rows.restype = i32
     lib.tf_rope_rows.argtypes = [ptr, i64, i32, i32, i32, ptr, ptr]
-    lib.tf_silu_mul.restype = i32
-    lib.tf_silu_mul.argtypes = [ptr, i32, i32, ptr]
     lib.tf_decode_step.restype = i32
     lib.tf_decode_step.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr,
                                    ptr, ptr, ptr, i64, i64, ptr, ptr, ptr]
@@ -295,17 +293,6 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
                         sin.data_ptr()) != 0:
         raise ValueError(f"native RoPE rejected head size {d}")
     return x
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (M, I) for bfloat16 gate_up (M, 2I) = [gate | up], contiguous."""
-    lib = library()
-    assert lib is not None, unavailable_reason
-    assert gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous() and gate_up.dim() == 2
-    m, i2 = gate_up.shape
-    out = gate_up.new_empty((m, i2 // 2))
-    lib.tf_silu_mul(gate_up.data_ptr(), m, i2 // 2, out.data_ptr())
-    return out
 
 
 class LayerWeights(ctypes.Structure):

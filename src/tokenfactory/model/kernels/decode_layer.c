@@ -193,16 +193,3 @@ int tf_rope_rows(bf16 *x, int64_t x_stride, int T, int heads, int D, const bf16 
                       cos + (int64_t)t * D, sin + (int64_t)t * D);
     return 0;
 }
-
-/* out (M, I) = silu(gate) * up for gu (M, 2I) = [gate | up] rows, rounded as torch's
- * F.silu(gate) * up in bfloat16 (silu rounded, then the product). Returns 0. */
-int tf_silu_mul(const bf16 *gu, int M, int I, bf16 *out) {
-#pragma omp parallel for schedule(static) if ((int64_t)M * I >= 65536)
-    for (int64_t j = 0; j < (int64_t)M * I; j++) {
-        const int64_t b = j / I, i = j % I;
-        const float g = from_bf16(gu[b * 2 * I + i]);
-        const float silu = from_bf16(to_bf16(g / (1.0f + expf(-g))));
-        out[j] = to_bf16(silu * from_bf16(gu[b * 2 * I + I + i]));
-    }
-    return 0;
-}
