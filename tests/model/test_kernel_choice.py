@@ -188,3 +188,25 @@ def test_auto_measures_once_then_reads_the_cache(model_dir, tmp_path, monkeypatc
     third = TorchExecutor(path, dtype="bfloat16", kernels="auto")
     with pytest.raises(AssertionError, match="measured again"):
         third.initialize_cache(64, 16)
+
+
+def test_choice_is_exported_as_an_info_metric():
+    from tokenfactory.api.metrics import Metrics
+    choice = _fake([])
+    choice.cpu, choice.threads = "Zen 4 test part", 2
+    metrics = Metrics()
+    metrics.attach_kernel_choice(choice.labels())
+    text = metrics.render().decode()
+    line = next(line for line in text.splitlines() if line.startswith("tokenfactory_kernels_info"))
+    for label in ('decode_step="native"', 'prefill_attention="sdpa"', 'cpu="Zen 4 test part"',
+                  'linear_native_max_rows="8"', 'source="measured"', 'threads="2"'):
+        assert label in line
+    assert line.endswith(" 1.0")
+
+
+def test_serve_accepts_kernels_flag():
+    from tokenfactory.api.serve_cli import build_parser
+    assert build_parser().parse_args([]).kernels == "auto"
+    assert build_parser().parse_args(["--kernels", "torch"]).kernels == "torch"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--kernels", "fastest"])
