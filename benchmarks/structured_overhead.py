@@ -55,12 +55,23 @@ class GrammarTimer:
                     timer.seconds += time.perf_counter() - t0
                     timer.steps += count_step
             return wrapper
+        import tokenfactory.text.grammar as grammar
+        self.fill = 0.0
+        inner = grammar.fill_bitmasks
+
+        def fill(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                timer.fill += time.perf_counter() - t0
+        grammar.fill_bitmasks = fill
         Sampler._apply_grammars = timed(Sampler._apply_grammars, 1)
         GrammarMatcher.accept = timed(GrammarMatcher.accept, 0)
         GrammarMatcher.is_terminated = timed(GrammarMatcher.is_terminated, 0)
 
     def reset(self) -> None:
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.steps, self.fill = 0.0, 0, 0.0
 
 
 def itl_run(llm: LLM, prompt: str, batch: int, tokens: int, spec: StructuredOutput | None,
@@ -93,7 +104,7 @@ def model_bench(args) -> None:
     print(f"dtype={args.dtype} tokens={args.tokens} repeats={args.repeats}")
     for batch in args.batches:
         for name, spec, fixed in (("regex", regex, True), ("json_schema", schema, False)):
-            base, cons, steps, share = [], [], [], []
+            base, cons, steps, share, fills = [], [], [], [], []
             for _ in range(args.repeats):   # alternating, so load changes hit both alike
                 base.append(itl_run(llm, prompt, batch, args.tokens, None, fixed)[0])
                 timer.reset()
@@ -101,9 +112,11 @@ def model_bench(args) -> None:
                 cons.append(t)
                 steps.append(n)
                 share.append(timer.seconds / max(timer.steps, 1))
+                fills.append(timer.fill / max(timer.steps, 1))
             b, c, g = statistics.median(base), statistics.median(cons), statistics.median(share)
             print(f"batch {batch:3d} {name:12s} ITL plain {b * 1e3:7.2f} ms  constrained "
                   f"{c * 1e3:7.2f} ms  ratio {c / b:5.3f} | grammar work {g * 1e3:6.3f} ms/step"
+                  f" (llguidance masks {statistics.median(fills) * 1e3:6.3f})"
                   f" = {g / b * 100:4.1f}% of a plain step (steps {steps})")
 
 
@@ -187,7 +200,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", action="store_true", help="compare xgrammar and llguidance")
+    ap.add_argument("--parallel-fill-min-rows", type=int, default=None,
+                    help="override grammar.PARALLEL_FILL_MIN_ROWS (huge: always serial)")
     args = ap.parse_args()
+    if args.parallel_fill_min_rows is not None:
+        import tokenfactory.text.grammar as grammar
+        grammar.PARALLEL_FILL_MIN_ROWS = args.parallel_fill_min_rows
     engines_bench(args) if args.engines else model_bench(args)
 
 

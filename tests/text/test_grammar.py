@@ -126,20 +126,26 @@ def _walk(tok, spec, steps, seed):
     return m
 
 
-@pytest.mark.parametrize("rows", [2, 6])   # 6 rows take llguidance's parallel path
-def test_batch_masks_match_llguidance_token_checks_and_isolate_a_broken_row(tok, rows):
+@pytest.mark.parametrize("rows, parallel", [(2, False), (6, True)])
+def test_batch_masks_match_llguidance_token_checks_and_isolate_a_broken_row(
+        tok, rows, parallel, monkeypatch):
+    import tokenfactory.text.grammar as grammar
+    monkeypatch.setattr(grammar, "PARALLEL_FILL_MIN_ROWS", 4 if parallel else 1 << 30)
     specs = [StructuredOutput(json_schema=PERSON), StructuredOutput(json_object=True),
              StructuredOutput(regex=r"[a-z ]{3,30}\.")]
     matchers = [_walk(tok, specs[i % 3], 2 + i, seed=i) for i in range(rows)]
-    broken = rows - 1
-    assert not matchers[broken].accept(tok.eos_token_id)     # now in an error state
+    broken = None if parallel else rows - 1   # (a failed matcher makes the fill serial)
+    if broken is not None:
+        assert not matchers[broken].accept(tok.eos_token_id)     # now in an error state
     bitmask = allocate_bitmask(rows, tok.vocab_size)
     errors = fill_bitmasks(matchers, bitmask)
-    assert list(errors) == [broken] and "\n" not in errors[broken]
+    assert list(errors) == ([] if broken is None else [broken])
     allowed = allowed_tokens(bitmask, tok.vocab_size + 64)     # wider logits than the vocab
-    assert not allowed[:, tok.vocab_size:].any() and not allowed[broken].any()
+    assert not allowed[:, tok.vocab_size:].any()
+    if broken is not None:
+        assert "\n" not in errors[broken] and not allowed[broken].any()
     rnd = random.Random(rows)
-    for i in range(rows - 1):
+    for i in range(rows if broken is None else rows - 1):
         ok = allowed[i].nonzero()[:, 0].tolist()
         assert ok
         probe = rnd.sample(ok, min(20, len(ok))) + rnd.sample(range(tok.vocab_size), 40)
@@ -176,3 +182,16 @@ def test_sampler_masks_grammar_rows_and_leaves_the_others_alone(tok):
     out2 = Sampler(seed=0)(logits[order], mixed).token_ids
     assert out2[3] is None and cons[1].sampling_error.startswith("structured output:")
     assert [out2[0], out2[2], out2[4]] == alone and cons[0].sampling_error is None
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [1, 3]])
+def test_mask_logits_equals_masked_fill(rows):
+    from tokenfactory.text.grammar import mask_logits
+    g = torch.Generator().manual_seed(len(rows))
+    vocab = 1000                                     # logits wider than the 31-word bitmask
+    bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), 31), dtype=torch.int32, generator=g)
+    logits = torch.randn(4, vocab, generator=g)
+    want = logits.clone()
+    want[rows] = want[rows].masked_fill(~allowed_tokens(bitmask, vocab), float("-inf"))
+    assert torch.equal(mask_logits(logits, rows, bitmask), want)
+    assert torch.equal(logits, want)                 # in place
