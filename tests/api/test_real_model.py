@@ -24,7 +24,11 @@ def real_server():
     from tokenfactory.model.default import default_model_path
 
     path = default_model_path()
-    core = build_engine_core(path, max_model_len=2048, kv_cache_memory=64 << 20)
+    # float32: greedy text then does not depend on batch composition or prefix-cache state
+    # (in bf16 "The" and "L" are 0.08 apart after this prompt, and a cached prefix can flip
+    # them; tests/model/test_gguf.py checks the bf16 default on a fresh prompt).
+    core = build_engine_core(path, dtype="float32", max_model_len=2048,
+                             kv_cache_memory=64 << 20)
     defaults = generation_defaults(core.tokenizer, str(path))
     with live_server(core.tokenizer, engine=AsyncEngine(core), served_model_name="smollm2",
                      sampling_defaults=defaults) as srv:
