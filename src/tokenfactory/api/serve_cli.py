@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+from tokenfactory.api.trace_otel import otlp_endpoint_arg   # cheap: urllib only at import
+
 log = logging.getLogger("tokenfactory.serve")
 DEMO_MAX_OUTPUT_TOKENS = 256  # random weights rarely emit EOS: keep one turn short on a CPU
 
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "TOKENFACTORY_API_KEYS=KEY[:TENANT],...)")
     p.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
                    help="read keys from PATH, one KEY[:TENANT] per line (# comments); repeatable")
+    p.add_argument("--otlp-endpoint", default=None, metavar="URL", type=otlp_endpoint_arg,
+                   help="export each request's station trace as OpenTelemetry spans over "
+                        "OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318; /v1/traces "
+                        "is appended to a bare host); off by default")
     p.add_argument("--metrics-key", default=None, metavar="KEY",
                    help="the key /metrics requires (x-api-key or Bearer; tenant keys are refused). "
                         "With API keys and no metrics key /metrics is off. Also from "
@@ -298,6 +304,7 @@ def serve_main(argv: list[str]) -> int:
         max_out = DEMO_MAX_OUTPUT_TOKENS
     app = create_app(engine, core.tokenizer, served_model_name=name, aliases=args.model_alias,
                      api_keys=keys, metrics_key=metrics_key, body_timeout=args.body_timeout,
+                     otlp_endpoint=args.otlp_endpoint,
                      max_body_bytes=args.max_body_bytes, min_cache_tokens=args.min_cache_tokens,
                      max_tokens_policy=args.max_tokens_policy, max_output_tokens=max_out,
                      strip_system_prefix=args.strip_system_prefix, ping_interval=args.ping_interval,
