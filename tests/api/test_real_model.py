@@ -105,3 +105,63 @@ def test_a_template_with_tools_sends_no_such_header(server):
     r = httpx.post(server.base_url + "/v1/messages", json=body,
                    headers={"anthropic-version": "2023-06-01"}, timeout=60)
     assert r.status_code == 200 and "x-tokenfactory-tools-dropped" not in r.headers
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+ASK_PERSON = [{"role": "user", "content": "Invent a person. Reply in JSON with name and age."}]
+
+
+def test_openai_response_format_json_schema(real_server):
+    import json
+
+    import jsonschema
+    client = openai.OpenAI(base_url=real_server.base_url + "/v1", api_key="x", max_retries=0)
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="smollm2", max_tokens=48, temperature=0.8, seed=seed, messages=ASK_PERSON,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+        assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="smollm2", max_tokens=48, temperature=0,
+                                       messages=ASK_PERSON,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    real_server.assert_no_leaks()
+
+
+def test_anthropic_output_config_format(real_server):
+    import json
+
+    import jsonschema
+    client = anthropic.Anthropic(base_url=real_server.base_url, api_key="x", max_retries=0)
+    with client.messages.stream(
+            model="smollm2", max_tokens=48, messages=ASK_PERSON,
+            extra_body={"temperature": 0.0,
+                        "output_config": {"format": {"type": "json_schema",
+                                                     "schema": PERSON}}}) as stream:
+        text = "".join(stream.text_stream)
+    jsonschema.validate(json.loads(text), PERSON)
+    real_server.assert_no_leaks()
+
+
+def test_a_schema_that_cannot_compile_is_a_400_in_each_protocol(real_server):
+    bad = {"type": "object", "properties": {"x": {"allOf": [{"type": "string"},
+                                                            {"type": "integer"}]}},
+           "required": ["x"]}
+    oai = openai.OpenAI(base_url=real_server.base_url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(
+            model="smollm2", max_tokens=8, messages=ASK_PERSON,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "bad", "schema": bad, "strict": True}})
+    assert e.value.body["type"] == "invalid_request_error"
+    ant = anthropic.Anthropic(base_url=real_server.base_url, api_key="x", max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ant.messages.create(model="smollm2", max_tokens=8, messages=ASK_PERSON,
+                            extra_body={"output_config": {"format": {"type": "json_schema",
+                                                                     "schema": bad}}})
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    real_server.assert_no_leaks()

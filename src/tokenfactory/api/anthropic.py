@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
-from tokenfactory.api import caching
+from tokenfactory.api import caching, structured
 from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesRequest
 from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder
 from tokenfactory.api.errors import APIError, anthropic_error_body
@@ -137,8 +137,10 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     max_tokens, clamped = ctx.effective_max_tokens(len(prompt.ids), body.max_tokens)
     cap = ctx.options.max_output_tokens
     limited_by = None if not clamped else ("output_cap" if cap and max_tokens == cap else "context")
+    # output_config.format: compiled off the event loop (a cache hit for the engine afterwards)
+    structured_output = await ctx.off_loop(structured.from_anthropic, body, ctx.tokenizer)
     params = make_sampling_params(
-        max_tokens=max_tokens,
+        max_tokens=max_tokens, structured_output=structured_output,
         temperature=ctx.sampling_default("temperature", body.temperature, 1.0),
         top_p=ctx.sampling_default("top_p", body.top_p, 1.0),
         top_k=ctx.sampling_default("top_k", body.top_k, 0) or 0,
@@ -146,7 +148,8 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         stop=list(body.stop_sequences or []),
         ignore_eos=bool(body.ignore_eos), min_tokens=min(body.min_tokens or 0, max_tokens),
         seed=body.seed)
-    parser = get_tool_parser(ctx.parser_name)() if prompt.use_parser else None
+    parser = (get_tool_parser(ctx.parser_name)()
+              if prompt.use_parser and structured_output is None else None)
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
                      breakpoints=prompt.engine_breakpoints, parser=parser,

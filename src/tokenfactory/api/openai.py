@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
+from tokenfactory.api import structured
 from tokenfactory.api.errors import APIError, openai_error_body
 from tokenfactory.api.limits import check_nesting
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
@@ -106,7 +107,8 @@ def _tool_mode(ctx: ServingContext, body: ChatCompletionRequest) -> tuple[str, s
                         "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
 
 
-def _sampling(ctx: ServingContext, body, num_prompt: int, requested: int | None):
+def _sampling(ctx: ServingContext, body, num_prompt: int, requested: int | None,
+              structured_output=None):
     if body.n not in (None, 1):
         raise APIError(400, f"n must be 1 (got {body.n}); several choices are not supported",
                        param="n")
@@ -130,7 +132,8 @@ def _sampling(ctx: ServingContext, body, num_prompt: int, requested: int | None)
         repetition_penalty=ctx.sampling_default("repetition_penalty", body.repetition_penalty,
                                                 1.0),
         ignore_eos=bool(body.ignore_eos),
-        min_tokens=body.min_tokens or 0, stop_token_ids=body.stop_token_ids or [])
+        min_tokens=body.min_tokens or 0, stop_token_ids=body.stop_token_ids or [],
+        structured_output=structured_output)
     return make_sampling_params(**kw), max_tokens, clamped
 
 
@@ -183,7 +186,11 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
                                   add_generation_prompt=not cont, continue_final_message=cont)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    prefill, use_parser = "", mode != "none" and ctx.parser_name is not None
+    # response_format: compiled off the event loop (a cache hit for the engine afterwards);
+    # a reply constrained to a schema is never parsed for tool calls
+    structured_output = await ctx.off_loop(structured.from_openai, body, ctx.tokenizer)
+    prefill = ""
+    use_parser = mode != "none" and ctx.parser_name is not None and structured_output is None
     if use_parser and not cont and mode == "named":
         t = render_tool_call_text(name, {"__tf_args__": 0}, ctx.parser_name)
         prefill = t[:t.index('{"__tf_args__"')]
@@ -194,7 +201,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     if trace is not None:
         trace.mark_tokenized(len(ids))
     requested = body.max_completion_tokens or body.max_tokens
-    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested)
+    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, structured_output)
     parser = get_tool_parser(ctx.parser_name)() if use_parser else None
     cid = ctx.new_request_id("chatcmpl-")
     gen = Generation(ctx, cid, ids, params, cache_salt=tenant, breakpoints=[], parser=parser,
