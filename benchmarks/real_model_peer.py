@@ -251,8 +251,9 @@ async def prefill(c: httpx.AsyncClient, url: str, model: str, prompt: list[int])
 
 
 async def chat_c16(c: httpx.AsyncClient, url: str, model: str, requests: int, concurrency: int,
-                   n_out: int) -> dict:
-    wl = chat_workload(seed=0, requests=requests, rate=0.0, output_tokens=n_out)
+                   n_out: int, seed: int) -> dict:
+    # a new seed per repeat: repeat 2 must not find repeat 1's prompts in either server's cache
+    wl = chat_workload(seed=seed, requests=requests, rate=0.0, output_tokens=n_out)
     sem = asyncio.Semaphore(concurrency)
     t0 = time.perf_counter()
     clock = lambda: time.perf_counter() - t0  # noqa: E731
@@ -276,8 +277,9 @@ async def chat_c16(c: httpx.AsyncClient, url: str, model: str, requests: int, co
     out_tokens = sum(r.output_tokens for r in ok)
     gaps = [g for r in ok for g in itls(r)]
     ttfts = [r.t_first - r.t_send for r in ok]
-    return {"requests": requests, "concurrency": concurrency, "output_tokens": out_tokens,
+    return {"seed": seed, "requests": requests, "concurrency": concurrency, "output_tokens": out_tokens,
             "prompt_tokens": sum(r.prompt_tokens for r in ok),
+            "cached_tokens": sum(r.cached_tokens for r in ok),
             "chunks_per_request": sum(len(r.chunk_times) for r in ok) / len(ok),
             "wall_s": wall, "throughput_tok_s": out_tokens / wall,
             "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
@@ -299,7 +301,7 @@ async def measure(url: str, ids: list[int], repeats: int, args) -> list[dict]:
             run["decode"] = await decode_b1(c, url, model, [next(h)] + ids[:31], args.decode_tokens)
             run["prefill"] = {str(n): await prefill(c, url, model, [next(h)] + ids[1:n]) for n in sizes}
             run["chat"] = await chat_c16(c, url, model, args.chat_requests, args.concurrency,
-                                         args.chat_tokens)
+                                         args.chat_tokens, seed=rep)
             runs.append(run)
             print(f"  repeat {rep + 1}: decode {run['decode']['decode_tok_s']:.1f} tok/s, prefill "
                   + ", ".join(f"{n}: {v['prefill_tok_s']:.0f}" for n, v in run["prefill"].items())
@@ -366,8 +368,9 @@ def markdown(result: dict) -> str:
     if ours and peers:                  # greedy decode text: the same model gives the same words
         lines += [""] + [f"Greedy decode text ({len(ours['runs'][0]['decode']['text'])} chars) vs ours: "
                          + ", ".join(f"{c['label']} {common_prefix(ours, c)}" for c in peers) + ". "
-                         + "Chat prompt tokens (usage, repeat 1): " + ", ".join(
-                             f"{c['label']} {c['runs'][0]['chat']['prompt_tokens']:,}" for c in [ours] + peers) + "."]
+                         + "Chat prompt tokens per repeat, of them cached (usage): " + "; ".join(
+                             f"{c['label']} " + ", ".join(f"{r['chat']['prompt_tokens']:,} ({r['chat']['cached_tokens']:,})"
+                                                         for r in c["runs"]) for c in [ours] + peers) + "."]
     if ours and peers:
         lines += ["", "Ratios ours / llama.cpp (mean of the runs; > 1 = ours higher: better for tok/s, "
                   "worse for latencies):", ""]
