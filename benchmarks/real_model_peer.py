@@ -427,7 +427,8 @@ def main() -> int:
             url = args.url
             if cfg is not None:
                 server, model_file = make_server(cfg, model)
-                entry.update(model_file=str(model_file), command=server.command)
+                entry.update(model_file=str(model_file), command=server.command, env={
+                    k: os.environ[k] for k in ("NO_REPACK", "KV_TYPE", "LLAMA_SERVER_ARGS") if k in os.environ})
                 print(f"[{label}] starting: {' '.join(server.command)}", file=sys.stderr)
                 t = time.perf_counter()
                 server.start()
