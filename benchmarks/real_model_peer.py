@@ -12,10 +12,11 @@ repeat, against the OpenAI API both servers speak:
               here wrote), `max_tokens` 1, not streamed; N / request latency. The first token
               differs per repeat and per size so no prefix cache can serve any of it (`cache_prompt:
               false` for llama-server too), and `usage.prompt_tokens` must equal N.
-  chat c16    64 `/v1/chat/completions` requests from `tokenfactory bench`'s chat workload (seed =
-              repeat index, so no repeat finds the last one's prompts cached; 30-200-word
+  chat c16    64 `/v1/chat/completions` requests from `tokenfactory bench`'s chat workload
+              (seed = repeat index, so no repeat finds the last one's prompts cached; 30-200-word
               prompts, 128 output tokens, `ignore_eos`), all handed to the client at once behind
-              a client-side semaphore of 16, so each server sees exactly 16 in flight (ours would otherwise batch all 64; llama-server has 16 slots). TTFT is measured from
+              a client-side semaphore of 16, so each server sees exactly 16 in flight (ours
+              would otherwise batch all 64; llama-server has 16 slots). TTFT is measured from
               the moment a request is actually sent (after the semaphore), ITL between streamed
               chunks (one token each on both servers), throughput = output tokens / wall time.
 
