@@ -197,3 +197,34 @@ def test_compiled_decode_matches_eager(checkpoint, tmp_path, monkeypatch):
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             total += a.shape[0]
     assert agree >= 0.75 * total
+
+
+def test_small_decode_steps_run_on_decode_threads(fp32, monkeypatch):
+    """With decode_threads set, decode-only steps of up to DECODE_THREADS_MAX_BATCH sequences
+    run on that many threads, every other step on all of them; float32 outputs are the same
+    either way."""
+    from tokenfactory.model import runner
+    prompts = _prompts(6, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    def tokens(outs):
+        return [o.outputs[0].token_ids for o in outs[0]]
+
+    reference = tokens(generate(fp32, prompts, params))
+    seen = []
+    real_execute = fp32._execute
+
+    def spy(batch):
+        small = (len(batch.chunks) <= runner.DECODE_THREADS_MAX_BATCH
+                 and all(c.num_tokens == 1 for c in batch.chunks))
+        seen.append((small, torch.get_num_threads()))
+        return real_execute(batch)
+
+    monkeypatch.setattr(fp32, "_execute", spy)
+    monkeypatch.setattr(fp32, "decode_threads", 1)
+    try:
+        assert tokens(generate(fp32, prompts, params, max_num_seqs=3)) == reference
+        assert tokens(generate(fp32, prompts[:1], params)) == reference[:1]
+    finally:
+        torch.set_num_threads(fp32.num_threads)
+    assert {threads for small, threads in seen if small} == {1}
+    assert {threads for small, threads in seen if not small} == {fp32.num_threads}

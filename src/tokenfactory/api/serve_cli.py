@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", type=_bytes, default=None, help="bytes for KV pages (4G)")
+    g.add_argument("--decode-threads", type=int, default=None, metavar="N",
+                   help="threads for decode-only steps (prefill steps use all cores); default "
+                        "one core fewer than the process may use on machines of up to 4 cores, "
+                        "so the HTTP event loop does not preempt the decode step's threads; "
+                        "0 = all cores")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -282,6 +287,11 @@ def serve_main(argv: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
         return 2
+    executor = core.executor
+    if hasattr(executor, "decode_threads"):
+        cores = len(os.sched_getaffinity(0))
+        executor.decode_threads = (args.decode_threads if args.decode_threads is not None
+                                   else max(1, cores - 1) if cores <= 4 else None) or None
     install_fault_injection_hooks(core, os.environ)
     queue_limits: dict = {"max_queued_requests": args.max_queued_requests}
     if args.max_queued_requests_per_tenant is not None:
