@@ -66,7 +66,6 @@ def start_server(max_queued: int | None = None,
                  malloc_trim_interval: float | None = None) -> tuple[subprocess.Popen, str]:
     import socket
 
-    import httpx
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -77,16 +76,24 @@ def start_server(max_queued: int | None = None,
         args += ["--malloc-trim-interval", str(malloc_trim_interval)]
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait_healthy(proc, base, timeout=120)
+    return proc, base
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> None:
+    """Poll ``base``/health until it answers 200; the server is killed if it never does."""
+    import httpx
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError("server exited")
+            raise RuntimeError("server exited during start-up")
         try:
             if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
+            proc.kill()
             raise RuntimeError("server did not start")
         time.sleep(0.2)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak import metric, rss_kib  # noqa: E402  (benchmarks/soak.py: same readings)
+from soak import metric, rss_kib, wait_healthy  # noqa: E402  (benchmarks/soak.py: same readings)
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
 TOPICS = ["the sea", "Python", "Paris", "bread", "a red bicycle", "winter", "the moon", "tea"]
@@ -44,19 +44,8 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start")
-        time.sleep(0.3)
+    wait_healthy(proc, base, timeout=180)
+    return proc, base
 
 
 async def one(client: httpx.AsyncClient, base: str, i: int, rng: random.Random) -> str:
