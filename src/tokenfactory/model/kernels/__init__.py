@@ -4,7 +4,8 @@ For CPUs with AVX-512 BF16 (see the comment at the top of each file for why it e
 ``attention.c`` holds bfloat16 prefill and decode attention over the paged KV cache,
 ``linear.c`` a small-batch bfloat16 linear layer that runs at memory bandwidth, and
 ``decode_layer.c`` a whole decode step for a batch of single-token decodes built from the two.
-They are built into one library, once per source version and machine, in
+Every ``*.c`` file in this directory is built into the one library (a new kernel file joins it
+by being here), once per source version and machine, in
 ``~/.cache/tokenfactory/kernels/`` (override with TOKENFACTORY_CACHE) with
 ``cc -O3 -march=native -fopenmp``, and loaded with ctypes; calls release the GIL.
 
@@ -29,9 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name)
-            for name in ("attention.c", "linear.c", "decode_layer.c")]
-_HEADER = Path(__file__).with_name("kernels.h")
+_DIR = Path(__file__).parent
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -52,8 +51,17 @@ def _cache_dir() -> Path:
     return base / "kernels"
 
 
+def _sources() -> tuple[list[Path], list[Path]]:
+    """Every ``*.c`` and ``*.h`` file beside this one, sorted so the cache key is stable: a
+    kernel file added here (e.g. quant.c) joins the library without touching this module."""
+    return sorted(_DIR.glob("*.c")), sorted(_DIR.glob("*.h"))
+
+
 def _build(compiler: str) -> Path:
-    source = b"".join(path.read_bytes() for path in (*_SOURCES, _HEADER))
+    sources, headers = _sources()
+    # the key covers each file's name and content, so any edit (or a new file) rebuilds
+    source = b"".join(path.name.encode() + b"\0" + path.read_bytes() + b"\0"
+                      for path in (*sources, *headers))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("flags")), "")
@@ -64,7 +72,7 @@ def _build(compiler: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *_FLAGS, "-o", str(tmp_out), *map(str, _SOURCES), "-lm"],
+        proc = subprocess.run([compiler, *_FLAGS, "-o", str(tmp_out), *map(str, sources), "-lm"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed on the kernels: {proc.stderr.strip()[:500]}")
