@@ -20,10 +20,11 @@ from tokenfactory.engine.scheduler import AdmissionError, Scheduler, SchedulerCo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineConfig", "EngineCore", "AdmissionError", "StepHook"]
+__all__ = ["EngineConfig", "EngineCore", "AdmissionError", "StepHook", "StepListener"]
 
 # Called after every forward pass: (seconds the step took, {request_id: tokens it processed}).
-StepHook = Callable[[float, dict[str, int]], None]
+StepListener = Callable[[float, dict[str, int]], None]
+StepHook = StepListener   # the older name
 
 
 @dataclass
@@ -62,13 +63,19 @@ def available_memory_bytes() -> int:
 class EngineCore:
     def __init__(self, executor: Executor, config: EngineConfig, *, model_max_len: int,
                  tokenizer=None, eos_token_ids: Sequence[int] = (),
-                 clock: Callable[[], float] = time.monotonic, step_hook: StepHook | None = None):
+                 clock: Callable[[], float] = time.monotonic, step_hook: StepHook | None = None,
+                 kv_connector=None):
         self.executor = executor
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock
-        self.step_hook = step_hook
+        # Observers of every step (cost ledger, dashboard, trace): each is called in order with
+        # the step's seconds and tokens per request. ``step_hook=`` is the first of them.
+        self._step_listeners: list[StepListener] = [step_hook] if step_hook is not None else []
+        # Transitional: callers that still assign ``core.step_hook`` are called after the
+        # listeners; use add_step_listener instead.
+        self.step_hook: StepHook | None = None
         self.max_model_len = min(config.max_model_len or model_max_len, model_max_len)
         # Prompt ids are checked against it (when the executor knows it): an out-of-range id
         # would fail the forward pass of every request batched with it.
@@ -88,9 +95,12 @@ class EngineCore:
                              f"needs {bytes_per_block} bytes")
         self.kv_cache_bytes = num_blocks * bytes_per_block
         executor.initialize_cache(num_blocks, config.block_size)
+        # a connector (disk tier, remote KV) is consulted by the KV manager on a prefix miss
+        connector_arg = {} if kv_connector is None else {"connector": kv_connector}
         self.kv = KVCacheManager(num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching,
-                                 clock=clock, max_pinned_fraction=config.max_pinned_fraction)
+                                 clock=clock, max_pinned_fraction=config.max_pinned_fraction,
+                                 **connector_arg)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -101,6 +111,14 @@ class EngineCore:
         self.num_steps = 0
         log.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_blocks, config.block_size,
                  self.kv_cache_bytes / 2**20)
+
+    def add_step_listener(self, fn: StepListener) -> None:
+        """Call ``fn(seconds, {request_id: tokens processed})`` after every forward pass
+        (failed chunks are not reported)."""
+        self._step_listeners.append(fn)
+
+    def remove_step_listener(self, fn: StepListener) -> None:
+        self._step_listeners.remove(fn)
 
     # ------------------------------------------------------------------ intake
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -191,8 +209,11 @@ class EngineCore:
         now = self.clock()
         done = {c.request.request_id: c.num_tokens for c, r in zip(batch.chunks, results)
                 if r is not None}
-        if self.step_hook is not None and done:   # failed chunks are not charged
-            self.step_hook(now - t0, done)
+        if done:   # failed chunks are not charged
+            for listener in self._step_listeners:
+                listener(now - t0, done)
+            if self.step_hook is not None:
+                self.step_hook(now - t0, done)
 
         for chunk, res in zip(batch.chunks, results):
             req = chunk.request
