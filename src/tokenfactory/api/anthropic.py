@@ -16,7 +16,11 @@ from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder
 from tokenfactory.api.errors import APIError, anthropic_error_body
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       cost_headers, Started, TextEvent, make_sampling_params)
-from tokenfactory.api.sse import ANTHROPIC_PING, SSE_HEADERS, anthropic_frame, with_keepalive
+from tokenfactory.api.sse import (ANTHROPIC_PING, SSE_HEADERS, anthropic_frame,
+                                  collect_unless_disconnected, with_keepalive)
+from tokenfactory.api.trace import trace_of
+from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
+                                            ToolCallStart, get_tool_parser)
 
 log = logging.getLogger("tokenfactory.api")
 
@@ -43,8 +47,6 @@ class ContentAssembler:
         return [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
 
     def feed(self, ev) -> list[dict]:
-        from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
-                                                    ToolCallStart)
         out: list[dict] = []
         if isinstance(ev, (TextEvent, TextDelta)):
             if not ev.text:
@@ -120,9 +122,6 @@ async def count_tokens(ctx: ServingContext, body: CountTokensRequest) -> dict:
 
 async def create_message(ctx: ServingContext, request: Request, body: MessagesRequest,
                          tenant: str | None, request_id: str):
-    from tokenfactory.api.server import collect_unless_disconnected
-    from tokenfactory.api.trace import trace_of
-    from tokenfactory.text.tool_parsers import get_tool_parser
 
     trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)

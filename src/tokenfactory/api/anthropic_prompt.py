@@ -15,6 +15,8 @@ from tokenfactory.api.anthropic_models import (DocumentBlock, ImageBlock, Messag
 from tokenfactory.api.errors import APIError
 from tokenfactory.api.serving import ServingContext
 from tokenfactory.engine.request import CacheBreakpoint
+from tokenfactory.text.chat_template import ChatTemplateError
+from tokenfactory.text.tool_parsers import render_tool_call_text
 
 TEXT_JOIN = "\n\n"   # between text blocks of one turn, and between system blocks
 
@@ -237,7 +239,6 @@ class PromptBuilder:
                                        continue_final_message=cont)
 
     def render_full(self) -> tuple[str, list[dict] | None, bool]:
-        from tokenfactory.text.chat_template import ChatTemplateError
         chat, tools = self.chat()
         if not chat:
             raise APIError(400, "messages: the conversation has no content to answer")
@@ -255,7 +256,6 @@ class PromptBuilder:
                 raise APIError(400, str(exc)) from None
 
     def render_truncated(self, cut) -> list[str]:
-        from tokenfactory.text.chat_template import ChatTemplateError
         chat, tools = self.chat(cut)
         variants = [chat] if chat and cut[0] == "msg" else [
             chat + [{"role": "user", "content": "\u2063"}],
@@ -270,7 +270,6 @@ class PromptBuilder:
 
     def tool_prefill(self, continuing: bool) -> tuple[str, bool]:
         """(text appended after the generation prompt, whether tool calls are parsed)."""
-        from tokenfactory.text.tool_parsers import render_tool_call_text
         tc, parser = self.req.tool_choice, self.ctx.parser_name
         if not self.tools or parser is None or (tc is not None and tc.type == "none"):
             return "", False

@@ -19,7 +19,12 @@ from tokenfactory.api.limits import check_nesting
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       cost_headers, Started, TextEvent, make_sampling_params)
-from tokenfactory.api.sse import OPENAI_KEEPALIVE, SSE_HEADERS, openai_frame, with_keepalive
+from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_disconnected,
+                                  openai_frame, with_keepalive)
+from tokenfactory.api.trace import trace_of
+from tokenfactory.text.chat_template import ChatTemplateError
+from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
+                                            ToolCallStart, get_tool_parser, render_tool_call_text)
 
 log = logging.getLogger("tokenfactory.api")
 
@@ -163,10 +168,6 @@ def _headers(max_tokens: int, clamped: bool, requested) -> dict:
 # ------------------------------------------------------------------ chat completions
 async def create_chat_completion(ctx: ServingContext, request: Request,
                                  body: ChatCompletionRequest, tenant: str | None):
-    from tokenfactory.api.server import collect_unless_disconnected
-    from tokenfactory.api.trace import trace_of
-    from tokenfactory.text.chat_template import ChatTemplateError
-    from tokenfactory.text.tool_parsers import get_tool_parser, render_tool_call_text
 
     trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)
@@ -227,8 +228,6 @@ class _ToolCallAccumulator:
 
     def feed(self, ev) -> dict | None:
         """A chat delta for this event (None when it adds nothing)."""
-        from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
-                                                    ToolCallStart)
         if isinstance(ev, (TextEvent, TextDelta)):
             return {"content": ev.text} if ev.text else None
         if isinstance(ev, ToolCallStart):
@@ -307,8 +306,6 @@ async def _chat_stream(ctx, gen: Generation, model: str, cid: str, created: int,
 # ------------------------------------------------------------------------ completions
 async def create_completion(ctx: ServingContext, request: Request, body: CompletionRequest,
                             tenant: str | None):
-    from tokenfactory.api.server import collect_unless_disconnected
-    from tokenfactory.api.trace import trace_of
 
     trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)

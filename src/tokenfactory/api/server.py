@@ -28,6 +28,7 @@ from tokenfactory.api.memory import find_malloc_trim, set_trim_threshold, trim_p
 from tokenfactory.api.metrics import Metrics
 from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
 from tokenfactory.api.serving import ServerOptions, ServingContext
+from tokenfactory.api.sse import collect_unless_disconnected  # noqa: F401 - re-exported
 from tokenfactory.api.trace import install_tracing
 from tokenfactory.engine.async_engine import AsyncEngine
 
@@ -155,27 +156,6 @@ def _without_body(receive):
             return {"type": "http.request", "body": b"", "more_body": False}
         return await receive()
     return empty
-
-
-async def collect_unless_disconnected(request: Request, coro, poll_seconds: float = 0.25):
-    """Await ``coro``; if the client goes away first, cancel it (which aborts the engine
-    request)."""
-    task = asyncio.ensure_future(coro)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_seconds)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise APIError(400, "client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        elif not task.cancelled():
-            task.exception()   # finished while we checked for a disconnect: mark it retrieved
-                               # (else asyncio logs "Task exception was never retrieved")
 
 
 def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "tokenfactory",

@@ -1,10 +1,18 @@
-"""Server-sent events framing and keepalive pings."""
+"""Response plumbing both protocols share: server-sent events framing, keepalive pings, and
+waiting for a result while watching for a client that leaves.
+
+It sits below the route modules (openai.py, anthropic.py) and server.py, which import it, so none
+of them needs to import another."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
 from typing import AsyncIterator
+
+from starlette.requests import Request
+
+from tokenfactory.api.errors import APIError
 
 
 def dumps(obj) -> str:
@@ -60,3 +68,24 @@ async def with_keepalive(frames: AsyncIterator[str], interval: float,
             pending.exception()
         with contextlib.suppress(BaseException):
             await it.aclose()
+
+
+async def collect_unless_disconnected(request: Request, coro, poll_seconds: float = 0.25):
+    """Await ``coro``; if the client goes away first, cancel it (which aborts the engine
+    request)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_seconds)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(400, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        elif not task.cancelled():
+            task.exception()   # finished while we checked for a disconnect: mark it retrieved
+                               # (else asyncio logs "Task exception was never retrieved")
