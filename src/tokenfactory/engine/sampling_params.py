@@ -27,6 +27,10 @@ MAX_STOP_TOKEN_ID = 2**31 - 1
 MAX_STOP_STRINGS = 64            # the HTTP layer's own limit (32 by default) is below this
 MAX_STOP_STRING_CHARS = 1024
 MAX_LOGPROBS = 20
+# logit_bias: OpenAI's bounds (at most 300 entries, each bias in [-100, 100]); -100 bans a token,
+# +100 all but forces it.
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
 SEED_RANGE = (-(2**63), 2**64)   # [lo, hi): any signed or unsigned 64-bit seed
 # A schema or regex is compiled into a parser per request: bound its size (a 10 MB schema would
 # hold the engine's compile for seconds) before it reaches the grammar engine.
@@ -141,7 +145,10 @@ class SamplingParams:
     in [0, 100]; top_p in (0, 1]; min_p in [0, 1]; presence/frequency penalty in [-2, 2];
     repetition_penalty in (0, 100]; seed a 64-bit integer; at most 1,024 ``stop_token_ids``
     (each in [0, 2**31)) and 64 ``stop`` strings of at most 1,024 characters; logprobs and
-    prompt_logprobs in [0, 20]; max_tokens >= 1; 0 <= min_tokens <= max_tokens.
+    prompt_logprobs in [0, 20]; max_tokens >= 1; 0 <= min_tokens <= max_tokens;
+    ``logit_bias`` ({token id: bias} added to the logits before any other processing, as
+    OpenAI's) at most 300 entries, ids in [0, 2**31), biases in [-100, 100] (the sampler ignores
+    ids beyond its vocabulary; the HTTP layer refuses them first).
     ``structured_output`` (a ``StructuredOutput``, or a dict of its fields) constrains the
     output to a grammar; the request finishes with "stop" when the grammar is complete.
     """
@@ -165,6 +172,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_output, dict):
@@ -261,6 +269,23 @@ class SamplingParams:
                 if not _is_int(value) or not 0 <= value <= MAX_LOGPROBS:
                     bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {_show(value)}")
                 setattr(self, name, int(value))
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad(f"logit_bias must be a mapping of token id to bias, got {_show(self.logit_bias)}")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+                bad(f"logit_bias: at most {MAX_LOGIT_BIAS_ENTRIES} entries, got "
+                    f"{len(self.logit_bias)}")
+            bias: dict[int, float] = {}
+            for t, b in self.logit_bias.items():
+                if not _is_int(t) or not 0 <= t <= MAX_STOP_TOKEN_ID:
+                    bad(f"logit_bias keys must be token ids in [0, {MAX_STOP_TOKEN_ID}], "
+                        f"got {_show(t)}")
+                v = _real("logit_bias", b)
+                if not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+                    bad(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                        f"got {v}")
+                bias[int(t)] = v
+            self.logit_bias = bias or None
         if self.seed is not None:
             if not _is_int(self.seed):
                 bad(f"seed must be an integer, got {_show(self.seed)}")
