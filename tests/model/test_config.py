@@ -114,3 +114,48 @@ def test_config_errors(tmp_path):
     msg = _one_line_error(tmp_path)
     assert "config.json" in msg and "num_attention_heads" in msg
     assert "does not exist" in _one_line_error(tmp_path / "nope")
+
+
+def _hf_windows(hf_config) -> list:
+    """Per-layer windows as transformers itself derives them (its ``layer_types``)."""
+    return [hf_config.sliding_window if t == "sliding_attention" else None
+            for t in hf_config.layer_types]
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t.Qwen2Config(num_hidden_layers=6, sliding_window=32, use_sliding_window=True,
+                            max_window_layers=2),
+    lambda t: t.Qwen2Config(num_hidden_layers=30, sliding_window=32, use_sliding_window=True),
+    lambda t: t.Qwen2Config(num_hidden_layers=6, sliding_window=32),   # use_sliding_window off
+    lambda t: t.Qwen3Config(num_hidden_layers=4, sliding_window=8, use_sliding_window=True,
+                            max_window_layers=1),
+    lambda t: t.GptOssConfig(num_hidden_layers=4),
+])
+@pytest.mark.parametrize("keep_layer_types", [True, False])
+def test_sliding_windows_match_transformers(make, keep_layer_types):
+    """The one parser against transformers' own config classes, with and without the
+    ``layer_types`` list (published checkpoints often lack it, so the rule must derive it)."""
+    import transformers
+
+    from tokenfactory.model_description import describe_hf_config
+    hf = make(transformers)
+    raw = hf.to_dict()
+    if not keep_layer_types:
+        raw.pop("layer_types", None)
+    assert list(describe_hf_config(raw).layer_windows) == _hf_windows(hf)
+
+
+def test_model_and_economics_share_one_description(tmp_path):
+    """model/config.py and the economics catalog read one config.json into the same shape."""
+    from tokenfactory.economics import kv_bytes_for_context, kv_bytes_per_token, load_model
+    cfg = dict(architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4,
+               num_hidden_layers=6, num_key_value_heads=2, intermediate_size=128,
+               vocab_size=512, sliding_window=16, use_sliding_window=True, max_window_layers=4,
+               max_position_embeddings=256)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = load_model_config(tmp_path).description
+    spec = load_model(str(tmp_path))
+    assert model.layer_windows == spec.layer_windows == (None,) * 4 + (16,) * 2
+    assert model.kv_bytes_per_token("bf16") == kv_bytes_per_token(spec) == 6 * 2 * 2 * 16 * 2
+    assert kv_bytes_for_context(model, 100) == kv_bytes_for_context(spec, 100)
+    assert (model.num_heads, model.num_kv_heads, model.head_dim) == (4, 2, 16)

@@ -13,9 +13,8 @@ from .analytics import (
 )
 from .catalog import (
     CatalogError, HardwareSpec, ModelSpec, hardware_names, load_hardware, load_model,
-    model_names,
+    model_from_hf_config, model_names,
 )
-from .hf_config import model_from_hf_config
 from .serving import (
     CachedSessionPrice, cached_session_input_price, draft_cost_ratio_for_speedup,
     kv_transfer_seconds, speculative_expected_tokens, speculative_speedup,

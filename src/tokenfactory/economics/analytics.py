@@ -110,16 +110,13 @@ def streamed_weight_bytes(model: ModelSpec, tokens: float, precision: str = "bf1
 def kv_bytes_per_token_per_layer(model: ModelSpec, kv_dtype: str = "bf16") -> float:
     """K and V for one token in one layer: 2 * kv_heads * head_dim * bytes (MHA/GQA/MQA), or
     the MLA latent plus its decoupled RoPE key: (kv_lora_rank + qk_rope_head_dim) * bytes."""
-    b = dtype_bytes(kv_dtype)
-    if model.mla:
-        return (model.mla.kv_lora_rank + model.mla.qk_rope_head_dim) * b
-    return 2 * model.num_kv_heads * model.head_dim * b
+    return model.kv_bytes_per_token_per_layer(kv_dtype)
 
 
 def kv_bytes_per_token(model: ModelSpec, kv_dtype: str = "bf16") -> float:
     """Cache bytes one more token costs while the context is shorter than every window
     (i.e. summed over all layers, sliding ones included)."""
-    return model.num_layers * kv_bytes_per_token_per_layer(model, kv_dtype)
+    return model.kv_bytes_per_token(kv_dtype)
 
 
 def kv_bytes_for_context(model: ModelSpec, context: int, kv_dtype: str = "bf16") -> float:

@@ -1,41 +1,36 @@
 """Hardware and model catalogs: plain dataclasses loaded from the JSON files in ``data/``.
 
-A model can also be any Hugging Face ``config.json`` (a file, or a directory holding one);
-``hf_config.py`` reads it into the same ``ModelSpec`` the catalog produces.
+A model can also be any Hugging Face ``config.json`` (a file, or a directory holding one), read
+by the one config parser the model layer uses too (``tokenfactory.model_description``) into the
+same ``ModelSpec`` the catalog produces.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
+
+from tokenfactory.model_description import (
+    DTYPE_BYTES, MlaSpec, ModelDescription, ModelDescriptionError, describe_hf_config,
+    dtype_bytes,
+)
+
+__all__ = ["DTYPE_BYTES", "CatalogError", "HardwareSpec", "MlaSpec", "ModelSpec", "dtype_bytes",
+           "hardware_names", "load_hardware", "load_model", "model_from_hf_config",
+           "model_names", "workload_table"]
 
 
 class CatalogError(ValueError):
     """An unknown name or an unreadable/unsupported config; the message is meant for users."""
 
 
-# Bytes per element for weight and KV-cache precisions. fp4/int4 ignore block-scale overhead
-# (NVFP4 adds one fp8 scale per 16 values, +6%; MXFP4 one per 32, +3%).
-DTYPE_BYTES: dict[str, float] = {
-    "fp32": 4.0, "float32": 4.0,
-    "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0, "float16": 2.0,
-    "fp8": 1.0, "int8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0,
-    "fp4": 0.5, "int4": 0.5, "nvfp4": 0.5, "mxfp4": 0.5,
-}
-
-
-def dtype_bytes(dtype: str) -> float:
-    try:
-        return DTYPE_BYTES[dtype.lower()]
-    except KeyError:
-        raise CatalogError(
-            f"unknown precision {dtype!r}; valid: {', '.join(sorted(set(DTYPE_BYTES)))}"
-        ) from None
+# The economics' name for the shared model description (dimensions, experts, windows, KV bytes).
+ModelSpec = ModelDescription
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,55 +158,13 @@ def _host_spec(key: str, entry: dict[str, Any], seconds_budget: float) -> Hardwa
 # Models
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MlaSpec:
-    """DeepSeek Multi-head Latent Attention: the cache holds one compressed latent of
-    ``kv_lora_rank`` plus one shared RoPE key of ``qk_rope_head_dim`` per token per layer."""
-    kv_lora_rank: int
-    q_lora_rank: Optional[int]
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    source: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    intermediate_size: int            # dense MLP width (dense layers only)
-    tied_embeddings: bool = False
-    max_context: int = 0
-    num_experts: int = 0              # routed experts per MoE layer (0 = dense model)
-    experts_per_token: int = 0
-    expert_intermediate_size: int = 0
-    shared_expert_intermediate_size: int = 0   # total width of always-on shared experts
-    moe_layers: tuple[int, ...] = ()
-    mla: Optional[MlaSpec] = None
-    layer_windows: tuple[Optional[int], ...] = field(default=())  # None = full attention
-
-    def __post_init__(self) -> None:
-        if not self.layer_windows:
-            object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
-        if len(self.layer_windows) != self.num_layers:
-            raise CatalogError(f"{self.name}: layer_windows must have one entry per layer")
-        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                     "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise CatalogError(f"{self.name}: {name} must be positive")
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0 and bool(self.moe_layers)
-
-    def with_kv_heads(self, kv_heads: int) -> "ModelSpec":
-        """A variant with a different KV-head count (e.g. the MHA counterfactual)."""
-        return replace(self, num_kv_heads=kv_heads, name=f"{self.name}[kv_heads={kv_heads}]")
+def model_from_hf_config(config: dict[str, Any], name: str = "hf-config",
+                         source: str = "Hugging Face config.json") -> ModelSpec:
+    """Normalize a Hugging Face ``config.json`` dict into a ``ModelSpec``."""
+    try:
+        return describe_hf_config(config, name=name, source=source)
+    except ModelDescriptionError as exc:
+        raise CatalogError(str(exc)) from None
 
 
 def load_model(name_or_path: str) -> ModelSpec:
@@ -224,7 +177,6 @@ def load_model(name_or_path: str) -> ModelSpec:
             config = json.loads(path.read_text("utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise CatalogError(f"cannot read model config {str(path)!r}: {exc}") from None
-        from .hf_config import model_from_hf_config   # hf_config imports this module
         return model_from_hf_config(config, name=str(path),
                                     source=f"{path} (Hugging Face config)")
     table = _model_table()

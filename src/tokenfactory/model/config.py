@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenfactory.model_description import (
+    ModelDescription, ModelDescriptionError, describe_hf_config,
+)
+
 
 class ModelLoadError(ValueError):
     """A checkpoint directory that cannot be loaded. The message is one line naming the file."""
@@ -94,6 +98,19 @@ class ModelConfig:
                        int(r.original_max_position_embeddings * r.factor))
         return self.max_position_embeddings
 
+    @property
+    def description(self) -> ModelDescription:
+        """This checkpoint as the shared :class:`ModelDescription` (the economics' view: KV
+        bytes per token, parameter counts). Built from the fields, so a GGUF-loaded config has
+        one too."""
+        return ModelDescription(
+            name=self.architecture, source="checkpoint config", num_layers=self.num_layers,
+            hidden_size=self.hidden_size, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, vocab_size=self.vocab_size,
+            intermediate_size=self.intermediate_size, tied_embeddings=self.tie_word_embeddings,
+            max_context=self.max_model_len, layer_windows=tuple(self.sliding_windows),
+            architecture=self.architecture)
+
     def num_params(self) -> int:
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
@@ -143,22 +160,6 @@ def _parse_rope(cfg: dict[str, Any], max_pos: int, where: str) -> RopeConfig:
         raise ModelLoadError(f"{where}: bad RoPE parameters: {exc}") from None
 
 
-def _sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> list[int | None]:
-    window = cfg.get("sliding_window")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window"):
-        window = None
-    if not window:
-        return [None] * num_layers
-    window = int(window)
-    layer_types = cfg.get("layer_types")
-    if layer_types and len(layer_types) == num_layers:
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        first = cfg.get("max_window_layers", num_layers)
-        return [window if i >= first else None for i in range(num_layers)]
-    return [window] * num_layers
-
-
 def parse_model_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Build a :class:`ModelConfig` from a parsed config.json dict; ``where`` names the file."""
     if not isinstance(cfg, dict):
@@ -169,16 +170,14 @@ def parse_model_config(cfg: dict[str, Any], where: str = "config.json") -> Model
         raise ModelLoadError(f"{where}: unsupported architectures {archs!r} (supported: "
                              f"{', '.join(ARCHITECTURES)})")
 
-    def need(key: str) -> Any:
-        if cfg.get(key) is None:
-            raise ModelLoadError(f"{where}: missing required key {key!r}")
-        return cfg[key]
-
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    num_layers = int(need("num_hidden_layers"))
+    try:
+        desc = describe_hf_config(cfg, where)
+    except ModelDescriptionError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if cfg.get("intermediate_size") is None:
+        raise ModelLoadError(f"{where}: config lacks required key 'intermediate_size'")
+    heads, kv_heads = desc.num_heads, desc.num_kv_heads
     max_pos = int(cfg.get("max_position_embeddings") or 2048)
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
     if heads % kv_heads:
         raise ModelLoadError(f"{where}: num_attention_heads ({heads}) is not a multiple of "
                              f"num_key_value_heads ({kv_heads})")
@@ -193,15 +192,15 @@ def parse_model_config(cfg: dict[str, Any], where: str = "config.json") -> Model
         dtype = None
     tie = cfg.get("tie_word_embeddings", False)  # transformers' default for all four
     return ModelConfig(
-        architecture=arch, hidden_size=hidden, num_layers=num_layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim,
-        intermediate_size=int(need("intermediate_size")), vocab_size=int(need("vocab_size")),
+        architecture=arch, hidden_size=desc.hidden_size, num_layers=desc.num_layers,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=desc.head_dim,
+        intermediate_size=desc.intermediate_size, vocab_size=desc.vocab_size,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
         tie_word_embeddings=bool(tie), qkv_bias=qkv_bias,
         o_bias=attention_bias and arch != "Qwen2ForCausalLM",
         mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=defaults["qk_norm"],
         rope=_parse_rope(cfg, max_pos, where),
-        sliding_windows=_sliding_windows(cfg, arch, num_layers), torch_dtype=dtype,
+        sliding_windows=list(desc.layer_windows), torch_dtype=dtype,
         hidden_act="silu")
 
 
