@@ -1,0 +1,118 @@
+"""ctypes wrappers of ``quant.c``: weight-only quantized linears on GGUF blocks as stored.
+
+The kernels are part of the one native library (``kernels/__init__.py`` builds every ``*.c``
+here); :func:`library` is that library with these functions' signatures set, or None where
+the native kernels are unavailable (callers then dequantize with torch/numpy instead).
+:func:`build_standalone` compiles ``quant.c`` alone with other flags (tests use it to check
+the portable scalar version on this machine).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tokenfactory.model import kernels
+
+# kind -> the C enum in quant.c
+KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "int8": 3}
+BLOCK = 32                                          # values per block (every kind)
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block (int8: 1 per value)
+
+
+def row_bytes(kind: str, in_features: int) -> int:
+    """Bytes of one stored weight row of ``in_features`` values."""
+    if kind == "int8":
+        return in_features
+    return in_features // BLOCK * BLOCK_BYTES[kind]
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    for kind in KINDS:
+        fn = getattr(lib, f"tf_qlinear_{kind}")
+        fn.restype = None
+        fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32]
+    lib.tf_qdequant_bf16.restype = None
+    lib.tf_qdequant_bf16.argtypes = [i32, ptr, ptr, ptr, i32, i32, ptr]
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The native library with the quantized kernels bound, or None (see
+    ``kernels.unavailable_reason``)."""
+    lib = kernels.library()
+    if lib is None or not hasattr(lib, "tf_qlinear_q4_1"):
+        return None
+    return _bind(lib)
+
+
+def build_standalone(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
+    """``quant.c`` compiled alone with ``flags`` (e.g. ``-march=x86-64`` for the scalar
+    version) into ``out_dir`` (a fresh temporary directory if None) and loaded."""
+    here = Path(__file__).parent
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="tf-quant-"))
+    out = out_dir / "quant.so"
+    proc = subprocess.run(["cc", *flags, "-fopenmp", "-shared", "-fPIC", "-std=c11", "-o",
+                           str(out), str(here / "quant.c"), "-lm"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cc failed on quant.c: {proc.stderr.strip()[:500]}")
+    return _bind(ctypes.CDLL(str(out)))
+
+
+def _check(kind: str, weight: torch.Tensor, scales: torch.Tensor | None, in_features: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantized kind {kind!r} (one of {', '.join(KINDS)})")
+    if in_features <= 0 or in_features % BLOCK:
+        raise ValueError(f"in_features {in_features} is not a positive multiple of {BLOCK}")
+    assert weight.dtype in (torch.uint8, torch.int8) and weight.is_contiguous()
+    assert weight.dim() == 2 and weight.shape[1] == row_bytes(kind, in_features), \
+        f"weight rows of {weight.shape[1]} bytes, expected {row_bytes(kind, in_features)}"
+    if kind == "int8":
+        assert scales is not None and scales.dtype == torch.float32 and scales.is_contiguous()
+        assert scales.shape == (weight.shape[0],)
+
+
+def qlinear(kind: str, weight: torch.Tensor, scales: torch.Tensor | None, x: torch.Tensor,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x @ W^T`` as float32 (M, N) for bfloat16 x (M, K) and a quantized weight: ``weight``
+    uint8 (N, row_bytes) blocks as stored; ``scales`` float32 (N,) for int8, else None."""
+    lib = lib or library()
+    assert lib is not None, kernels.unavailable_reason
+    m, k = x.shape
+    _check(kind, weight, scales, k)
+    assert x.dtype == torch.bfloat16 and x.is_contiguous()
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        getattr(lib, f"tf_qlinear_{kind}")(weight.data_ptr(),
+                                           None if scales is None else scales.data_ptr(),
+                                           x.data_ptr(), out.data_ptr(), m, n, k)
+    return out
+
+
+def dequantize_bf16(kind: str, weight: torch.Tensor, scales: torch.Tensor | None,
+                    in_features: int, rows: torch.Tensor | None = None,
+                    lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Rows ``rows`` (int64 ids; all rows if None) of a quantized weight as bfloat16
+    (n, in_features). Ids are the caller's to check (an embedding checks its vocabulary)."""
+    lib = lib or library()
+    assert lib is not None, kernels.unavailable_reason
+    _check(kind, weight, scales, in_features)
+    ids = None
+    if rows is not None:
+        ids = rows if rows.dtype == torch.int64 and rows.is_contiguous() else \
+            rows.to(torch.int64).contiguous()
+    n = weight.shape[0] if ids is None else ids.numel()
+    out = torch.empty((n, in_features), dtype=torch.bfloat16)
+    if n:
+        lib.tf_qdequant_bf16(KINDS[kind], weight.data_ptr(),
+                             None if scales is None else scales.data_ptr(),
+                             None if ids is None else ids.data_ptr(), n, in_features,
+                             out.data_ptr())
+    return out
