@@ -20,8 +20,8 @@ Where the numbers come from (nothing here is estimated when it can be counted):
   observe (the histograms' ``observe`` is tapped into a bounded ring buffer of recent values),
   over a sliding window.
 * output and prefill tokens/s, machine busy time and the decode steps behind the roofline
-  figure: the engine's per-step hook (``EngineCore.step_hook``, chained in front of the cost
-  ledger's), which sees every forward pass, its duration and the tokens of each request in it.
+  figure: a step listener (``EngineCore.add_step_listener``, beside the cost ledger's), which
+  sees every forward pass, its duration and the tokens of each request in it.
 * dollars and joules: the cost ledger's running totals (``ctx.ledger.totals()``), so $ per
   million tokens and J per token are machine cost / tokens over the window.
 * host-roofline efficiency: decode steps of the last minute, bytes they had to read (the
@@ -155,8 +155,7 @@ class DashboardState:
         self.itl = _Ring(32768)   # ~16 s of 64 streams at 30 tokens/s
         _tap(metrics.ttft, self.ttft)
         _tap(metrics.itl, self.itl)
-        self._previous_hook = self.core.step_hook
-        self.core.step_hook = self._on_step
+        self.core.add_step_listener(self._on_step)
         # roofline inputs
         model = getattr(self.core.executor, "model", None)
         self.weight_bytes = decode_weight_bytes(model) if model is not None else None
@@ -173,8 +172,6 @@ class DashboardState:
 
     # ------------------------------------------------------------------ engine thread
     def _on_step(self, seconds: float, tokens_by_request: dict[str, int]) -> None:
-        if self._previous_hook is not None:
-            self._previous_hook(seconds, tokens_by_request)
         if self._hook_failed:
             return
         try:

@@ -3,7 +3,6 @@ run (engine outputs -> text / tool-call events), independent of any wire format.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fnmatch
 import functools
 import itertools
@@ -17,7 +16,9 @@ from typing import Any, AsyncIterator
 
 from tokenfactory.api.errors import APIError
 from tokenfactory.api.metrics import Metrics
-from tokenfactory.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from tokenfactory.engine.async_engine import (
+    AsyncEngine, EngineDeadError, EngineOverloadedError, PendingOutput,
+)
 from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.engine.scheduler import AdmissionError
@@ -103,7 +104,7 @@ class ServingContext:
                                  ApiPrices(options.price_input_per_million,
                                            options.price_output_per_million))
         # Every forward pass is charged to the requests in it, by tokens processed.
-        engine.core.step_hook = self.ledger.record_step
+        engine.core.add_step_listener(self.ledger.record_step)
         metrics.attach_ledger(self.ledger)
         self._prompt_pool = ThreadPoolExecutor(max_workers=max(1, options.prompt_threads),
                                                thread_name_prefix="tokenfactory-prompt")
@@ -375,9 +376,7 @@ class Generation:
         # The pump task drains the engine's stream as fast as it arrives and keeps only what the
         # consumer has not taken yet, merged into one output (see _pump).
         self._pump_task: asyncio.Task | None = None
-        self._latest: RequestOutput | None = None   # newest output not yet taken
-        self._texts: list[str] = []                 # new_text of every output merged into it
-        self._new_ids: list[int] = []               # and their new_token_ids
+        self._pending = PendingOutput()   # newest output not yet taken, deltas merged
         self._num_delivered = 0
         self._error: BaseException | None = None
         self._pump_done = False
@@ -396,7 +395,7 @@ class Generation:
         return APIError(500, f"internal error: {type(exc).__name__}")
 
     async def _pump(self) -> None:
-        """Move the engine's outputs into ``_latest`` as soon as they arrive.
+        """Move the engine's outputs into ``_pending`` as soon as they arrive.
 
         The engine thread can run far ahead of the client (a scripted or small model steps
         faster than the event loop frames SSE), and every RequestOutput it emits is a snapshot
@@ -406,17 +405,15 @@ class Generation:
         that high-water mark as RSS. Here, an output the consumer has not taken yet is replaced
         by the next one, whose delta (``new_text``, ``new_token_ids``) is appended: at most
         one pending output per request, and a slow client receives the text that accumulated
-        in one frame instead of one frame per token (the same merging as vLLM's output
-        collector). When the consumer keeps up, every output is delivered on its own.
+        in one frame instead of one frame per token (the engine's ``PendingOutput``, which
+        also merges between the engine thread and the event loop). When the consumer keeps
+        up, every output is delivered on its own.
         """
         try:
             async for out in self._agen:
                 if self.trace is not None:
                     self.trace.mark_output(out)
-                comp = out.outputs[0]
-                self._texts.append(comp.new_text)
-                self._new_ids.extend(comp.new_token_ids)
-                self._latest = out
+                self._pending.add(out)
                 self._ready.set()
         except asyncio.CancelledError:
             raise
@@ -427,20 +424,15 @@ class Generation:
             self._ready.set()
 
     def _take(self) -> RequestOutput:
-        out, texts, ids = self._latest, self._texts, self._new_ids
-        self._latest, self._texts, self._new_ids = None, [], []
-        if len(texts) > 1:  # several outputs merged: one delta covering all of them
-            comp = dataclasses.replace(out.outputs[0], new_text="".join(texts), new_token_ids=ids)
-            out = dataclasses.replace(out, outputs=[comp])
         self._num_delivered += 1
-        return out
+        return self._pending.take()
 
     async def start(self) -> None:
         if self.trace is not None:
             self.trace.mark_submitted(self.request_id)
         self._pump_task = asyncio.ensure_future(self._pump())
         await asyncio.sleep(0)  # run generate() up to its first suspension (where it raises)
-        if self._pump_done and self._error is not None and self._latest is None:
+        if self._pump_done and self._error is not None and not self._pending:
             exc, self._error = self._error, None
             self.ctx.metrics.requests_rejected.inc()
             raise self._map_error(exc)
@@ -452,7 +444,7 @@ class Generation:
                 await self._pump_task
             except BaseException:  # noqa: BLE001 - cancelled on purpose
                 pass
-        self._latest, self._texts, self._new_ids = None, [], []
+        self._pending = PendingOutput()
         self.ctx.activity += 1
         await self._agen.aclose()
         cost = self.cost
@@ -466,7 +458,7 @@ class Generation:
         if self._pump_task is None:
             await self.start()
         while True:
-            if self._latest is not None:
+            if self._pending:
                 yield self._take()
                 continue
             if self._pump_done:

@@ -10,8 +10,8 @@
   (or the response's own id, ``msg_...`` / ``chatcmpl-...``). A tenant key sees its own
   requests' traces only (another tenant's is a 404, as if it did not exist); the operator's
   metrics key sees every trace; without keys configured, traces are open like the API;
-* a step hook chained in front of the one already on ``engine.core`` (the cost ledger's, the
-  dashboard's): each forward pass that carries a traced request adds a prefill chunk or a
+* a step listener on ``engine.core`` (``add_step_listener``, registered after the cost
+  ledger's): each forward pass that carries a traced request adds a prefill chunk or a
   decode step to its trace, with the pass's time and the request's token share of it;
 * with ``otlp_endpoint``, each finished trace exported as OpenTelemetry spans over OTLP/HTTP
   (protobuf), from a background thread (the SDK's batch processor).
@@ -328,16 +328,13 @@ class Tracer:
         self.live: dict[str, RequestTrace] = {}   # engine request id -> trace
         self.core = ctx.engine.core
         self._hook_failed = False
-        self._previous_hook = self.core.step_hook
-        self.core.step_hook = self._on_step
+        self.core.add_step_listener(self._on_step)   # after the ledger's (serving.py)
         self.otel = None
         if otlp_endpoint or exporter is not None:
             from tokenfactory.api.trace_otel import OtelExport
             self.otel = OtelExport(otlp_endpoint, exporter=exporter)
 
     def _on_step(self, seconds: float, tokens_by_request: dict[str, int]) -> None:
-        if self._previous_hook is not None:
-            self._previous_hook(seconds, tokens_by_request)
         if self._hook_failed or not self.live:
             return
         try:

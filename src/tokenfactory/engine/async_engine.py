@@ -5,6 +5,7 @@ on a forward pass. Each request gets an asyncio.Queue of RequestOutputs; cancell
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -24,6 +25,45 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine thread has died; the server must be restarted."""
+
+
+class PendingOutput:
+    """A request's newest output not yet taken by its consumer, with the deltas (``new_text``,
+    ``new_token_ids``) of the outputs it replaced.
+
+    Every RequestOutput is a snapshot carrying the whole token list, text and logprobs so far,
+    so a newer one supersedes an older one except for what each added; keeping only the newest
+    plus the concatenated deltas bounds what waits for a slow consumer to one output per
+    request (the same merging as vLLM's output collector). The async engine uses it between
+    its thread and the event loop, and the HTTP layer between the event loop and a slow
+    client. The deltas are joined once, on ``take``, not on every merge."""
+
+    __slots__ = ("latest", "_texts", "_ids")
+
+    def __init__(self) -> None:
+        self.latest: RequestOutput | None = None
+        self._texts: list[str] = []
+        self._ids: list[int] = []
+
+    def add(self, out: RequestOutput) -> None:
+        comp = out.outputs[0]
+        self._texts.append(comp.new_text)
+        self._ids.extend(comp.new_token_ids)
+        self.latest = out
+
+    def take(self) -> RequestOutput:
+        """The merged output (the newest snapshot with every delta since the last take)."""
+        out, texts, ids = self.latest, self._texts, self._ids
+        if out is None:
+            raise LookupError("no pending output")
+        self.latest, self._texts, self._ids = None, [], []
+        if len(texts) > 1:   # several outputs merged: one delta covering all of them
+            comp = dataclasses.replace(out.outputs[0], new_text="".join(texts), new_token_ids=ids)
+            out = dataclasses.replace(out, outputs=[comp])
+        return out
+
+    def __bool__(self) -> bool:
+        return self.latest is not None
 
 
 @dataclass
@@ -52,7 +92,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._undelivered: dict[str, list] = {}   # per request: items awaiting the event loop
+        # per request: items awaiting the event loop (exceptions, or a PendingOutput)
+        self._undelivered: dict[str, list] = {}
         self._lock = threading.Lock()
         self._pending_adds = 0
         self._pending_by_tenant: dict[str | None, int] = {}   # adds not yet in the core
@@ -163,15 +204,16 @@ class AsyncEngine:
             entry = self._streams.get(request_id)
             if entry is None:
                 return
+            if isinstance(item, RequestOutput):
+                pending = PendingOutput()
+                pending.add(item)
+                item = pending
             items = self._undelivered.get(request_id)
             if items:   # a hand-over is already scheduled: merge into it
                 last = items[-1]
-                if isinstance(last, RequestOutput) and isinstance(item, RequestOutput) \
-                        and not last.finished:
-                    new, old = item.outputs[0], last.outputs[0]
-                    new.new_text = old.new_text + new.new_text
-                    new.new_token_ids = old.new_token_ids + new.new_token_ids
-                    items[-1] = item
+                if isinstance(last, PendingOutput) and isinstance(item, PendingOutput) \
+                        and not last.latest.finished:
+                    last.add(item.latest)
                 else:
                     items.append(item)
                 return
@@ -187,7 +229,7 @@ class AsyncEngine:
         with self._lock:
             items = self._undelivered.pop(request_id, ())
         for item in items:
-            q.put_nowait(item)
+            q.put_nowait(item.take() if isinstance(item, PendingOutput) else item)
 
     def _handle_commands(self) -> None:
         while True:
