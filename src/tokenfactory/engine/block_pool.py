@@ -8,6 +8,10 @@ can only be found again by a request whose whole prefix up to and including it i
 Freed blocks keep their hash and go to the tail of an LRU free list; they are evicted (hash
 dropped) only when reused for new content. Pinned blocks (Anthropic ``cache_control`` TTLs)
 sit outside the free list until their pin expires, so nothing else can evict them.
+
+Subscribers (``subscribe``) receive the cache's changes as KV events (``kv_events.py``): a hash
+becoming findable, stopping being findable, or everything cleared. With no subscriber no event
+object is built.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from tokenfactory.engine.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored, KVEvent,
+                                           KVEventSubscriber)
 
 
 def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> bytes:
@@ -34,6 +41,8 @@ class Block:
     ref_count: int = 0
     block_hash: bytes | None = None
     token_ids: tuple[int, ...] = ()
+    parent_hash: bytes | None = None   # the previous block's hash in the chain (for events)
+    cache_salt: str | None = None      # the tenant salt mixed into block_hash (for events)
     pin_expiry: float = 0.0   # clock time until which the block may not be evicted
     pin_ttl: float = 0.0      # refresh interval applied on every hit
 
@@ -69,6 +78,30 @@ class BlockPool:
         self.cached: dict[bytes, int] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self._subscribers: list[KVEventSubscriber] = []
+
+    # ----------------------------------------------------------------- events
+    def subscribe(self, fn: KVEventSubscriber) -> None:
+        """Call ``fn(events)`` after every pool operation that changed the cached index, with
+        that operation's events in order. Subscribe before the pool is used (or after a reset)
+        to see a complete history."""
+        self._subscribers.append(fn)
+
+    def unsubscribe(self, fn: KVEventSubscriber) -> None:
+        self._subscribers.remove(fn)
+
+    def _emit(self, events: list[KVEvent]) -> None:
+        if events:
+            for fn in self._subscribers:
+                fn(events)
+
+    def _forget(self, b: Block, events: list[KVEvent] | None) -> None:
+        """Drop a block's content hash (its page is about to hold something else)."""
+        if self.cached.get(b.block_hash) == b.block_id:
+            del self.cached[b.block_hash]
+            if events is not None:
+                events.append(BlockRemoved(b.block_hash, b.block_id))
+        b.block_hash, b.token_ids, b.parent_hash, b.cache_salt = None, (), None, None
 
     # ---------------------------------------------------------------- queries
     def num_available(self) -> int:
@@ -119,16 +152,17 @@ class BlockPool:
         if n > self.num_available():
             raise RuntimeError(f"asked for {n} KV blocks, {len(self.free)} available")
         out = []
+        events: list[KVEvent] | None = [] if self._subscribers else None
         for _ in range(n):
             bid, _ = self.free.popitem(last=False)
             b = self.blocks[bid]
             if b.block_hash is not None:
-                if self.cached.get(b.block_hash) == bid:
-                    del self.cached[b.block_hash]
-                b.block_hash, b.token_ids = None, ()
+                self._forget(b, events)
             b.pin_expiry = b.pin_ttl = 0.0
             b.ref_count = 1
             out.append(bid)
+        if events:
+            self._emit(events)
         return out
 
     def free_blocks(self, block_ids: Sequence[int]) -> None:
@@ -149,16 +183,24 @@ class BlockPool:
                 else:
                     self.free[bid] = None
 
-    def cache_block(self, block_id: int, block_hash: bytes, token_ids: Sequence[int]) -> None:
-        """Register a block whose KV is now fully computed under its content hash."""
+    def cache_block(self, block_id: int, block_hash: bytes, token_ids: Sequence[int],
+                    parent_hash: bytes | None = None, cache_salt: str | None = None) -> bool:
+        """Register a block whose KV is now fully computed under its content hash. Returns
+        True when the hash became findable here (False: caching is off, the block already
+        had a hash, or an identical block is already the canonical copy)."""
         if not self.enable_prefix_caching:
-            return
+            return False
         b = self.blocks[block_id]
         if b.block_hash is not None:
-            return
+            return False
         b.block_hash, b.token_ids = block_hash, tuple(token_ids)
+        b.parent_hash, b.cache_salt = parent_hash, cache_salt
         # If an identical block is already cached, keep the older one as the canonical copy.
-        self.cached.setdefault(block_hash, block_id)
+        if self.cached.setdefault(block_hash, block_id) != block_id:
+            return False
+        if self._subscribers:
+            self._emit([BlockStored(block_hash, parent_hash, b.token_ids, cache_salt, block_id)])
+        return True
 
     def pin(self, block_ids: Sequence[int], ttl_seconds: float) -> None:
         """Retain blocks against eviction for ``ttl_seconds`` from now (and on every hit)."""
@@ -197,11 +239,15 @@ class BlockPool:
         return len(released)
 
     def reset_prefix_cache(self) -> None:
-        """Forget all cached content (only blocks not in use)."""
+        """Forget all cached content (only blocks not in use). Subscribers get
+        ``AllBlocksCleared`` when nothing stays cached, else one ``BlockRemoved`` per hash."""
         for bid in list(self.pinned_free):
             self.free[bid] = None
         self.pinned_free.clear()
+        events: list[KVEvent] | None = [] if self._subscribers else None
         for b in self.blocks:
             if b.ref_count == 0 and b.block_hash is not None:
-                self.cached.pop(b.block_hash, None)
-                b.block_hash, b.token_ids, b.pin_expiry, b.pin_ttl = None, (), 0.0, 0.0
+                self._forget(b, events)
+                b.pin_expiry = b.pin_ttl = 0.0
+        if events:
+            self._emit([AllBlocksCleared()] if not self.cached else events)

@@ -1,10 +1,24 @@
-"""Per-request KV page management on top of the BlockPool: block tables and the prefix cache."""
+"""Per-request KV page management on top of the BlockPool: block tables, the prefix cache and
+its second tier (a ``KVConnector``: disk warehouse, remote pages)."""
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from tokenfactory.engine.block_pool import BlockPool, hash_block
+from tokenfactory.engine.block_pool import BlockPool, PoolStats, hash_block
+from tokenfactory.engine.kv_connector import KVConnector, NullConnector
 from tokenfactory.engine.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KVCacheStats(PoolStats):
+    """Pool counters plus the connector tier. ``prefix_hits`` counts every cached token
+    served (RAM or connector); ``connector_hits`` is the part the connector supplied."""
+    connector_queries: int = 0   # tokens asked of the connector (beyond the RAM hits)
+    connector_hits: int = 0      # tokens loaded from it
 
 
 def cdiv(a: int, b: int) -> int:
@@ -13,10 +27,30 @@ def cdiv(a: int, b: int) -> int:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 clock: Callable[[], float], max_pinned_fraction: float = 0.5):
+                 clock: Callable[[], float], max_pinned_fraction: float = 0.5,
+                 connector: KVConnector | None = None):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                               clock=clock, max_pinned_fraction=max_pinned_fraction)
+        # None when there is no second tier, so the hot paths skip it with one test
+        self.connector: KVConnector | None = None
+        self.connector_queries = 0
+        self.connector_hits = 0
+        if connector is not None:
+            self.attach_connector(connector)
+
+    def attach_connector(self, connector: KVConnector) -> None:
+        """Put ``connector`` behind the prefix cache (once; before requests arrive). For
+        callers that build the connector from the executor after the engine exists."""
+        if self.connector is not None:
+            raise ValueError("a KV connector is already attached")
+        if not isinstance(connector, NullConnector):
+            self.connector = connector
+
+    def stats(self) -> KVCacheStats:
+        s = self.pool.stats()
+        return KVCacheStats(**vars(s), connector_queries=self.connector_queries,
+                            connector_hits=self.connector_hits)
 
     @property
     def num_blocks(self) -> int:
@@ -43,8 +77,51 @@ class KVCacheManager:
         max_blocks = (request.num_tokens - 1) // bs
         self._update_hashes(request, request.num_tokens)
         hashes = request.block_hashes[:max_blocks]
-        return self.pool.lookup_prefix(
-            hashes, [request.token_slice(i * bs, (i + 1) * bs) for i in range(len(hashes))])
+        tokens = [request.token_slice(i * bs, (i + 1) * bs) for i in range(len(hashes))]
+        hits = self.pool.lookup_prefix(hashes, tokens)
+        if self.connector is not None and len(hits) < len(hashes):
+            hits = hits + self._load_from_connector(request, hashes, tokens, hits)
+        return hits
+
+    def _load_from_connector(self, request: Request, hashes: Sequence[bytes],
+                             tokens: Sequence[Sequence[int]], hits: list[int]) -> list[int]:
+        """Pages for the blocks after the RAM hits, loaded from the connector and registered
+        in the prefix cache. They are returned unreferenced (like RAM hits), at the recently
+        used end of the free list, for ``allocate_slots`` to take."""
+        start = len(hits)
+        rest = hashes[start:]
+        self.connector_queries += len(rest) * self.block_size
+        try:
+            n = min(int(self.connector.lookup(rest)), len(rest))
+        except Exception:  # noqa: BLE001 - a broken tier must not fail admission
+            log.exception("KV connector lookup failed; recomputing")
+            return []
+        if n <= 0:
+            return []
+        # Hold the RAM hits so taking fresh pages cannot evict them.
+        self.pool.touch(hits)
+        fresh: list[int] = []
+        loaded = 0
+        try:
+            n = min(n, self.pool.num_available())
+            if n <= 0:
+                return []
+            fresh = self.pool.allocate(n)
+            try:
+                loaded = int(self.connector.load(rest[:n], fresh, tokens[start:start + n]))
+            except Exception:  # noqa: BLE001
+                log.exception("KV connector load failed; recomputing")
+                loaded = 0
+            loaded = max(0, min(loaded, n))
+            for i in range(loaded):
+                j = start + i
+                self.pool.cache_block(fresh[i], hashes[j], tokens[j],
+                                      hashes[j - 1] if j else None, request.cache_salt)
+        finally:
+            # tail first: unloaded pages (no hash) go to the head, the prefix stays warmest
+            self.pool.free_blocks(list(reversed(hits + fresh)))
+        self.connector_hits += loaded * self.block_size
+        return fresh[:loaded]
 
     def blocks_needed(self, request: Request, num_new_tokens: int, num_reused: int = 0) -> int:
         total = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size)
@@ -78,11 +155,23 @@ class KVCacheManager:
         bs = self.block_size
         n_full = min(request.num_computed_tokens, request.num_tokens) // bs
         self._update_hashes(request, n_full * bs)
+        hashes = request.block_hashes
+        new: list[int] = []   # block indexes cached by this call
         for i in range(n_full):
             bid = request.block_ids[i]
             if self.pool.blocks[bid].block_hash is None:
-                self.pool.cache_block(bid, request.block_hashes[i],
-                                      request.token_slice(i * bs, (i + 1) * bs))
+                self.pool.cache_block(bid, hashes[i], request.token_slice(i * bs, (i + 1) * bs),
+                                      hashes[i - 1] if i else None, request.cache_salt)
+                new.append(i)
+        if new and self.connector is not None:
+            # each call caches a contiguous run (earlier blocks were cached by earlier steps)
+            try:
+                self.connector.save([hashes[i] for i in new],
+                                    [request.block_ids[i] for i in new],
+                                    [request.token_slice(i * bs, (i + 1) * bs) for i in new],
+                                    hashes[new[0] - 1] if new[0] else None)
+            except Exception:  # noqa: BLE001 - the pages stay cached in RAM regardless
+                log.exception("KV connector save failed")
 
     def pin_breakpoints(self, request: Request) -> None:
         """Retain pages covering each cache breakpoint (Anthropic ``cache_control`` TTL)."""
@@ -91,6 +180,11 @@ class KVCacheManager:
             blocks = [b for b in request.block_ids[:n_blocks]
                       if self.pool.blocks[b].block_hash is not None]
             self.pool.pin(blocks, bp.ttl_seconds)
+            if self.connector is not None and n_blocks:
+                try:
+                    self.connector.retain(request.block_hashes[:n_blocks], bp.ttl_seconds)
+                except Exception:  # noqa: BLE001
+                    log.exception("KV connector retain failed")
 
     def free(self, request: Request) -> None:
         # Tail first: the end of a sequence is the least likely to be shared, evict it first.
