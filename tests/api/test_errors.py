@@ -82,7 +82,7 @@ def test_routes_and_methods(server):
 
 def test_openai_bad_requests(server):
     base = {"model": "tf-test", "messages": [{"role": "user", "content": "x"}]}
-    check_openai(post(server, "/v1/chat/completions", {**base, "n": 2}), 400,
+    check_openai(post(server, "/v1/chat/completions", {**base, "n": 17}), 400,
                  "invalid_request_error")
     check_openai(post(server, "/v1/chat/completions", {**base, "temperature": 3}), 400,
                  "invalid_request_error")

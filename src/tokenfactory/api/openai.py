@@ -5,6 +5,9 @@ as ``usage.prompt_tokens_details.cached_tokens`` (a subset of ``prompt_tokens``)
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -23,6 +26,7 @@ from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_
                                   openai_frame, with_keepalive)
 from tokenfactory.api.trace import trace_of
 from tokenfactory.text.chat_template import ChatTemplateError
+from tokenfactory.text.grammar import compiler_for
 from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
                                             ToolCallStart, get_tool_parser, render_tool_call_text)
 
@@ -113,10 +117,8 @@ def _tool_mode(ctx: ServingContext, body: ChatCompletionRequest) -> tuple[str, s
 
 
 def _sampling(ctx: ServingContext, body, num_prompt: int, requested: int | None,
-              structured_output=None):
-    if body.n not in (None, 1):
-        raise APIError(400, f"n must be 1 (got {body.n}); several choices are not supported",
-                       param="n")
+              structured_output=None, *, logprobs: int | None = None,
+              prompt_logprobs: int | None = None):
     max_tokens, clamped = ctx.effective_max_tokens(num_prompt, requested)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > ctx.options.max_stop_sequences:
@@ -138,13 +140,191 @@ def _sampling(ctx: ServingContext, body, num_prompt: int, requested: int | None,
                                                 1.0),
         ignore_eos=bool(body.ignore_eos),
         min_tokens=body.min_tokens or 0, stop_token_ids=body.stop_token_ids or [],
-        structured_output=structured_output)
+        structured_output=structured_output, logit_bias=_logit_bias(body.logit_bias, vocab),
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     return make_sampling_params(**kw), max_tokens, clamped
 
 
-def _usage(out) -> dict:
-    p, c = len(out.prompt_token_ids), max(out.num_cached_tokens, 0)
-    n = len(out.outputs[0].token_ids)
+def _logit_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}`` (JSON keys are strings) as {id: bias}, ids checked
+    against the vocabulary (bounds on the values: SamplingParams)."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key[:40]!r}",
+                           param="logit_bias") from None
+        if not 0 <= tid < (vocab or 2**31):
+            raise APIError(400, f"logit_bias: token id {tid} is not in [0, {vocab})",
+                           param="logit_bias")
+        out[tid] = value
+    return out
+
+
+def _choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """One seed per choice: choice i of a seeded request uses ``seed + i`` (kept in the 64-bit
+    range), so each choice is reproducible and no two are the same sample."""
+    if seed is None:
+        return [None] * n
+    return [seed] + [(seed + i + 2**63) % 2**64 - 2**63 for i in range(1, n)]
+
+
+def _choice_params(params, n: int) -> list:
+    return [params] + [dataclasses.replace(params, seed=s)
+                       for s in _choice_seeds(params.seed, n)[1:]]
+
+
+class _Tracked(Generation):
+    """A Generation that remembers the engine output whose events it is yielding, so a
+    stream can attach the log probabilities of exactly the tokens a chunk carries."""
+
+    last_output = None
+
+    def _take(self):
+        out = super()._take()
+        self.last_output = out
+        return out
+
+
+async def _start_all(ctx: ServingContext, cid: str, ids: list[int], params_list: list,
+                     tenant: str | None, trace, parser_name: str | None = None,
+                     parser_prefill: str = "") -> list[Generation]:
+    """Submit one engine request per choice (each with its own tool parser); if one cannot
+    start, those already submitted are aborted."""
+    gens: list[Generation] = []
+    try:
+        for i, params in enumerate(params_list):
+            gen = _Tracked(ctx, cid if i == 0 else f"{cid}-{i}", ids, params, cache_salt=tenant,
+                           breakpoints=[], overload_status=429, trace=trace if i == 0 else None,
+                           parser=get_tool_parser(parser_name)() if parser_name else None,
+                           parser_prefill=parser_prefill)
+            gens.append(gen)
+            await gen.start()
+    except BaseException:
+        for gen in gens:
+            await gen.close()
+        raise
+    return gens
+
+
+_DONE = object()
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, event) from every generation as they arrive; one choice's failure ends
+    the whole stream (the others are aborted)."""
+    if len(gens) == 1:
+        async for ev in gens[0].events():
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def run(i: int, gen: Generation) -> None:
+        try:
+            async for ev in gen.events():
+                await queue.put((i, ev))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put((i, exc))
+            return
+        await queue.put((i, _DONE))
+
+    tasks = [asyncio.ensure_future(run(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, ev = await queue.get()
+            if ev is _DONE:
+                remaining -= 1
+            elif isinstance(ev, BaseException):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+
+# ------------------------------------------------------------------ log probabilities
+def _token_bytes(ctx: ServingContext, token_id: int) -> bytes:
+    """The exact bytes of one token (a piece of a multi-byte character stays a piece):
+    llguidance's view of the tokenizer, which text/grammar.py builds once per tokenizer."""
+    try:
+        return compiler_for(ctx.tokenizer).ll_tokenizer.decode_bytes([token_id])
+    except Exception:  # noqa: BLE001 - a tokenizer llguidance cannot read: its own decode
+        return ctx.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+def _is_special(ctx: ServingContext, token_id: int) -> bool:
+    try:
+        return bool(compiler_for(ctx.tokenizer).ll_tokenizer.is_special_token(token_id))
+    except Exception:  # noqa: BLE001 - as _token_bytes
+        return False
+
+
+def _token_str(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _top(position: dict, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely tokens of one position's {id: Logprob}, best first."""
+    ranked = sorted(position.items(), key=lambda kv: -kv[1].logprob)
+    return [(tid, lp.logprob) for tid, lp in ranked[:k]]
+
+
+def _chat_logprobs(ctx: ServingContext, comp, start: int, end: int, k: int) -> list[dict]:
+    """OpenAI chat ``logprobs.content`` entries for output positions [start, end)."""
+    entries = []
+    for pos in range(start, end):
+        tid, position = comp.token_ids[pos], comp.logprobs[pos]
+        raw = _token_bytes(ctx, tid)
+        entries.append({"token": _token_str(raw), "logprob": position[tid].logprob,
+                        "bytes": list(raw), "top_logprobs": [
+                            {"token": _token_str(b), "logprob": lp, "bytes": list(b)}
+                            for b, lp in ((_token_bytes(ctx, t), lp)
+                                          for t, lp in _top(position, k))]})
+    return entries
+
+
+class _CompletionLogprobs:
+    """The completions API's ``logprobs`` object (tokens, token_logprobs, top_logprobs,
+    text_offset), built position by position; prompt positions first when echoing."""
+
+    def __init__(self, ctx: ServingContext, k: int, offset: int = 0):
+        self.ctx, self.k, self.offset = ctx, k, offset
+
+    def build(self, token_ids: list[int], positions: list) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                "text_offset": []}
+        for tid, position in zip(token_ids, positions):
+            tok = _token_str(_token_bytes(self.ctx, tid))
+            out["tokens"].append(tok)
+            out["text_offset"].append(self.offset)
+            if not _is_special(self.ctx, tid):   # special tokens are not in the echoed text
+                self.offset += len(tok)
+            if position is None:   # the first prompt token: nothing before it to predict it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(position[tid].logprob)
+            out["top_logprobs"].append({_token_str(_token_bytes(self.ctx, t)): lp
+                                        for t, lp in _top(position, self.k)})
+        return out
+
+
+def _usage(outs) -> dict:
+    """One usage for all choices: the prompt counted once, completion tokens summed (as
+    OpenAI reports ``n`` > 1)."""
+    outs = outs if isinstance(outs, list) else [outs]
+    p, c = len(outs[0].prompt_token_ids), max(outs[0].num_cached_tokens, 0)
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
             "prompt_tokens_details": {"cached_tokens": c}}
 
@@ -168,9 +348,10 @@ def _headers(max_tokens: int, clamped: bool, requested) -> dict:
 # ------------------------------------------------------------------ chat completions
 async def create_chat_completion(ctx: ServingContext, request: Request,
                                  body: ChatCompletionRequest, tenant: str | None):
-
     trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     mode, name = _tool_mode(ctx, body)
     tools = [{"type": "function", "function": {
         "name": t.function.name, "description": t.function.description or "",
@@ -202,23 +383,37 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     if trace is not None:
         trace.mark_tokenized(len(ids))
     requested = body.max_completion_tokens or body.max_tokens
-    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, structured_output)
-    parser = get_tool_parser(ctx.parser_name)() if use_parser else None
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, structured_output,
+                                            logprobs=k)
     cid = ctx.new_request_id("chatcmpl-")
-    gen = Generation(ctx, cid, ids, params, cache_salt=tenant, breakpoints=[], parser=parser,
-                     parser_prefill=prefill, overload_status=429, trace=trace)
-    await gen.start()
+    gens = await _start_all(ctx, cid, ids, _choice_params(params, body.n or 1), tenant, trace,
+                            ctx.parser_name if use_parser else None, prefill)
     headers = {**_headers(max_tokens, clamped, requested),
                **ctx.tools_dropped_headers(len(tools or []))}
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _chat_stream(ctx, gen, body.model, cid, created, include_usage)
+        frames = _chat_stream(ctx, gens, body.model, cid, created, include_usage, k)
         return StreamingResponse(with_keepalive(frames, ctx.options.ping_interval, OPENAI_KEEPALIVE),
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-    result = await collect_unless_disconnected(request, _chat_collect(ctx, gen, body.model, cid,
-                                                                      created))
-    return JSONResponse(result, headers={**headers, **cost_headers(gen)})
+    result = await collect_unless_disconnected(request, _chat_collect(ctx, gens, body.model, cid,
+                                                                      created, k))
+    return JSONResponse(result, headers={**headers, **_cost_headers(gens)})
+
+
+def _cost_headers(gens: list[Generation]) -> dict[str, str]:
+    """The bill of all choices: each header's figures summed over the choices."""
+    heads = [cost_headers(g) for g in gens]
+    if len(heads) == 1 or not heads[0]:
+        return heads[0]
+    out = {}
+    for name in heads[0]:
+        try:
+            out[name] = f"{sum(float(h[name]) for h in heads):.6g}"
+        except (KeyError, ValueError):
+            out[name] = heads[0][name]
+    return out
 
 
 class _ToolCallAccumulator:
@@ -248,51 +443,69 @@ class _ToolCallAccumulator:
         return None
 
 
-async def _chat_collect(ctx, gen: Generation, model: str, cid: str, created: int) -> dict:
-    acc = _ToolCallAccumulator(ctx)
-    text, final = [], None
+async def _chat_collect(ctx, gens: list[Generation], model: str, cid: str, created: int,
+                        k: int | None) -> dict:
+    accs = [_ToolCallAccumulator(ctx) for _ in gens]
+    texts: list[list[str]] = [[] for _ in gens]
+    finals: list[Any] = [None] * len(gens)
     try:
-        async for ev in gen.events():
+        async for i, ev in _merged(gens):
             if isinstance(ev, Finished):
-                final = ev.output
+                finals[i] = ev.output
             elif not isinstance(ev, Started):
-                d = acc.feed(ev)
+                d = accs[i].feed(ev)
                 if d and "content" in d:
-                    text.append(d["content"])
+                    texts[i].append(d["content"])
     except GenerationFailed as exc:
         raise APIError(500, f"generation failed: {exc}") from None
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
-    if acc.calls:
-        message["tool_calls"] = acc.calls
+    choices = []
+    for i, (acc, final) in enumerate(zip(accs, finals)):
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts[i]) or None}
+        if acc.calls:
+            message["tool_calls"] = acc.calls
+        comp = final.outputs[0]
+        logprobs = None
+        if k is not None:
+            logprobs = {"content": _chat_logprobs(ctx, comp, 0, len(comp.logprobs or ()), k),
+                        "refusal": None}
+        choices.append({"index": i, "message": message, "logprobs": logprobs,
+                        "finish_reason": _finish_reason(final, len(acc.calls))})
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": _finish_reason(final, len(acc.calls))}],
-            "usage": _usage(final)}
+            "choices": choices, "usage": _usage(finals)}
 
 
-async def _chat_stream(ctx, gen: Generation, model: str, cid: str, created: int,
-                       include_usage: bool) -> AsyncIterator[str]:
-    acc = _ToolCallAccumulator(ctx)
+async def _chat_stream(ctx, gens: list[Generation], model: str, cid: str, created: int,
+                       include_usage: bool, k: int | None) -> AsyncIterator[str]:
+    accs = [_ToolCallAccumulator(ctx) for _ in gens]
+    sent = [0] * len(gens)        # output positions whose logprobs went out, per choice
+    finals: list[Any] = [None] * len(gens)
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
+    def chunk(i: int, delta: dict, finish: str | None = None, out=None) -> str:
+        logprobs = None
+        if k is not None and out is not None:
+            comp = out.outputs[0]
+            end = len(comp.logprobs or ())
+            logprobs = {"content": _chat_logprobs(ctx, comp, sent[i], end, k), "refusal": None}
+            sent[i] = end
         return openai_frame({"id": cid, "object": "chat.completion.chunk", "created": created,
-                             "model": model, "choices": [{"index": 0, "delta": delta,
-                                                          "logprobs": None,
+                             "model": model, "choices": [{"index": i, "delta": delta,
+                                                          "logprobs": logprobs,
                                                           "finish_reason": finish}]})
     try:
-        async for ev in gen.events():
+        async for i, ev in _merged(gens):
             if isinstance(ev, Started):
-                yield chunk({"role": "assistant", "content": ""})
+                yield chunk(i, {"role": "assistant", "content": ""})
             elif isinstance(ev, Finished):
-                yield chunk({}, _finish_reason(ev.output, len(acc.calls)))
-                if include_usage:
+                finals[i] = ev.output
+                yield chunk(i, {}, _finish_reason(ev.output, len(accs[i].calls)), ev.output)
+                if include_usage and all(f is not None for f in finals):
                     yield openai_frame({"id": cid, "object": "chat.completion.chunk",
                                         "created": created, "model": model, "choices": [],
-                                        "usage": _usage(ev.output)})
+                                        "usage": _usage(finals)})
             else:
-                d = acc.feed(ev)
+                d = accs[i].feed(ev)
                 if d:
-                    yield chunk(d)
+                    yield chunk(i, d, out=gens[i].last_output)
     except APIError as exc:
         yield openai_frame(openai_error_body(exc.status, exc.message))
     except GenerationFailed as exc:
@@ -306,7 +519,6 @@ async def _chat_stream(ctx, gen: Generation, model: str, cid: str, created: int,
 # ------------------------------------------------------------------------ completions
 async def create_completion(ctx: ServingContext, request: Request, body: CompletionRequest,
                             tenant: str | None):
-
     trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)
     prompt = body.prompt
@@ -333,58 +545,86 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
     if trace is not None:
         trace.mark_tokenized(len(ids))
     requested = body.max_tokens or 16   # the completions API's documented default
-    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested)
+    k = body.logprobs
+    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, logprobs=k,
+                                            prompt_logprobs=k if body.echo else None)
     cid = ctx.new_request_id("cmpl-")
-    gen = Generation(ctx, cid, ids, params, cache_salt=tenant, breakpoints=[],
-                     overload_status=429, trace=trace)
-    await gen.start()
+    gens = await _start_all(ctx, cid, ids, _choice_params(params, body.n or 1), tenant, trace)
     headers = _headers(max_tokens, clamped, requested)
     created = int(time.time())
     echo = (text if text is not None else ctx.tokenizer.decode(ids)) if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _completion_stream(gen, body.model, cid, created, echo, include_usage)
+        frames = _completion_stream(ctx, gens, body.model, cid, created, echo, include_usage, k)
         return StreamingResponse(with_keepalive(frames, ctx.options.ping_interval, OPENAI_KEEPALIVE),
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     async def collect():
-        parts, final = [echo], None
+        parts: list[list[str]] = [[echo] for _ in gens]
+        finals: list[Any] = [None] * len(gens)
         try:
-            async for ev in gen.events():
+            async for i, ev in _merged(gens):
                 if isinstance(ev, TextEvent):
-                    parts.append(ev.text)
+                    parts[i].append(ev.text)
                 elif isinstance(ev, Finished):
-                    final = ev.output
+                    finals[i] = ev.output
         except GenerationFailed as exc:
             raise APIError(500, f"generation failed: {exc}") from None
+        choices = []
+        for i, final in enumerate(finals):
+            logprobs = None
+            if k is not None:
+                lp = _CompletionLogprobs(ctx, k)
+                logprobs = _join_logprobs(
+                    lp.build(final.prompt_token_ids, final.prompt_logprobs or []) if echo else None,
+                    lp.build(final.outputs[0].token_ids, final.outputs[0].logprobs or []))
+            choices.append({"index": i, "text": "".join(parts[i]), "logprobs": logprobs,
+                            "finish_reason": _finish_reason(final, 0)})
         return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": "".join(parts), "logprobs": None,
-                             "finish_reason": _finish_reason(final, 0)}],
-                "usage": _usage(final)}
+                "choices": choices, "usage": _usage(finals)}
 
     result = await collect_unless_disconnected(request, collect())
-    return JSONResponse(result, headers={**headers, **cost_headers(gen)})
+    return JSONResponse(result, headers={**headers, **_cost_headers(gens)})
 
 
-async def _completion_stream(gen: Generation, model: str, cid: str, created: int, echo: str,
-                             include_usage: bool) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None) -> str:
+def _join_logprobs(a: dict | None, b: dict) -> dict:
+    return b if a is None else {key: a[key] + b[key] for key in b}
+
+
+async def _completion_stream(ctx, gens: list[Generation], model: str, cid: str, created: int,
+                             echo: str, include_usage: bool, k: int | None) -> AsyncIterator[str]:
+    lps = [_CompletionLogprobs(ctx, k) if k is not None else None for _ in gens]
+    sent = [0] * len(gens)
+    finals: list[Any] = [None] * len(gens)
+
+    def chunk(i: int, text: str, finish: str | None = None, out=None,
+              prompt: bool = False) -> str:
+        logprobs = None
+        if lps[i] is not None and out is not None:
+            if prompt:
+                logprobs = lps[i].build(out.prompt_token_ids, out.prompt_logprobs or [])
+            else:
+                comp = out.outputs[0]
+                end = len(comp.logprobs or ())
+                logprobs = lps[i].build(comp.token_ids[sent[i]:end], comp.logprobs[sent[i]:end])
+                sent[i] = end
         return openai_frame({"id": cid, "object": "text_completion", "created": created,
-                             "model": model, "choices": [{"index": 0, "text": text,
-                                                          "logprobs": None,
+                             "model": model, "choices": [{"index": i, "text": text,
+                                                          "logprobs": logprobs,
                                                           "finish_reason": finish}]})
     try:
-        async for ev in gen.events():
+        async for i, ev in _merged(gens):
             if isinstance(ev, Started) and echo:
-                yield chunk(echo)
+                yield chunk(i, echo, out=ev.output, prompt=True)
             elif isinstance(ev, TextEvent):
-                yield chunk(ev.text)
+                yield chunk(i, ev.text, out=gens[i].last_output)
             elif isinstance(ev, Finished):
-                yield chunk("", _finish_reason(ev.output, 0))
-                if include_usage:
+                finals[i] = ev.output
+                yield chunk(i, "", _finish_reason(ev.output, 0), ev.output)
+                if include_usage and all(f is not None for f in finals):
                     yield openai_frame({"id": cid, "object": "text_completion",
                                         "created": created, "model": model, "choices": [],
-                                        "usage": _usage(ev.output)})
+                                        "usage": _usage(finals)})
     except APIError as exc:
         yield openai_frame(openai_error_body(exc.status, exc.message))
     except GenerationFailed as exc:

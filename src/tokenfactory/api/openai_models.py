@@ -16,6 +16,9 @@ from tokenfactory.api.limits import check_nesting
 # At most this many stop_token_ids (vLLM has no limit; the sampler checks them every step, so
 # a million of them slowed every batch-mate). Each must also be in the vocabulary (openai.py).
 MAX_STOP_TOKEN_IDS = 1024
+# n choices per request: each is its own engine request (they share the prompt's cached pages).
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20      # the engine's bound (SamplingParams.MAX_LOGPROBS); OpenAI's is 20
 
 
 class _Open(BaseModel):
@@ -78,7 +81,7 @@ class _SamplingFields(_Open):
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
     top_k: StrictInt | None = None          # huge values are clamped to the vocabulary
     min_p: StrictFloat | None = None
-    n: StrictInt | None = 1
+    n: StrictInt | None = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
     stream: StrictBool | None = False
@@ -90,6 +93,8 @@ class _SamplingFields(_Open):
     min_tokens: StrictInt | None = None
     stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     user: str | None = None
+    # {"token id": bias}: JSON keys are strings; openai.py turns them into ids in the vocabulary
+    logit_bias: dict[str, StrictFloat] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -102,8 +107,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[StrictInt]
     echo: StrictBool | None = False
+    # the completions API's logprobs: how many top alternatives per position (0: the chosen only)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
