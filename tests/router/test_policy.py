@@ -70,7 +70,7 @@ def test_load_bound_beats_affinity():
     hashes = request_block_hashes(prompt, BS)
     index = PrefixIndex(2)
     index.apply(0, stored_events(prompt))
-    bound = LoadBound(extra_requests=2, ratio=1.25)
+    bound = LoadBound(extra_requests=2, ratio=1.25, blocks_per_request=0)
     hot = [ReplicaState(index[0], queue_depth=2, free_pages=5),
            ReplicaState(index[1], queue_depth=0, free_pages=50)]
     assert choose_replica(hashes, hot, "prefix", bound=bound) == 0       # within the slack
@@ -111,13 +111,13 @@ def test_least_loaded_breaks_ties_by_free_pages():
 
 
 def test_tenants_never_share_a_routing_hint():
-    prompt = list(range(40))
+    prompt = list(range(200))
     index = PrefixIndex(2)
     index.apply(0, stored_events(prompt, salt="tenant-a"))
     states = [ReplicaState(index[0], queue_depth=0), ReplicaState(index[1], queue_depth=0)]
     hashes_a = request_block_hashes(prompt, BS, "tenant-a")
     hashes_b = request_block_hashes(prompt, BS, "tenant-b")
-    assert matched_blocks(hashes_a, index[0]) == 10
+    assert matched_blocks(hashes_a, index[0]) == 50
     assert matched_blocks(hashes_b, index[0]) == 0
     assert not set(hashes_a) & set(hashes_b)
     # tenant A follows its cache to the busier replica; tenant B is placed by load alone
@@ -178,3 +178,15 @@ def test_index_matches_a_real_block_pool():
         run(f"b{i}", [100 + 30 * i + j for j in range(25)])
     assert matched_blocks(hashes, index) < 4
     assert set(index) == {core.kv.pool.blocks[b].block_hash for b in range(8)} - {None}
+
+
+def test_soft_load_cost_trades_cached_blocks_against_queued_requests():
+    prompt = list(range(64))                                    # 16 blocks
+    hashes = request_block_hashes(prompt, BS)
+    index = PrefixIndex(2)
+    index.apply(0, stored_events(prompt[:32]))                  # 8 blocks cached on replica 0
+    states = [ReplicaState(index[0], queue_depth=1), ReplicaState(index[1], queue_depth=0)]
+    # 8 blocks to prefill + 1 queued (worth 4 blocks) beats 16 blocks to prefill
+    assert choose_replica(hashes, states, "prefix", bound=LoadBound(blocks_per_request=4)) == 0
+    # ... but not when a queued request is worth more than the 8 blocks saved
+    assert choose_replica(hashes, states, "prefix", bound=LoadBound(blocks_per_request=9)) == 1

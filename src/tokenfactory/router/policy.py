@@ -5,9 +5,14 @@ states), so the same code routes live traffic (router/engine.py) and a simulated
 Policies:
 
 - ``prefix`` (default): the replica holding the longest run of the request's leading block
-  hashes, *bounded by load*: a replica whose queue exceeds the least loaded one's by more than
-  the ``LoadBound`` margin is not eligible, so one hot prefix spreads over several replicas
-  instead of melting one. Ties (including "nobody has any of it") go to the least loaded.
+  hashes, *bounded by load*, twice over. Hard: a replica whose queue exceeds the least loaded
+  one's by more than the ``LoadBound`` margin is not eligible, so one hot prefix spreads over
+  several replicas instead of melting one. Soft: among the eligible, the cost is the blocks
+  left to prefill plus ``LoadBound.blocks_per_request`` per request already queued there (as
+  NVIDIA Dynamo's KV router weighs overlap against load), so a prefix that every replica
+  holds (a shared system prompt) does not pull new sessions onto the busiest replicas while a
+  session's own long history still keeps it where that history is. Ties go to the least
+  loaded.
 - ``least-loaded``: the smallest queue, then the most free KV pages.
 - ``round-robin``: the next healthy replica in turn (cursor kept in ``RoundRobin``).
 
@@ -51,6 +56,8 @@ class LoadBound:
 
     extra_requests: int = 2
     ratio: float = 1.25
+    # what one queued request costs, in blocks of prefill it would take to make up for it
+    blocks_per_request: float = 32.0
 
     def limit(self, min_depth: int) -> float:
         return max(min_depth + self.extra_requests, min_depth * self.ratio)
@@ -64,12 +71,13 @@ class RoundRobin:
 
 
 def request_block_hashes(token_ids: Sequence[int], block_size: int,
-                         cache_salt: str | None = None) -> list[bytes]:
+                         cache_salt: str | None = None, *,
+                         parent: bytes | None = None) -> list[bytes]:
     """The chained hashes of every full block of ``token_ids``, exactly as the block pool
-    computes them (``engine.block_pool.hash_block`` with the salt as the extra key)."""
+    computes them (``engine.block_pool.hash_block`` with the salt as the extra key).
+    ``parent``: the hash of the block just before ``token_ids`` (extending a known prefix)."""
     extra = (("salt", cache_salt),) if cache_salt else ()
     out: list[bytes] = []
-    parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start:start + block_size], extra)
         out.append(parent)
@@ -110,5 +118,11 @@ def choose_replica(request_hashes: Sequence[bytes], replicas: Sequence[ReplicaSt
     min_depth = min(replicas[i].queue_depth for i in healthy)
     limit = bound.limit(min_depth)
     eligible = [i for i in healthy if replicas[i].queue_depth <= limit]
-    return max(eligible, key=lambda i: (matched_blocks(request_hashes, replicas[i].cached),
-                                        -replicas[i].queue_depth, replicas[i].free_pages, -i))
+    n = len(request_hashes)
+
+    def cost(i: int) -> tuple:
+        r = replicas[i]
+        to_prefill = n - matched_blocks(request_hashes, r.cached)
+        return (to_prefill + bound.blocks_per_request * r.queue_depth, r.queue_depth,
+                -r.free_pages, i)
+    return min(eligible, key=cost)
