@@ -2,6 +2,7 @@
 
     tokenfactory bench --workload agentic --target self,naive --json out.json
     tokenfactory bench --workload chat --target http://127.0.0.1:8080 --api openai --label llama.cpp
+    tokenfactory bench --workload edit --target self --server-arg=--speculative=ngram
     tokenfactory bench compare A.json B.json
     tokenfactory bench build-model --size 100m
 """
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="size of the built-in random checkpoint when --model is not given")
     p.add_argument("--model-name", default=None, help="`model` field sent to URL targets")
     p.add_argument("--label", default=None, help="name of a URL target in reports (e.g. llama.cpp)")
+    p.add_argument("--metrics-key", default=None,
+                   help="key for a URL target's /metrics (speculative-decoding counters)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="precision for self (forwarded as serve --dtype) and naive; default: checkpoint's")
     p.add_argument("--server-arg", action="append", default=[],
@@ -55,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--rate", type=float, default=None, help="chat/reasoning: Poisson arrivals per second (0: all at once)")
     w.add_argument("--document-tokens", type=int, default=6000, help="long-context: document size")
     w.add_argument("--questions", type=int, default=6, help="long-context: questions")
-    w.add_argument("--concurrency", type=int, default=None, help="long-context/chat: requests in flight at most")
+    w.add_argument("--concurrency", type=int, default=None,
+                   help="long-context/chat/edit: requests in flight at most (edit: 1 by default)")
+    w.add_argument("--file-min-tokens", type=int, default=1000, help="edit: smallest source file")
+    w.add_argument("--file-max-tokens", type=int, default=3000, help="edit: largest source file")
     w.add_argument("--trace", help="replay this JSONL trace instead of generating a workload")
     w.add_argument("--write-trace", help="write the workload as a JSONL trace here")
     w.add_argument("--sweep", default=None, help="comma-separated session counts: run each target at each "
@@ -91,13 +97,36 @@ def _tokens_per_word(model_dir: str | None) -> float:
     return round(n / len(text.split()), 3)
 
 
-def make_workload(args, tokens_per_word: float) -> Workload:
+def _tokens_per_char(model_dir: str | None) -> float | None:
+    """Tokens per character of Python source on the model's tokenizer (None without one)."""
+    if not model_dir or not (Path(model_dir) / "tokenizer.json").exists():
+        return None
+    from tokenizers import Tokenizer
+
+    from tokenfactory.bench.workloads import EDIT_SOURCES, _stdlib_source
+    text = "".join(t for name in EDIT_SOURCES[:4] if (t := _stdlib_source(name)))
+    if not text:
+        return None
+    n = len(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode(text).ids)
+    return round(n / len(text), 4)
+
+
+def make_workload(args, tokens_per_word: float, tokens_per_char: float | None = None) -> Workload:
     if args.trace:
         return read_trace(args.trace)
     kw: dict = {"tokens_per_word": tokens_per_word}
     if args.output_tokens is not None:
         kw["output_tokens"] = args.output_tokens
-    if args.workload == "agentic":
+    if args.workload == "edit":
+        kw.update(file_min=args.file_min_tokens, file_max=args.file_max_tokens)
+        if tokens_per_char:
+            kw["tokens_per_char"] = tokens_per_char
+        for key in ("requests", "rate"):
+            if getattr(args, key) is not None:
+                kw[key] = getattr(args, key)
+        if args.concurrency:
+            kw["max_concurrency"] = args.concurrency
+    elif args.workload == "agentic":
         kw.update(sessions=args.sessions, turns=args.turns, prefix_tokens=args.prefix_tokens,
                   tool_min=args.tool_min, tool_max=args.tool_max, think_time=args.think_time,
                   reply=args.reply, tools=not args.no_tools)
@@ -114,6 +143,16 @@ def make_workload(args, tokens_per_word: float) -> Workload:
         if args.concurrency:
             kw["max_concurrency"] = args.concurrency
     return build_workload(args.workload, args.seed, **kw)
+
+
+def format_spec(spec: dict) -> str:
+    """One line of speculation figures for the console and the markdown report."""
+    def num(x, fmt):
+        return "–" if x is None else fmt.format(x)
+    return (f"acceptance {num(spec.get('acceptance_rate'), '{:.1%}')}, mean accepted length "
+            f"{num(spec.get('mean_accepted_length'), '{:.2f}')} tokens/step, "
+            f"{spec.get('num_accepted_tokens', 0):.0f}/{spec.get('num_draft_tokens', 0):.0f} "
+            f"draft tokens kept in {spec.get('num_drafts', 0):.0f} drafts")
 
 
 def _machine() -> dict:
@@ -138,7 +177,8 @@ def _make_target(spec: str, args, model_dir: str | None):
         return SelfTarget(model_dir, args.api, server_args)
     if spec == "naive":
         return NaiveTarget(model_dir, args.dtype)
-    t = HttpTarget(spec, args.api, args.model_name or (Path(model_dir).name if model_dir else "default"))
+    t = HttpTarget(spec, args.api, args.model_name or (Path(model_dir).name if model_dir else "default"),
+                   metrics_key=args.metrics_key)
     if args.label:
         t.label = args.label
     return t
@@ -148,7 +188,7 @@ async def _run_all(args, workload: Workload, model_dir: str | None, shape: dict 
     from tokenfactory.bench.metrics import summarize
     from tokenfactory.bench.roofline import efficiency
     from tokenfactory.bench.runner import run_workload
-    from tokenfactory.bench.targets import TargetError
+    from tokenfactory.bench.targets import TargetError, spec_summary
 
     counts = [int(x) for x in args.sweep.split(",")] if args.sweep else [len(workload.sessions)]
     runs = []
@@ -167,6 +207,8 @@ async def _run_all(args, workload: Workload, model_dir: str | None, shape: dict 
                 if spec == "naive" and args.naive_sessions:
                     n = min(n, args.naive_sessions)
                 wl = workload.head(n)
+                counters = getattr(target, "spec_counters", None)
+                spec_before = await counters() if counters else {}
                 records, duration = await run_workload(
                     wl, target, max_duration=args.max_duration, max_requests=args.max_requests,
                     progress=not args.no_progress, desc=f"{name} S={n}")
@@ -174,12 +216,15 @@ async def _run_all(args, workload: Workload, model_dir: str | None, shape: dict 
                 m = summarize(records, duration=duration, tasks=tasks, slo_ttft=args.slo_ttft,
                               slo_itl=args.slo_itl, cost_per_hour=args.cost_per_hour)
                 eff = efficiency(records, m, shape, host, args.dtype) if shape else {}
+                spec_stats = spec_summary(spec_before, await counters()) if counters else {}
                 runs.append({"target": name, "kind": target.kind, "api": getattr(target, "api", None),
-                             "sessions": n, "metrics": m, "efficiency": eff,
+                             "sessions": n, "metrics": m, "efficiency": eff, "speculation": spec_stats,
                              "requests": report.records_to_dicts(records)})
                 print(f"[bench] {name} S={n}: {m['completed_requests']}/{m['requests']} requests ok, "
                       f"{m['completed_tasks']}/{m['tasks']} tasks, {duration:.1f} s, "
                       f"hit rate {m['prefix_cache_hit_rate']:.1%}", file=sys.stderr)
+                if spec_stats:
+                    print(f"[bench]   speculation: {format_spec(spec_stats)}", file=sys.stderr)
                 if m["failed_requests"]:
                     print(f"[bench]   errors: {m['errors']}", file=sys.stderr)
         finally:
@@ -203,7 +248,8 @@ def run_main(argv: list[str]) -> int:
         except (OSError, KeyError, ValueError) as exc:
             print(f"[bench] no model shape for efficiency ({exc})", file=sys.stderr)
     try:
-        workload = make_workload(args, _tokens_per_word(model_dir))
+        workload = make_workload(args, _tokens_per_word(model_dir),
+                                 _tokens_per_char(model_dir) if args.workload == "edit" else None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -244,6 +290,10 @@ def run_main(argv: list[str]) -> int:
         result["comparisons"] = [{"a": good[0]["target"], "b": r["target"], "sessions": r["sessions"],
                                   "rows": report.compare_runs(good[0], r)} for r in good[1:]]
     table = report.markdown_table(good)
+    spec_lines = [f"- {r['target']} (S={r.get('sessions')}): {format_spec(r['speculation'])}"
+                  for r in good if r.get("speculation")]
+    if spec_lines:
+        table += "\n\nSpeculative decoding (server counters over the run):\n" + "\n".join(spec_lines)
     print(table)
     for c in result.get("comparisons", []):
         print(f"\n{c['b']} vs {c['a']}:\n" + report.format_compare(c["rows"], c["a"], c["b"]))

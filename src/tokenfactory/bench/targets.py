@@ -2,6 +2,9 @@
 
 Every target answers `request(session, messages, max_tokens, rec, clock)` by filling a
 RequestRecord. Only loopback addresses are accepted: the benchmark never leaves this machine.
+HTTP targets also offer `spec_counters()`: the server's speculative-decoding counters from
+/metrics (`tokenfactory_spec_decode_*`), read before and after a run so the report can show the
+run's acceptance rate and mean accepted length (`spec_summary`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,42 @@ from tokenfactory.bench.client import RequestRecord
 from tokenfactory.bench.workloads import Session
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+SPEC_PREFIX = "tokenfactory_spec_decode_"
+
+
+def parse_spec_counters(text: str) -> dict[str, float]:
+    """Every ``tokenfactory_spec_decode_*`` counter in a Prometheus text exposition, summed over
+    its labels (proposers), keyed by the name without prefix and ``_total``:
+    e.g. {"num_drafts": 12, "num_draft_tokens": 60, "num_accepted_tokens": 41}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, float] = {}
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError:
+        return out
+    for family in families:
+        if not family.name.startswith(SPEC_PREFIX) or family.type not in ("counter", "untyped", "unknown"):
+            continue
+        key = family.name[len(SPEC_PREFIX):].removesuffix("_total")
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            out[key] = out.get(key, 0.0) + float(sample.value)
+    return out
+
+
+def spec_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    """A run's speculation figures from counters read before and after it; {} when the server
+    reports none. acceptance_rate = accepted / proposed tokens; mean_accepted_length = tokens
+    per verification step = 1 + accepted / drafts (vLLM's definition)."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    drafts, proposed = delta.get("num_drafts", 0.0), delta.get("num_draft_tokens", 0.0)
+    accepted = delta.get("num_accepted_tokens", 0.0)
+    if not delta or (not drafts and not proposed):
+        return {}
+    return {"num_drafts": drafts, "num_draft_tokens": proposed, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / proposed if proposed else None,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None}
 
 
 class TargetError(RuntimeError):
@@ -42,13 +81,14 @@ class HttpTarget:
     kind = "url"
 
     def __init__(self, url: str, api: str = "anthropic", model_name: str = "default",
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, metrics_key: str | None = None):
         host = urlparse(url).hostname or ""
         if host not in LOOPBACK:
             raise TargetError(f"refusing {url}: the benchmark only talks to loopback (127.0.0.1/localhost)")
         if api not in ("anthropic", "openai"):
             raise TargetError(f"--api must be anthropic or openai, got {api!r}")
         self.url, self.api, self.model_name, self.timeout = url.rstrip("/"), api, model_name, timeout
+        self.metrics_key = metrics_key
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -64,6 +104,15 @@ class HttpTarget:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    async def spec_counters(self) -> dict[str, float]:
+        """The server's speculative-decoding counters now ({} if /metrics has none or fails)."""
+        headers = {"authorization": f"Bearer {self.metrics_key}"} if self.metrics_key else {}
+        try:
+            r = await self._client.get(self.url + "/metrics", headers=headers, timeout=10.0)
+        except httpx.HTTPError:
+            return {}
+        return parse_spec_counters(r.text) if r.status_code == 200 else {}
 
     async def request(self, session: Session, messages: list[dict], max_tokens: int,
                       rec: RequestRecord, clock) -> None:

@@ -8,17 +8,20 @@ every target sees the same prompts) and then the turn's `user` content. Single-t
 Poisson arrivals make an open-loop workload.
 
 Prompt sizes are in tokens of the target's tokenizer, approximated from words with
-`tokens_per_word` (the CLI calibrates it on the model's tokenizer when one is available).
+`tokens_per_word` (the CLI calibrates it on the model's tokenizer when one is available); the
+edit workload's source files are sized with `tokens_per_char` likewise.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-WORKLOADS = ("agentic", "chat", "long-context", "reasoning")
+WORKLOADS = ("agentic", "chat", "long-context", "reasoning", "edit")
 
 
 @dataclass
@@ -210,8 +213,73 @@ def long_context(seed: int = 0, document_tokens: int = 6000, questions: int = 6,
     return Workload("long-context", seed, params, out, max_concurrency=concurrency)
 
 
+# Standard-library modules whose source makes a realistic file to edit (4-25 KB of Python each;
+# a file is cut at a line boundary to the requested size). Read from this interpreter's stdlib,
+# so the text is real code, needs no download, and is the same for every target of one run.
+EDIT_SOURCES = ("fnmatch", "colorsys", "glob", "copy", "sched", "reprlib", "numbers", "graphlib",
+                "getopt", "netrc", "linecache", "codeop", "shelve", "filecmp", "hmac", "queue",
+                "shlex", "string", "operator", "textwrap", "timeit", "zipapp", "quopri", "types",
+                "cmd", "tabnanny")
+
+
+def _stdlib_source(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    with open(spec.origin, encoding="utf-8") as f:
+        return f.read()
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """The leading lines of `text` that fit in `max_chars` (at least one line)."""
+    if len(text) <= max_chars:
+        return text.rstrip("\n")
+    cut = text.rfind("\n", 0, max_chars)
+    return text[:cut if cut > 0 else max_chars].rstrip("\n")
+
+
+def edit(seed: int = 0, requests: int = 4, rate: float = 0.0, file_min: int = 1000,
+         file_max: int = 3000, tokens_per_char: float = 0.27, max_concurrency: int = 1,
+         output_tokens: int | None = None, tokens_per_word: float = 1.3) -> Workload:
+    """"Edit a file": the prompt holds a 1-3K-token source file (a standard-library module) and
+    asks for the whole file back with one small change (rename a function). The answer re-emits
+    the file almost verbatim, the best case for proposals taken from the context (speculative
+    decoding). Output length: the file's estimated token count, or `output_tokens`. Requests are
+    single-turn and sent at temperature 0 like every bench request; `max_concurrency` 1 is batch
+    1. `tokens_per_word` is accepted for a uniform interface and unused."""
+    rng = random.Random(f"edit/{seed}")
+    sources = [(name, text) for name in EDIT_SOURCES if (text := _stdlib_source(name))]
+    if not sources:
+        raise ValueError("edit workload: no standard-library source files found")
+    t, out = 0.0, []
+    for i in range(requests):
+        name, text = sources[rng.randrange(len(sources))]
+        n_tokens = rng.randint(file_min, max(file_min, file_max))
+        body = _cut(text, max(200, round(n_tokens / tokens_per_char)))
+        defs = sorted(set(re.findall(r"^\s*def ([A-Za-z_]\w*)\(", body, re.M)))
+        if defs:
+            old = rng.choice(defs)
+            change = f"rename the function `{old}` to `{old}_v2` everywhere it appears"
+        else:
+            change = "add the comment `# reviewed` as the first line"
+        user = (f"Here is the file `{name}.py`:\n\n```python\n{body}\n```\n\n"
+                f"Make one change: {change}. Reply with the complete updated file in one "
+                f"```python block and nothing else.")
+        est = round(len(body) * tokens_per_char) + 16
+        out.append(Session(id=f"edit-{seed}-{i}", arrival=round(t, 4),
+                           system="You are a careful code editor. You return whole files.",
+                           turns=[Turn(user=user, max_tokens=output_tokens or est)]))
+        if rate > 0:
+            t += rng.expovariate(rate)
+    params = dict(requests=requests, rate=rate, file_min=file_min, file_max=file_max,
+                  tokens_per_char=tokens_per_char, max_concurrency=max_concurrency,
+                  output_tokens=output_tokens)
+    return Workload("edit", seed, params, out, max_concurrency=max_concurrency)
+
+
 def build_workload(name: str, seed: int = 0, **params: Any) -> Workload:
-    makers = {"agentic": agentic, "chat": chat, "long-context": long_context, "reasoning": reasoning}
+    makers = {"agentic": agentic, "chat": chat, "long-context": long_context, "reasoning": reasoning,
+              "edit": edit}
     if name not in makers:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")
     return makers[name](seed=seed, **params)
