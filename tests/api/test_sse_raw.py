@@ -84,6 +84,21 @@ def test_pings_are_sent_while_waiting(server):
     assert [d for e, d in frames if e == "message_delta"][0]["delta"]["stop_reason"] == "max_tokens"
 
 
+def test_a_ping_follows_message_start_and_nothing_comes_before_it(server):
+    """As the API streams: message_start first, then a ping; while the request waits for its
+    first output (each step of a [[slow]] request takes 80 ms, the ping interval is 50 ms) the
+    connection is kept alive by SSE comments, which are not events."""
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", server.base_url + "/v1/messages", headers=HEADERS, json={
+                "model": "tf-test", "max_tokens": 2, "stream": True,
+                "messages": [{"role": "user", "content": "[[slow]] [[reply:hello]]"}]}) as resp:
+            raw = "".join(resp.iter_text())
+    assert raw.startswith(": keepalive\n\n")           # waited, without an event
+    frames = parse_sse(raw)
+    assert [e for e, _ in frames[:2]] == ["message_start", "ping"]
+    assert frames[-1][0] == "message_stop"
+
+
 def test_openai_stream_frames(server):
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", server.base_url + "/v1/chat/completions", json={

@@ -16,7 +16,7 @@ from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder
 from tokenfactory.api.errors import APIError, anthropic_error_body
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       cost_headers, Started, TextEvent, make_sampling_params)
-from tokenfactory.api.sse import (ANTHROPIC_PING, SSE_HEADERS, anthropic_frame,
+from tokenfactory.api.sse import (ANTHROPIC_PING, SSE_COMMENT, SSE_HEADERS, anthropic_frame,
                                   collect_unless_disconnected, with_keepalive)
 from tokenfactory.api.trace import trace_of
 from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
@@ -161,7 +161,9 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         headers["x-tokenfactory-max-tokens-clamped"] = f"{body.max_tokens}->{max_tokens}"
     if body.stream:
         frames = _stream(ctx, gen, prompt, body.model, msg_id, limited_by)
-        return StreamingResponse(with_keepalive(frames, ctx.options.ping_interval, ANTHROPIC_PING),
+        frames = with_keepalive(frames, ctx.options.ping_interval, ANTHROPIC_PING,
+                                before_first=SSE_COMMENT)
+        return StreamingResponse(frames,
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     message = await collect_unless_disconnected(request, _collect(ctx, gen, prompt, body.model,
                                                                   msg_id, limited_by))
@@ -208,6 +210,7 @@ async def _stream(ctx, gen: Generation, prompt: AnthropicPrompt, model: str,
                     "id": msg_id, "type": "message", "role": "assistant", "model": model,
                     "content": [], "stop_reason": None, "stop_sequence": None,
                     "usage": {**usage, "output_tokens": 0}}})
+                yield ANTHROPIC_PING   # as the API streams: a ping right after message_start
             elif isinstance(ev, Finished):
                 for e in asm.finish():
                     yield anthropic_frame(e)

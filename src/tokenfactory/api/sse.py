@@ -29,19 +29,24 @@ def openai_frame(data: dict | str) -> str:
 
 
 ANTHROPIC_PING = anthropic_frame({"type": "ping"})
-OPENAI_KEEPALIVE = ": keepalive\n\n"   # an SSE comment: every client ignores it
+SSE_COMMENT = ": keepalive\n\n"   # an SSE comment: every client ignores it (not an event)
+OPENAI_KEEPALIVE = SSE_COMMENT
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-async def with_keepalive(frames: AsyncIterator[str], interval: float,
-                         ping: str) -> AsyncIterator[str]:
-    """Yield ``frames``, inserting ``ping`` whenever nothing was sent for ``interval`` seconds.
+async def with_keepalive(frames: AsyncIterator[str], interval: float, ping: str,
+                         before_first: str | None = None) -> AsyncIterator[str]:
+    """Yield ``frames``, inserting ``ping`` whenever nothing was sent for ``interval`` seconds;
+    until the first frame has gone out, ``before_first`` instead when given (the Anthropic
+    stream: no event may precede ``message_start``, so an SSE comment keeps the connection
+    alive while the request waits for the engine).
 
     The pending ``__anext__`` is never cancelled by a ping (only by the client leaving), so the
     underlying generation is not disturbed.
     """
     it = frames.__aiter__()
     pending: asyncio.Future | None = None
+    first = True
     try:
         while True:
             pending = asyncio.ensure_future(it.__anext__())
@@ -49,13 +54,14 @@ async def with_keepalive(frames: AsyncIterator[str], interval: float,
                 done, _ = await asyncio.wait({pending}, timeout=interval)
                 if done:
                     break
-                yield ping
+                yield before_first if before_first is not None and first else ping
             try:
                 frame = pending.result()
             except StopAsyncIteration:
                 pending = None
                 return
             pending = None
+            first = False
             yield frame
     finally:
         if pending is not None and not pending.done():
