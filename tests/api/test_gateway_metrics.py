@@ -121,3 +121,112 @@ def test_grafana_board_queries_only_series_we_expose(gw_server):
     text = httpx.get(gw_server.base_url + "/metrics", timeout=10).text
     exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert used and used <= exposed, sorted(used - exposed)
+
+
+# Series that appear only when the engine has what they count.
+TIER_SERIES = ("vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits",
+               "tokenfactory_prefix_cache_tier_hits", "tokenfactory_kv_connector_queries")
+SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+
+
+def test_tier_and_speculation_series_only_when_the_engine_has_them(gw_server):
+    families = scrape(gw_server.base_url)
+    assert not gw_server.engine.has_kv_connector and not gw_server.engine.spec_decode_stats()
+    absent = [*TIER_SERIES, *(f"vllm:spec_decode_{c}" for c in SPEC_COUNTERS),
+              *(f"tokenfactory_spec_decode_{c}" for c in SPEC_COUNTERS)]
+    assert not [name for name in absent if name in families]
+
+
+class _TierWithEverything:
+    """A second KV tier that holds every block asked of it (a warehouse after a long day).
+    Page contents do not matter to the scripted executor, which reads no KV."""
+
+    def lookup(self, block_hashes):
+        return len(block_hashes)
+
+    def load(self, block_hashes, block_ids, token_ids_per_block=None):
+        return len(block_ids)
+
+    def save(self, block_hashes, block_ids, token_ids_per_block, parent_hash=None):
+        pass
+
+    def retain(self, block_hashes, ttl_seconds):
+        pass
+
+
+def _scrape_collectors(engine) -> dict:
+    from tokenfactory.api.metrics import Metrics
+    metrics = Metrics(engine)
+    register_gateway_metrics(metrics, engine, MODEL)
+    return {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+
+
+def _sample(families, name, **labels) -> float:
+    return next(s.value for s in families[name].samples
+                if s.name.endswith("_total") and all(s.labels.get(k) == v
+                                                     for k, v in labels.items()))
+
+
+def test_prefix_cache_hits_by_tier_with_a_connector(tokenizer):
+    """RAM and connector hits as the KV manager counts them, under our names and vLLM's."""
+    pytest.importorskip("tokenfactory.engine.kv_connector")   # H2's connector seam
+    from tests.live import BLOCK_SIZE, FakeClock
+    from tokenfactory.engine.async_engine import AsyncEngine
+    from tokenfactory.engine.core import EngineConfig, EngineCore
+    from tokenfactory.engine.executor import ScriptedExecutor
+    from tokenfactory.engine.sampling_params import SamplingParams
+    eos = min(tokenizer.eos_token_ids)
+    executor = ScriptedExecutor(lambda state: [5, 6, 7], fallback_token=eos)
+    core = EngineCore(executor, EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=64),
+                      model_max_len=1024, tokenizer=tokenizer, eos_token_ids=[eos],
+                      clock=FakeClock(), kv_connector=_TierWithEverything())
+    engine = AsyncEngine(core)   # not started: driven step by step below
+    prompt = tokenizer.encode("a prompt long enough for a few pages " * 6)
+    for rid in ("first", "second"):   # the second finds the first's pages in RAM
+        core.add_request(rid, prompt, SamplingParams(max_tokens=4))
+        while core.has_unfinished_requests():
+            core.step()
+    kv = core.kv.stats()
+    assert engine.has_kv_connector and kv.connector_hits > 0
+    assert kv.prefix_hits > kv.connector_hits              # the second request hit RAM
+    families = _scrape_collectors(engine)
+    assert _sample(families, "tokenfactory_prefix_cache_tier_hits", tier="warehouse") \
+        == kv.connector_hits
+    assert _sample(families, "tokenfactory_prefix_cache_tier_hits", tier="ram") \
+        == kv.prefix_hits - kv.connector_hits
+    assert _sample(families, "tokenfactory_kv_connector_queries") == kv.connector_queries
+    assert _sample(families, "vllm:external_prefix_cache_hits") == kv.connector_hits
+    assert _sample(families, "vllm:external_prefix_cache_queries") == kv.connector_queries
+    assert _sample(families, "vllm:prefix_cache_hits") == kv.prefix_hits - kv.connector_hits
+    assert _sample(families, "vllm:prefix_cache_queries") == kv.prefix_queries
+
+
+def test_speculative_decoding_counters_per_proposer(gw_server):
+    """``EngineCore.spec_stats`` (per proposer name) as tokenfactory_spec_decode_*{proposer}
+    and, summed, as vLLM's spec_decode series."""
+    from types import SimpleNamespace
+    core = gw_server.core
+    had = hasattr(core, "spec_stats")
+    before = getattr(core, "spec_stats", None)
+    # the counters EngineCore keeps while speculating (its proposers are not wired to the
+    # scripted executor), set on this engine for the scrape
+    core.spec_stats = {
+        "ngram": SimpleNamespace(num_drafts=7, num_draft_tokens=21, num_accepted_tokens=12),
+        "draft": SimpleNamespace(num_drafts=2, num_draft_tokens=8, num_accepted_tokens=5)}
+    try:
+        text = httpx.get(gw_server.base_url + "/metrics", timeout=10).text
+    finally:
+        if had:
+            core.spec_stats = before
+        else:
+            del core.spec_stats
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for counter, ngram, draft in zip(SPEC_COUNTERS, (7, 21, 12), (2, 8, 5)):
+        ours = f"tokenfactory_spec_decode_{counter}"
+        assert families[ours].type == "counter"
+        assert _sample(families, ours, proposer="ngram") == ngram
+        assert _sample(families, ours, proposer="draft") == draft
+        theirs = families[f"vllm:spec_decode_{counter}"]
+        assert theirs.type == "counter"
+        assert [(s.labels, s.value) for s in theirs.samples if s.name.endswith("_total")] \
+            == [({"model_name": MODEL, "engine": "0"}, ngram + draft)]

@@ -10,8 +10,9 @@ names with vLLM's meanings lets an existing gateway route to tokenfactory unchan
 
 Besides those, the series Grafana boards and llm-d dashboards chart, as vLLM's v1 metrics
 logger (vllm/v1/metrics/loggers.py) declares them: prefix-cache queries/hits (counters of
-tokens), prompt/generation token counters and the TTFT, inter-token-latency and end-to-end
-histograms. Every series carries vLLM's labels ``model_name`` (the served model name) and
+tokens; with a KV connector, its tier as ``vllm:external_prefix_cache_*``), speculative
+decoding counters (``vllm:spec_decode_*``, when the engine speculates), prompt/generation token
+counters and the TTFT, inter-token-latency and end-to-end histograms. Every series carries vLLM's labels ``model_name`` (the served model name) and
 ``engine`` (the engine index, always "0" here: one engine per process).
 
 Nothing is counted twice: this collector reads ``AsyncEngine.stats()`` at scrape time and
@@ -92,9 +93,27 @@ class GatewayCollector:
         yield self._counter("vllm:prefix_cache_queries",
                             "Prefix cache queries, in terms of number of queried tokens.",
                             s.prefix_cache_queries)
+        # vLLM counts the local (here: RAM) cache's hits here and the connector's apart
         yield self._counter("vllm:prefix_cache_hits",
                             "Prefix cache hits, in terms of number of cached tokens.",
-                            s.prefix_cache_hits)
+                            s.prefix_cache_hits - s.connector_hits)
+        if getattr(self.engine, "has_kv_connector", False):
+            yield self._counter("vllm:external_prefix_cache_queries",
+                                "Prompt tokens looked up in the KV connector's tier after a "
+                                "local miss.",
+                                s.connector_queries)
+            yield self._counter("vllm:external_prefix_cache_hits",
+                                "Prompt tokens the KV connector's tier supplied.",
+                                s.connector_hits)
+        spec_fn = getattr(self.engine, "spec_decode_stats", None)
+        spec = spec_fn() if spec_fn is not None else {}
+        if spec:   # summed over proposers: vLLM runs one speculative method per engine
+            for counter, doc in (
+                    ("num_drafts", "Speculative steps that verified a draft."),
+                    ("num_draft_tokens", "Draft tokens proposed."),
+                    ("num_accepted_tokens", "Draft tokens accepted.")):
+                yield self._counter(f"vllm:spec_decode_{counter}", doc,
+                                    sum(getattr(c, counter) for c in spec.values()))
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache config",
                                  labels=["block_size", "num_gpu_blocks", "enable_prefix_caching",
                                          *LABELS])

@@ -2,8 +2,11 @@
 
 Latencies are measured where the client feels them (the HTTP layer): time to first token,
 time between tokens (between deliveries: a client slower than the engine gets the tokens that
-accumulated merged into one delivery, see serving.Generation), end to end. Engine state (running / waiting requests, KV pages, prefix-cache
-lookups) is read from ``AsyncEngine.stats()`` at scrape time.
+accumulated merged into one delivery, see serving.Generation), end to end. Engine state
+(running / waiting requests, KV pages, prefix-cache lookups) is read from
+``AsyncEngine.stats()`` at scrape time. Two families appear only when the engine has them:
+prefix-cache hits by tier (``tier="ram"|"warehouse"``) when a KV connector is attached, and
+speculative-decoding counters per proposer when the engine speculates.
 """
 from __future__ import annotations
 
@@ -36,6 +39,40 @@ class _EngineCollector:
                                   "Prompt tokens found in the prefix cache", value=s.prefix_cache_hits)
         yield GaugeMetricFamily("tokenfactory_engine_alive", "1 while the engine thread runs",
                                 value=1 if self.engine.is_alive else 0)
+        if getattr(self.engine, "has_kv_connector", False):
+            # only with a second tier behind the RAM prefix cache (a KV connector)
+            tiers = CounterMetricFamily("tokenfactory_prefix_cache_tier_hits",
+                                        "Prompt tokens found in the prefix cache, by the tier "
+                                        "that held them", labels=["tier"])
+            tiers.add_metric(["ram"], s.prefix_cache_hits - s.connector_hits)
+            tiers.add_metric(["warehouse"], s.connector_hits)
+            yield tiers
+            yield CounterMetricFamily("tokenfactory_kv_connector_queries",
+                                      "Prompt tokens asked of the KV connector after a RAM miss",
+                                      value=s.connector_queries)
+        yield from spec_decode_families(self.engine)
+
+
+# EngineCore.spec_stats counter -> help text (vLLM's meanings)
+SPEC_DECODE_COUNTERS = {
+    "num_drafts": "Verification steps that carried draft tokens",
+    "num_draft_tokens": "Draft tokens proposed",
+    "num_accepted_tokens": "Draft tokens accepted",
+}
+
+
+def spec_decode_families(engine):
+    """``tokenfactory_spec_decode_<counter>{proposer=...}``, only when the engine speculates."""
+    stats_fn = getattr(engine, "spec_decode_stats", None)
+    stats = stats_fn() if stats_fn is not None else {}
+    if not stats:
+        return
+    for counter, doc in SPEC_DECODE_COUNTERS.items():
+        family = CounterMetricFamily(f"tokenfactory_spec_decode_{counter}",
+                                     f"{doc}, per proposer", labels=["proposer"])
+        for name, counts in sorted(stats.items()):
+            family.add_metric([name], getattr(counts, counter))
+        yield family
 
 
 class _LedgerCollector:

@@ -74,8 +74,20 @@ class EngineStats:
     kv_blocks_free: int
     kv_blocks_pinned: int
     prefix_cache_queries: int
-    prefix_cache_hits: int
+    prefix_cache_hits: int          # every tier: RAM pages and pages the connector loaded
     num_steps: int
+    # The KV connector's tier (disk warehouse, remote KV), in tokens; 0 without a connector.
+    connector_queries: int = 0      # tokens asked of it after a RAM miss
+    connector_hits: int = 0         # tokens it supplied (part of prefix_cache_hits)
+
+
+@dataclass(frozen=True)
+class SpecDecodeCounts:
+    """One proposer's speculative-decoding counters (vLLM's meanings): verification steps
+    that carried drafts, draft tokens proposed, draft tokens accepted."""
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
 
 
 class AsyncEngine:
@@ -129,10 +141,27 @@ class AsyncEngine:
             return self.core.num_waiting_for(tenant) + self._pending_by_tenant.get(tenant, 0)
 
     def stats(self) -> EngineStats:
-        s = self.core.kv.pool.stats()
+        kv = self.core.kv
+        # KVCacheManager.stats(): the pool's counters plus the connector tier's
+        s = kv.stats() if hasattr(kv, "stats") else kv.pool.stats()
         return EngineStats(self.core.num_running, self.core.num_waiting + self._pending_adds,
                            s.num_blocks, s.num_free, s.num_pinned, s.prefix_queries,
-                           s.prefix_hits, self.core.num_steps)
+                           s.prefix_hits, self.core.num_steps,
+                           connector_queries=getattr(s, "connector_queries", 0),
+                           connector_hits=getattr(s, "connector_hits", 0))
+
+    @property
+    def has_kv_connector(self) -> bool:
+        """True when a second KV tier (a connector) sits behind the RAM prefix cache."""
+        return getattr(self.core.kv, "connector", None) is not None
+
+    def spec_decode_stats(self) -> dict[str, SpecDecodeCounts]:
+        """Speculative-decoding counters per proposer name; {} when the engine does not
+        speculate (or predates ``EngineCore.spec_stats``)."""
+        stats = getattr(self.core, "spec_stats", None) or {}
+        return {name: SpecDecodeCounts(int(c.num_drafts), int(c.num_draft_tokens),
+                                       int(c.num_accepted_tokens))
+                for name, c in list(stats.items())}
 
     # ---------------------------------------------------------------- requests
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
