@@ -203,8 +203,11 @@ def test_prefix_cache_hits_by_tier_with_a_connector(tokenizer):
 
 def test_speculative_decoding_counters_per_proposer(gw_server):
     """``EngineCore.spec_stats`` (per proposer name) as tokenfactory_spec_decode_*{proposer}
-    and, summed, as vLLM's spec_decode series."""
+    and, summed, as vLLM's spec_decode series; the bench's reader (bench/targets.py) reads
+    ours back."""
     from types import SimpleNamespace
+
+    from tokenfactory.bench.targets import parse_spec_counters
     core = gw_server.core
     had = hasattr(core, "spec_stats")
     before = getattr(core, "spec_stats", None)
@@ -230,3 +233,5 @@ def test_speculative_decoding_counters_per_proposer(gw_server):
         assert theirs.type == "counter"
         assert [(s.labels, s.value) for s in theirs.samples if s.name.endswith("_total")] \
             == [({"model_name": MODEL, "engine": "0"}, ngram + draft)]
+    assert parse_spec_counters(text) == {"num_drafts": 9, "num_draft_tokens": 29,
+                                         "num_accepted_tokens": 17}
