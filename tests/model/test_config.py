@@ -159,3 +159,11 @@ def test_model_and_economics_share_one_description(tmp_path):
     assert model.kv_bytes_per_token("bf16") == kv_bytes_per_token(spec) == 6 * 2 * 2 * 16 * 2
     assert kv_bytes_for_context(model, 100) == kv_bytes_for_context(spec, 100)
     assert (model.num_heads, model.num_kv_heads, model.head_dim) == (4, 2, 16)
+
+
+def test_description_prices_the_kv_cache_the_executor_allocates(checkpoint):
+    """KV bytes per token from the shared description match the pages TorchExecutor sizes."""
+    src, _ = checkpoint("llama31")
+    desc = load_model_config(src).description
+    ex = TorchExecutor(src, dtype="float32")
+    assert ex.kv_cache_bytes_per_block(16) == desc.kv_bytes_per_token("float32") * 16

@@ -7,6 +7,10 @@ Two config dialects are in use and both are accepted:
 * ``transformers`` >= 5: ``rope_parameters`` (``rope_type`` and ``rope_theta`` inside, possibly
   nested per layer type such as ``{"full_attention": {...}, "sliding_attention": {...}}``) and
   ``dtype``.
+
+The shape of the model (dims, heads, per-layer sliding windows) comes from the one config.json
+parser the economics use too (``tokenfactory.model_description``); this module adds what only
+the forward pass needs (RoPE, biases, norms, dtype) and refuses architectures it cannot run.
 """
 from __future__ import annotations
 
