@@ -19,8 +19,8 @@ accepted tokens come from rows ``0..len(tokens)-1``.
   (Leviathan et al. 2023; Chen et al. 2023), keep d_j with probability min(1, p(d_j)/q(d_j)),
   otherwise sample from max(0, p - q) renormalized; the bonus row samples from p.
 
-p_j is the distribution plain sampling uses: penalties (counting the drafts before j as output)
-and min_tokens, then temperature, top-k, top-p, min-p, all with ``model/sampler.py``'s functions.
+p_j is the distribution plain sampling uses: penalties (counting the drafts before j as output),
+logit_bias and min_tokens, then temperature, top-k, top-p, min-p, all with ``model/sampler.py``'s functions.
 Structured-output grammars are not handled here: the engine does not speculate for requests with
 a grammar (``can_verify``).
 
@@ -37,8 +37,13 @@ from typing import Any, Sequence
 
 import torch
 
+from tokenfactory.model import sampler as _sampler
 from tokenfactory.model.sampler import (apply_min_tokens, apply_penalties, derive_seed,
                                          filter_logits, unsampleable_rows)
+
+# logit_bias arrives with the step-plan sampler (penalties -> logit_bias -> min_tokens); until
+# then there is no bias to apply.
+_apply_logit_bias = getattr(_sampler, "apply_logit_bias", None)
 
 _NON_FINITE = "the model produced non-finite logits (NaN or +inf) for this request"
 
@@ -70,17 +75,22 @@ def can_verify(request) -> bool:
 
 
 def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> torch.Tensor:
-    """Rows after penalties and min_tokens (a copy only when either applies). logits: (R, V)."""
+    """Rows after penalties, logit_bias and min_tokens, in the sampler's order (a copy only when
+    one applies). logits: (R, V)."""
     params = request.sampling_params
     n_out = len(request.output_token_ids)
-    if not params.needs_penalties and n_out >= params.min_tokens:
+    bias = _apply_logit_bias is not None and bool(getattr(params, "logit_bias", None))
+    if not params.needs_penalties and not bias and n_out >= params.min_tokens:
         return logits
     logits = logits.clone()
     for j in range(logits.shape[0]):
         view = _RowView(params, list(request.prompt_token_ids),
                         list(request.output_token_ids) + [int(t) for t in draft_ids[:j]],
                         request.eos_token_ids, request.stop_token_set)
-        apply_min_tokens(apply_penalties(logits[j:j + 1], [view]), [view])
+        row = apply_penalties(logits[j:j + 1], [view])
+        if bias:
+            row = _apply_logit_bias(row, [view])
+        apply_min_tokens(row, [view])
     return logits
 
 
