@@ -233,18 +233,18 @@ class AsyncEngine:
             entry = self._streams.get(request_id)
             if entry is None:
                 return
+            items = self._undelivered.get(request_id)
+            last = items[-1] if items else None
+            if isinstance(last, PendingOutput) and isinstance(item, RequestOutput) \
+                    and not last.latest.finished:
+                last.add(item)   # a hand-over is already scheduled: merge into it
+                return
             if isinstance(item, RequestOutput):
                 pending = PendingOutput()
                 pending.add(item)
                 item = pending
-            items = self._undelivered.get(request_id)
-            if items:   # a hand-over is already scheduled: merge into it
-                last = items[-1]
-                if isinstance(last, PendingOutput) and isinstance(item, PendingOutput) \
-                        and not last.latest.finished:
-                    last.add(item.latest)
-                else:
-                    items.append(item)
+            if items:   # after an exception or a finished output: kept apart
+                items.append(item)
                 return
             self._undelivered[request_id] = [item]
         loop, q = entry
