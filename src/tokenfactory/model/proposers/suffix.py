@@ -20,6 +20,7 @@ frequent child instead of searching its children.
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -53,28 +54,28 @@ class SuffixTrie:
         """The child of ``node`` along ``token``, or -1."""
         return self.edges.get((node << _SHIFT) | token, -1)
 
-    def add(self, node: int, token: int) -> int:
-        """Count one more occurrence of node's string followed by ``token``; returns the child."""
-        key = (node << _SHIFT) | token
-        c = self.edges.get(key)
-        if c is None:
-            c = self.edges[key] = len(self.count)
-            self.count.append(0)
-            self.total.append(0)
-            self.best.append(-1)
-            self.token.append(token)
-        self.count[c] += 1
-        self.total[node] += 1
-        b = self.best[node]
-        if b < 0 or self.count[c] >= self.count[b]:
-            self.best[node] = c
-        return c
-
     def extend(self, active: list[int], token: int) -> list[int]:
         """Append ``token`` to a text whose suffix nodes are ``active`` (``active[d-1]`` is the
-        node of its last d tokens); returns the new text's suffix nodes."""
-        out = [self.add(0, token)]
-        out.extend(self.add(node, token) for node in active[:self.max_depth - 1])
+        node of its last d tokens): count one more occurrence of each suffix followed by
+        ``token``, and return the new text's suffix nodes. The hot loop of the proposer (one
+        pass per token over up to ``max_depth`` nodes), hence the local names."""
+        edges, count, total, best = self.edges, self.count, self.total, self.best
+        out: list[int] = []
+        for node in chain((0,), active[:self.max_depth - 1]):
+            key = (node << _SHIFT) | token
+            c = edges.get(key)
+            if c is None:
+                c = edges[key] = len(count)
+                count.append(0)
+                total.append(0)
+                best.append(-1)
+                self.token.append(token)
+            count[c] += 1
+            total[node] += 1
+            b = best[node]
+            if b < 0 or count[c] >= count[b]:
+                best[node] = c
+            out.append(c)
         return out
 
     def insert(self, tokens: Sequence[int]) -> list[int]:
@@ -122,7 +123,7 @@ class _RequestState:
 class SuffixProposer:
     """Suffix-trie proposals over the request's context and recent outputs of other requests."""
 
-    def __init__(self, max_depth: int = 24, max_match: int = 8, alpha: float = 1.0,
+    def __init__(self, max_depth: int = 16, max_match: int = 8, alpha: float = 1.0,
                  min_prob: float = 0.1, max_request_tokens: int = 16384,
                  max_global_tokens: int = 16384, max_output_tokens: int = 4096):
         if not 1 <= max_match < max_depth:
