@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenfactory.model.proposers import (NgramProposer, Proposer, SuffixProposer,
+from tokenfactory.model.proposers import (NgramProposer, Proposer, SuffixProposer, TokenView,
                                           make_proposer)
 
 
@@ -147,3 +147,29 @@ def test_make_proposer_errors():
         NgramProposer(min_n=3, max_n=2)
     with pytest.raises(ValueError):
         SuffixProposer(max_depth=4, max_match=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt=st.lists(st.integers(0, 9), max_size=8), output=st.lists(st.integers(0, 9), max_size=8),
+       i=st.integers(-20, 20), a=st.integers(-20, 20) | st.none(), b=st.integers(-20, 20) | st.none(),
+       step=st.sampled_from([None, 1, 2, -1]))
+def test_token_view_reads_like_the_concatenated_list(prompt, output, i, a, b, step):
+    whole, view = prompt + output, TokenView(prompt, output)
+    assert len(view) == len(whole) and view[a:b:step] == whole[a:b:step]
+    if -len(whole) <= i < len(whole):
+        assert view[i] == whole[i]
+    else:
+        with pytest.raises(IndexError):
+            view[i]
+
+
+@pytest.mark.parametrize("name", ["ngram", "suffix"])
+def test_token_view_grows_with_the_output(name):
+    rng = random.Random(6)
+    prompt = [rng.randrange(20) for _ in range(200)]
+    output: list[int] = []
+    a, b = make_proposer(name), make_proposer(name)
+    view = TokenView(prompt, output)              # built once; reads the output live
+    for _ in range(100):
+        assert a.propose("r", view, 4) == b.propose("r", prompt + output, 4)
+        output.append(rng.randrange(20))

@@ -9,7 +9,8 @@ proposal costs no model call: agent loops and edits re-emit long spans of their 
 API (everything the engine calls)::
 
     proposer = make_proposer("ngram" | "suffix")
-    draft = proposer.propose(request_id, token_ids, k)   # token_ids: prompt + output so far
+    context = TokenView(request.prompt_token_ids, request.output_token_ids)   # once, no copy
+    draft = proposer.propose(request_id, context, k)     # prompt + output so far
     proposer.observe(request_id, accepted, proposed)     # after verification: how many kept
     proposer.finished(request_id)                        # drop the request's state
 
@@ -28,7 +29,7 @@ repeats costs almost nothing. Not thread-safe: the engine calls from its step lo
 """
 from __future__ import annotations
 
-from tokenfactory.model.proposers.base import Acceptance, Proposer
+from tokenfactory.model.proposers.base import Acceptance, Proposer, TokenView
 from tokenfactory.model.proposers.ngram import NgramProposer
 from tokenfactory.model.proposers.suffix import SuffixProposer
 
@@ -48,4 +49,5 @@ def make_proposer(spec: str, **kwargs) -> Proposer:
     raise ValueError(f"unknown speculative proposer {spec!r}; use one of {', '.join(PROPOSERS)}")
 
 
-__all__ = ["Acceptance", "NgramProposer", "PROPOSERS", "Proposer", "SuffixProposer", "make_proposer"]
+__all__ = ["Acceptance", "NgramProposer", "PROPOSERS", "Proposer", "SuffixProposer", "TokenView",
+           "make_proposer"]

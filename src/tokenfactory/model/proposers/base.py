@@ -66,3 +66,33 @@ class Acceptance:
             self.rate = self.min_rate          # one good draft after the pause lifts it again
         elif accepted > 0:
             self.next_cooldown = 0
+
+
+class TokenView(Sequence[int]):
+    """prompt + output as one read-only sequence without copying either list: what the engine
+    passes as ``token_ids`` (``request.all_token_ids`` builds a new list, O(context) per step,
+    which would undo the proposers' incremental indexing). Reads the lists live, so it may be
+    built once per request and reused while the output grows."""
+
+    def __init__(self, prompt: Sequence[int], output: Sequence[int]):
+        self.prompt, self.output = prompt, output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, i):
+        n = len(self.prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if stop <= n:
+                return list(self.prompt[start:stop])
+            if start >= n:
+                return list(self.output[start - n:stop - n])
+            return list(self.prompt[start:]) + list(self.output[:stop - n])
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("TokenView index out of range")
+        return self.prompt[i] if i < n else self.output[i - n]
