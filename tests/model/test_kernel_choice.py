@@ -48,7 +48,7 @@ def test_forced_setting_routes_and_matches_transformers(model_dir, mode):
     token (a prefill) and every decode step's token, where float32's top two are not a
     near tie that bfloat16 may flip."""
     path, hf = model_dir
-    ex = TorchExecutor(path, dtype="bfloat16", compile=False, kernels=mode)
+    ex = TorchExecutor(path, dtype="bfloat16", kernels=mode)
     choice = ex.kernel_choice
     assert (choice.source, choice.mode) == ("forced", mode)
     native = mode == "native"

@@ -181,9 +181,9 @@ def test_engine_prefill_through_kernel_matches_sdpa(bf16_model, monkeypatch):
         return [abs(x[t].logprob - y[t].logprob) for a, b in zip(outs, ref) for x, y, t in
                 zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:])]
 
-    fp32 = run(TorchExecutor(bf16_model, dtype="float32", compile=False))
+    fp32 = run(TorchExecutor(bf16_model, dtype="float32"))
     assert not calls   # float32 never uses the kernel
-    bf16 = TorchExecutor(bf16_model, dtype="bfloat16", compile=False)
+    bf16 = TorchExecutor(bf16_model, dtype="bfloat16")
     native = run(bf16)
     assert calls, "the kernel was not used"
     monkeypatch.setitem(layers._native_ok, (torch.bfloat16, 64), False)
@@ -196,24 +196,3 @@ def test_engine_prefill_through_kernel_matches_sdpa(bf16_model, monkeypatch):
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(err_native) <= 1.5 * mean(err_sdpa) + 1e-3, (mean(err_native), mean(err_sdpa))
     assert max(err_native) <= 2 * max(err_sdpa) + 1e-2, (max(err_native), max(err_sdpa))
-
-
-def test_compiled_decode_calls_the_kernel_as_an_op(bf16_model, monkeypatch):
-    """Compiled decode graphs call the native decode kernel through the op
-    tokenfactory::decode_step_attention (which writes the step's K/V, then attends): same
-    tokens as eager."""
-    calls = []
-    real = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    prompts = [[(7 * i + 3) % 512 for i in range(n)] for n in (9, 40)]
-    params = SamplingParams(temperature=0, max_tokens=8, logprobs=1)
-    # (native_decode off: it would take these decode steps before the compiled graphs)
-    compiled = TorchExecutor(bf16_model, dtype="bfloat16", compile=True, compile_batch_sizes=(2,),
-                             compile_max_autotune=False, native_decode=False)
-    eager = TorchExecutor(bf16_model, dtype="bfloat16", compile=False, native_decode=False)
-    a, _ = run_engine(compiled, prompts, params, block_size=16)
-    assert compiled._compiled is not None and compiled._compiled._warm == {2}
-    assert calls
-    b, _ = run_engine(eager, prompts, params, block_size=16)
-    for x, y in zip(a, b):
-        assert_greedy_agree(x.outputs[0], y.outputs[0])

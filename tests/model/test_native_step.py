@@ -79,11 +79,11 @@ def test_native_decode_matches_torch_ops(models, name, monkeypatch):
     calls = []
     real = kernels.decode_step
     monkeypatch.setattr(kernels, "decode_step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
-    native = TorchExecutor(models(name), dtype="bfloat16", compile=False)
+    native = TorchExecutor(models(name), dtype="bfloat16")
     assert native.native_decode
     got, _ = run_engine(native, prompts, params, block_size=16)
     monkeypatch.undo()
-    torch_ops = TorchExecutor(models(name), dtype="bfloat16", compile=False, native_decode=False)
+    torch_ops = TorchExecutor(models(name), dtype="bfloat16", native_decode=False)
     want, _ = run_engine(torch_ops, prompts, params, block_size=16)
     assert calls and max(calls) >= 2    # decode steps, batched ones among them, ran natively
     for g, w in zip(got, want):
@@ -116,10 +116,10 @@ def test_batches_above_the_native_limit_fall_back(models, monkeypatch):
     sizes = []
     real = kernels.decode_step
     monkeypatch.setattr(kernels, "decode_step", lambda *a: sizes.append(a[2].shape[0]) or real(*a))
-    native = TorchExecutor(models("llama_gqa"), dtype="bfloat16", compile=False)
+    native = TorchExecutor(models("llama_gqa"), dtype="bfloat16")
     got, _ = run_engine(native, prompts, params, block_size=16, max_num_seqs=n)
     monkeypatch.undo()
-    torch_ops = TorchExecutor(models("llama_gqa"), dtype="bfloat16", compile=False,
+    torch_ops = TorchExecutor(models("llama_gqa"), dtype="bfloat16",
                               native_decode=False)
     want, _ = run_engine(torch_ops, prompts, params, block_size=16, max_num_seqs=n)
     assert sizes and max(sizes) <= kernels.LINEAR_MAX_ROWS
@@ -132,6 +132,6 @@ def test_native_decode_refused_where_unsupported(checkpoint):
     for native decode there is a clear error, not a silent fallback."""
     path = checkpoint("llama_gqa")[0]        # head_dim 16
     assert not TorchExecutor(path, dtype="float32").native_decode
-    assert not TorchExecutor(path, dtype="bfloat16", compile=False).native_decode
+    assert not TorchExecutor(path, dtype="bfloat16").native_decode
     with pytest.raises(ValueError, match="native decode"):
         TorchExecutor(path, dtype="bfloat16", native_decode=True)

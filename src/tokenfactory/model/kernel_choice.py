@@ -13,6 +13,11 @@ shapes and keeps the fastest:
 - decode attention (1 and 8 sequences of 512 tokens): the native kernel vs batched matmuls;
 - the whole native decode step vs the torch step built from the choices above (batch 1).
 
+What the model's modules offer is part of the decision and of its one log line
+(:meth:`KernelChoice.summary`): each linear's native form (``native_linear()``: bfloat16,
+GGUF Q8_0/Q4_0/Q4_1 or int8 weights, see ``linear_kernels.py``) and whether every module has
+one, without which the native decode step is off whatever was measured (``native_step.py``).
+
 The decision is cached as JSON in ``$TOKENFACTORY_CACHE/kernel-choice/`` (default
 ``~/.cache/tokenfactory``), keyed by the CPU model name, its flags, the thread count, the
 model's shapes and the torch version: only the first start on a machine pays (about a second
@@ -33,12 +38,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tokenfactory.model import kernels
+from tokenfactory.model import kernels, native_step
+from tokenfactory.model.linear_kernels import native_linear_of
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "native", "torch")
-VERSION = 2   # bump when the candidates or the meaning of a field change
+VERSION = 3   # bump when the candidates or the meaning of a field change
 DECODE_ROWS = (1, 8)
 PREFILL_ROWS = (16, 32)
 SWITCH_MARGIN = 0.1
@@ -89,6 +95,8 @@ class KernelChoice:
     rates: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0            # measurement time (0 when read from the cache)
     noisy: list[str] = field(default_factory=list)   # decisive races the host disturbed
+    # what the model's linear modules offer the native step: kind -> how many ("torch": none)
+    linears: dict[str, int] = field(default_factory=dict)
 
     def labels(self) -> dict[str, str]:
         """String labels for an info metric."""
@@ -97,16 +105,48 @@ class KernelChoice:
                 "decode_step": "native" if self.decode_step else "torch",
                 "linear_native_max_rows": str(self.linear_native_max_rows),
                 "prefill_attention": self.prefill_attention,
-                "decode_attention": self.decode_attention}
+                "decode_attention": self.decode_attention,
+                "linears": ",".join(f"{k}={n}" for k, n in sorted(self.linears.items()))}
 
-    def summary(self) -> str:
+    def summary(self, model=None) -> str:
+        """The start-up log line: which backend runs what. With ``model``, its modules are
+        asked now (their kinds, and why the native decode step is off if a module has no
+        native form); without, the kinds recorded when the choice was made."""
+        linears, step = self.linears, "native" if self.decode_step else "torch"
+        if model is not None:
+            linears = linear_kinds(model)
+            _, why = native_step.offers(model)
+            if why is not None:
+                step = f"torch ({why})"
         rates = ", ".join(f"{k} {v:.2f}{'' if k == 'cpu_share' else 'ms'}"
                           for k, v in sorted(self.rates.items()))
+        quant = {k: n for k, n in linears.items() if k not in ("bf16", "torch")}
+        parts = []
+        if linears.get("bf16") or not linears:   # (counts unknown: a forced choice)
+            parts.append(f"{linears['bf16']} " if linears else "")
+            parts[-1] += (f"bf16 (native kernel up to {self.linear_native_max_rows} rows, "
+                          "oneDNN above)")
+        if quant:
+            parts.append(" + ".join(f"{n} {k}" for k, n in sorted(quant.items()))
+                         + " (quant.c at decode sizes, the module's own path above)")
+        if linears.get("torch"):
+            parts.append(f"{linears['torch']} without a native form (torch)")
         return (f"kernels ({self.mode}, {self.source}) on {self.cpu!r}{' [AMX]' if self.amx else ''}"
-                f" x{self.threads} threads: decode step "
-                f"{'native' if self.decode_step else 'torch'}, linears native up to "
-                f"{self.linear_native_max_rows} rows, prefill attention {self.prefill_attention}, "
+                f" x{self.threads} threads: decode step {step}; linears {', '.join(parts)}; "
+                f"prefill attention {self.prefill_attention}, "
                 f"decode attention {self.decode_attention}" + (f"; measured {rates}" if rates else ""))
+
+
+def linear_kinds(model) -> dict[str, int]:
+    """Kind -> how many of ``model``'s linear modules offer that native form (``native_linear()``,
+    see linear_kernels.py); "torch" counts those that offer none."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) or callable(getattr(module, "native_linear", None)):
+            form = native_linear_of(module)
+            kind = "torch" if form is None else form.kind
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def forced(mode: str, native_available: bool, cpu: CpuInfo | None = None,
@@ -140,7 +180,7 @@ def model_shape(model) -> dict:
     return {"hidden": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim, "intermediate": cfg.intermediate_size,
             "vocab": cfg.vocab_size, "layers": cfg.num_layers,
-            "dtype": str(model.embed_tokens.weight.dtype)}
+            "dtype": str(model.embed_tokens.weight.dtype), "linears": linear_kinds(model)}
 
 
 def choose(measure: Callable[[], KernelChoice], shape: dict, *, cpu: CpuInfo | None = None,
@@ -150,14 +190,16 @@ def choose(measure: Callable[[], KernelChoice], shape: dict, *, cpu: CpuInfo | N
     cpu = cpu or CpuInfo.read()
     threads = threads or torch.get_num_threads()
     path = (directory or cache_dir()) / f"{cache_key(cpu, threads, shape)}.json"
+    linears = dict(shape.get("linears", {}))
     try:
         data = json.loads(path.read_text())
-        data.update(source="cache", seconds=0.0)
+        data.update(source="cache", seconds=0.0, linears=linears)
         return KernelChoice(**data)
     except (OSError, ValueError, TypeError):
         pass
     t0 = time.perf_counter()
     choice = measure()
+    choice.linears = linears
     choice.source, choice.mode, choice.cpu, choice.amx, choice.threads = (
         "measured", "auto", cpu.model, cpu.amx, threads)
     choice.seconds = time.perf_counter() - t0
@@ -171,6 +213,7 @@ def choose(measure: Callable[[], KernelChoice], shape: dict, *, cpu: CpuInfo | N
         fallback = forced("default", True, cpu, threads)
         fallback.mode, fallback.source = "auto", "busy-host-default"
         fallback.rates, fallback.noisy, fallback.seconds = choice.rates, choice.noisy, choice.seconds
+        fallback.linears = linears
         return fallback
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,12 +258,13 @@ def _native_wins(native_ms: float, other_ms: float) -> bool:
 
 
 def _linear_candidates(model, rows: int, max_layers: int) -> dict[str, Callable[[], None]]:
-    """One pass over the layers' linears at ``rows`` rows, native kernel and oneDNN. Decode
-    sizes go over every layer, so the weights stream from memory as in a real step."""
+    """One pass over the layers' bfloat16 linears (those offering a "bf16" native form) at
+    ``rows`` rows, native kernel and oneDNN. Decode sizes go over every layer, so the weights
+    stream from memory as in a real step. (Quantized linears pick their own kernels.)"""
     mods = [m for layer in model.layers[:max_layers]
             for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                       layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            if getattr(m, "native", False)]
+            if getattr(native_linear_of(m), "kind", None) == "bf16"]
     xs = {m.in_features: torch.randn(rows, m.in_features, dtype=torch.bfloat16) for m in mods}
 
     def native():
@@ -229,11 +273,7 @@ def _linear_candidates(model, rows: int, max_layers: int) -> dict[str, Callable[
 
     def onednn():
         for m in mods:
-            if m.packed_weight is not None:
-                torch.ops.mkldnn._linear_pointwise(xs[m.in_features], m.packed_weight, m.bias,
-                                                   "none", [], "")
-            else:
-                F.linear(xs[m.in_features], m.weight, m.bias)
+            F.linear(xs[m.in_features], m.weight, m.bias)
 
     return {"native": native, "onednn": onednn} if mods else {}
 
@@ -241,7 +281,6 @@ def _linear_candidates(model, rows: int, max_layers: int) -> dict[str, Callable[
 def measure(executor) -> KernelChoice:
     """Time the candidates on ``executor``'s model (bfloat16, native kernels available, KV
     cache allocated: its scratch page takes the decode-step probes' K/V)."""
-    from tokenfactory.model import native_step
     from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
                                            paged_attention)
     model, cfg = executor.model, executor.model_config

@@ -3,7 +3,8 @@
 Shapes use T for the number of tokens in the step (all sequences flattened), H query heads,
 Hkv key/value heads, G = H / Hkv queries per KV head, D head_dim.
 
-The KV cache of one layer is two tensors of shape (Hkv, num_blocks, block_size, D): head-major,
+The KV cache of one layer is two tensors of shape (Hkv, num_blocks + 1, block_size, D) (the
+last page is scratch for padded rows, see ``TorchExecutor.initialize_cache``): head-major,
 so that one KV head's page is a contiguous (block_size, D) block. A token at position p of a
 sequence lives in page ``block_ids[p // block_size]`` at slot ``p % block_size``; the runner
 turns that into one flat slot index per token (``page * block_size + slot``), so new K/V are
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenfactory.model import kernels
+from tokenfactory.model.linear_kernels import NativeLinear
 
 
 class RMSNorm(nn.Module):
@@ -38,36 +40,26 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.shape, self.weight, self.eps)
 
+    def native_weight(self) -> int | None:
+        """The address of the weight for the native decode step (bfloat16, contiguous, CPU),
+        or None: then the model decodes with torch ops."""
+        w = self.weight
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
+            return None
+        return w.data_ptr()
+
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual add and this norm: (x + delta, norm(x + delta)); delta None: (x,
         norm(x)). x, delta: (T, dim). When ``fused``, one native call that updates x in place
         (a deep, thin model's prefill otherwise spends as long in these small ops, ~70 us
         each, as in its attention)."""
-        if (self.fused and x.dim() == 2 and x.stride(1) == 1 and not torch.compiler.is_compiling()
+        if (self.fused and x.dim() == 2 and x.stride(1) == 1
                 and (delta is None or delta.stride(-1) == 1)):
             return x, kernels.add_rms_norm(x, delta, self.weight, self.eps)
         if delta is not None:
             x = x + delta
         return x, self(x)
-
-
-# Ops on the compiled decode path are registered with the low-level torch.library API: a
-# ``torch.library.custom_op`` call costs ~5 us more (~45 us more for one that mutates an
-# argument, measured) than this registration, and a decode step makes ~60 such calls.
-_ops = torch.library.Library("tokenfactory", "FRAGMENT")
-_ops.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_ops.impl("linear", lambda x, weight, bias: kernels.linear(x, weight, bias), "CPU")
-
-
-@torch.library.register_fake("tokenfactory::linear")
-def _(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """kernels.linear as an op, so compiled decode graphs call it as one opaque kernel."""
-    return torch.ops.tokenfactory.linear.default(x, weight, bias)
 
 
 class CpuLinear(nn.Module):
@@ -77,21 +69,18 @@ class CpuLinear(nn.Module):
     which reads every weight byte once at memory bandwidth; stock ``F.linear`` reaches 10-20
     GB/s on this CPU at batch 1 in bfloat16, oneDNN with pre-packed weights 20-25 GB/s, the
     native kernel ~36 GB/s from huge-page memory (see kernels/linear.c). Larger batches
-    (prefill chunks, big decode batches) use oneDNN: on a copy of the weight pre-packed in its
-    blocked layout when ``pack`` (15-30% faster at 16-64 rows, the same from ~512, at the cost
-    of a second copy of the weights), else on the plain weight.
+    (prefill chunks, big decode batches) use oneDNN on the plain weight. (A pre-packed copy
+    for oneDNN was 15-30% faster at 16-64 rows but cost a second copy of the weights; off by
+    default since offline throughput measured the same with and without, so removed.)
 
-    While ``torch.compile`` traces, small batches call the native kernel as the custom op
-    ``tokenfactory::linear`` and larger ones a stock linear that inductor lowers itself.
+    The native decode step takes the weight through :meth:`native_linear`.
     """
 
-    def __init__(self, linear: nn.Linear, pack: bool = False):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", linear.weight.detach())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(
-            self.weight, 1) if pack else None)
         self.native = kernels.supports_linear(self.weight.dtype, self.in_features)
         # up to this many rows the native kernel runs, oneDNN above; set per CPU by
         # model/kernel_choice.py (0: oneDNN always, as on CPUs where its GEMMs win)
@@ -99,34 +88,41 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        compiling = torch.compiler.is_compiling()
         if rows <= self.native_max_rows:
             x2 = x.reshape(rows, self.in_features)
             if x2.stride(1) != 1:
                 x2 = x2.contiguous()
-            y = (native_linear(x2, self.weight, self.bias) if compiling
-                 else kernels.linear(x2, self.weight, self.bias))   # direct: no op dispatch
+            y = kernels.linear(x2, self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
-        if self.packed_weight is not None and not compiling:   # (eager only: no op needed)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias,
-                                                      "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def native_linear(self) -> NativeLinear | None:
+        """This layer for the native decode step (kind "bf16", see linear_kernels.py); None
+        where the native kernel cannot take it (input width, no library, not on the CPU)."""
+        w, b = self.weight, self.bias
+        if (not self.native or w.dtype != torch.bfloat16 or w.device.type != "cpu"
+                or not w.is_contiguous() or (b is not None and not b.is_contiguous())):
+            return None
+        return NativeLinear("bf16", w.data_ptr(), 0, 0 if b is None else b.data_ptr(),
+                            self.out_features, self.in_features, owner=self)
 
 
 def can_use_cpu_linears(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def use_cpu_linears(module: nn.Module, pack: bool = False) -> int:
-    """Replace every ``nn.Linear`` under ``module`` by a :class:`CpuLinear`. Returns how many."""
+    """Replace every ``nn.Linear`` under ``module`` by a :class:`CpuLinear`. Returns how many.
+    (``pack``: the removed pre-packed weight copy; accepted as False until callers drop it.)"""
+    if pack:
+        raise ValueError("pre-packed oneDNN weights were removed (unused by default, issue 15)")
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, CpuLinear(child, pack))
+            setattr(module, name, CpuLinear(child))
             count += 1
         else:
-            count += use_cpu_linears(child, pack)
+            count += use_cpu_linears(child)
     return count
 
 
@@ -207,7 +203,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
-    workspace: Workspace | None = None            # None: allocate gathers afresh (compiled)
+    workspace: Workspace | None = None            # None: allocate gathers afresh
     # whether attention may take the native kernels (where they run at all): chosen per CPU
     # by model/kernel_choice.py
     native_prefill: bool = True
@@ -259,41 +255,6 @@ def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     v_cache.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def _decode_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                           positions: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    _write_kv(k, v, k_cache, v_cache, slot_mapping)
-    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
-        q = q.contiguous()
-    out = q.new_empty(q.shape)
-    kernels.decode_attention(q, k_cache, v_cache, block_tables, positions, window, scale, out)
-    return out
-
-
-_ops.define("decode_step_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
-            "Tensor(b!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor positions, "
-            "int window, float scale) -> Tensor")
-_ops.impl("decode_step_attention", _decode_step_attention, "CPU")
-
-
-@torch.library.register_fake("tokenfactory::decode_step_attention")
-def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, positions, window, scale):
-    return q.new_empty(q.shape)
-
-
-def native_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       block_tables: torch.Tensor, positions: torch.Tensor, window: int,
-                       scale: float) -> torch.Tensor:
-    """Write the step's K/V into the caches, then attend (kernels.decode_attention): the whole
-    attention of a compiled decode step as one op. Written in the graph instead, the cache
-    write followed by an opaque op reading the cache made inductor copy the entire cache
-    around it on every step (observed with the native linear ops in the same graph)."""
-    return torch.ops.tokenfactory.decode_step_attention.default(
-        q, k, v, k_cache, v_cache, slot_mapping, block_tables, positions, window, scale)
-
-
 def _native_attention(q: torch.Tensor) -> bool:
     """Whether attention for this dtype and head size runs in the native kernels."""
     key = (q.dtype, q.shape[-1])
@@ -323,17 +284,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
     native_ok = _native_attention(q)
     native = native_ok and meta.native_decode          # for the decode groups
-    if native and single and torch.compiler.is_compiling():   # a compiled decode step
-        dg = meta.decode_groups[0]
-        return native_decode_step(q, k, v, k_cache, v_cache, meta.slot_mapping,
-                                  dg.block_tables, dg.positions, window or 0, scale)
     _write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = None if single else q.new_empty(q.shape)
 
     for dg in meta.decode_groups:
-        if native:   # bfloat16 on AVX-512 BF16: K/V read through the block tables, no copy
-            # (eager only: compiled steps are single decode groups, handled above), written
-            # straight into this group's rows of the step's output
+        if native:   # bfloat16 on AVX-512 BF16: K/V read through the block tables, no copy,
+            # written straight into this group's rows of the step's output
             qd = q[dg.start:dg.end]
             od = q.new_empty(qd.shape) if out is None else out[dg.start:dg.end]
             kernels.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
@@ -361,7 +317,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for seq in meta.prefills:
         rows = slice(seq.offset, seq.offset + seq.num_tokens)
         n = seq.num_tokens
-        if native_ok and meta.native_prefill and not torch.compiler.is_compiling():
+        if native_ok and meta.native_prefill:
             # one kernel, no gathered copy
             size = kernels.workspace_numel(num_kv, seq.end, head_dim)
             ws = None if meta.workspace is None else (meta.workspace.get("kp", (size,), q),

@@ -36,16 +36,26 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.fused = False   # RoPE in place, one native call (bfloat16 CPU; set by the runner)
-        # Bound by the runner: (num_blocks, block_size, Hkv, D) each.
+        # Bound by the runner: (Hkv, num_blocks + 1, block_size, D) each, head-major (see
+        # layers.py); the last page is scratch for padded rows and kernel-choice probes.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+
+    def native_kv(self) -> tuple[int, int] | None:
+        """Addresses of the K and V pages for the native decode step (bfloat16, contiguous,
+        CPU, allocated), or None: then the model decodes with torch ops."""
+        caches = (self.k_cache, self.v_cache)
+        if any(c is None or c.dtype != torch.bfloat16 or c.device.type != "cpu"
+               or not c.is_contiguous() for c in caches):
+            return None
+        return self.k_cache.data_ptr(), self.v_cache.data_ptr()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                                       # (T, (H + 2 Hkv) D)
         v = qkv[:, self.q_size + self.kv_size:].view(T, Hkv, D)     # (T, Hkv, D)
-        if self.q_norm is None and self.fused and not torch.compiler.is_compiling():
+        if self.q_norm is None and self.fused:
             # rotate q and k in place in qkv, one native call
             qk = kernels.rope_(qkv[:, :self.q_size + self.kv_size].view(T, H + Hkv, D), cos, sin)
             q, k = qk[:, :H], qk[:, H:]
@@ -113,8 +123,7 @@ class LlamaForCausalLM(nn.Module):
         them. Many rows (prompt logprobs of a long prompt) take oneDNN, rounded."""
         head = self.lm_head
         if (getattr(head, "native", False) and head.bias is None
-                and hidden.shape[0] <= LOGITS_NATIVE_MAX_ROWS
-                and not torch.compiler.is_compiling()):
+                and hidden.shape[0] <= LOGITS_NATIVE_MAX_ROWS):
             return kernels.linear_f32(hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
                                       head.weight)
         return head(hidden).float()

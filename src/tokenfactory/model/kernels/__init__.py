@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from tokenfactory.model.linear_kernels import KIND_CODES, LinearDesc
+
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
@@ -119,8 +121,10 @@ def _load() -> ctypes.CDLL | None:
     lib.tf_rope_rows.restype = i32
     lib.tf_rope_rows.argtypes = [ptr, i64, i32, i32, i32, ptr, ptr]
     lib.tf_decode_step.restype = i32
-    lib.tf_decode_step.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr,
-                                   ptr, ptr, ptr, i64, i64, ptr, ptr, ptr]
+    lib.tf_decode_step.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                   ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.tf_linear_kind_supported.restype = i32
+    lib.tf_linear_kind_supported.argtypes = [i32]
     return lib
 
 
@@ -303,12 +307,21 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
+def linear_kind_supported(kind: str) -> bool:
+    """Whether the library runs linears of this kind (linear_kernels.KIND_CODES): bf16
+    always; a quantized kind once kernels/quant.c provides its kernel."""
+    lib = library()
+    return lib is not None and kind in KIND_CODES and bool(
+        lib.tf_linear_kind_supported(KIND_CODES[kind]))
+
+
 class LayerWeights(ctypes.Structure):
-    """tf_layer in decode_layer.c: one decoder layer's tensors (NULL where absent)."""
+    """tf_layer in decode_layer.c: one decoder layer as its modules offer it (norm weights,
+    NULL where absent; a linear descriptor per projection; the KV pages)."""
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "input_norm", "qkv_w", "qkv_b", "q_norm", "k_norm", "o_w", "o_b", "post_norm",
-        "gate_up_w", "gate_up_b", "down_w", "down_b", "k_cache", "v_cache")] + [
-        ("window", ctypes.c_int64)]
+        "input_norm", "q_norm", "k_norm", "post_norm")] + [
+        (name, LinearDesc) for name in ("qkv", "o", "gate_up", "down")] + [
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("window", ctypes.c_int64)]
 
 
 class LayerDims(ctypes.Structure):
@@ -324,25 +337,28 @@ def decode_layer_workspace(batch: int, dims: LayerDims) -> int:
     return batch * (2 * dims.hidden + qkv + dims.heads * dims.head_dim + 3 * dims.intermediate)
 
 
-def decode_step(layers: ctypes.Array, dims: LayerDims, ids: torch.Tensor, embed: torch.Tensor,
-                final_norm: torch.Tensor, lm_head: torch.Tensor, x: torch.Tensor,
+def decode_step(layers: ctypes.Array, dims: LayerDims, ids: torch.Tensor, embed: ctypes.Structure,
+                final_norm: int, lm_head: ctypes.Structure, x: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, rope_rows: torch.Tensor,
                 slots: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
-                work: torch.Tensor, logits: torch.Tensor) -> None:
+                work: torch.Tensor, fwork: torch.Tensor, logits: torch.Tensor) -> None:
     """One decode step in one call (decode_layer.c): B = len(ids) single-token decodes at
     ``positions`` (B,) whose K/V go to the flat cache ``slots`` (B,), attending through
-    ``tables`` (B, pages); embedding, every layer, final norm and ``lm_head`` into float32
-    ``logits`` (B, vocab). RoPE from rows ``rope_rows`` (B,) of the bfloat16 tables
-    ``cos``/``sin``; ``x`` (B, hidden) and ``work`` (:func:`decode_layer_workspace`
-    elements) are scratch. The caller guarantees dtypes and contiguity (checked once when it
+    ``tables`` (B, pages); embedding, every layer, final norm and ``lm_head`` (both
+    ``linear_kernels.LinearDesc``; ``final_norm`` the address of its bfloat16 weight) into
+    float32 ``logits`` (B, vocab). RoPE from rows
+    ``rope_rows`` (B,) of the bfloat16 tables ``cos``/``sin``; ``x`` (B, hidden), ``work``
+    (:func:`decode_layer_workspace` bfloat16 elements) and ``fwork`` (float32, B x the widest
+    quantized linear) are scratch. The caller guarantees dtypes and contiguity (checked once when it
     builds ``layers``); the kernel checks the rest."""
     b = ids.shape[0]
     rc = _lib.tf_decode_step(layers, len(layers), ctypes.addressof(dims), b, ids.data_ptr(),
-                             embed.data_ptr(), final_norm.data_ptr(), lm_head.data_ptr(),
-                             lm_head.shape[0], x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                             rope_rows.data_ptr(), slots.data_ptr(), tables.data_ptr(),
-                             tables.stride(0), tables.shape[1], positions.data_ptr(),
-                             work.data_ptr(), logits.data_ptr())
+                             ctypes.addressof(embed), final_norm,
+                             ctypes.addressof(lm_head), x.data_ptr(), cos.data_ptr(),
+                             sin.data_ptr(), rope_rows.data_ptr(), slots.data_ptr(),
+                             tables.data_ptr(), tables.stride(0), tables.shape[1],
+                             positions.data_ptr(), work.data_ptr(), fwork.data_ptr(),
+                             logits.data_ptr())
     if rc != 0:
         why = {-1: "unsupported shapes or a token id outside the vocabulary", -2: "out of memory",
                -3: "a position lies past its block table"}[rc]

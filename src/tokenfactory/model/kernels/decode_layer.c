@@ -6,8 +6,10 @@
  * Python and thread fork/join per step. Here the whole layer runs inside one OpenMP parallel
  * region: RMSNorm, q/k/v projection (+ bias), optional per-head q/k RMSNorm (Qwen3), RoPE, the
  * K/V write into the paged cache, attention over the pages (attention.c), output projection,
- * residual, RMSNorm, gate/up projection, SiLU * up, down projection, residual. Projections use
- * linear.c's bandwidth-bound rows; phases are separated by the worksharing barriers.
+ * residual, RMSNorm, gate/up projection, SiLU * up, down projection, residual. Each projection
+ * is a descriptor of whatever its module offers (model/linear_kernels.py), run by tf_linear_any:
+ * linear.c's bandwidth-bound bfloat16 rows, or quant.c's kernels for GGUF/int8 weights; phases
+ * are separated by the worksharing barriers.
  *
  * Rounding follows the torch path op for op: every op's result is rounded to bfloat16 once
  * (RoPE once for x * cos + rotate(x) * sin, as in the compiled graphs).
@@ -18,10 +20,12 @@
 
 #include "kernels.h"
 
+/* One layer as its modules offer it (native_step.py): norms' bfloat16 weights (q/k norm NULL
+ * where absent), each linear as a descriptor of its kind (linear_kernels.py), the KV pages. */
 typedef struct {
-    const bf16 *input_norm, *qkv_w, *qkv_b, *q_norm, *k_norm, *o_w, *o_b;
-    const bf16 *post_norm, *gate_up_w, *gate_up_b, *down_w, *down_b;
-    bf16 *k_cache, *v_cache;     /* (Hkv, num_blocks, block_size, D) each */
+    const bf16 *input_norm, *q_norm, *k_norm, *post_norm;
+    tf_linear_desc qkv, o, gate_up, down;
+    bf16 *k_cache, *v_cache;     /* (Hkv, num_blocks + 1, block_size, D) each */
     int64_t window;              /* sliding window, 0 = none */
 } tf_layer;
 
@@ -55,21 +59,30 @@ static void norm_rope(bf16 *h, int D, const bf16 *norm_w, float eps, const bf16 
     }
 }
 
+/* Whether descriptor L is a supported kind of shape (out, in). */
+static int linear_ok(const tf_linear_desc *L, int64_t out, int64_t in) {
+    return L->out == out && L->in == in && L->weight != NULL && in % 32 == 0
+           && tf_linear_kind_supported((int)L->kind);
+}
+
 /* x (B, hidden) is the residual stream, updated in place. cos/sin: tables of D-wide rows,
  * sequence b using row rope_rows[b] (the position, for a table over all positions); slots (B,) flat
  * cache slots (page * block_size + offset) of the new tokens; tables (B, num_pages) with a
  * row stride; positions (B,). work: B * (2 hidden + (heads + 2 kv_heads) D + heads D +
- * 3 intermediate) bfloat16 scratch. Returns 0, -1 (unsupported shapes), -2 (out of memory),
+ * 3 intermediate) bfloat16 scratch; fwork: B * (largest out of a quantized linear) floats.
+ * Returns 0, -1 (unsupported shapes), -2 (out of memory),
  * -3 (a position past its block table). */
 static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, const bf16 *cos,
                         const bf16 *sin, const int64_t *rope_rows, const int64_t *slots,
                         const int64_t *tables, int64_t table_stride, int64_t num_pages,
-                        const int64_t *positions, bf16 *work) {
+                        const int64_t *positions, bf16 *work, float *fwork) {
     const int H = (int)d->hidden, NH = (int)d->heads, NKV = (int)d->kv_heads, D = (int)d->head_dim;
     const int I = (int)d->intermediate, NQ = NH * D, NQKV = (NH + 2 * NKV) * D;
     const int check = tf_decode_check(B, NH, NKV, D, (int)d->block_size, num_pages, positions);
     if (check != 0) return check;
-    if (!tf_linear_supported(H) || !tf_linear_supported(NQ) || !tf_linear_supported(I)) return -1;
+    if (!linear_ok(&L->qkv, NQKV, H) || !linear_ok(&L->o, H, NQ) || !linear_ok(&L->gate_up, 2 * I, H)
+        || !linear_ok(&L->down, H, I))
+        return -1;
     bf16 *xn = work, *qkv = xn + (int64_t)B * H, *att = qkv + (int64_t)B * NQKV;
     bf16 *gu = att + (int64_t)B * NQ, *act = gu + (int64_t)B * 2 * I, *tmp = act + (int64_t)B * I;
     const int64_t head_stride = d->num_blocks * d->block_size * D;
@@ -82,7 +95,7 @@ static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, con
 #pragma omp single
         for (int b = 0; b < B; b++) rms_norm(x + (int64_t)b * H, H, L->input_norm, d->eps, xn + (int64_t)b * H);
 
-        tf_linear_rows(xn, H, B, L->qkv_w, NQKV, H, L->qkv_b, qkv, NQKV);
+        tf_linear_any(&L->qkv, xn, H, B, qkv, NULL, NQKV, fwork);
 
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {   /* q/k norm + RoPE, then K/V into the cache */
@@ -105,7 +118,7 @@ static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, con
                                (int)L->window, d->scale, att, NQ, &s, &s_cap) != 0)
                 status = -2;
 
-        tf_linear_rows(att, NQ, B, L->o_w, H, NQ, L->o_b, tmp, H);
+        tf_linear_any(&L->o, att, NQ, B, tmp, NULL, H, fwork);
 
 #pragma omp single
         for (int b = 0; b < B; b++) {
@@ -114,7 +127,7 @@ static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, con
             rms_norm(xr, H, L->post_norm, d->eps, xn + (int64_t)b * H);
         }
 
-        tf_linear_rows(xn, H, B, L->gate_up_w, 2 * I, H, L->gate_up_b, gu, 2 * I);
+        tf_linear_any(&L->gate_up, xn, H, B, gu, NULL, 2 * I, fwork);
 
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < (int64_t)B * I; j++) {
@@ -124,7 +137,7 @@ static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, con
             act[j] = to_bf16(silu * from_bf16(gu[b * 2 * I + I + i]));
         }
 
-        tf_linear_rows(act, I, B, L->down_w, H, I, L->down_b, tmp, H);
+        tf_linear_any(&L->down, act, I, B, tmp, NULL, H, fwork);
 
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < (int64_t)B * H; j++)
@@ -135,28 +148,35 @@ static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, con
 }
 
 /* A whole decode step: embedding rows of ``ids`` -> every layer -> final RMSNorm -> lm_head,
- * into float32 ``logits`` (B, vocab) (float32 sums, not rounded to bfloat16: see linear.c).
- * ``lm_head`` may be the embedding table (tied). Scratch: ``x`` (B, hidden) and ``work``. */
+ * into float32 ``logits`` (B, lm_head->out) (float32 sums, not rounded to bfloat16: see
+ * linear.c). ``embed`` and ``lm_head`` are descriptors of any kind (a quantized embedding row
+ * is dequantized on lookup) and may share one table (tied). Scratch: ``x`` (B, hidden),
+ * ``work`` and ``fwork`` (see decode_layer; for a quantized lm_head B * vocab floats). */
 int tf_decode_step(const tf_layer *layers, int num_layers, const tf_dims *d, int B,
-                   const int64_t *ids, const bf16 *embed, const bf16 *final_norm,
-                   const bf16 *lm_head, int vocab, bf16 *x, const bf16 *cos, const bf16 *sin,
+                   const int64_t *ids, const tf_linear_desc *embed, const bf16 *final_norm,
+                   const tf_linear_desc *lm_head, bf16 *x, const bf16 *cos, const bf16 *sin,
                    const int64_t *rope_rows, const int64_t *slots, const int64_t *tables,
                    int64_t table_stride, int64_t num_pages, const int64_t *positions, bf16 *work,
-                   float *logits) {
-    const int H = (int)d->hidden;
+                   float *fwork, float *logits) {
+    const int H = (int)d->hidden, vocab = (int)lm_head->out;
+    if (embed->in != H || !linear_ok(lm_head, vocab, H)
+        || !(embed->kind == TF_KIND_BF16 || embed->kind == TF_KIND_Q8_0
+             || embed->kind == TF_KIND_Q4_0 || embed->kind == TF_KIND_Q4_1
+             || (embed->kind == TF_KIND_INT8 && embed->scales)))
+        return -1;
     for (int b = 0; b < B; b++) {
-        if (ids[b] < 0 || ids[b] >= vocab) return -1;
-        memcpy(x + (int64_t)b * H, embed + ids[b] * H, sizeof(bf16) * H);
+        if (ids[b] < 0 || ids[b] >= embed->out) return -1;
+        tf_table_row(embed, ids[b], x + (int64_t)b * H);
     }
     for (int i = 0; i < num_layers; i++) {
         const int rc = decode_layer(layers + i, d, B, x, cos, sin, rope_rows, slots, tables,
-                                    table_stride, num_pages, positions, work);
+                                    table_stride, num_pages, positions, work, fwork);
         if (rc != 0) return rc;
     }
     for (int b = 0; b < B; b++)
         rms_norm(x + (int64_t)b * H, H, final_norm, d->eps, work + (int64_t)b * H);
 #pragma omp parallel
-    tf_linear_rows_to(work, H, B, lm_head, vocab, H, NULL, NULL, logits, vocab);
+    tf_linear_any(lm_head, work, H, B, NULL, logits, vocab, fwork);
     return 0;
 }
 

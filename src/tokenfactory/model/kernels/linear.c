@@ -103,3 +103,110 @@ int tf_linear_f32(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, 
     tf_linear_rows_to(x, x_stride, M, w, N, K, NULL, NULL, out, out_stride);
     return 0;
 }
+
+/* ------------------------------------------------------------------ any kind (descriptors)
+ * The quantized kinds run kernels/quant.c's tf_qlinear_* (float32 y = x W^T, x bfloat16 rows
+ * of `in`, W as stored). Declared weak so the library links, and the bf16 kind runs, whether or
+ * not quant.c is there: a missing kernel is a NULL address, refused by tf_linear_kind_supported
+ * (which native_step.supports asks before building a step). */
+typedef void (*tf_qlinear_fn)(const void *w, const float *scales_or_null, const uint16_t *x_bf16,
+                              float *y, int rows, int out, int in);
+void tf_qlinear_q8_0(const void *, const float *, const uint16_t *, float *, int, int, int)
+    __attribute__((weak));
+void tf_qlinear_q4_0(const void *, const float *, const uint16_t *, float *, int, int, int)
+    __attribute__((weak));
+void tf_qlinear_q4_1(const void *, const float *, const uint16_t *, float *, int, int, int)
+    __attribute__((weak));
+void tf_qlinear_int8(const void *, const float *, const uint16_t *, float *, int, int, int)
+    __attribute__((weak));
+
+static tf_qlinear_fn qlinear_fn(int64_t kind) {
+    switch (kind) {
+        case TF_KIND_Q8_0: return tf_qlinear_q8_0;
+        case TF_KIND_Q4_0: return tf_qlinear_q4_0;
+        case TF_KIND_Q4_1: return tf_qlinear_q4_1;
+        case TF_KIND_INT8: return tf_qlinear_int8;
+        default: return NULL;
+    }
+}
+
+/* Bytes of one output row of weights (GGUF blocks of 32: d [, m], then the quants). */
+static int64_t row_bytes(int64_t kind, int64_t in) {
+    switch (kind) {
+        case TF_KIND_BF16: return 2 * in;
+        case TF_KIND_Q8_0: return in / 32 * 34;
+        case TF_KIND_Q4_0: return in / 32 * 18;
+        case TF_KIND_Q4_1: return in / 32 * 20;
+        default: return in;   /* int8 */
+    }
+}
+
+int tf_linear_kind_supported(int kind) {
+    return kind == TF_KIND_BF16 || qlinear_fn(kind) != NULL;
+}
+
+void tf_linear_any(const tf_linear_desc *L, const bf16 *x, int64_t x_stride, int M, bf16 *out,
+                   float *out_f32, int64_t out_stride, float *scratch) {
+    const int N = (int)L->out, K = (int)L->in;
+    if (L->kind == TF_KIND_BF16) {   /* the orphaned `omp for` (its end is the barrier) */
+        tf_linear_rows_to(x, x_stride, M, (const bf16 *)L->weight, N, K, L->bias, out, out_f32,
+                          out_stride);
+        return;
+    }
+    /* Quantized: quant.c's kernel, called by every thread of the team with the same
+     * arguments (inside a parallel region it shares out the output rows with an orphaned
+     * `omp for`, whose end is a barrier), into scratch (M, N) float32; then the bias and the
+     * store, rows shared out again. x: contiguous rows of K (the step's buffers are). */
+    (void)x_stride;
+    qlinear_fn(L->kind)(L->weight, L->scales, x, scratch, M, N, K);
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float bn = L->bias ? from_bf16(L->bias[n]) : 0.f;
+        for (int m = 0; m < M; m++) {
+            const float v = scratch[(int64_t)m * N + n] + bn;
+            if (out) out[m * out_stride + n] = to_bf16(v);
+            else out_f32[m * out_stride + n] = v;
+        }
+    }
+}
+
+static inline float from_f16(uint16_t h) { return _cvtsh_ss(h); }
+
+void tf_table_row(const tf_linear_desc *T, int64_t row, bf16 *dst) {
+    const int64_t K = T->in;
+    const uint8_t *r = (const uint8_t *)T->weight + row_bytes(T->kind, K) * row;
+    if (T->kind == TF_KIND_BF16) {
+        memcpy(dst, r, sizeof(bf16) * K);
+        return;
+    }
+    if (T->kind == TF_KIND_INT8) {
+        const float s = T->scales[row];
+        for (int64_t k = 0; k < K; k++) dst[k] = to_bf16((float)((const int8_t *)r)[k] * s);
+        return;
+    }
+    const int64_t bb = row_bytes(T->kind, 32);
+    for (int64_t blk = 0; blk < K / 32; blk++) {
+        const uint8_t *b = r + blk * bb;
+        uint16_t dh, mh = 0;
+        memcpy(&dh, b, 2);
+        const float d = from_f16(dh);
+        bf16 *o = dst + blk * 32;
+        if (T->kind == TF_KIND_Q8_0) {
+            for (int i = 0; i < 32; i++) o[i] = to_bf16(d * (float)((const int8_t *)(b + 2))[i]);
+            continue;
+        }
+        if (T->kind == TF_KIND_Q4_0) {   /* (q - 8) d */
+            for (int i = 0; i < 16; i++) {
+                o[i] = to_bf16((float)((b[2 + i] & 0x0F) - 8) * d);
+                o[i + 16] = to_bf16((float)((b[2 + i] >> 4) - 8) * d);
+            }
+            continue;
+        }
+        memcpy(&mh, b + 2, 2);           /* q4_1: q d + m */
+        const float m = from_f16(mh);
+        for (int i = 0; i < 16; i++) {
+            o[i] = to_bf16((float)(b[4 + i] & 0x0F) * d + m);
+            o[i + 16] = to_bf16((float)(b[4 + i] >> 4) * d + m);
+        }
+    }
+}
