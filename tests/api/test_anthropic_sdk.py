@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import anthropic
+import pytest
 
 WEATHER_TOOL = {"name": "get_weather", "description": "Current weather for a city",
                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"},
@@ -112,16 +113,22 @@ def test_max_tokens(anthropic_client, server):
 
 
 def test_tool_choice_tool_and_any_are_enforced(anthropic_client, server):
-    msg = anthropic_client.messages.create(
-        model="tf-test", max_tokens=64, tools=[WEATHER_TOOL],
-        tool_choice={"type": "tool", "name": "get_weather"},
-        messages=[{"role": "user", "content": "Lima [[reply:forced_tool]]"}])
-    assert msg.stop_reason == "tool_use"
-    assert msg.content[-1].name == "get_weather" and msg.content[-1].input == {"city": "Lima"}
-    msg = anthropic_client.messages.create(
-        model="tf-test", max_tokens=64, tools=[WEATHER_TOOL], tool_choice={"type": "any"},
-        messages=[{"role": "user", "content": "Rome [[reply:forced_any]]"}])
-    assert msg.stop_reason == "tool_use" and msg.content[-1].input == {"city": "Rome"}
+    """A forced call is constrained by a grammar: a well-formed call passes through it (its
+    input streams in fragments), anything else fails the request (the scripted model ignores
+    the mask, so the engine's grammar check is what stops it; the real model cannot even
+    produce it: test_real_model.py)."""
+    for choice in ({"type": "tool", "name": "get_weather"}, {"type": "any"}):
+        msg = anthropic_client.messages.create(
+            model="tf-test", max_tokens=64, tools=[WEATHER_TOOL], tool_choice=choice,
+            messages=[{"role": "user", "content": "Oslo [[reply:tool_only]]"}])
+        assert msg.stop_reason == "tool_use"
+        assert msg.content[-1].name == "get_weather" and msg.content[-1].input == {"city": "Oslo"}
+        with pytest.raises(anthropic.InternalServerError) as err:
+            anthropic_client.messages.create(
+                model="tf-test", max_tokens=64, tools=[WEATHER_TOOL], tool_choice=choice,
+                messages=[{"role": "user", "content": "[[reply:hello]]"}])
+        assert "grammar" in str(err.value)
+    server.assert_no_leaks()
 
 
 def test_tool_choice_none_returns_text(anthropic_client, server):

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+import openai
+import pytest
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -80,16 +83,20 @@ def test_chat_tools_stream(openai_client):
     assert all(c["id"].startswith("call_") for c in calls.values())
 
 
-def test_tool_choice_required_and_named(openai_client):
-    r = openai_client.chat.completions.create(
-        model="tf-test", tools=[WEATHER], tool_choice="required",
-        messages=[{"role": "user", "content": "[[reply:forced_any]]"}])
-    assert r.choices[0].finish_reason == "tool_calls"
-    r = openai_client.chat.completions.create(
-        model="tf-test", tools=[WEATHER],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        messages=[{"role": "user", "content": "[[reply:forced_tool]]"}])
-    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Lima"}
+def test_tool_choice_required_and_named(openai_client, server):
+    """Forced calls are grammar-constrained (see the Anthropic twin of this test)."""
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = openai_client.chat.completions.create(
+            model="tf-test", tools=[WEATHER], tool_choice=choice,
+            messages=[{"role": "user", "content": "[[reply:tool_only]]"}])
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+        with pytest.raises(openai.InternalServerError) as err:
+            openai_client.chat.completions.create(
+                model="tf-test", tools=[WEATHER], tool_choice=choice,
+                messages=[{"role": "user", "content": "[[reply:hello]]"}])
+        assert "grammar" in str(err.value)
+    server.assert_no_leaks()
 
 
 def test_completions(openai_client, server):

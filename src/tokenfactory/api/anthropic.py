@@ -138,6 +138,10 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     limited_by = None if not clamped else ("output_cap" if cap and max_tokens == cap else "context")
     # output_config.format: compiled off the event loop (a cache hit for the engine afterwards)
     structured_output = await ctx.off_loop(structured.from_anthropic, body, ctx.tokenizer)
+    if structured_output is None and prompt.tool_constraint is not None:
+        structured_output = await ctx.off_loop(structured.tool_constraint, ctx.tokenizer,
+                                               **prompt.tool_constraint)
+    streamed_args = structured_output is not None and prompt.tool_constraint is not None
     params = make_sampling_params(
         max_tokens=max_tokens, structured_output=structured_output,
         temperature=ctx.sampling_default("temperature", body.temperature, 1.0),
@@ -147,16 +151,15 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         stop=list(body.stop_sequences or []),
         ignore_eos=bool(body.ignore_eos), min_tokens=min(body.min_tokens or 0, max_tokens),
         seed=body.seed)
-    parser = (get_tool_parser(ctx.parser_name)()
-              if prompt.use_parser and structured_output is None else None)
+    parser = (get_tool_parser(prompt.parser_name)(stream_arguments=streamed_args)
+              if prompt.use_parser and (structured_output is None or streamed_args) else None)
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
                      breakpoints=prompt.engine_breakpoints, parser=parser,
                      parser_prefill=prompt.parser_prefill, overload_status=529, trace=trace)
     await gen.start()
     headers = {"request-id": request_id, "x-request-id": request_id,
-               "x-tokenfactory-max-tokens": str(max_tokens),
-               **ctx.tools_dropped_headers(len(prompt.tools or []))}
+               "x-tokenfactory-max-tokens": str(max_tokens)}
     if clamped:
         headers["x-tokenfactory-max-tokens-clamped"] = f"{body.max_tokens}->{max_tokens}"
     if body.stream:

@@ -98,6 +98,7 @@ class Tool(_Open):
     input_schema: dict[str, Any] | None = None
     type: str | None = None          # "custom" or a server tool type (those are not supported)
     cache_control: CacheControl | None = None
+    strict: StrictBool | None = None  # input constrained to input_schema by a grammar
 
     @field_validator("input_schema")
     @classmethod

@@ -15,8 +15,7 @@ from tokenfactory.api.anthropic_models import (DocumentBlock, ImageBlock, Messag
 from tokenfactory.api.errors import APIError
 from tokenfactory.api.serving import ServingContext
 from tokenfactory.engine.request import CacheBreakpoint
-from tokenfactory.text.chat_template import ChatTemplateError
-from tokenfactory.text.tool_parsers import render_tool_call_text
+from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
 
 TEXT_JOIN = "\n\n"   # between text blocks of one turn, and between system blocks
 
@@ -110,6 +109,10 @@ class AnthropicPrompt:
     engine_breakpoints: list[CacheBreakpoint] = field(default_factory=list)
     parser_prefill: str = ""
     use_parser: bool = False
+    parser_name: str | None = None
+    # keyword arguments of structured.tool_constraint when the reply's tool calls are
+    # constrained by a grammar (a forced call, strict tools, the generic format, no parallel)
+    tool_constraint: dict | None = None
 
 
 class PromptBuilder:
@@ -125,6 +128,10 @@ class PromptBuilder:
             blocks = [b.model_copy(update={"text": ctx.strip_re.sub("", b.text)}) for b in blocks]
         self.system_blocks = blocks
         self.system_role = "system"
+        # A template without a tool section gets the tools described in its system turn, and
+        # calls come back in the Hermes format (docs/api.md, "Tools on any template").
+        self.generic = bool(self.tools) and not ctx.template_shows_tools
+        self.parser_name = ctx.parser_name or ("hermes" if self.generic else None)
         self._validate()
 
     # ------------------------------------------------------------ validation
@@ -225,6 +232,8 @@ class PromptBuilder:
 
     def _render(self, chat, tools, *, final: bool) -> str:
         tok = self.ctx.tokenizer
+        if self.generic and tools:
+            chat, tools = with_generic_tools(chat, tools), None
         if not chat:
             raise APIError(400, "messages: the conversation has no content to answer")
         if not final:
@@ -268,18 +277,21 @@ class PromptBuilder:
                 continue
         return out or [""]
 
-    def tool_prefill(self, continuing: bool) -> tuple[str, bool]:
-        """(text appended after the generation prompt, whether tool calls are parsed)."""
-        tc, parser = self.req.tool_choice, self.ctx.parser_name
+    def tool_mode(self, continuing: bool) -> tuple[bool, dict | None]:
+        """(whether tool calls are parsed, the tool_constraint arguments when a grammar
+        constrains them: a forced call (``any`` / ``tool``), a strict tool, the generic
+        format, or ``disable_parallel_tool_use``; a prefilled reply is never constrained)."""
+        tc, parser = self.req.tool_choice, self.parser_name
         if not self.tools or parser is None or (tc is not None and tc.type == "none"):
-            return "", False
-        if tc is None or tc.type == "auto" or continuing:
-            return "", True
-        if tc.type == "tool":
-            text = render_tool_call_text(tc.name, {"__tf_args__": 0}, parser)
-            return text[:text.index('{"__tf_args__"')], True
-        text = render_tool_call_text("__tf_name__", {}, parser)  # "any": the model picks the name
-        return text[:text.index("__tf_name__")], True
+            return False, None
+        choice = {"tool": "named", "any": "required"}.get(tc.type if tc else "auto", "auto")
+        parallel = not (tc is not None and tc.disable_parallel_tool_use)
+        if continuing or not (choice != "auto" or self.generic or not parallel
+                              or any(t.strict for t in self.tools)):
+            return True, None
+        specs = [(t.name, t.input_schema, bool(t.strict)) for t in self.tools]
+        return True, {"tools": specs, "parser_name": parser, "choice": choice,
+                      "name": tc.name if choice == "named" else None, "parallel": parallel}
 
     def text_bytes(self) -> int:
         """UTF-8 bytes of the text every chat template shows verbatim: system, user and
@@ -308,10 +320,11 @@ class PromptBuilder:
         specs = self.breakpoint_specs()
         caching.validate_breakpoints(specs)
         text, tools, continuing = self.render_full()
-        prefill, use_parser = self.tool_prefill(continuing)
-        ids, offsets = self.ctx.encode_with_offsets(text + prefill)
-        full = caching.TokenizedText(text + prefill, ids, offsets)
+        use_parser, constraint = self.tool_mode(continuing)
+        ids, offsets = self.ctx.encode_with_offsets(text)
+        full = caching.TokenizedText(text, ids, offsets)
         resolved = caching.resolve_breakpoints(specs, full, self.render_truncated, self.ctx.encode,
                                                self.ctx.split_tokens)
         bps = caching.engine_breakpoints(resolved, self.ctx.options.min_cache_tokens)
-        return AnthropicPrompt(text + prefill, ids, tools, resolved, bps, prefill, use_parser)
+        return AnthropicPrompt(text, ids, tools, resolved, bps, "", use_parser,
+                               self.parser_name, constraint)

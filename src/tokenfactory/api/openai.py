@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -25,10 +26,10 @@ from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, Se
 from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_disconnected,
                                   openai_frame, with_keepalive)
 from tokenfactory.api.trace import trace_of
-from tokenfactory.text.chat_template import ChatTemplateError
+from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
 from tokenfactory.text.grammar import compiler_for
 from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
-                                            ToolCallStart, get_tool_parser, render_tool_call_text)
+                                            ToolCallStart, get_tool_parser)
 
 log = logging.getLogger("tokenfactory.api")
 
@@ -190,8 +191,7 @@ class _Tracked(Generation):
 
 
 async def _start_all(ctx: ServingContext, cid: str, ids: list[int], params_list: list,
-                     tenant: str | None, trace, parser_name: str | None = None,
-                     parser_prefill: str = "") -> list[Generation]:
+                     tenant: str | None, trace, parser=None) -> list[Generation]:
     """Submit one engine request per choice (each with its own tool parser); if one cannot
     start, those already submitted are aborted."""
     gens: list[Generation] = []
@@ -199,8 +199,7 @@ async def _start_all(ctx: ServingContext, cid: str, ids: list[int], params_list:
         for i, params in enumerate(params_list):
             gen = _Tracked(ctx, cid if i == 0 else f"{cid}-{i}", ids, params, cache_salt=tenant,
                            breakpoints=[], overload_status=429, trace=trace if i == 0 else None,
-                           parser=get_tool_parser(parser_name)() if parser_name else None,
-                           parser_prefill=parser_prefill)
+                           parser=parser() if parser is not None else None)
             gens.append(gen)
             await gen.start()
     except BaseException:
@@ -360,26 +359,35 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     chat = _chat_messages(body)
     cont = chat[-1]["role"] == "assistant" and not chat[-1].get("tool_calls") \
         and bool(chat[-1].get("content"))
+    # A template without a tool section gets the tools described in its system turn, and
+    # calls come back in the Hermes format (docs/api.md, "Tools on any template").
+    generic = bool(tools) and not ctx.template_shows_tools
+    parser_name = ctx.parser_name or ("hermes" if generic else None)
     # Cheap rejections before rendering and tokenizing: the prompt's size, a full queue.
     ctx.check_prompt_bytes(_chat_text_bytes(chat), param="messages")
     ctx.check_capacity(tenant, 429)
     try:
-        text = await ctx.off_loop(ctx.tokenizer.apply_chat_template, chat, tools=tools,
+        text = await ctx.off_loop(ctx.tokenizer.apply_chat_template,
+                                  with_generic_tools(chat, tools) if generic else chat,
+                                  tools=None if generic else tools,
                                   add_generation_prompt=not cont, continue_final_message=cont)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     # response_format: compiled off the event loop (a cache hit for the engine afterwards);
     # a reply constrained to a schema is never parsed for tool calls
     structured_output = await ctx.off_loop(structured.from_openai, body, ctx.tokenizer)
-    prefill = ""
-    use_parser = mode != "none" and ctx.parser_name is not None and structured_output is None
-    if use_parser and not cont and mode == "named":
-        t = render_tool_call_text(name, {"__tf_args__": 0}, ctx.parser_name)
-        prefill = t[:t.index('{"__tf_args__"')]
-    elif use_parser and not cont and mode == "required":
-        t = render_tool_call_text("__tf_name__", {}, ctx.parser_name)
-        prefill = t[:t.index("__tf_name__")]
-    ids = await ctx.off_loop(ctx.encode, text + prefill)
+    use_parser = mode != "none" and parser_name is not None and structured_output is None
+    # Tool calls constrained by a grammar: a forced call, strict tools, the generic format,
+    # or parallel_tool_calls: false (their arguments then stream as they are generated).
+    parallel = body.parallel_tool_calls is not False
+    if use_parser and not cont and (mode in ("named", "required") or generic or not parallel
+                                    or any(t.function.strict for t in body.tools or [])):
+        specs = [(t.function.name, t.function.parameters, bool(t.function.strict))
+                 for t in body.tools or []]
+        structured_output = await ctx.off_loop(
+            structured.tool_constraint, ctx.tokenizer, specs, parser_name,
+            choice="auto" if mode == "auto" else mode, name=name, parallel=parallel)
+    ids = await ctx.off_loop(ctx.encode, text)
     if trace is not None:
         trace.mark_tokenized(len(ids))
     requested = body.max_completion_tokens or body.max_tokens
@@ -387,10 +395,12 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, structured_output,
                                             logprobs=k)
     cid = ctx.new_request_id("chatcmpl-")
+    parser = (functools.partial(get_tool_parser(parser_name),
+                                stream_arguments=structured_output is not None)
+              if use_parser else None)
     gens = await _start_all(ctx, cid, ids, _choice_params(params, body.n or 1), tenant, trace,
-                            ctx.parser_name if use_parser else None, prefill)
-    headers = {**_headers(max_tokens, clamped, requested),
-               **ctx.tools_dropped_headers(len(tools or []))}
+                            parser)
+    headers = _headers(max_tokens, clamped, requested)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

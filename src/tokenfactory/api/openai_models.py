@@ -58,6 +58,7 @@ class FunctionDef(_Open):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None   # arguments constrained to `parameters` by a grammar
 
     @field_validator("parameters")
     @classmethod

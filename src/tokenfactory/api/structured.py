@@ -24,7 +24,7 @@ from typing import Any
 from tokenfactory.api.errors import APIError
 from tokenfactory.engine.sampling_params import StructuredOutput
 
-__all__ = ["from_openai", "from_anthropic", "compile_or_400"]
+__all__ = ["from_openai", "from_anthropic", "compile_or_400", "tool_constraint"]
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -124,3 +124,20 @@ def from_anthropic(body: Any, tokenizer: Any = None) -> StructuredOutput | None:
                        "(the last message must be a user message)", param=param)
     p = f"{param}.schema"
     return compile_or_400(tokenizer, _spec(p, json_schema=fmt["schema"], strict=True), p)
+
+
+def tool_constraint(tokenizer: Any, tools: list[tuple[str, dict | None, bool]],
+                    parser_name: str, *, choice: str, name: str | None = None,
+                    parallel: bool = True, param: str = "tools") -> StructuredOutput | None:
+    """The grammar that makes a reply a well-formed call (or calls) of ``tools`` in the model's
+    own format (text/tool_parsers.py ``tool_call_grammar``), compiled now, or a 400 naming
+    ``param`` when a tool's schema cannot be compiled. None when the format cannot be
+    constrained for ``choice`` (the reply is then parsed unconstrained)."""
+    from tokenfactory.text.grammar import special_tokens
+    from tokenfactory.text.tool_parsers import tool_call_grammar
+    specials = special_tokens(tokenizer) if getattr(tokenizer, "backend", None) else None
+    lark = tool_call_grammar(tools, parser_name, choice=choice, name=name, parallel=parallel,
+                             special_tokens=specials)
+    if lark is None:
+        return None
+    return compile_or_400(tokenizer, _spec(param, lark=lark), param)

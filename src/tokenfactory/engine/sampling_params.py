@@ -76,7 +76,9 @@ class StructuredOutput:
     """Constrain the output to a grammar (``text/grammar.py`` compiles it).
 
     Exactly one of: ``json_schema`` (a JSON schema as a dict or as JSON text), ``json_object``
-    (any JSON object), ``regex`` (the whole output matches it). ``strict`` (JSON schemas only)
+    (any JSON object), ``regex`` (the whole output matches it), ``lark`` (a context-free
+    grammar in llguidance's Lark syntax, which may embed JSON schemas with ``%json``: tool
+    calls in a model's own format are built this way, text/tool_parsers.py). ``strict`` (JSON schemas only)
     refuses a schema using keywords the grammar engine cannot enforce; without it those
     keywords are ignored (best effort, as OpenAI's non-strict mode). ``key`` is the canonical
     text of the constraint, the grammar cache's key. ValueError with a one-line message
@@ -86,16 +88,18 @@ class StructuredOutput:
     json_schema: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
+    lark: str | None = None
     strict: bool = True
     key: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         given = [name for name, on in (("json_schema", self.json_schema is not None),
                                        ("json_object", bool(self.json_object)),
-                                       ("regex", self.regex is not None)) if on]
+                                       ("regex", self.regex is not None),
+                                       ("lark", self.lark is not None)) if on]
         if len(given) != 1:
             raise ValueError("structured output needs exactly one of json_schema, json_object, "
-                             f"regex; got {', '.join(given) or 'none'}")
+                             f"regex, lark; got {', '.join(given) or 'none'}")
         self.json_object, self.strict = bool(self.json_object), bool(self.strict)
         if self.json_schema is not None:
             schema = self.json_schema
@@ -127,6 +131,13 @@ class StructuredOutput:
                 raise ValueError(f"regex: at most {MAX_STRUCTURED_OUTPUT_CHARS} characters, "
                                  f"got {len(self.regex)}")
             self.key = f"regex:{self.regex}"
+        elif self.lark is not None:
+            if not isinstance(self.lark, str) or not self.lark.strip():
+                raise ValueError(f"lark must be a non-empty string, got {_show(self.lark)}")
+            if len(self.lark) > MAX_STRUCTURED_OUTPUT_CHARS:
+                raise ValueError(f"lark: at most {MAX_STRUCTURED_OUTPUT_CHARS} characters, "
+                                 f"got {len(self.lark)}")
+            self.key = f"lark:{self.lark}"
         else:
             self.key = "json_object"
 

@@ -19,7 +19,10 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplateError", "render_chat_template", "compile_chat_template"]
+from tokenfactory.text.tool_parsers import render_tool_call_text
+
+__all__ = ["ChatTemplateError", "render_chat_template", "compile_chat_template",
+           "generic_tools_text", "with_generic_tools"]
 
 # Appended to the final message for continue_final_message, then cut away with everything after it.
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -214,3 +217,61 @@ def render_chat_template(
         else:  # the template trimmed trailing whitespace after the message
             rendered = rendered[:loc].rstrip()
     return rendered
+
+
+# ------------------------------------------------------------ tools for templates without any
+GENERIC_TOOLS_INTRO = (
+    "You can call the tools below. Each line describes one tool as JSON: its name, what it "
+    "does, and the JSON schema its arguments must satisfy.")
+GENERIC_TOOLS_HOWTO = (
+    "To call a tool, write exactly this, one block per call, with the arguments as a JSON "
+    "object:\n<tool_call>\n{\"name\": \"TOOL_NAME\", \"arguments\": {...}}\n</tool_call>\n"
+    "Write nothing after the last block: the results come back in the next message. If no "
+    "tool is needed, answer in plain text.")
+
+
+def generic_tools_text(tools: list[dict]) -> str:
+    """The system-prompt section describing ``tools`` (OpenAI-style function dicts) for a chat
+    template that has no tool section of its own; calls come back in the Hermes format
+    (``<tool_call>`` JSON), which text/tool_parsers.py parses and a grammar can enforce."""
+    lines = [GENERIC_TOOLS_INTRO]
+    for t in tools:
+        f = t.get("function", t)
+        lines.append(json.dumps({"name": f["name"], "description": f.get("description") or "",
+                                 "parameters": f.get("parameters") or {"type": "object"}},
+                                ensure_ascii=False))
+    lines.append(GENERIC_TOOLS_HOWTO)
+    return "\n".join(lines)
+
+
+def with_generic_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """``messages`` rewritten for a template that cannot show tools: the tool descriptions
+    join the system turn (one is added at the front if there is none), earlier calls become
+    their ``<tool_call>`` text in the assistant turn, and tool results become user turns
+    wrapped in ``<tool_result>`` tags (templates without tools often refuse a "tool" role)."""
+    out: list[dict] = []
+    text = generic_tools_text(tools)
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{text}".lstrip("\n")
+        out.append(first)
+        rest = messages[1:]
+    else:
+        out.append({"role": "system", "content": text})
+        rest = messages
+    for m in rest:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for c in m.pop("tool_calls"):
+                f = c.get("function", c)
+                args = f.get("arguments") or {}
+                if isinstance(args, str):
+                    args = json.loads(args) if args.strip() else {}
+                calls.append(render_tool_call_text(f["name"], args, "hermes"))
+            m["content"] = "\n".join(filter(None, [m.get("content") or "", *calls]))
+        if m.get("role") == "tool":
+            m = {"role": "user",
+                 "content": f"<tool_result>\n{m.get('content') or ''}\n</tool_result>"}
+        out.append(m)
+    return out

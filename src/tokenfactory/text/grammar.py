@@ -38,7 +38,7 @@ from tokenfactory.engine.sampling_params import StructuredOutput
 
 __all__ = ["CompiledGrammar", "GrammarMatcher", "GrammarCompiler", "compiler_for",
            "compile_structured_output", "allocate_bitmask", "fill_bitmasks", "allowed_tokens",
-           "disallowed_tokens", "mask_logits"]
+           "disallowed_tokens", "mask_logits", "special_tokens"]
 
 # Compact JSON, strings and numbers as the schema says, no free whitespace.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -135,10 +135,13 @@ class GrammarCompiler:
         return compiled
 
     def _build(self, spec: StructuredOutput) -> llguidance.LLMatcher:
-        what = "regex" if spec.regex is not None else "JSON schema"
+        what = ("regex" if spec.regex is not None else "grammar" if spec.lark is not None
+                else "JSON schema")
         try:
             if spec.regex is not None:
                 grammar = llguidance.LLMatcher.grammar_from_regex(spec.regex)
+            elif spec.lark is not None:
+                grammar = llguidance.LLMatcher.grammar_from_lark(spec.lark)
             else:
                 schema = spec.json_schema if spec.json_schema is not None else {"type": "object"}
                 options = dict(_JSON_OPTIONS, lenient=not spec.strict)
@@ -167,6 +170,15 @@ def compiler_for(tokenizer: Any) -> GrammarCompiler:
         if comp is None:
             comp = _compilers[tokenizer] = GrammarCompiler(tokenizer)
         return comp
+
+
+def special_tokens(tokenizer: Any) -> dict[str, int]:
+    """{text: id} of the tokenizer's added tokens that llguidance treats as special (a grammar
+    must name them as ``<[id]>``: their text does not match them byte by byte)."""
+    comp = compiler_for(tokenizer)
+    added = tokenizer.backend.get_added_tokens_decoder()
+    return {t.content: i for i, t in added.items()
+            if i < comp.vocab_size and comp.ll_tokenizer.is_special_token(i)}
 
 
 def compile_structured_output(tokenizer: Any, spec: StructuredOutput | dict) -> CompiledGrammar:

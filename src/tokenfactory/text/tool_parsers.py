@@ -14,11 +14,17 @@ Formats:
   several calls (Hermes, Qwen2.5, the demo model).
 - llama3_json: Llama 3.1/3.2/3.3 custom tools: the whole message is `{"name": ..., "parameters":
   {...}}` (or "arguments"), optionally after `<|python_tag|>`, several separated by `;`.
+
+Arguments stream as they are generated (``stream_arguments=True``, Hermes format) when a grammar
+guarantees the call is well formed (``tool_call_grammar``): the call starts once its name is
+complete and every argument byte is passed on as a fragment as soon as it arrives. Without a
+grammar a call is held until it is complete, because a malformed one must come back as text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Union
@@ -35,6 +41,7 @@ __all__ = [
     "get_tool_parser",
     "detect_tool_parser",
     "render_tool_call_text",
+    "tool_call_grammar",
     "TOOL_PARSERS",
 ]
 
@@ -99,7 +106,8 @@ class ToolCallParser(ABC):
 
     name: str = ""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_arguments: bool = False) -> None:
+        self.stream_arguments = stream_arguments
         self._next_index = 0
         self._held_ws = ""  # trailing whitespace not yet emitted
         self._finished = False
@@ -143,6 +151,38 @@ class ToolCallParser(ABC):
         out.append(ToolCallEnd(index, arguments))
 
 
+# The head of a Hermes call up to its arguments: `{"name": "NAME", "arguments": `.
+_HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*'
+                          r'"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+class _ObjectScanner:
+    """Finds where a JSON object ends, one character at a time (strings and escapes aware)."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_str, self.escape = 0, False, False
+
+    def feed(self, text: str) -> int | None:
+        """Offset just past the object's closing brace in ``text``, or None (not yet)."""
+        for i, ch in enumerate(text):
+            if self.in_str:
+                if self.escape:
+                    self.escape = False
+                elif ch == "\\":
+                    self.escape = True
+                elif ch == '"':
+                    self.in_str = False
+            elif ch == '"':
+                self.in_str = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
+
+
 class HermesToolParser(ToolCallParser):
     """`<tool_call>{json}</tool_call>` blocks, anywhere in the message."""
 
@@ -150,10 +190,14 @@ class HermesToolParser(ToolCallParser):
     START = "<tool_call>"
     END = "</tool_call>"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, stream_arguments: bool = False) -> None:
+        super().__init__(stream_arguments)
         self._buf = ""
         self._in_call = False
+        # streaming the current call's arguments: the text passed on so far, the scanner
+        self._args: str | None = None
+        self._args_done = False
+        self._scanner: _ObjectScanner | None = None
 
     def feed(self, text_delta: str) -> list[ParserEvent]:
         if self._finished:
@@ -171,6 +215,10 @@ class HermesToolParser(ToolCallParser):
                 self._text(self._buf[:pos], out)
                 self._buf = self._buf[pos + len(self.START) :]
                 self._in_call = True
+            elif self.stream_arguments and self._stream_call(out):
+                continue
+            elif self._args is not None:
+                return out
             else:
                 pos = self._buf.find(self.END)
                 if pos == -1:
@@ -179,6 +227,45 @@ class HermesToolParser(ToolCallParser):
                 self._buf = self._buf[pos + len(self.END) :]
                 self._in_call = False
                 self._close(body, self.START + body + self.END, out)
+
+    def _stream_call(self, out: list[ParserEvent]) -> bool:
+        """Advance a call whose arguments stream; True when the call ended (continue with the
+        text after it). Called only while ``_in_call``."""
+        if self._args is None:
+            m = _HERMES_HEAD.match(self._buf)
+            if m is None:
+                return False   # the head is still arriving (or malformed: handled at END)
+            self._held_ws = ""
+            index = self._next_index
+            self._next_index += 1
+            out.append(ToolCallStart(index, json.loads(m.group(1))))
+            self._args, self._args_done, self._scanner = "", False, _ObjectScanner()
+            self._buf = self._buf[m.end():]
+        if not self._args_done:
+            end = self._scanner.feed(self._buf)
+            piece = self._buf if end is None else self._buf[:end]
+            if piece:
+                self._args += piece
+                out.append(ToolCallArgsDelta(self._next_index - 1, piece))
+            self._buf = "" if end is None else self._buf[end:]
+            self._args_done = end is not None
+            if not self._args_done:
+                return False
+        pos = self._buf.find(self.END)
+        if pos == -1:
+            return False
+        self._buf = self._buf[pos + len(self.END):]
+        self._end_streamed(out)
+        return True
+
+    def _end_streamed(self, out: list[ParserEvent]) -> None:
+        try:
+            args = json.loads(self._args)
+        except (json.JSONDecodeError, RecursionError):
+            args = None
+        # (under a grammar the arguments always parse; cut short by max_tokens they may not)
+        out.append(ToolCallEnd(self._next_index - 1, args if isinstance(args, dict) else {}))
+        self._args, self._scanner, self._in_call = None, None, False
 
     def _close(self, body: str, raw: str, out: list[ParserEvent]) -> None:
         try:
@@ -195,7 +282,13 @@ class HermesToolParser(ToolCallParser):
             return []
         self._finished = True
         out: list[ParserEvent] = []
-        if self._in_call:  # unclosed: accept it if the JSON is complete (the stop came first)
+        if self._in_call and self._args is not None:   # a streamed call cut short
+            if not self._args_done and self._buf:
+                self._args += self._buf
+                out.append(ToolCallArgsDelta(self._next_index - 1, self._buf))
+            self._buf = ""
+            self._end_streamed(out)
+        elif self._in_call:  # unclosed: accept it if the JSON is complete (the stop came first)
             self._close(self._buf, self.START + self._buf, out)
         else:
             self._text(self._buf, out)
@@ -213,8 +306,8 @@ class Llama3JsonToolParser(ToolCallParser):
     # states
     _START, _TEXT, _CALL, _BETWEEN = range(4)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, stream_arguments: bool = False) -> None:
+        super().__init__(stream_arguments)   # (calls are released whole in this format)
         self._state = self._START
         self._buf = ""  # unconsumed text
         self._raw = ""  # text consumed for the current call region, emitted as text if it fails
@@ -385,3 +478,87 @@ def render_tool_call_text(name: str, arguments: dict, parser_name: str) -> str:
     if parser_name == "llama3_json":
         return json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
     raise ValueError(f"unknown tool parser {parser_name!r}; available: {sorted(TOOL_PARSERS)}")
+
+
+# ------------------------------------------------------------------------ grammars
+_PLACEHOLDER = {"__tf_args__": 0}
+_ANY_OBJECT = {"type": "object"}
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _lit(text: str, specials: dict[str, int] | None = None) -> str:
+    """Lark for the literal ``text``: string literals, with each special token of the
+    tokenizer in it (``<tool_call>`` is one in some vocabularies) as a token reference
+    ``<[id]>`` (a special token never matches its text byte by byte)."""
+    found = [t for t in specials or {} if t and t in text]
+    if not found:
+        return json.dumps(text, ensure_ascii=False)
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)))
+    parts, pos = [], 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            parts.append(json.dumps(text[pos:m.start()], ensure_ascii=False))
+        parts.append(f"<[{specials[m.group(0)]}]>")
+        pos = m.end()
+    if pos < len(text):
+        parts.append(json.dumps(text[pos:], ensure_ascii=False))
+    return " ".join(parts)
+
+
+def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: str, *,
+                      choice: str = "auto", name: str | None = None,
+                      parallel: bool = True,
+                      special_tokens: dict[str, int] | None = None) -> str | None:
+    """A Lark grammar (llguidance syntax) for a reply that calls ``tools`` (name, JSON schema
+    or None for any object, strict) in ``parser_name``'s own format, each call's arguments
+    valid against that tool's schema: exactly when strict, else as far as the grammar engine
+    can enforce the schema's keywords (llguidance's lenient mode ignores the others). ``choice``: "auto" (text, or text then calls), "required" (calls only, the model
+    picks the tool), "named" (one call of tool ``name``). ``parallel``: several calls allowed.
+    None when the format cannot be constrained this way (text then a call needs a marker that
+    starts every call, which llama3_json does not have). ``special_tokens``: {text: id} of the
+    tokenizer's special tokens, referenced by id where the call text contains them.
+
+    The call text is what ``render_tool_call_text`` renders, so a constrained call parses with
+    the same parser as a free one.
+    """
+    marker = TOOL_PARSERS[parser_name].__dict__.get("START")
+    if choice == "auto" and marker is None:
+        return None
+    rules, alts = [], []
+    for i, (tool_name, schema, strict) in enumerate(tools):
+        if choice == "named" and tool_name != name:
+            continue
+        text = render_tool_call_text(tool_name, _PLACEHOLDER, parser_name)
+        cut = text.index(json.dumps(_PLACEHOLDER))
+        before, after = text[:cut], text[cut + len(json.dumps(_PLACEHOLDER)):]
+        if choice == "auto":
+            before = before[len(marker):]   # the marker ends the text before the first call
+        # JSON laid out as json.dumps does (the templates render earlier calls that way, so a
+        # generated call is byte-identical to its rendering in the next turn's prompt), with no
+        # free whitespace (small models otherwise emit newlines without end)
+        schema = dict(schema if schema else _ANY_OBJECT,
+                      **{"x-guidance": dict(_JSON_LAYOUT, lenient=not strict)})
+        schema_text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+        rules.append(f"args{i}: %json {schema_text}")
+        alts.append(f"{_lit(before, special_tokens)} args{i} {_lit(after, special_tokens)}")
+    if not alts:
+        raise ValueError(f"no tool named {name!r}")
+    lines = ["call: " + " | ".join(alts)]
+    more = ""
+    if choice == "auto":
+        if marker in (special_tokens or {}):   # the marker is one token: text ends before it
+            lines.append(f"lead: /(.|\\n)*/ <[{special_tokens[marker]}]>")
+            lines.append("TEXT: /(.|\\n)*/")
+        else:   # text up to the first marker, which the lead consumes
+            lines.append(f"lead[suffix={_lit(marker)}]: /(.|\\n)*/")
+            lines.append(f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(marker)}(.|\\n)*/")
+        if parallel:
+            lines.append(f"more: \"\\n\" {_lit(marker, special_tokens)} call")
+            more = " more*"
+        start = f"start: TEXT | lead call{more}"
+    else:
+        if parallel and marker is not None:
+            lines.append("more: \"\\n\" call")
+            more = " more*"
+        start = f"start: call{more}"
+    return "\n".join([start, *lines, *rules]) + "\n"
