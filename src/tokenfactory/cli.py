@@ -58,7 +58,7 @@ def _generate(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "serve": ("tokenfactory.api.server", "serve_main", "run the HTTP server"),
+        "serve": ("tokenfactory.api.serve_cli", "serve_main", "run the HTTP server"),
         "generate": (None, None, "generate offline from a prompt"),
         "bench": ("tokenfactory.bench.cli", "main", "benchmark a server or the engine"),
         "plan": ("tokenfactory.economics.plan_cli", "main", "cost and capacity arithmetic"),
