@@ -212,7 +212,7 @@ def test_bad_rows_and_shapes():
 
     with pytest.raises(ValueError, match="need 4 rows"):
         verify(torch.zeros(3, V), [1, 2, 3], req(sp))
-    with pytest.raises(ValueError, match="need 5 rows"):
+    with pytest.raises(ValueError, match="need 5 rows of logits for 2 requests"):
         verify_batch(torch.zeros(4, V), [[1], [2, 3]], [req(sp), req(sp)])
 
 
@@ -232,3 +232,27 @@ def test_min_tokens_counts_drafts_and_batch_splits_rows():
                         [req(sp, output=[4]), req(SamplingParams(temperature=0.0))])
     assert [b.token_ids for b in both] == [[4, 4, 0, 0], [0]]
     assert can_verify(req(sp))
+
+
+def test_batch_equals_one_by_one():
+    """The batched greedy shortcut decides exactly as ``verify`` does, mixed with requests that
+    take the full path (min_tokens pending, seeded sampling)."""
+    g = torch.Generator().manual_seed(8)
+    rng = random.Random(8)
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, min_tokens=4),
+             SamplingParams(temperature=0.9, seed=3)]
+    for _ in range(30):
+        requests = [req(rng.choice(kinds), output=[1] * rng.randint(0, 5)) for _ in range(4)]
+        drafts = [[rng.randrange(V) for _ in range(rng.randint(0, 4))] for _ in requests]
+        logits = torch.randn(sum(len(d) + 1 for d in drafts), V, generator=g) * 3
+        for j, d in enumerate(drafts):                # make some drafts the argmax
+            start = sum(len(x) + 1 for x in drafts[:j])
+            for i, t in enumerate(d):
+                if rng.random() < 0.6:
+                    logits[start + i, t] = 20.0
+        batch = verify_batch(logits, drafts, requests)
+        start = 0
+        for d, r, b in zip(drafts, requests, batch):
+            one = verify(logits[start:start + len(d) + 1], d, r)
+            assert (b.token_ids, b.num_accepted_drafts) == (one.token_ids, one.num_accepted_drafts)
+            start += len(d) + 1

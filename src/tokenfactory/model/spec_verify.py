@@ -78,10 +78,9 @@ def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> 
     """Rows after penalties, logit_bias and min_tokens, in the sampler's order (a copy only when
     one applies). logits: (R, V)."""
     params = request.sampling_params
-    n_out = len(request.output_token_ids)
-    bias = _apply_logit_bias is not None and bool(getattr(params, "logit_bias", None))
-    if not params.needs_penalties and not bias and n_out >= params.min_tokens:
+    if not _needs_processing(request):
         return logits
+    bias = _apply_logit_bias is not None and bool(getattr(params, "logit_bias", None))
     logits = logits.clone()
     for j in range(logits.shape[0]):
         view = _RowView(params, list(request.prompt_token_ids),
@@ -92,6 +91,28 @@ def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> 
             row = _apply_logit_bias(row, [view])
         apply_min_tokens(row, [view])
     return logits
+
+
+def _needs_processing(request) -> bool:
+    params = request.sampling_params
+    return (params.needs_penalties or len(request.output_token_ids) < params.min_tokens
+            or (_apply_logit_bias is not None and bool(getattr(params, "logit_bias", None))))
+
+
+def _accept_greedy(argmax: list[int], ok: list[bool], draft_ids: Sequence[int]) -> Verification:
+    """Greedy acceptance from each row's argmax; ``ok[j]`` is False for a row that cannot be
+    sampled, which ends the output there."""
+    k = len(draft_ids)
+    out: list[int] = []
+    accepted = 0
+    for j, tok in enumerate(argmax):
+        if not ok[j]:
+            break
+        out.append(tok)
+        if j == k or tok != draft_ids[j]:
+            break
+        accepted += 1
+    return Verification(out, accepted, k, None if out else _NON_FINITE)
 
 
 def _probs(rows: torch.Tensor, params) -> torch.Tensor:
@@ -138,15 +159,8 @@ def verify(logits: torch.Tensor, draft_ids: Sequence[int], request,
     accepted = 0
     if params.greedy:
         best, argmax = rows.max(dim=-1)                                       # (k + 1,)
-        finite = torch.isfinite(best).tolist()
-        for j, tok in enumerate(argmax.tolist()):
-            if bad[j] or not finite[j]:
-                break
-            out.append(tok)
-            if j == k or tok != draft_ids[j]:
-                break
-            accepted += 1
-        return Verification(out, accepted, k, None if out else _NON_FINITE)
+        ok = [not b and f for b, f in zip(bad, torch.isfinite(best).tolist())]
+        return _accept_greedy(argmax.tolist(), ok, draft_ids)
     for j in range(k + 1):
         if bad[j]:
             break
@@ -182,13 +196,25 @@ def verify(logits: torch.Tensor, draft_ids: Sequence[int], request,
 def verify_batch(logits: torch.Tensor, drafts: Sequence[Sequence[int]], requests: Sequence,
                  generator: torch.Generator | None = None) -> list[Verification]:
     """``verify`` for many requests whose rows are concatenated: request i owns
-    ``len(drafts[i]) + 1`` consecutive rows of logits (sum of k_i + 1, V)."""
+    ``len(drafts[i]) + 1`` consecutive rows of logits (sum of k_i + 1, V). Plain greedy
+    requests (no penalties, bias or min_tokens pending) share one argmax over all rows."""
     need = sum(len(d) + 1 for d in drafts)
-    if logits.shape[0] != need:
-        raise ValueError(f"verify_batch: need {need} rows of logits, got {logits.shape[0]}")
+    if logits.dim() != 2 or logits.shape[0] != need or len(drafts) != len(requests):
+        raise ValueError(f"verify_batch: need {need} rows of logits for {len(requests)} "
+                         f"requests, got shape {tuple(logits.shape)} and {len(drafts)} drafts")
+    plain = [r.sampling_params.greedy and not _needs_processing(r) for r in requests]
+    argmax: list[int] = []
+    ok: list[bool] = []
+    if any(plain):
+        best, top = logits.max(dim=-1)                                        # (rows,)
+        argmax = top.tolist()
+        ok = (torch.isfinite(best) & ~unsampleable_rows(logits)).tolist()
     out, start = [], 0
-    for draft, req in zip(drafts, requests):
+    for draft, req, is_plain in zip(drafts, requests, plain):
         stop = start + len(draft) + 1
-        out.append(verify(logits[start:stop], draft, req, generator))
+        if is_plain:
+            out.append(_accept_greedy(argmax[start:stop], ok[start:stop], draft))
+        else:
+            out.append(verify(logits[start:stop], draft, req, generator))
         start = stop
     return out
