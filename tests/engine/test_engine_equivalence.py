@@ -12,7 +12,7 @@ from tokenfactory.engine.sampling_params import SamplingParams
 
 def make_core(model_dir, **cfg) -> EngineCore:
     from tokenfactory.model.runner import TorchExecutor
-    ex = TorchExecutor(model_dir, dtype="float32", compile=False)
+    ex = TorchExecutor(model_dir, dtype="float32")
     cfg.setdefault("num_kv_blocks", 256)
     return EngineCore(ex, EngineConfig(**cfg), model_max_len=ex.max_model_len, eos_token_ids=[])
 

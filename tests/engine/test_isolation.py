@@ -29,7 +29,7 @@ VICTIM_SEEDED = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=4
 @pytest.fixture(scope="module")
 def core(tiny_llama_dir) -> EngineCore:
     from tokenfactory.model.runner import TorchExecutor
-    ex = TorchExecutor(tiny_llama_dir, dtype="float32", compile=False, seed=0)
+    ex = TorchExecutor(tiny_llama_dir, dtype="float32", seed=0)
     return EngineCore(ex, EngineConfig(num_kv_blocks=256, block_size=8), eos_token_ids=[2],
                       model_max_len=ex.max_model_len)
 
@@ -156,12 +156,12 @@ class FaultySampler:
     def __init__(self, real, victim_id: str, at: int, value: float):
         self.real, self.victim_id, self.at, self.value = real, victim_id, at, value
 
-    def __call__(self, logits, requests):
+    def __call__(self, logits, requests, *grammar):
         logits = logits.clone()
         for i, r in enumerate(requests):
             if r.request_id == self.victim_id and len(r.output_token_ids) >= self.at:
                 logits[i, 17] = self.value
-        return self.real(logits, requests)
+        return self.real(logits, requests, *grammar)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
@@ -210,11 +210,10 @@ def test_forward_pass_fault_fails_only_its_request(core, reference, monkeypatch)
     ex = core.executor
     real_execute = ex.execute
 
-    def execute(batch):
-        if any(c.request.request_id == "doomed" and len(c.request.output_token_ids) >= 4
-               for c in batch.chunks):
+    def execute(plan):
+        if any(r.request_id == "doomed" and r.output_index >= 4 for r in plan.requests):
             raise RuntimeError("injected kernel fault")
-        return real_execute(batch)
+        return real_execute(plan)
 
     monkeypatch.setattr(ex, "execute", execute)
     finished = run(core, [("doomed", [9, 10, 11], SamplingParams(max_tokens=20, seed=2)),
@@ -309,17 +308,18 @@ def test_sampler_does_not_rebuild_stop_sets_per_step(core):
                             temperature=0.0)
     finished = run(core, [("stops", VICTIM_PROMPT, params)])
     assert finished["stops"].outputs[0].finish_reason == "length"
-    built = []
-
-    class Spy(dict):
-        def __setitem__(self, key, value):
-            built.append(key)
-            super().__setitem__(key, value)
-
+    # the sampler's per-request cache lives executor-side (engine.step.SequenceState)
     core.add_request("spy", VICTIM_PROMPT, params)
-    core.scheduler.requests["spy"].sampler_cache = Spy()
-    run(core, [])
-    assert built == ["min_tokens_ban"]   # built on the first step, reused after
+    bans = []
+    while core.has_unfinished_requests():
+        core.step()
+        state = core.executor.states.get("spy")
+        if state is not None:
+            bans.append(state.sampler_cache.get("min_tokens_ban"))
+    assert len(bans) >= 4 and bans[0] is not None
+    assert all(b is bans[0] for b in bans)   # built on the first step, reused after
+    run(core, [("next", VICTIM_PROMPT, SamplingParams(max_tokens=1))])
+    assert core.executor.states.get("spy") is None   # dropped with the next plan
 
 
 # ------------------------------------------------------------------------------ fairness
@@ -338,11 +338,10 @@ def admissions(core: EngineCore) -> list[str]:
     schedule = core.scheduler.schedule
 
     def spy():
-        batch = schedule()
-        order.extend(c.request.request_id for c in batch.chunks
-                     if c.request.request_id not in order
-                     and c.request.request_id not in already)
-        return batch
+        plan = schedule()
+        order.extend(r.request_id for r in plan.requests
+                     if r.request_id not in order and r.request_id not in already)
+        return plan
 
     core.scheduler.schedule = spy
     for _ in range(1000):

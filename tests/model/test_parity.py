@@ -53,7 +53,7 @@ def executors(checkpoint):
 
     def get(name: str) -> TorchExecutor:
         if name not in cache:
-            cache[name] = TorchExecutor(checkpoint(name)[0], dtype="float32", compile=False)
+            cache[name] = TorchExecutor(checkpoint(name)[0], dtype="float32")
         return cache[name]
 
     return get

@@ -3,7 +3,8 @@
 It satisfies the engine's ``Executor`` protocol (``kv_cache_bytes_per_block``,
 ``initialize_cache``, ``execute``), so the real scheduler and KV manager can be driven at
 datacenter scale on a laptop: "how would this trace behave on 8 x H100?" Token ids come from
-``next_token(request)`` (default: always ``fallback_token``), so stop conditions still work.
+``next_token(scheduled)`` (default: always ``fallback_token``; ``scheduled`` is the step plan's
+``ScheduledRequest``: request id, output index, ...), so stop conditions still work.
 
 Wiring with the engine: pass ``clock=sim.now`` to ``EngineCore`` so request timings are in
 simulated seconds, and ``step_hook=ledger.record_step`` so the engine charges each step to its
@@ -47,11 +48,12 @@ class SimulatedExecutor:
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
 
-    def execute(self, batch) -> list:
+    def execute(self, plan):
+        """Advance the clock by the plan's roofline time; returns a ``StepResult``."""
         # Imported here so the economics package never depends on the engine at import time.
-        from tokenfactory.engine.executor import SampleOutput
+        from tokenfactory.engine.step import RequestStepOutput, StepResult
 
-        chunks = batch.chunks
+        chunks = plan.requests
         step = roofline_step(self.model, self.hardware, [c.num_tokens for c in chunks],
                              [c.start for c in chunks], self.tp, self.precision, self.kv_dtype)
         self.last_step = step
@@ -60,7 +62,7 @@ class SimulatedExecutor:
         if self.ledger is not None:
             shares: dict[str, int] = {}
             for c in chunks:
-                rid = c.request.request_id
-                shares[rid] = shares.get(rid, 0) + c.num_tokens
+                shares[c.request_id] = shares.get(c.request_id, 0) + c.num_tokens
             self.ledger.record_step(step.seconds, shares)
-        return [SampleOutput(self.next_token(c.request) if c.sample else None) for c in chunks]
+        return StepResult([RequestStepOutput(c.request_id, [self.next_token(c)] if c.sample else [])
+                           for c in chunks])

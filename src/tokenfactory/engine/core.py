@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from tokenfactory.engine.executor import Batch, Executor, SampleOutput
+from tokenfactory.engine.executor import Executor, ExecutorDeadError
 from tokenfactory.engine.kv_manager import KVCacheManager
 from tokenfactory.engine.request import (CacheBreakpoint, CompletionOutput, Request, RequestMetrics,
                                          RequestOutput, RequestStatus)
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.engine.scheduler import AdmissionError, Scheduler, SchedulerConfig
+from tokenfactory.engine.step import RequestStepOutput, ScheduledRequest, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -196,18 +197,21 @@ class EngineCore:
 
     # -------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        """schedule -> plan -> execute -> result -> update (docs/engine.md)."""
         outputs, self._pending_outputs = self._pending_outputs, []
-        batch = self.scheduler.schedule()
-        if not batch.chunks:
+        plan = self.scheduler.schedule()
+        if not plan.requests:
             return outputs
         self.num_steps += 1
         t0 = self.clock()
-        for c in batch.chunks:
-            if c.request.first_scheduled_time is None:
-                c.request.first_scheduled_time = t0
-        results = self._execute(batch, outputs)
+        reqs = [self.scheduler.requests[s.request_id] for s in plan.requests]
+        for req in reqs:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = t0
+        grammar_errors = self._fill_grammar_masks(plan, reqs)
+        results = self._execute(plan, reqs, outputs)
         now = self.clock()
-        done = {c.request.request_id: c.num_tokens for c, r in zip(batch.chunks, results)
+        done = {s.request_id: s.num_tokens for s, r in zip(plan.requests, results)
                 if r is not None}
         if done:   # failed chunks are not charged
             for listener in self._step_listeners:
@@ -215,76 +219,118 @@ class EngineCore:
             if self.step_hook is not None:
                 self.step_hook(now - t0, done)
 
-        for chunk, res in zip(batch.chunks, results):
-            req = chunk.request
+        for sched, req, res in zip(plan.requests, reqs, results):
             if req.is_finished or res is None:  # aborted while the step ran, or failed
                 continue
-            if req.sampling_error is not None:
+            if res.error is not None:
                 # this request's row could not be sampled: it fails, its batch-mates go on
-                log.warning("request %s failed in sampling: %s", req.request_id,
-                            req.sampling_error)
-                self._fail(req, f"sampling failed: {req.sampling_error}", outputs)
+                error = res.error
+                if req.request_id in grammar_errors:
+                    error = f"structured output: {grammar_errors[req.request_id]}"
+                log.warning("request %s failed in sampling: %s", req.request_id, error)
+                self._fail(req, f"sampling failed: {error}", outputs)
                 continue
-            was_prefilling = req.num_computed_tokens < req.num_prompt_tokens
-            req.num_computed_tokens += chunk.num_tokens
-            req.num_processed_tokens += chunk.num_tokens
-            if (req.sampling_params.prompt_logprobs is not None and res.prompt_logprobs
-                    and len(req.prompt_logprobs) == chunk.start + 1):
-                # Entries for prompt tokens start+1 .. (skipped when a preempted request recomputes).
-                req.prompt_logprobs.extend(res.prompt_logprobs)
-            self.kv.cache_computed_blocks(req)
-            if was_prefilling and req.num_computed_tokens >= req.num_prompt_tokens:
-                self.kv.pin_breakpoints(req)
-            if not chunk.sample or res.token_id is None:
-                continue
-            token = res.token_id
+            self._update(req, sched, res, now, outputs)
+        return outputs
+
+    def _update(self, req: Request, sched: ScheduledRequest, res: RequestStepOutput, now: float,
+                outputs: list[RequestOutput]) -> None:
+        """Fold one request's step result back: computed tokens, prompt logprobs, prefix
+        cache, then each accepted token in order (grammar, stop conditions)."""
+        was_prefilling = req.num_computed_tokens < req.num_prompt_tokens
+        num_computed = len(sched.token_ids)
+        req.num_computed_tokens += num_computed
+        req.num_processed_tokens += sched.num_tokens
+        if res.prompt_logprobs and sched.compute_prompt_logprobs:
+            # Entries for prompt tokens start+1 .. (skipped when a preempted request recomputes).
+            req.prompt_logprobs.extend(res.prompt_logprobs)
+        self.kv.cache_computed_blocks(req)
+        if was_prefilling and req.num_computed_tokens >= req.num_prompt_tokens:
+            self.kv.pin_breakpoints(req)
+        if not sched.sample or not res.token_ids:
+            return
+        new_ids: list[int] = []
+        new_text = ""
+        for k, token in enumerate(res.token_ids):
             if req.grammar is not None and not req.grammar.accept(token):
-                # the sampler masked this row, so only a fault gets here: fail this request
+                # the mask allowed only what the grammar accepts, so only a fault gets here
                 self._fail(req, f"structured output: the grammar rejected token {token}"
                            f" ({req.grammar.error or 'not allowed'})", outputs)
-                continue
+                return
             req.output_token_ids.append(token)
-            if res.logprobs is not None:
-                req.logprobs.append(res.logprobs)
+            new_ids.append(token)
+            if k < len(res.logprobs):
+                req.logprobs.append(res.logprobs[k])
             if req.first_token_time is None:
                 req.first_token_time = now
-            new_text = self._check_stop(req, token)
+            new_text += self._check_stop(req, token)
             if req.finish_reason is not None:
                 status = (RequestStatus.FINISHED_LENGTH if req.finish_reason == "length"
                           else RequestStatus.FINISHED_STOPPED)
                 self.scheduler.finish(req, status)
                 req.finished_time = now
-            outputs.append(self._make_output(req, [token], new_text))
-        return outputs
+                break
+        outputs.append(self._make_output(req, new_ids, new_text))
 
-    def _execute(self, batch: Batch, outputs: list[RequestOutput]) -> list[SampleOutput | None]:
-        """Run the batch. When the forward pass raises, each chunk is retried alone, so a
+    def _fill_grammar_masks(self, plan: StepPlan, reqs: list[Request]) -> dict[str, str]:
+        """Put the allowed-token bitmask of every sampling request with a grammar into the
+        plan (one row each). Returns {request_id: error} for matchers that failed (their row
+        allows nothing, so the executor reports the row as unsampleable)."""
+        rows = [k for k, (s, r) in enumerate(zip(plan.requests, reqs))
+                if s.sample and r.grammar is not None]
+        if not rows:
+            return {}
+        from tokenfactory.text.grammar import allocate_bitmask, fill_bitmasks
+        matchers = [reqs[k].grammar for k in rows]
+        bitmask = allocate_bitmask(len(rows), max(m.vocab_size for m in matchers))  # (G, W)
+        errors = fill_bitmasks(matchers, bitmask)
+        for g, k in enumerate(rows):
+            plan.requests[k].grammar_row = g
+        plan.grammar_bitmask = bitmask
+        return {reqs[rows[g]].request_id: msg for g, msg in errors.items()}
+
+    def _execute(self, plan: StepPlan, reqs: list[Request],
+                 outputs: list[RequestOutput]) -> list[RequestStepOutput | None]:
+        """Run the plan. When the forward pass raises, each request is retried alone, so a
         fault that one request causes fails that request only (finish reason ``error``, pages
-        freed) and its batch-mates get the results they would have had alone; a failed chunk's
-        result is None. Retrying rewrites the same K/V slots with the same values and nothing
-        else has changed yet: the engine's state is only updated after this returns."""
+        freed) and its batch-mates get the results they would have had alone; a failed
+        request's result is None. Retrying rewrites the same K/V slots with the same values and
+        nothing else has changed yet: the engine's state is only updated after this returns."""
         try:
-            return self.executor.execute(batch)
+            return self._checked(plan, self.executor.execute(plan))
+        except ExecutorDeadError:
+            raise
         except Exception as exc:  # noqa: BLE001 - isolated below
-            if len(batch.chunks) == 1:
-                log.exception("forward pass failed; failing request %s",
-                              batch.chunks[0].request.request_id)
-                self._fail(batch.chunks[0].request, f"{type(exc).__name__}: {exc}", outputs)
+            if len(plan.requests) == 1:
+                log.exception("forward pass failed; failing request %s", reqs[0].request_id)
+                self._fail(reqs[0], f"{type(exc).__name__}: {exc}", outputs)
                 return [None]
             log.exception("forward pass of %d requests failed; retrying each alone",
-                          len(batch.chunks))
-        results: list[SampleOutput | None] = []
-        for chunk in batch.chunks:
+                          len(plan.requests))
+        results: list[RequestStepOutput | None] = []
+        for sched, req in zip(plan.requests, reqs):
+            alone = StepPlan([sched], plan.block_size, plan.finished_ids, plan.grammar_bitmask)
             try:
-                results.append(self.executor.execute(Batch([chunk], batch.block_size))[0])
+                results.append(self._checked(alone, self.executor.execute(alone))[0])
+            except ExecutorDeadError:
+                raise
             except Exception as exc:  # noqa: BLE001 - fails this request only
                 # one line each (the traceback was logged above): a fault hitting every
                 # request must not multiply the log by the batch size
                 log.warning("forward pass failed alone too; failing request %s (%s: %s)",
-                            chunk.request.request_id, type(exc).__name__, exc)
-                self._fail(chunk.request, f"{type(exc).__name__}: {exc}", outputs)
+                            req.request_id, type(exc).__name__, exc)
+                self._fail(req, f"{type(exc).__name__}: {exc}", outputs)
                 results.append(None)
         return results
+
+    @staticmethod
+    def _checked(plan: StepPlan, result: StepResult) -> list[RequestStepOutput | None]:
+        outs = result.outputs
+        if len(outs) != len(plan.requests) or any(
+                o.request_id != s.request_id for o, s in zip(outs, plan.requests)):
+            raise RuntimeError("the executor's result does not match its plan "
+                               f"({len(outs)} outputs for {len(plan.requests)} requests)")
+        return list(outs)
 
     def _fail(self, req: Request, error: str, outputs: list[RequestOutput]) -> None:
         req.finish_reason, req.error = "error", error

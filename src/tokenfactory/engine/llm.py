@@ -13,19 +13,21 @@ Prompt = str | Sequence[int]
 
 
 def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
-                      compile: bool | None = None, step_hook=None, clock=None,
-                      kernels: str | None = "auto", **engine_args) -> EngineCore:
+                      device: str = "cpu", step_hook=None, clock=None,
+                      kernels: str | None = "auto", kv_connector=None,
+                      compile: bool = False, **engine_args) -> EngineCore:
     """Load a model (a GGUF file or a Hugging Face directory: weights + tokenizer) and build an
-    EngineCore on it. ``kernels``: "auto" (measured per CPU, model/kernel_choice.py),
-    "native" or "torch" (forced), None (the fixed native-where-available rule)."""
+    EngineCore on it. ``device``: where the weights and KV pages live ("cpu", "cuda", ...;
+    the native CPU kernels only run on "cpu"). ``kernels``: "auto" (measured per CPU,
+    model/kernel_choice.py), "native" or "torch" (forced), None (the fixed
+    native-where-available rule). ``kv_connector``: a KV tier beyond RAM (engine/kv_connector.py).
+    ``engine_args``: ``EngineConfig`` fields."""
     from tokenfactory.model.gguf import is_gguf_file, open_gguf
     from tokenfactory.model.runner import TorchExecutor
     from tokenfactory.text.tokenizer import Tokenizer
 
-    executor_kwargs = {"dtype": dtype, "kernels": kernels}
-    if compile is not None:
-        executor_kwargs["compile"] = compile
-    executor = TorchExecutor(model_dir, **executor_kwargs)
+    executor = TorchExecutor(model_dir, dtype=dtype, device=device, kernels=kernels,
+                             compile=compile)
     if is_gguf_file(model_dir):   # model/gguf's reader parses the vocabulary 3x faster
         tokenizer = Tokenizer.from_gguf(model_dir, reader=open_gguf(model_dir).reader)
     else:
@@ -33,20 +35,21 @@ def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
     extra = {"clock": clock} if clock is not None else {}
     return EngineCore(executor, EngineConfig(**engine_args), model_max_len=executor.max_model_len,
                       tokenizer=tokenizer, eos_token_ids=tokenizer.eos_token_ids,
-                      step_hook=step_hook, **extra)
+                      step_hook=step_hook, kv_connector=kv_connector, **extra)
 
 
 class LLM:
     """Generate offline with continuous batching and prefix caching.
 
     >>> llm = LLM("path/to/model.gguf or hf-model-dir", dtype="bfloat16", max_model_len=4096)
+    >>> # device="cuda" runs the same code on a GPU (torch paths only)
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))
     >>> outs[0].outputs[0].text
     """
 
-    def __init__(self, model: str | Path, *, dtype: str | None = None,
-                 compile: bool | None = None, **engine_args):
-        self.engine = build_engine_core(model, dtype=dtype, compile=compile, **engine_args)
+    def __init__(self, model: str | Path, *, dtype: str | None = None, device: str = "cpu",
+                 **engine_args):
+        self.engine = build_engine_core(model, dtype=dtype, device=device, **engine_args)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

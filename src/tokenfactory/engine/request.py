@@ -83,16 +83,16 @@ class Request:
     finished_time: float | None = None
     # Tokens processed in forward passes for this request (prefill + decode), for the ledger.
     num_processed_tokens: int = 0
-    # Set by the sampler when this request's row could not be sampled (non-finite logits, a
-    # kernel error): the engine fails this request alone.
-    sampling_error: str | None = None
-    # Computed once per request, never per step: stop ids as a set for the stop check, and the
-    # sampler's own per-request state (e.g. the ids masked until min_tokens, as a tensor).
+    # Computed once per request, never per step: stop ids as a set for the stop check.
     stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
+    # Only when a Request itself is handed to the sampler (tests; the engine never does: its
+    # executors keep this state in ``engine.step.SequenceState``): the sampler's per-request
+    # cache, and why this row could not be sampled.
     sampler_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    sampling_error: str | None = None
     # Structured output: this request's grammar matcher (``text.grammar.GrammarMatcher``), or
-    # None. The sampler masks the request's logits with it; the engine advances it with each
-    # token and finishes the request when it terminates.
+    # None. The engine fills this request's row of the step plan's bitmask from it, advances it
+    # with each token and finishes the request when it terminates.
     grammar: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

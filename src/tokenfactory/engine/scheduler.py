@@ -18,9 +18,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
-from tokenfactory.engine.executor import Batch, ScheduledChunk
 from tokenfactory.engine.kv_manager import KVCacheManager, cdiv
 from tokenfactory.engine.request import Request, RequestStatus
+from tokenfactory.engine.step import NewRequestData, ScheduledRequest, StepPlan
 
 
 @dataclass
@@ -140,6 +140,8 @@ class Scheduler:
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # Finished since the last plan: the executor drops their state (StepPlan.finished_ids).
+        self._finished_ids: list[str] = []
 
     # ---------------------------------------------------------------- intake
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -182,6 +184,7 @@ class Scheduler:
         request.status = status
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
+        self._finished_ids.append(request.request_id)
 
     @property
     def num_unfinished(self) -> int:
@@ -196,10 +199,12 @@ class Scheduler:
         victim.num_preemptions += 1
         self.waiting.appendleft(victim)
 
-    def schedule(self) -> Batch:
+    def schedule(self) -> StepPlan:
+        """The next step's plan; its requests are in ``self.requests`` (running first, then
+        the ones it admits, in admission order)."""
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        chunks: list[ScheduledRequest] = []
         preempted = False
 
         # 1. Running requests, oldest first.
@@ -250,12 +255,27 @@ class Scheduler:
                 req.num_cached_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            chunks.append(self._chunk(req, num_new))
+            chunks.append(self._chunk(req, num_new, admitted=True))
             budget -= num_new
 
-        return Batch(chunks, self.kv.block_size)
+        plan = StepPlan(chunks, self.kv.block_size)
+        if chunks:   # delivered with the next plan that reaches the executor
+            plan.finished_ids, self._finished_ids = self._finished_ids, []
+        return plan
 
     @staticmethod
-    def _chunk(req: Request, num_new: int) -> ScheduledChunk:
+    def _chunk(req: Request, num_new: int, admitted: bool = False) -> ScheduledRequest:
+        """A request's part of the plan: only this step's tokens, plus (on admission) what the
+        executor keeps for the request's lifetime. The block table is the request's own list
+        (not copied per step)."""
         start = req.num_computed_tokens
-        return ScheduledChunk(req, start, num_new, sample=start + num_new == req.num_tokens)
+        end = start + num_new
+        params = req.sampling_params
+        return ScheduledRequest(
+            req.request_id, req.token_slice(start, end), start, req.block_ids,
+            sample=end == req.num_tokens, sampling_params=params,
+            output_index=len(req.output_token_ids),
+            new=(NewRequestData(req.prompt_token_ids, list(req.output_token_ids),
+                                req.eos_token_ids) if admitted else None),
+            compute_prompt_logprobs=(params.prompt_logprobs is not None
+                                     and len(req.prompt_logprobs) == start + 1))

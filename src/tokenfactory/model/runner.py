@@ -1,9 +1,13 @@
 """TorchExecutor: the engine's :class:`~tokenfactory.engine.executor.Executor` on PyTorch.
 
-One ``execute(batch)`` = flatten the scheduled chunks into one token batch (decodes first, then
+One ``execute(plan)`` = flatten the scheduled requests into one token batch (decodes first, then
 multi-token prefill chunks), run the decoder once over all of them, compute logits only for the
 rows that need them (the last token of chunks that sample, plus prompt-logprob positions), and
-sample.
+sample. What the sampler needs across steps (prompt ids, outputs so far, per-request caches)
+is kept here by request id (``engine.step.SequenceStates``), sent by the engine once per request.
+
+``device``: where the weights, the KV pages and the step's tensors live. The native kernels,
+huge pages and the CPU linears are CPU-only: on any other device every path is torch's.
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tokenfactory.engine.executor import Batch, SampleOutput, ScheduledChunk
+from tokenfactory.engine.executor import Batch
+from tokenfactory.engine.step import (RequestStepOutput, ScheduledRequest, SequenceStates,
+                                      StepPlan, StepResult)
 from tokenfactory.model import hugepages, kernel_choice, native_step
 from tokenfactory.model import kernels as native_kernels
-from tokenfactory.model.compiled import CompiledDecode
 from tokenfactory.model.config import ModelConfig
 from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
                                        can_use_cpu_linears, use_cpu_linears)
@@ -65,16 +70,9 @@ def configure_threads(num_threads: int | None = None) -> int:
 class TorchExecutor:
     """Runs a Llama-family checkpoint over a paged KV cache.
 
-    ``compile``: compile small-batch decode steps with torch.compile (see ``compiled.py``);
-    None means "where it pays": bfloat16 on CPU. Tests pass False (or leave float32).
-    ``compile_batch_sizes``: the batch buckets compiled (one graph each, compiled on first use
-    or by :meth:`warmup`); ``compile_max_autotune`` picks inductor's slower-to-compile mode.
     ``native_decode``: run decode-only steps of up to 8 sequences as one native call each
     (``native_step.py``); None means wherever the model and CPU support it (bfloat16 with the
-    native kernels). Takes precedence over the compiled decode graphs.
-    ``pack_weights``: in bfloat16 on CPU, also keep a copy of the linear weights pre-packed
-    for oneDNN's large-batch GEMM (see CpuLinear); None means no (the default). float32 keeps
-    stock kernels, which match transformers bit for bit.
+    native kernels). float32 keeps stock kernels, which match transformers bit for bit.
     ``kernels``: which bfloat16 CPU kernels run where (``kernel_choice.py``): "auto" times the
     candidates on this CPU when the cache is first allocated (or reads the cached decision),
     "native" forces the native kernels wherever they run, "torch" forces torch/oneDNN
@@ -83,12 +81,12 @@ class TorchExecutor:
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu", compile: bool | None = None,
-                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4),
-                 compile_max_autotune: bool = True,
-                 num_threads: int | None = None, seed: int | None = None,
-                 pack_weights: bool | None = None, native_decode: bool | None = None,
-                 kernels: str | None = None):
+                 device: str | torch.device = "cpu", num_threads: int | None = None,
+                 seed: int | None = None, native_decode: bool | None = None,
+                 kernels: str | None = None, compile: bool = False):
+        if compile:   # the argument stays (False only) until its last callers drop it
+            raise ValueError("compiled decode graphs were removed: the native decode step "
+                             "serves small decode batches")
         if kernels is not None and kernels not in kernel_choice.MODES:
             raise ValueError(f"kernels must be one of {', '.join(kernel_choice.MODES)}, "
                              f"not {kernels!r}")
@@ -104,12 +102,7 @@ class TorchExecutor:
         self.model_config: ModelConfig = self.model.config
         self.dtype = self.model.embed_tokens.weight.dtype
         self.max_model_len = self.model_config.max_model_len
-        fast_cpu = can_use_cpu_linears(self.dtype, self.device)
-        if pack_weights is None:
-            # no second copy by default: measured, offline throughput (decode batches up to
-            # 64, prefill chunks of 2,048) was the same with (337 tok/s) and without (345)
-            pack_weights = False
-        self.compile = False if compile is None else bool(compile)  # auto: off until proven
+        fast_cpu = can_use_cpu_linears(self.dtype, self.device)   # False off the CPU
         # bfloat16 attention runs in native kernels where the CPU has AVX-512 BF16: build
         # (or load the cached build of) them now rather than on the first request
         native = False
@@ -118,7 +111,9 @@ class TorchExecutor:
             log.info("native attention kernels: %s", "on" if native else
                      f"off ({native_kernels.unavailable_reason or 'unsupported head size'})")
             # native small-batch linear kernel, oneDNN for large batches (see CpuLinear)
-            use_cpu_linears(self.model, pack=pack_weights)
+            # (no oneDNN-packed weight copy: measured, offline throughput was the same with,
+            # 337 tok/s, and without, 345)
+            use_cpu_linears(self.model)
         if self.device.type == "cpu":
             # every decode step streams all weights: huge pages make that stream ~25% faster
             # on this kind of host (see hugepages.py)
@@ -145,18 +140,12 @@ class TorchExecutor:
         if kernels == "auto":
             self.kernel_choice.mode = "auto"
         self.apply_kernel_choice(self.kernel_choice)
-        self.compile_batch_sizes = tuple(compile_batch_sizes)
-        self.compile_max_autotune = compile_max_autotune
         self.sampler = Sampler(self.device, seed)
+        self.states = SequenceStates()
         self.block_size = 0
         self.num_blocks = 0
-        self._compiled: CompiledDecode | None = None
         self._workspace = Workspace()
         self._dynamic_rope = self.model_config.rope.rope_type == "dynamic"
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path, **kwargs) -> "TorchExecutor":
-        return cls(model_dir, **kwargs)
 
     # ------------------------------------------------------------------ cache
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
@@ -166,18 +155,16 @@ class TorchExecutor:
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         """Allocate K and V pages for every layer: (Hkv, num_blocks + 1, block_size, D) each
-        (head-major, see layers.py). The extra last page is scratch space for padded rows of
-        compiled decode steps."""
+        (head-major, see layers.py). The extra last page is scratch space (the kernel choice's
+        decode-step probes write their K/V there)."""
         cfg = self.model_config
         shape = (cfg.num_kv_heads, num_blocks + 1, block_size, cfg.head_dim)
-        reallocated = False
         for layer in self.model.layers:
             attn = layer.self_attn
             if attn.k_cache is not None and tuple(attn.k_cache.shape) == shape:
                 attn.k_cache.zero_()   # same geometry (a new engine on this executor): reuse
                 attn.v_cache.zero_()
                 continue
-            reallocated = True
             attn.k_cache = attn.v_cache = None   # free the old cache before allocating anew
             # Zeros (not garbage) matter: masked slots must hold finite values, since 0 * NaN
             # would poison the attention output. On CPU the pages are fresh anonymous
@@ -198,17 +185,6 @@ class TorchExecutor:
             log.info("%s", self.kernel_choice.summary())
         if self.native_decode:
             self._native = native_step.NativeDecodeStep(self.model, num_blocks, block_size)
-        # the native step takes every decode batch a compiled graph would: none is needed
-        native_covers = self._native is not None and self._native.serves(
-            max(self.compile_batch_sizes))
-        if self.compile and not native_covers:
-            # compiled graphs are bound to the cache tensors: new tensors, new graphs
-            if self._compiled is None or reallocated or self._compiled.block_size != block_size:
-                self._compiled = CompiledDecode(self.model, block_size, num_blocks,
-                                                _cdiv(self.max_model_len, block_size),
-                                                self.compile_batch_sizes,
-                                                max_autotune=self.compile_max_autotune)
-            self._compiled.scratch_page = num_blocks
 
     def apply_kernel_choice(self, choice: kernel_choice.KernelChoice) -> None:
         """Route linears, attention and decode steps as ``choice`` says (where each native
@@ -230,34 +206,27 @@ class TorchExecutor:
             self._native = native_step.NativeDecodeStep(self.model, self.num_blocks,
                                                         self.block_size)
 
-    @torch.inference_mode()
-    def warmup(self) -> None:
-        """Compile the decode graphs now rather than on the first requests (no-op when
-        ``compile`` is off). Call after ``initialize_cache``."""
-        if self._compiled is not None:
-            self._compiled.warmup()
-
     def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.device.type == "cpu":   # decode attention streams the pages too
             return hugepages.empty(shape, self.dtype)
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
     # ---------------------------------------------------------------- execute
-    def _order(self, batch: Batch) -> tuple[list[int], list[ScheduledChunk]]:
-        """Decodes first, then multi-token chunks: ``chunks[k] is batch.chunks[order[k]]``."""
+    def _order(self, plan: StepPlan) -> tuple[list[int], list[ScheduledRequest]]:
+        """Decodes first, then multi-token chunks: ``chunks[k] is plan.requests[order[k]]``."""
         if self.block_size == 0:
             raise RuntimeError("initialize_cache() must be called before execute()")
-        if batch.block_size != self.block_size:
-            raise ValueError(f"batch block_size {batch.block_size} != cache block_size "
+        if plan.block_size != self.block_size:
+            raise ValueError(f"plan block_size {plan.block_size} != cache block_size "
                              f"{self.block_size}")
-        chunks = batch.chunks
+        chunks = plan.requests
         # decodes by context length (so similar lengths share a padded group), then the rest
         order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens > 1,
                                                           chunks[i].end if chunks[i].num_tokens == 1
                                                           else 0))
         return order, [chunks[i] for i in order]
 
-    def _flatten(self, chunks: list[ScheduledChunk]):
+    def _flatten(self, chunks: list[ScheduledRequest]):
         """Per-token lists for the step: ids, positions, cache slots, and per-chunk pages."""
         bs = self.block_size
         ids: list[int] = []
@@ -265,15 +234,16 @@ class TorchExecutor:
         slots: list[int] = []
         pages: list[list[int]] = []
         for c in chunks:
-            req, start, end = c.request, c.start, c.end
-            ids.extend(req.token_slice(start, end))
+            start, end = c.start, c.end
+            ids.extend(c.token_ids)
+            ids.extend(c.draft_token_ids)
             positions.extend(range(start, end))
-            blocks = req.block_ids
+            blocks = c.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             pages.append(blocks[:_cdiv(end, bs)])
         return ids, positions, slots, pages
 
-    def _run_eager(self, chunks: list[ScheduledChunk], ids, positions, slots, pages) -> torch.Tensor:
+    def _run_eager(self, chunks: list[ScheduledRequest], ids, positions, slots, pages) -> torch.Tensor:
         """Hidden states (T, hidden) for the flattened chunks."""
         dev, bs = self.device, self.block_size
         nd = sum(1 for c in chunks if c.num_tokens == 1)
@@ -300,25 +270,24 @@ class TorchExecutor:
         return self.model(torch.tensor(ids, dtype=torch.int64, device=dev),
                           torch.tensor(positions, dtype=torch.int64, device=dev), meta, rope_lens)
 
-    def _logits_fn(self, chunks: list[ScheduledChunk]):
+    def _logits_fn(self, chunks: list[ScheduledRequest]):
         """Run the forward pass; returns ``logits(rows) -> (len(rows), vocab)`` float32."""
         ids, positions, slots, pages = self._flatten(chunks)
         native = self._native
         if native is not None and len(ids) == len(chunks) and native.serves(len(ids)):
             all_logits = native(ids, positions, slots, pages)                   # (B, V)
             return lambda rows: all_logits[rows]
-        compiled = self._compiled
-        if compiled is not None and len(ids) == len(chunks) and compiled.serves(pages):
-            all_logits = compiled(ids, positions, slots, pages)                 # (B, V)
-            return lambda rows: all_logits[rows]
         hidden = self._run_eager(chunks, ids, positions, slots, pages)         # (T, hidden)
         return lambda rows: self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
-    def forward_logits(self, batch: Batch) -> list[torch.Tensor]:
-        """Logits (num_tokens, vocab) float32 for every token of every chunk, in batch order.
-        Writes K/V like ``execute`` but samples nothing (for tests and debugging)."""
-        order, chunks = self._order(batch)
+    def forward_logits(self, plan: StepPlan | Batch) -> list[torch.Tensor]:
+        """Logits (num_tokens, vocab) float32 for every token of every scheduled request, in
+        plan order. Writes K/V like ``execute`` but samples nothing (for tests and debugging;
+        a ``Batch`` of live requests is turned into a plan)."""
+        if isinstance(plan, Batch):
+            plan = plan.to_plan()
+        order, chunks = self._order(plan)
         logits = self._logits_fn(chunks)(slice(None))
         per_chunk, offset = {}, 0
         for i, c in zip(order, chunks):
@@ -327,16 +296,17 @@ class TorchExecutor:
         return [per_chunk[i] for i in range(len(chunks))]
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> list[SampleOutput]:
-        small_decode = (len(batch.chunks) <= DECODE_THREADS_MAX_BATCH
-                        and all(c.num_tokens == 1 for c in batch.chunks))
+    def execute(self, plan: StepPlan) -> StepResult:
+        small_decode = (len(plan.requests) <= DECODE_THREADS_MAX_BATCH
+                        and all(c.num_tokens == 1 for c in plan.requests))
         threads = self.decode_threads if self.decode_threads and small_decode else self.num_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        return self._execute(batch)
+        return self._execute(plan)
 
-    def _execute(self, batch: Batch) -> list[SampleOutput]:
-        order, chunks = self._order(batch)
+    def _execute(self, plan: StepPlan) -> StepResult:
+        states = self.states.update(plan)
+        order, chunks = self._order(plan)
         logits_of = self._logits_fn(chunks)
 
         # Rows whose logits we need: sampling rows, then prompt-logprob rows.
@@ -344,37 +314,45 @@ class TorchExecutor:
         plp_spans = []  # (chunk index in `chunks`, first row, positions [start, stop))
         offset = 0
         for ci, c in enumerate(chunks):
-            req = c.request
             if c.sample:
                 sample_rows.append(offset + c.num_tokens - 1)
                 sample_chunks.append(ci)
-            if req.sampling_params.prompt_logprobs is not None \
-                    and len(req.prompt_logprobs) == c.start + 1:
+            if c.compute_prompt_logprobs:
                 # position p predicts prompt token p + 1, for prompt tokens start+1 .. up to
                 # the last prompt token (whose successor is the first output, not a prompt token)
-                stop = min(c.end, req.num_prompt_tokens - 1)
+                stop = min(c.end, len(states[order[ci]].prompt_token_ids) - 1)
                 if stop > c.start:
                     plp_spans.append((ci, offset, c.start, stop))
             offset += c.num_tokens
 
-        results = [SampleOutput(None) for _ in chunks]
+        results = [RequestStepOutput(c.request_id) for c in chunks]
         if sample_rows:
             lo = sample_rows[0]
             # consecutive rows (every decode-only step): a view, no index tensor, no copy
             rows = (slice(lo, lo + len(sample_rows))
                     if sample_rows[-1] - lo == len(sample_rows) - 1 else torch.tensor(sample_rows))
             logits = logits_of(rows)                                            # (N, V)
-            out = self.sampler(logits, [chunks[ci].request for ci in sample_chunks])
+            grammar_rows = None
+            if plan.grammar_bitmask is not None:
+                grammar_rows = [chunks[ci].grammar_row for ci in sample_chunks]
+            out = self.sampler(logits, [states[order[ci]] for ci in sample_chunks],
+                               plan.grammar_bitmask, grammar_rows)
             for k, ci in enumerate(sample_chunks):
-                results[ci] = SampleOutput(out.token_ids[k], out.logprobs[k])
+                res = results[ci]
+                if k in out.errors:
+                    res.error = out.errors[k]
+                    continue
+                res.token_ids.append(out.token_ids[k])
+                if out.logprobs[k] is not None:
+                    res.logprobs.append(out.logprobs[k])
         for ci, row0, start, stop in plp_spans:
-            req = chunks[ci].request
+            state = states[order[ci]]
             lp = torch.log_softmax(logits_of(slice(row0, row0 + stop - start)), dim=-1)
-            targets = torch.tensor(req.prompt_token_ids[start + 1:stop + 1], device=lp.device)
+            targets = torch.tensor(state.prompt_token_ids[start + 1:stop + 1], device=lp.device)
             results[ci].prompt_logprobs = position_logprobs(
-                lp, targets, req.sampling_params.prompt_logprobs)
+                lp, targets, state.sampling_params.prompt_logprobs)
 
-        final = [SampleOutput(None)] * len(chunks)
+        final: list[RequestStepOutput] = [None] * len(chunks)  # type: ignore[list-item]
         for k, i in enumerate(order):
             final[i] = results[k]
-        return final
+        return StepResult(final)

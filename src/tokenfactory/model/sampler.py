@@ -1,8 +1,9 @@
 """Batched next-token sampling: one row of logits per request that samples this step.
 
 Order of operations, per row: penalties (repetition over prompt + output, presence/frequency over
-output) -> min_tokens masking of EOS/stop ids -> the structured-output grammar's mask (rows with
-a grammar; one bitmask for the batch, ``text/grammar.py``) -> greedy argmax, or temperature ->
+output) -> ``logit_bias`` -> min_tokens masking of EOS/stop ids -> the structured-output
+grammar's mask (a row of the step plan's bitmask, ``text/grammar.py`` layout; or, for a row
+object that carries its own matcher as ``grammar``, filled here) -> greedy argmax, or temperature ->
 top-k -> top-p -> min-p -> draw. Logprobs are reported from the raw log-softmax of the model's logits
 (vLLM's default), not from the processed distribution.
 
@@ -10,20 +11,29 @@ Seeded requests draw from a generator seeded by (seed, output position) alone, s
 position i is the same whichever requests share the batch and however often the request was
 preempted and recomputed. Unseeded requests share one global generator.
 
+A row is anything with ``sampling_params``, ``prompt_token_ids``, ``output_token_ids``,
+``eos_token_ids``, ``stop_token_set`` and a ``sampler_cache`` dict: the executor's
+``engine.step.SequenceState`` (a test may pass an engine ``Request``).
+
 A request is sampled as if it were alone: a row that cannot be sampled (NaN or +inf logits, no
-token left, an exception while processing it) gets no token and its request's
-``sampling_error`` set, and the engine fails that request only; the other rows get exactly the
+token left, an exception while processing it) gets no token, an entry in
+``SamplerOutput.errors`` (and ``sampling_error`` set on the row object), and the engine fails
+that request only; the other rows get exactly the
 tokens they would have had without it. Extreme but valid parameters never reach a kernel in a
 form it cannot take: scaled logits that overflow are recomputed from the row's maximum, and
 penalized logits are kept finite.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from tokenfactory.engine.request import Logprob, PositionLogprobs, Request
+from tokenfactory.engine.request import Logprob, PositionLogprobs
+
+# A row's request as the sampler sees it (see the module docstring).
+Row = Any
 
 _MASK64 = (1 << 64) - 1
 
@@ -39,8 +49,9 @@ def derive_seed(seed: int, position: int) -> int:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int | None]                # None: the row failed (see Request.sampling_error)
+    token_ids: list[int | None]                # None: the row failed (see errors)
     logprobs: list[PositionLogprobs | None]
+    errors: dict[int, str] = field(default_factory=dict)   # row -> why it failed
 
 
 _NON_FINITE = "the model produced non-finite logits (NaN or +inf) for this request"
@@ -53,7 +64,7 @@ def unsampleable_rows(logits: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(logits.amax(dim=-1))   # amax propagates NaN; all -inf gives -inf
 
 
-def _cached_ids(req: Request, key: str, ids, vocab: int, device: torch.device) -> torch.Tensor:
+def _cached_ids(req: Row, key: str, ids, vocab: int, device: torch.device) -> torch.Tensor:
     """A request's fixed id list as a unique int64 tensor of in-vocabulary ids, built on first
     use and kept on the request (never rebuilt per step)."""
     entry = req.sampler_cache.get(key)
@@ -64,7 +75,7 @@ def _cached_ids(req: Request, key: str, ids, vocab: int, device: torch.device) -
     return entry[1]
 
 
-def _penalty_state(req: Request, vocab: int,
+def _penalty_state(req: Row, vocab: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(seen, counts) for a request: seen (V,) bool marks its prompt and output tokens, counts
     (V,) float32 counts its output tokens. Built once from the prompt and then brought up to
@@ -89,7 +100,7 @@ def _penalty_state(req: Request, vocab: int,
     return seen, counts
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, requests: list[Row]) -> torch.Tensor:
     """In place on rows whose request asks for penalties. logits: (N, V) float32.
 
     A repetition penalty near 0 divides positive logits by almost nothing: the result is capped
@@ -112,7 +123,27 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     return logits
 
 
-def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def apply_logit_bias(logits: torch.Tensor, requests: list[Row]) -> torch.Tensor:
+    """Add each request's ``logit_bias`` ({token id: bias}) to its row, in place; ids outside
+    the vocabulary are ignored. logits: (N, V) float32."""
+    vocab = logits.shape[1]
+    for i, req in enumerate(requests):
+        bias = getattr(req.sampling_params, "logit_bias", None)
+        if not bias:
+            continue
+        entry = req.sampler_cache.get("logit_bias")
+        if entry is None or entry[0] != vocab or entry[1].device != logits.device:
+            items = [(t, b) for t, b in bias.items() if 0 <= int(t) < vocab]
+            ids = torch.tensor([int(t) for t, _ in items], dtype=torch.int64,
+                               device=logits.device)
+            vals = torch.tensor([float(b) for _, b in items], dtype=logits.dtype,
+                                device=logits.device)
+            entry = req.sampler_cache["logit_bias"] = (vocab, ids, vals)
+        logits[i].index_add_(0, entry[1], entry[2].to(logits.dtype))
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, requests: list[Row]) -> torch.Tensor:
     """Forbid EOS and stop token ids until a request has ``min_tokens`` outputs."""
     vocab = logits.shape[1]
     for i, req in enumerate(requests):
@@ -181,12 +212,15 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: list[Row],
+                 grammar_bitmask: torch.Tensor | None = None,
+                 grammar_rows: list[int | None] | None = None) -> SamplerOutput:
         """logits: (N, V) float32, one row per request (its next-token logits).
 
-        Never raises for one row's sake: a failing row gets token None and its request's
-        ``sampling_error`` set; the other rows are unaffected. The rows of requests with a
-        structured-output grammar are masked in place in ``logits``."""
+        ``grammar_bitmask`` (G, W) int32 and ``grammar_rows`` (per row: its bitmask row, or
+        None) mask structured-output rows to the tokens their grammar allows; the mask is
+        applied in place in ``logits``. Never raises for one row's sake: a failing row gets
+        token None and an entry in ``errors``; the other rows are unaffected."""
         n = logits.shape[0]
         params = [r.sampling_params for r in requests]
         errors: dict[int, str] = {}
@@ -196,7 +230,8 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         needs_min_tokens = any(len(r.output_token_ids) < r.sampling_params.min_tokens
                                for r in requests)
-        if any(p.needs_penalties for p in params) or needs_min_tokens:
+        needs_bias = any(getattr(p, "logit_bias", None) for p in params)
+        if any(p.needs_penalties for p in params) or needs_min_tokens or needs_bias:
             # checked before penalties, which could hide a +inf behind the finite cap
             for i in unsampleable_rows(logits).nonzero()[:, 0].tolist():
                 errors[i] = _NON_FINITE
@@ -205,15 +240,21 @@ class Sampler:
                 if i in errors:
                     continue
                 try:
-                    apply_min_tokens(apply_penalties(logits[i:i + 1], requests[i:i + 1]),
-                                     requests[i:i + 1])
+                    one, row = logits[i:i + 1], requests[i:i + 1]
+                    apply_min_tokens(apply_logit_bias(apply_penalties(one, row), row), row)
                 except Exception as exc:  # noqa: BLE001 - fails this row only
                     errors[i] = f"penalties failed: {type(exc).__name__}: {exc}"
 
-        grammar_rows = [i for i, r in enumerate(requests)
-                        if getattr(r, "grammar", None) is not None and i not in errors]
-        if grammar_rows:
-            logits = self._apply_grammars(logits, requests, grammar_rows, errors)
+        if grammar_bitmask is not None and grammar_rows is not None:
+            rows = [i for i, g in enumerate(grammar_rows) if g is not None and i not in errors]
+            if rows:
+                from tokenfactory.text.grammar import mask_logits
+                sub = grammar_bitmask[torch.tensor([grammar_rows[i] for i in rows])]
+                logits = mask_logits(logits, rows, sub)
+        own = [i for i, r in enumerate(requests)
+               if getattr(r, "grammar", None) is not None and i not in errors]
+        if own:
+            logits = self._apply_grammars(logits, requests, own, errors)
 
         best, tokens = logits.max(dim=-1)                                    # (N,) greedy
         # the same pass finds rows that cannot be sampled: max propagates NaN, is +inf when
@@ -245,15 +286,14 @@ class Sampler:
         for i, msg in errors.items():
             token_list[i] = None
             requests[i].sampling_error = msg
-        return SamplerOutput(token_list, logprobs)
+        return SamplerOutput(token_list, logprobs, errors)
 
-    def _apply_grammars(self, logits: torch.Tensor, requests: list[Request], rows: list[int],
+    def _apply_grammars(self, logits: torch.Tensor, requests: list[Row], rows: list[int],
                         errors: dict[int, str]) -> torch.Tensor:
-        """Mask each of ``rows`` (requests with a structured-output grammar) to the tokens its
-        grammar allows next: one bitmask for the batch, filled per row, applied to the logits
-        in one pass. Rows without a grammar are untouched; a row whose matcher fails gets an
-        entry in ``errors`` (and fails alone). logits: (N, V), masked in place (a copy of
-        this step's logits would cost as much as the masking)."""
+        """Mask each of ``rows`` (row objects carrying their own matcher as ``grammar``) to
+        the tokens it allows next: one bitmask, filled per row, applied in one pass; a row
+        whose matcher fails gets an entry in ``errors``. The engine instead fills the step
+        plan's bitmask (``EngineCore._fill_grammar_masks``). logits: (N, V), in place."""
         from tokenfactory.text.grammar import allocate_bitmask, fill_bitmasks, mask_logits
         matchers = [requests[i].grammar for i in rows]
         bitmask = allocate_bitmask(len(rows), max(m.vocab_size for m in matchers))  # (G, W)
@@ -261,7 +301,7 @@ class Sampler:
             errors[rows[k]] = f"structured output: {msg}"
         return mask_logits(logits, rows, bitmask)
 
-    def _sample_rows(self, logits: torch.Tensor, requests: list[Request],
+    def _sample_rows(self, logits: torch.Tensor, requests: list[Row],
                      rows: list[int]) -> torch.Tensor:
         """Draw one token for each of ``rows`` (non-greedy, sampleable rows of ``logits``)."""
         params = [requests[i].sampling_params for i in rows]
@@ -284,7 +324,7 @@ class Sampler:
         probs = sub.softmax(dim=-1)                                          # (R, V)
         return self._draw(probs, [requests[i] for i in rows])
 
-    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, requests: list[Row]) -> torch.Tensor:
         """One token per row from (R, V) probabilities."""
         out = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
         unseeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
