@@ -109,45 +109,78 @@ static inline __m512i s8_codes(const uint8_t *q) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
+/* The affine maps (d, k) of a row's nb blocks into dk[0..nb) and dk[nb..2nb): 16 blocks at
+ * a time, their fp16 words gathered (d at offset 0; Q4_1's m at offset 2). */
+static inline void row_affine(int kind, const uint8_t *wrow, int nb, float *dk) {
+    const int bb = block_bytes[kind];
+    const __m512i offs = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                             5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(bb));
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const __mmask16 live = nb - b0 >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - b0)) - 1);
+        /* the first 4 bytes of each live block (blocks hold >= 18 bytes: never past it) */
+        const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offs,
+                                                          wrow + (size_t)b0 * bb, 1);
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
+        __m512 k;
+        if (kind == TF_Q4_1) {
+            const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
+            k = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), d, m);
+        } else {
+            k = _mm512_mul_ps(_mm512_set1_ps(kind == TF_Q4_0 ? -136.0f : 0.0f), d);
+        }
+        _mm512_mask_storeu_ps(dk + b0, live, d);
+        _mm512_mask_storeu_ps(dk + nb + b0, live, k);
+    }
+}
+
+/* sum_b k[b] * xsum[b] over nb blocks. */
+static inline float dot_f32(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 live = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, a + i), _mm512_maskz_loadu_ps(live, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 /* One weight row against MM (<= 4, a constant after inlining) activation rows xr (bf16, row
- * stride ``in``) whose block sums are ``xsum`` (stride nb). */
+ * stride ``in``) whose block sums are ``xsum`` (stride nb); ``dk``: scratch of 2 nb floats. */
 static inline __attribute__((always_inline)) void row_dot(
         int kind, const uint8_t *wrow, int nb, const bf16 *xr, int in, const float *xsum,
-        const int MM, float *s) {
+        float *dk, const int MM, float *s) {
     __m512 acc[4];
-    float corr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();
     const int bb = block_bytes[kind];
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = wrow + (size_t)b * bb;
-        __m512i w;
-        switch (kind) {
-            case TF_Q4_1: w = q4_codes(blk + 4); break;
-            case TF_Q4_0: w = q4_codes(blk + 2); break;
-            case TF_Q8_0: w = s8_codes(blk + 2); break;
-            default: w = s8_codes(blk); break;
-        }
-        if (kind == TF_INT8) {   /* one scale per row: accumulate the products directly */
+    if (kind == TF_INT8) {   /* one scale per row (applied by the caller): plain products */
+        for (int b = 0; b < nb; b++) {
+            const __m512i w = s8_codes(wrow + (size_t)b * QK);
             for (int m = 0; m < MM; m++)
                 acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)w,
                                           (__m512bh)_mm512_loadu_si512(xr + (size_t)m * in + b * QK));
-            continue;
         }
-        float d, k;
-        block_affine(kind, blk, &d, &k);
-        const __m512 dv = _mm512_set1_ps(d);
+        for (int m = 0; m < MM; m++) s[m] = _mm512_reduce_add_ps(acc[m]);
+        return;
+    }
+    row_affine(kind, wrow, nb, dk);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = wrow + (size_t)b * bb;
+        const __m512i w = kind == TF_Q4_1 ? q4_codes(blk + 4)
+                        : kind == TF_Q4_0 ? q4_codes(blk + 2) : s8_codes(blk + 2);
+        const __m512 dv = _mm512_set1_ps(dk[b]);
         for (int m = 0; m < MM; m++) {
             const __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w,
                                               (__m512bh)_mm512_loadu_si512(xr + (size_t)m * in + b * QK));
             acc[m] = _mm512_fmadd_ps(p, dv, acc[m]);
-            corr[m] += k * xsum[(size_t)m * nb + b];
         }
     }
-    for (int m = 0; m < MM; m++) s[m] = _mm512_reduce_add_ps(acc[m]) + corr[m];
+    for (int m = 0; m < MM; m++)
+        s[m] = _mm512_reduce_add_ps(acc[m]) + (kind == TF_Q8_0 ? 0.0f : dot_f32(dk + nb, xsum + (size_t)m * nb, nb));
 }
 #else
 static void row_dot(int kind, const uint8_t *wrow, int nb, const bf16 *xr, int in,
-                    const float *xsum, const int MM, float *s) {
+                    const float *xsum, float *dk, const int MM, float *s) {
+    (void)dk;
     const int bb = block_bytes[kind];
     for (int m = 0; m < MM; m++) {
         float acc = 0.0f;
@@ -179,8 +212,10 @@ static void qlinear_team(int kind, const void *w, const float *scales, const bf1
                          int rows, int out, int in) {
     const int nb = in / QK;
     const size_t row_bytes = kind == TF_INT8 ? (size_t)in : (size_t)nb * block_bytes[kind];
-    float *xsum = malloc(sizeof(float) * (size_t)nb * (size_t)(rows > 0 ? rows : 1));
+    /* per thread: the block sums of every row, then 2 nb floats of row_dot scratch */
+    float *xsum = malloc(sizeof(float) * (size_t)nb * (size_t)((rows > 0 ? rows : 1) + 2));
     const int ok = xsum != NULL;
+    float *dk = ok ? xsum + (size_t)nb * (rows > 0 ? rows : 1) : NULL;
     if (ok) block_sums(x, rows, in, xsum);
 #pragma omp for schedule(static)
     for (int n = 0; n < out; n++) {
@@ -193,10 +228,10 @@ static void qlinear_team(int kind, const void *w, const float *scales, const bf1
             const float *xs = xsum + (size_t)m0 * nb;
             float s[4];
             switch (mm) {
-                case 1: row_dot(kind, wrow, nb, xr, in, xs, 1, s); break;
-                case 2: row_dot(kind, wrow, nb, xr, in, xs, 2, s); break;
-                case 3: row_dot(kind, wrow, nb, xr, in, xs, 3, s); break;
-                default: row_dot(kind, wrow, nb, xr, in, xs, 4, s); break;
+                case 1: row_dot(kind, wrow, nb, xr, in, xs, dk, 1, s); break;
+                case 2: row_dot(kind, wrow, nb, xr, in, xs, dk, 2, s); break;
+                case 3: row_dot(kind, wrow, nb, xr, in, xs, dk, 3, s); break;
+                default: row_dot(kind, wrow, nb, xr, in, xs, dk, 4, s); break;
             }
             for (int m = 0; m < mm; m++) y[(size_t)(m0 + m) * out + n] = s[m] * sn;
         }
