@@ -86,16 +86,115 @@ def test_omitted_sampling_uses_the_model_defaults(tokenizer):
     assert got == [(0.3, 0.8, 7), (0.0, 0.8, 3), (0.3, 0.5, 7)]
 
 
-def test_tools_the_template_cannot_show_are_reported(real_server):
-    body = {"model": "smollm2", "max_tokens": 2, "tools": [WEATHER_TOOL],
-            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
-    r = httpx.post(real_server.base_url + "/v1/messages", json=body,
-                   headers={"anthropic-version": "2023-06-01"}, timeout=60)
-    assert r.status_code == 200 and r.headers["x-tokenfactory-tools-dropped"] == "1"
-    del body["tools"]
-    r = httpx.post(real_server.base_url + "/v1/messages", json=body,
-                   headers={"anthropic-version": "2023-06-01"}, timeout=60)
+def test_generic_tool_format_puts_the_tools_in_the_prompt(real_server):
+    """SmolLM2's template has no tool section: the tools are described in the system turn
+    (docs/api.md, "Tools on any template"), so they cost prompt tokens and nothing is dropped."""
+    client = anthropic.Anthropic(base_url=real_server.base_url, api_key="x", max_retries=0)
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    bare = client.messages.count_tokens(model="smollm2", messages=ask).input_tokens
+    tooled = client.messages.count_tokens(model="smollm2", messages=ask,
+                                          tools=[WEATHER_TOOL]).input_tokens
+    assert tooled > bare + 40
+    r = httpx.post(real_server.base_url + "/v1/messages", json={
+        "model": "smollm2", "max_tokens": 2, "tools": [WEATHER_TOOL], "messages": ask},
+        headers={"anthropic-version": "2023-06-01"}, timeout=60)
     assert r.status_code == 200 and "x-tokenfactory-tools-dropped" not in r.headers
+
+
+ORDER = {"type": "object", "additionalProperties": False,
+         "required": ["item", "quantity", "size"],
+         "properties": {"item": {"type": "string", "maxLength": 24},
+                        "quantity": {"type": "integer", "minimum": 1, "maximum": 9},
+                        "size": {"enum": ["small", "medium", "large"]}}}
+ORDER_TOOL = {"name": "place_order", "description": "Order a drink", "input_schema": ORDER}
+ASK_ORDER = [{"role": "user", "content": "Two large lattes, please."}]
+
+
+def test_forced_tool_call_streams_schema_valid_input(real_server):
+    """tool_choice tool / any on the default model: the reply is a call of that tool whose
+    input validates, and the input arrives as several input_json_delta fragments that
+    reassemble to exactly the final input."""
+    import json
+
+    import jsonschema
+    client = anthropic.Anthropic(base_url=real_server.base_url, api_key="x", max_retries=0)
+    for choice in ({"type": "tool", "name": "place_order"}, {"type": "any"}):
+        fragments = []
+        with client.messages.stream(model="smollm2", max_tokens=64, messages=ASK_ORDER,
+                                    tools=[WEATHER_TOOL, ORDER_TOOL], tool_choice=choice,
+                                    extra_body={"temperature": 0.0}) as stream:
+            for ev in stream:
+                if ev.type == "content_block_delta" and ev.delta.type == "input_json_delta":
+                    fragments.append(ev.delta.partial_json)
+            final = stream.get_final_message()
+        assert final.stop_reason == "tool_use"
+        call = final.content[-1]
+        assert call.type == "tool_use"
+        schema = ORDER if call.name == "place_order" else WEATHER_TOOL["input_schema"]
+        assert choice["type"] == "any" or call.name == "place_order"
+        jsonschema.validate(call.input, schema)
+        assert len(fragments) > 1 and json.loads("".join(fragments)) == call.input
+    real_server.assert_no_leaks()
+
+
+def test_openai_strict_and_required_tools(real_server):
+    """strict: true with tool_choice required: schema-valid arguments, streamed as deltas."""
+    import json
+
+    import jsonschema
+    client = openai.OpenAI(base_url=real_server.base_url + "/v1", api_key="x", max_retries=0)
+    tools = [{"type": "function", "function": {"name": "place_order", "strict": True,
+                                               "description": "Order a drink",
+                                               "parameters": ORDER}}]
+    for seed in range(2):
+        deltas = []
+        for chunk in client.chat.completions.create(
+                model="smollm2", max_tokens=64, temperature=0.8, seed=seed, tools=tools,
+                tool_choice="required", messages=ASK_ORDER, stream=True):
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                if tc.function and tc.function.arguments:
+                    deltas.append(tc.function.arguments)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                assert chunk.choices[0].finish_reason == "tool_calls"
+        assert len(deltas) > 1
+        jsonschema.validate(json.loads("".join(deltas)), ORDER)
+    real_server.assert_no_leaks()
+
+
+def test_claude_codes_first_request_gets_well_formed_blocks(real_server):
+    """Claude Code's first request (its shape: tests/api/test_tolerance.py) on the default
+    model, tool_choice auto: whatever the model decides, text blocks and tool_use blocks whose
+    input validates against the tool's schema, in a well-formed stream."""
+    import json
+
+    import jsonschema
+
+    from .test_tolerance import CC_HEADERS, TOOLS, cc_body
+    body = cc_body()
+    body["max_tokens"], body["model"] = 48, "smollm2"
+    body["system"][2]["text"] = "Use the tools to change files. Be brief."
+    body["messages"][0]["content"][1]["text"] = "Create a file notes.txt that says hello."
+    with httpx.stream("POST", real_server.base_url + "/v1/messages?beta=true", json=body,
+                      headers=CC_HEADERS, timeout=120) as r:
+        assert r.status_code == 200
+        frames = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    kinds = [f["type"] for f in frames]
+    assert kinds[:2] == ["message_start", "ping"] and kinds[-1] == "message_stop"
+    blocks, partial = {}, {}
+    for f in frames:
+        if f["type"] == "content_block_start":
+            blocks[f["index"]] = f["content_block"]
+        elif f["type"] == "content_block_delta" and f["delta"]["type"] == "input_json_delta":
+            partial[f["index"]] = partial.get(f["index"], "") + f["delta"]["partial_json"]
+    schema = TOOLS[0]["input_schema"]
+    for i, block in blocks.items():
+        assert block["type"] in ("text", "tool_use")
+        if block["type"] == "tool_use":
+            assert block["name"] == "Write"
+            jsonschema.validate(json.loads(partial[i]), schema)
+    stop = [f for f in frames if f["type"] == "message_delta"][0]["delta"]["stop_reason"]
+    assert (stop == "tool_use") == any(b["type"] == "tool_use" for b in blocks.values())
+    real_server.assert_no_leaks()
 
 
 def test_a_template_with_tools_sends_no_such_header(server):

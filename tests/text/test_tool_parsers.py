@@ -199,3 +199,128 @@ def test_feed_after_finish_is_an_error() -> None:
     parser.finish()
     with pytest.raises(RuntimeError):
         parser.feed("x")
+
+
+# ------------------------------------------------------------ streamed arguments (grammar)
+@settings(max_examples=100, deadline=None)
+@given(
+    lead=st.text(alphabet="ab \n.", max_size=8),
+    calls=st.lists(st.tuples(st.from_regex(r"[a-z_]{1,10}", fullmatch=True),
+                             st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
+                   min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 1000), max_size=12),
+)
+def test_streamed_arguments_reassemble_for_any_chunking(lead: str, calls, cuts) -> None:
+    """With stream_arguments, a call's fragments arrive as the text does (one per chunk that
+    carries argument bytes), every concatenation so far is a prefix of the final JSON, and the
+    whole equals the call's arguments, whatever the chunking."""
+    text = lead + "\n".join(render_tool_call_text(n, a, "hermes") for n, a in calls)
+    parser = HermesToolParser(stream_arguments=True)
+    events = run(parser, split(text, cuts))
+    got_text, got_calls = summarize(events)
+    assert got_calls == [(n, a) for n, a in calls]
+    assert got_text == lead.rstrip()
+    for i, (name, args) in enumerate(calls):
+        frags = [e.json_fragment for e in events if isinstance(e, ToolCallArgsDelta) and e.index == i]
+        assert json.loads("".join(frags)) == args
+        assert "".join(frags) == json.dumps(args, ensure_ascii=False)
+    # the start of a call comes before its first fragment, its end after the last
+    kinds = [type(e).__name__ for e in events if not isinstance(e, TextDelta)]
+    assert kinds[0] == "ToolCallStart" and kinds[-1] == "ToolCallEnd"
+
+
+def test_streamed_arguments_arrive_while_the_call_is_generated() -> None:
+    parser = HermesToolParser(stream_arguments=True)
+    head = '<tool_call>\n{"name": "w", "arguments": '
+    assert parser.feed(head) == []   # the call starts once its arguments do
+    assert parser.feed('{"city": "Pa') == [ToolCallStart(0, "w"), ToolCallArgsDelta(0, '{"city": "Pa')]
+    assert parser.feed('ris"}') == [ToolCallArgsDelta(0, 'ris"}')]
+    assert parser.feed("}\n</tool_call>") == [ToolCallEnd(0, {"city": "Paris"})]
+
+
+def test_a_streamed_call_cut_short_ends_with_what_parses() -> None:
+    parser = HermesToolParser(stream_arguments=True)
+    events = run(parser, ['<tool_call>\n{"name": "w", "arguments": {"city": "Pa'])
+    assert events[-1] == ToolCallEnd(0, {})   # max_tokens cut the arguments
+    assert "".join(e.json_fragment for e in events if isinstance(e, ToolCallArgsDelta)) \
+        == '{"city": "Pa'
+
+
+# ------------------------------------------------------------ tool-call grammars
+WEATHER_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city"],
+                  "properties": {"city": {"type": "string"},
+                                 "days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+
+
+def _accepts(tokenizer, lark: str, text: str) -> bool:
+    from tokenfactory.engine.sampling_params import StructuredOutput
+    from tokenfactory.text.grammar import compile_structured_output
+    m = compile_structured_output(tokenizer, StructuredOutput(lark=lark)).matcher()
+    return all(m.accept(t) for t in tokenizer.encode(text)) and m.raw.is_accepting()
+
+
+@pytest.mark.parametrize("choice, name, text, ok", [
+    ("auto", None, "Just text, no call.", True),
+    ("auto", None, "Sure.\n" + render_tool_call_text("weather", {"city": "Oslo"}, "hermes"), True),
+    ("auto", None, render_tool_call_text("weather", {"town": "Oslo"}, "hermes"), False),
+    ("auto", None, render_tool_call_text("weather", {"city": "Oslo", "days": 9}, "hermes"), False),
+    ("auto", None, render_tool_call_text("clock", {"tz": 1}, "hermes") + "\n"
+     + render_tool_call_text("weather", {"city": "Oslo", "days": 2}, "hermes"), True),
+    ("auto", None, render_tool_call_text("nope", {}, "hermes"), False),
+    ("required", None, "Just text", False),
+    ("required", None, render_tool_call_text("clock", {}, "hermes"), True),
+    ("named", "weather", render_tool_call_text("clock", {}, "hermes"), False),
+    ("named", "weather", render_tool_call_text("weather", {"city": "Rome"}, "hermes"), True),
+    # compact JSON is not how the template renders a call: refused (byte-identical history)
+    ("named", "weather", '<tool_call>\n{"name": "weather", "arguments": {"city":"Rome"}}\n'
+                         '</tool_call>', False),
+])
+def test_tool_call_grammar_hermes(demo_tokenizer, choice, name, text, ok) -> None:
+    """On the demo tokenizer <tool_call> is a special token: the grammar names it by id."""
+    from tokenfactory.text.grammar import special_tokens
+    from tokenfactory.text.tool_parsers import tool_call_grammar
+    assert "<tool_call>" in special_tokens(demo_tokenizer)
+    tools = [("weather", WEATHER_SCHEMA, True), ("clock", None, False)]
+    lark = tool_call_grammar(tools, "hermes", choice=choice, name=name,
+                             special_tokens=special_tokens(demo_tokenizer))
+    assert _accepts(demo_tokenizer, lark, text) is ok
+
+
+def test_tool_call_grammar_without_special_markers_and_llama3(demo_tokenizer) -> None:
+    """SmolLM2's vocabulary has no <tool_call> token: the marker is matched as text."""
+    from tokenfactory.model.default import default_model_path
+    from tokenfactory.text.grammar import special_tokens
+    from tokenfactory.text.tokenizer import Tokenizer
+    from tokenfactory.text.tool_parsers import tool_call_grammar
+    smol = Tokenizer.from_pretrained(default_model_path())
+    assert "<tool_call>" not in special_tokens(smol)
+    tools = [("weather", WEATHER_SCHEMA, True)]
+    lark = tool_call_grammar(tools, "hermes", parallel=False, special_tokens=special_tokens(smol))
+    call = render_tool_call_text("weather", {"city": "Oslo"}, "hermes")
+    assert "suffix" in lark and _accepts(smol, lark, "Hi " + call)
+    assert _accepts(smol, lark, "No call <tool_ here")
+    assert not _accepts(smol, lark, call + "\n" + call)   # parallel calls off
+    assert tool_call_grammar(tools, "llama3_json") is None          # no marker to end text at
+    lark = tool_call_grammar(tools, "llama3_json", choice="named", name="weather")
+    assert _accepts(demo_tokenizer, lark, render_tool_call_text("weather", {"city": "X"},
+                                                                "llama3_json"))
+
+
+def test_generic_tools_rewrite_the_conversation() -> None:
+    from tokenfactory.text.chat_template import generic_tools_text, with_generic_tools
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Weather",
+                                               "parameters": WEATHER_SCHEMA}}]
+    chat = [{"role": "user", "content": "Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    out = with_generic_tools(chat, tools)
+    assert out[0] == {"role": "system", "content": generic_tools_text(tools)}
+    assert json.loads(out[0]["content"].splitlines()[1])["parameters"] == WEATHER_SCHEMA
+    assert out[2] == {"role": "assistant",
+                      "content": render_tool_call_text("weather", {"city": "Oslo"}, "hermes")}
+    assert out[3] == {"role": "user", "content": "<tool_result>\nsunny\n</tool_result>"}
+    with_system = with_generic_tools([{"role": "system", "content": "Be brief."}, *chat], tools)
+    assert with_system[0]["content"].startswith("Be brief.\n\n" + generic_tools_text(tools)[:20])
+    assert chat[1]["tool_calls"]   # the input is not modified

@@ -512,9 +512,10 @@ def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: s
     """A Lark grammar (llguidance syntax) for a reply that calls ``tools`` (name, JSON schema
     or None for any object, strict) in ``parser_name``'s own format, each call's arguments
     valid against that tool's schema: exactly when strict, else as far as the grammar engine
-    can enforce the schema's keywords (llguidance's lenient mode ignores the others). ``choice``: "auto" (text, or text then calls), "required" (calls only, the model
-    picks the tool), "named" (one call of tool ``name``). ``parallel``: several calls allowed.
-    None when the format cannot be constrained this way (text then a call needs a marker that
+    can enforce the schema's keywords (llguidance's lenient mode ignores the others).
+    ``choice``: "auto" (text, or text then calls), "required" (one call, the model picks the
+    tool), "named" (one call of tool ``name``). ``parallel``: several calls allowed (auto
+    only). None when the format cannot be constrained this way (text then a call needs a marker that
     starts every call, which llama3_json does not have). ``special_tokens``: {text: id} of the
     tokenizer's special tokens, referenced by id where the call text contains them.
 
@@ -556,9 +557,6 @@ def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: s
             lines.append(f"more: \"\\n\" {_lit(marker, special_tokens)} call")
             more = " more*"
         start = f"start: TEXT | lead call{more}"
-    else:
-        if parallel and marker is not None:
-            lines.append("more: \"\\n\" call")
-            more = " more*"
-        start = f"start: call{more}"
+    else:   # a forced choice is one call (small models, allowed more, never stop calling)
+        start = "start: call"
     return "\n".join([start, *lines, *rules]) + "\n"
