@@ -166,3 +166,60 @@ def test_small_decode_steps_run_on_decode_threads(fp32, monkeypatch):
         torch.set_num_threads(fp32.num_threads)
     assert {threads for small, threads in seen if small} == {1}
     assert {threads for small, threads in seen if not small} == {fp32.num_threads}
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa", "qwen3", "mistral_sw"])
+def test_kv_bytes_per_block_agree_with_the_simulated_executor(checkpoint, name):
+    """The economics' model description of the same config.json prices a KV page exactly as
+    the torch executor allocates it, in float32 and bfloat16."""
+    from tokenfactory.economics.catalog import load_hardware, load_model
+    from tokenfactory.economics.simulated import SimulatedExecutor
+    path = checkpoint(name)[0]
+    spec = load_model(str(path))
+    hw = load_hardware("h100")
+    for dtype, kv_dtype in (("float32", "fp32"), ("bfloat16", "bf16")):
+        ex = TorchExecutor(path, dtype=dtype)
+        sim = SimulatedExecutor(spec, hw, kv_dtype=kv_dtype)
+        for block_size in (1, 16):
+            assert ex.kv_cache_bytes_per_block(block_size) == \
+                sim.kv_cache_bytes_per_block(block_size), (dtype, block_size)
+
+
+def test_device_reaches_the_executor_and_cpu_only_paths_stay_off(checkpoint, caplog):
+    """device="meta" (a stand-in for a GPU: no data, no CPU kernels): the weights and KV pages
+    live on it, and no native kernel, huge page or CPU linear is used; build_engine_core
+    passes the device through. (Nothing can be computed on meta: the step itself is not
+    run.)"""
+    from tokenfactory.engine.llm import build_engine_core
+    from tokenfactory.model.layers import CpuLinear
+    path = checkpoint("llama_gqa")[0]
+    ex = TorchExecutor(path, dtype="bfloat16", device="meta", kernels="auto")
+    assert ex.device.type == "meta" and ex.model.embed_tokens.weight.device.type == "meta"
+    assert not ex._lib_ok and ex._native is None and not ex.native_decode
+    assert not any(isinstance(m, CpuLinear) for m in ex.model.modules())
+    assert ex.kernel_choice.mode in ("auto", "torch", "default") and not ex._choice_pending
+    ex.initialize_cache(4, 16)
+    cache = ex.model.layers[0].self_attn.k_cache
+    assert cache.device.type == "meta" and cache.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="native"):
+        TorchExecutor(path, dtype="bfloat16", device="meta", kernels="native")
+    from tokenfactory.model.demo import ensure_demo_checkpoint
+    core = build_engine_core(ensure_demo_checkpoint(), dtype="bfloat16", device="meta",
+                             num_kv_blocks=4)
+    assert core.executor.device.type == "meta" and core.executor._native is None
+
+
+def test_logit_bias_shifts_the_greedy_choice(fp32):
+    """SamplingParams.logit_bias ({token: bias}) is added to the logits before the choice;
+    an unbiased run is unchanged."""
+    from tokenfactory.engine.sampling_params import SamplingParams as SP
+    if "logit_bias" not in {f for f in SP.__dataclass_fields__}:
+        pytest.skip("SamplingParams has no logit_bias field yet")
+    prompt = _prompts(1, seed=4)
+    plain, _ = generate(fp32, prompt, SP(temperature=0, max_tokens=3))
+    first = plain[0].outputs[0].token_ids
+    banned, _ = generate(fp32, prompt, SP(temperature=0, max_tokens=3,
+                                          logit_bias={first[0]: -100.0}))
+    assert banned[0].outputs[0].token_ids[0] != first[0]
+    forced, _ = generate(fp32, prompt, SP(temperature=0, max_tokens=3, logit_bias={77: 100.0}))
+    assert forced[0].outputs[0].token_ids == [77, 77, 77]

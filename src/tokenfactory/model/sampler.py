@@ -1,10 +1,10 @@
 """Batched next-token sampling: one row of logits per request that samples this step.
 
-Order of operations, per row: penalties (repetition over prompt + output, presence/frequency over
-output) -> ``logit_bias`` -> min_tokens masking of EOS/stop ids -> the structured-output
-grammar's mask (a row of the step plan's bitmask, ``text/grammar.py`` layout; or, for a row
-object that carries its own matcher as ``grammar``, filled here) -> greedy argmax, or temperature ->
-top-k -> top-p -> min-p -> draw. Logprobs are reported from the raw log-softmax of the model's logits
+Order of operations, per row: ``logit_bias`` (OpenAI's: before anything else) -> penalties
+(repetition over prompt + output, presence/frequency over output) -> min_tokens masking of
+EOS/stop ids -> the structured-output grammar's mask (a row of the step plan's bitmask,
+``text/grammar.py`` layout; or, for a row object that carries its own matcher as ``grammar``,
+filled here) -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. Logprobs are reported from the raw log-softmax of the model's logits
 (vLLM's default), not from the processed distribution.
 
 Seeded requests draw from a generator seeded by (seed, output position) alone, so the token at
@@ -206,11 +206,20 @@ def position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor,
 class Sampler:
     def __init__(self, device: torch.device | str = "cpu", seed: int | None = None):
         self.device = torch.device(device)
-        self.generator = torch.Generator(self.device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The shared generator of unseeded requests, made on first use (a device without
+        generators, such as "meta", can still host an executor that never draws)."""
+        if self._generator is None:
+            self._generator = torch.Generator(self.device)
+            if self.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self.seed)
+        return self._generator
 
     def __call__(self, logits: torch.Tensor, requests: list[Row],
                  grammar_bitmask: torch.Tensor | None = None,
@@ -241,7 +250,7 @@ class Sampler:
                     continue
                 try:
                     one, row = logits[i:i + 1], requests[i:i + 1]
-                    apply_min_tokens(apply_logit_bias(apply_penalties(one, row), row), row)
+                    apply_min_tokens(apply_penalties(apply_logit_bias(one, row), row), row)
                 except Exception as exc:  # noqa: BLE001 - fails this row only
                     errors[i] = f"penalties failed: {type(exc).__name__}: {exc}"
 
