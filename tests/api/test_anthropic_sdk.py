@@ -163,3 +163,30 @@ def test_stream_with_pings_before_and_during(anthropic_client, server):
             messages=[{"role": "user", "content": "[[slow]] [[reply:long]]"}]) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("thinking, fragment", [
+    ({"type": "enabled", "budget_tokens": 512}, "greater than or equal to 1024"),
+    ({"type": "enabled", "budget_tokens": 4096}, "`max_tokens` must be greater than"),
+    ({"type": "enabled"}, "budget_tokens"),
+    ({"type": "sometimes"}, "thinking.type"),
+])
+def test_bad_thinking_config_is_a_400(anthropic_client, thinking, fragment):
+    with pytest.raises(anthropic.BadRequestError) as err:
+        anthropic_client.messages.create(
+            model="tf-test", max_tokens=2048, thinking=thinking,
+            messages=[{"role": "user", "content": "[[reply:hello]]"}])
+    assert fragment in str(err.value)
+
+
+def test_thinking_without_a_reasoning_template_is_answered_without_thinking(anthropic_client,
+                                                                          server):
+    """The model has no reasoning section (its template shows none): a valid thinking config
+    is accepted (Claude Code always sends one) and the answer has no thinking blocks."""
+    for thinking in ({"type": "enabled", "budget_tokens": 1024}, {"type": "adaptive"},
+                     {"type": "disabled"}):
+        msg = anthropic_client.messages.create(
+            model="tf-test", max_tokens=2048, thinking=thinking,
+            messages=[{"role": "user", "content": "[[reply:hello]]"}])
+        assert [b.type for b in msg.content] == ["text"]
+    server.assert_no_leaks()

@@ -127,6 +127,14 @@ class ToolChoice(_Open):
         return self
 
 
+class ThinkingConfig(_Open):
+    """Extended thinking, as the API takes it. ``enabled`` needs a ``budget_tokens`` of at
+    least 1024 below ``max_tokens`` (checked by the handler, which knows both)."""
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: StrictInt | None = Field(default=None, ge=1024)
+    display: str | None = None
+
+
 class MessagesRequest(_Open):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -142,6 +150,7 @@ class MessagesRequest(_Open):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     cache_control: CacheControl | None = None
+    thinking: ThinkingConfig | None = None
     # tokenfactory extensions (vLLM-style; benchmarks use them for fixed-length outputs)
     ignore_eos: StrictBool | None = False
     min_tokens: StrictInt | None = Field(default=None, ge=0)
@@ -151,6 +160,16 @@ class MessagesRequest(_Open):
     @classmethod
     def _valid_unicode(cls, data):
         return reject_lone_surrogates(data)
+
+    @model_validator(mode="after")
+    def _thinking_budget(self):
+        t = self.thinking
+        if t is not None and t.type == "enabled":
+            if t.budget_tokens is None:
+                raise ValueError("thinking.budget_tokens: Field required")
+            if self.max_tokens is not None and t.budget_tokens >= self.max_tokens:
+                raise ValueError("`max_tokens` must be greater than `thinking.budget_tokens`")
+        return self
 
     @field_validator("stop_sequences")
     @classmethod
