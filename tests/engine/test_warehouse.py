@@ -248,3 +248,16 @@ def test_a_second_process_reuses_pages_after_the_first_is_killed(tiny_llama_dir,
     for p in pages:
         assert wh.store.read(bytes.fromhex(p.stem)) is not None
     assert wh.store.stats.rejected == 0
+
+
+def test_bfloat16_pages_round_trip(tiny_llama_dir, tmp_path):
+    """The native-kernel dtype: pages restored from disk give the same greedy tokens."""
+    core = make_core(tiny_llama_dir, 16, dtype="bfloat16")
+    wh = open_warehouse(core.executor, tmp_path, max_bytes=1 << 30)
+    core.kv.attach_connector(wh)
+    first = run(core, "bf16-first", PROMPT)
+    wh.flush()
+    core.reset_prefix_cache()
+    again = run(core, "bf16-again", PROMPT)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert again.usage["cached_tokens"] == MAX_BLOCKS * BS == core.kv.stats().connector_hits

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,16 +32,34 @@ def _caches(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_numpy_bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array of same-size integers (no copy; bfloat16 has no
+    numpy dtype). Page copies go through numpy because it copies on the calling thread only:
+    torch's two-thread copies of a few MiB measured 100-300x slower than one thread when
+    another process holds a core (each op waits at a barrier for a descheduled thread)."""
+    return t.view(_BITS[t.element_size()]).numpy()
+
+
 def read_blocks(model: nn.Module, block_ids: Sequence[int]) -> torch.Tensor:
     """A copy of pages ``block_ids``: (num_layers, 2, Hkv, n, block_size, D), on the CPU."""
     caches = _caches(model)
     k0 = caches[0][0]
-    idx = torch.tensor(list(block_ids), dtype=torch.int64, device=k0.device)
     Hkv, _, bs, D = k0.shape
-    out = torch.empty((len(caches), 2, Hkv, len(idx), bs, D), dtype=k0.dtype)
+    out = torch.empty((len(caches), 2, Hkv, len(block_ids), bs, D), dtype=k0.dtype)
+    if k0.device.type == "cpu":
+        ids = np.asarray(block_ids, dtype=np.int64)
+        dst = as_numpy_bits(out)
+        for layer, (k, v) in enumerate(caches):
+            dst[layer, 0] = as_numpy_bits(k)[:, ids]    # (Hkv, n, block_size, D)
+            dst[layer, 1] = as_numpy_bits(v)[:, ids]
+        return out
+    idx = torch.tensor(list(block_ids), dtype=torch.int64, device=k0.device)
     for layer, (k, v) in enumerate(caches):
-        out[layer, 0] = k.index_select(1, idx)    # (Hkv, n, block_size, D)
-        out[layer, 1] = v.index_select(1, idx)
+        out[layer, 0] = k.index_select(1, idx).cpu()
+        out[layer, 1] = v.index_select(1, idx).cpu()
     return out
 
 
@@ -53,6 +72,13 @@ def write_blocks(model: nn.Module, block_ids: Sequence[int], pages: torch.Tensor
     if tuple(pages.shape) != expect or pages.dtype != k0.dtype:
         raise ValueError(f"pages of shape {tuple(pages.shape)} {pages.dtype} do not fit this "
                          f"cache: expected {expect} {k0.dtype}")
+    if k0.device.type == "cpu":
+        ids = np.asarray(block_ids, dtype=np.int64)
+        src = as_numpy_bits(pages.cpu())
+        for layer, (k, v) in enumerate(caches):
+            as_numpy_bits(k)[:, ids] = src[layer, 0]
+            as_numpy_bits(v)[:, ids] = src[layer, 1]
+        return
     idx = torch.tensor(list(block_ids), dtype=torch.int64, device=k0.device)
     pages = pages.to(k0.device)
     for layer, (k, v) in enumerate(caches):

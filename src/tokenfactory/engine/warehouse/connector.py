@@ -27,6 +27,7 @@ import torch
 
 from tokenfactory.engine.kv_connector import KVPageIO
 from tokenfactory.engine.warehouse.store import PageRecord, PageStore
+from tokenfactory.model.kv_pages import as_numpy_bits
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,10 @@ class WarehouseConnector:
             if not todo:
                 return
         pages = self.kv_io.read_kv_blocks([block_ids[i] for i in todo])  # (L,2,Hkv,n,bs,D)
-        per_block = pages.permute(3, 0, 1, 2, 4, 5).contiguous()         # (n,L,2,Hkv,bs,D)
-        raw = per_block.view(torch.uint8).reshape(len(todo), -1).numpy()
+        # one page's bytes contiguous: (n, L, 2, Hkv, bs, D), copied by numpy (see kv_pages)
+        per_block = as_numpy_bits(pages.cpu()).transpose(3, 0, 1, 2, 4, 5)
         records = [PageRecord(block_hashes[i], parents[i], tuple(token_ids_per_block[i]),
-                              raw[j].tobytes()) for j, i in enumerate(todo)]
+                              per_block[j].tobytes()) for j, i in enumerate(todo)]
         if self._queue is None:
             for r in records:
                 self._write(r)
