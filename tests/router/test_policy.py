@@ -7,8 +7,9 @@ import pytest
 
 from tokenfactory.engine.block_pool import hash_block
 from tokenfactory.router.index import PrefixIndex, ReplicaIndex
-from tokenfactory.router.policy import (LoadBound, NoHealthyReplicaError, ReplicaState, RoundRobin,
-                                        choose_replica, matched_blocks, request_block_hashes)
+from tokenfactory.router.policy import (LoadBound, NoHealthyReplicaError, RecentLoad, ReplicaState,
+                                        RoundRobin, choose_replica, matched_blocks,
+                                        request_block_hashes)
 
 BS = 4
 
@@ -151,8 +152,7 @@ def test_index_follows_removal_clear_and_replica_death():
 
 def test_index_matches_a_real_block_pool():
     """The router's hashes equal the engine's, and the index follows the pool's own events
-    through caching and eviction (skipped until engine/kv_events.py lands)."""
-    pytest.importorskip("tokenfactory.engine.kv_events")
+    through caching and eviction."""
     from tokenfactory.engine.core import EngineConfig, EngineCore
     from tokenfactory.engine.executor import ScriptedExecutor
     from tokenfactory.engine.sampling_params import SamplingParams
@@ -190,3 +190,21 @@ def test_soft_load_cost_trades_cached_blocks_against_queued_requests():
     assert choose_replica(hashes, states, "prefix", bound=LoadBound(blocks_per_request=4)) == 0
     # ... but not when a queued request is worth more than the 8 blocks saved
     assert choose_replica(hashes, states, "prefix", bound=LoadBound(blocks_per_request=9)) == 1
+
+
+def test_recent_load_decays_and_spreads_sessions_between_turns():
+    recent = RecentLoad(2, half_life=2.0)
+    recent.add(0, now=10.0)
+    recent.add(0, now=10.0)
+    assert recent.get(0, 10.0) == pytest.approx(2.0)
+    assert recent.get(0, 12.0) == pytest.approx(1.0)
+    assert recent.get(1, 12.0) == 0.0
+    # nothing in flight anywhere, but replica 0 just served many turns: a new session that
+    # matches only a short shared prefix there goes to replica 1
+    shared = list(range(16))
+    index = PrefixIndex(2)
+    index.apply(0, stored_events(shared))
+    hashes = request_block_hashes(shared + list(range(100, 164)), BS)
+    states = [ReplicaState(index[0], recent=recent.get(0, 10.0)), ReplicaState(index[1])]
+    assert choose_replica(hashes, states, "prefix", bound=LoadBound(blocks_per_request=4)) == 1
+    assert choose_replica(hashes, states, "least-loaded") == 1

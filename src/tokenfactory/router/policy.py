@@ -13,7 +13,8 @@ Policies:
   holds (a shared system prompt) does not pull new sessions onto the busiest replicas while a
   session's own long history still keeps it where that history is. Ties go to the least
   loaded.
-- ``least-loaded``: the smallest queue, then the most free KV pages.
+- ``least-loaded``: the smallest load (queue depth plus recent requests), then the most free
+  KV pages.
 - ``round-robin``: the next healthy replica in turn (cursor kept in ``RoundRobin``).
 
 Tenant isolation needs nothing here: the hashes are the block pool's chained hashes with the
@@ -43,24 +44,51 @@ class ReplicaState:
     free_pages: int = 0         # KV pages it could hand out (free or evictable)
     total_pages: int = 0
     healthy: bool = True
+    # Requests routed to it recently (``RecentLoad``): a session between turns has nothing in
+    # flight but will be back, so queue depth alone makes a replica whose sessions are all
+    # thinking look idle; at low load this is what spreads new sessions.
+    recent: float = 0.0
+
+    @property
+    def load(self) -> float:
+        return self.queue_depth + self.recent
 
 
 @dataclass(frozen=True)
 class LoadBound:
     """How much busier than the least loaded replica a prefix match may make us go.
 
-    A replica is eligible for prefix affinity when its queue depth is at most
-    ``max(min_depth + extra_requests, min_depth * ratio)``: an absolute slack so a small fleet
-    does not bounce sessions around at low load, a relative one so the slack grows with load.
+    A replica's load is its queue depth plus its recent requests (``ReplicaState.load``). It is
+    eligible for prefix affinity when its load is at most ``max(min_load + extra_requests,
+    min_load * ratio)``: an absolute slack so a small fleet does not bounce sessions around at
+    low load, a relative one so the slack grows with load.
     """
 
-    extra_requests: int = 2
-    ratio: float = 1.25
-    # what one queued request costs, in blocks of prefill it would take to make up for it
+    extra_requests: float = 4
+    ratio: float = 1.5
+    # what one unit of load costs, in blocks of prefill it would take to make up for it
     blocks_per_request: float = 32.0
 
-    def limit(self, min_depth: int) -> float:
-        return max(min_depth + self.extra_requests, min_depth * self.ratio)
+    def limit(self, min_load: float) -> float:
+        return max(min_load + self.extra_requests, min_load * self.ratio)
+
+
+class RecentLoad:
+    """Requests routed to each replica, decaying with ``half_life`` seconds (of whatever
+    clock the caller passes: wall time live, simulated time in router/simulate.py)."""
+
+    def __init__(self, num_replicas: int, half_life: float = 5.0):
+        self.half_life = half_life
+        self._value = [0.0] * num_replicas
+        self._time = [0.0] * num_replicas
+
+    def get(self, replica: int, now: float) -> float:
+        dt = max(0.0, now - self._time[replica])
+        return self._value[replica] * 0.5 ** (dt / self.half_life)
+
+    def add(self, replica: int, now: float, amount: float = 1.0) -> None:
+        self._value[replica] = self.get(replica, now) + amount
+        self._time[replica] = now
 
 
 @dataclass
@@ -112,17 +140,15 @@ def choose_replica(request_hashes: Sequence[bytes], replicas: Sequence[ReplicaSt
                 rr.next_index = (i + 1) % n
                 return i
     if policy == "least-loaded":
-        return min(healthy, key=lambda i: (replicas[i].queue_depth, -replicas[i].free_pages, i))
+        return min(healthy, key=lambda i: (replicas[i].load, -replicas[i].free_pages, i))
     if policy != "prefix":
         raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    min_depth = min(replicas[i].queue_depth for i in healthy)
-    limit = bound.limit(min_depth)
-    eligible = [i for i in healthy if replicas[i].queue_depth <= limit]
+    limit = bound.limit(min(replicas[i].load for i in healthy))
+    eligible = [i for i in healthy if replicas[i].load <= limit]
     n = len(request_hashes)
 
     def cost(i: int) -> tuple:
         r = replicas[i]
         to_prefill = n - matched_blocks(request_hashes, r.cached)
-        return (to_prefill + bound.blocks_per_request * r.queue_depth, r.queue_depth,
-                -r.free_pages, i)
+        return (to_prefill + bound.blocks_per_request * r.load, r.load, -r.free_pages, i)
     return min(eligible, key=cost)
