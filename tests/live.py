@@ -88,36 +88,37 @@ class RecordingScriptedExecutor(ScriptedExecutor):
         self.record_work = record_work         # off for long runs (the dict would only grow)
         super().__init__(self._script, fallback_token=eos)
 
-    def _text(self, req) -> str:
-        return self.tokenizer.decode(req.prompt_token_ids, skip_special_tokens=False)
+    def _text(self, state) -> str:
+        return self.tokenizer.decode(state.prompt_token_ids, skip_special_tokens=False)
 
-    def _script(self, req) -> list[int]:
-        keys = _MARKER.findall(self._text(req))
+    def _script(self, state) -> list[int]:
+        keys = _MARKER.findall(self._text(state))
         key = keys[-1] if keys and keys[-1] in self.replies else "hello"
         if key not in self._encoded:
             self._encoded[key] = self.tokenizer.encode(self.replies[key]) + [self.fallback_token]
         return self._encoded[key]
 
-    def execute(self, batch):
-        for c in batch.chunks:
-            req = c.request
-            rid = req.request_id
+    def execute(self, plan):
+        for sched in plan.requests:
+            state = self.view(sched)
+            rid = sched.request_id
             if rid not in self._flags:
                 if len(self._flags) > 256:   # bounded: long soaks measure RSS
                     self._flags.clear()
-                text = self._text(req)
+                text = self._text(state)
                 m = _FAIL_AFTER.search(text)
                 self._flags[rid] = ("[[slow]]" in text, "[[fail]]" in text,
                                     int(m.group(1)) if m else None)
             slow, fail, fail_after = self._flags[rid]
-            if fail or (fail_after is not None and len(req.output_token_ids) >= fail_after):
+            if fail or (fail_after is not None and sched.output_index >= fail_after):
                 raise RuntimeError("injected forward-pass failure")
             if slow:
                 time.sleep(0.08)
-            prompt_len = len(req.prompt_token_ids)
-            if self.record_work and c.start < prompt_len:
-                self.computed[rid] = self.computed.get(rid, 0) + min(c.end, prompt_len) - c.start
-        return super().execute(batch)
+            prompt_len = len(state.prompt_token_ids)
+            if self.record_work and sched.start < prompt_len:
+                self.computed[rid] = (self.computed.get(rid, 0)
+                                      + min(sched.end, prompt_len) - sched.start)
+        return super().execute(plan)
 
 
 def make_engine(tokenizer, *, clock=None, num_blocks=NUM_BLOCKS, max_queued_requests=None,

@@ -202,29 +202,19 @@ def install_fault_injection_hooks(core, environ) -> None:
     * ``TOKENFACTORY_FAULT_STEP_DELAY_SECONDS=S``: every step with work sleeps S seconds first
       (makes streams slow enough to be caught in flight, e.g. by a SIGTERM).
 
-    Each logs a warning at start-up, so a production server cannot run with one unnoticed.
+    Both wrap the engine's executor in ``engine.faults.FaultyExecutor``. Each logs a warning at
+    start-up, so a production server cannot run with one unnoticed.
     """
     die_after = environ.get(FAULT_DIE_AFTER_STEPS)
     delay = environ.get(FAULT_STEP_DELAY)
     if die_after is None and delay is None:
         return
-    import time
-    limit = int(die_after) if die_after is not None else None
-    pause = float(delay) if delay is not None else 0.0
+    from tokenfactory.engine.faults import FaultyExecutor
     log.warning("FAULT INJECTION enabled (%s=%s, %s=%s): for tests only", FAULT_DIE_AFTER_STEPS,
                 die_after, FAULT_STEP_DELAY, delay)
-    inner = core.step
-    steps = 0
-
-    def faulty_step():
-        nonlocal steps
-        if limit is not None and steps >= limit:
-            raise RuntimeError(f"fault injection: engine thread killed after {limit} steps")
-        steps += 1
-        if pause:
-            time.sleep(pause)
-        return inner()
-    core.step = faulty_step
+    core.executor = FaultyExecutor(core.executor,
+                                   die_after_steps=int(die_after) if die_after is not None else None,
+                                   step_delay=float(delay) if delay is not None else 0.0)
 
 
 def generation_defaults(tokenizer, model_path: str) -> dict:
