@@ -142,6 +142,8 @@ def linear_kinds(model) -> dict[str, int]:
     see linear_kernels.py); "torch" counts those that offer none."""
     counts: dict[str, int] = {}
     for module in model.modules():
+        if callable(getattr(module, "native_embedding", None)):
+            continue                  # a table offering rows, not a linear layer
         if isinstance(module, torch.nn.Linear) or callable(getattr(module, "native_linear", None)):
             form = native_linear_of(module)
             kind = "torch" if form is None else form.kind
@@ -180,7 +182,7 @@ def model_shape(model) -> dict:
     return {"hidden": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim, "intermediate": cfg.intermediate_size,
             "vocab": cfg.vocab_size, "layers": cfg.num_layers,
-            "dtype": str(model.embed_tokens.weight.dtype), "linears": linear_kinds(model)}
+            "dtype": str(model.norm.weight.dtype), "linears": linear_kinds(model)}
 
 
 def choose(measure: Callable[[], KernelChoice], shape: dict, *, cpu: CpuInfo | None = None,

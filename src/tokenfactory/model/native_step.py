@@ -122,7 +122,7 @@ class _Unsupported(Exception):
 def supports(model: LlamaForCausalLM) -> bool:
     """Whether this model's decode steps can run natively here: every module offers a native
     form. When not, says why once (the executor then decodes with torch ops)."""
-    if model.embed_tokens.weight.device.type != "cpu":
+    if model.norm.weight.device.type != "cpu":
         return False
     _, why = offers(model)
     if why is not None and why not in _logged:
