@@ -78,25 +78,50 @@ def replay(proposer, prompt: list[int], output: list[int], k: int, rid: str) -> 
 
 
 def greedy_outputs(args, names: list[str]) -> dict[str, list[dict]]:
-    """The model's greedy answers per workload (cached in --cache)."""
+    """The model's greedy answers per workload (cached in --cache): from our engine, or with
+    ``--reference transformers`` from transformers' own generate() on the same GGUF weights
+    (dequantized by transformers; greedy text may differ slightly from the Q4_1 kernels')."""
     cache = Path(args.cache)
     if cache.exists():
         data = json.loads(cache.read_text())
         if all(n in data for n in names):
             return data
-    from tokenfactory.engine.llm import LLM
-    llm = LLM(default_model_path(), kv_cache_memory=512 << 20, max_num_seqs=8)
+    from tokenfactory.text.tokenizer import Tokenizer
+    path = default_model_path()
+    tokenizer = Tokenizer.from_gguf(path)
+    if args.reference == "transformers":
+        import torch
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+
+        def generate(prompts):
+            outs = []
+            for ids, max_tokens in prompts:
+                with torch.inference_mode():
+                    o = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens,
+                                       do_sample=False, eos_token_id=sorted(tokenizer.eos_token_ids),
+                                       pad_token_id=0)
+                outs.append(o[0, len(ids):].tolist())
+            return outs
+    else:
+        from tokenfactory.engine.llm import LLM
+        llm = LLM(path, kv_cache_memory=512 << 20, max_num_seqs=8)
+
+        def generate(prompts):
+            res = llm.generate([p for p, _ in prompts],
+                               [SamplingParams(temperature=0.0, max_tokens=m) for _, m in prompts])
+            return [list(o.outputs[0].token_ids) for o in res]
     data = {}
     for name in names:
-        prompts = build_prompts(llm.tokenizer, name, args.requests, args.seed)
+        prompts = build_prompts(tokenizer, name, args.requests, args.seed)
+        prompts = [(p, min(m, args.max_tokens)) for p, m in prompts]
         t0 = time.perf_counter()
-        outs = llm.generate([p for p, _ in prompts],
-                            [SamplingParams(temperature=0.0, max_tokens=m) for _, m in prompts])
+        outs = generate(prompts)
         dt = time.perf_counter() - t0
-        data[name] = [{"prompt": p, "output": list(o.outputs[0].token_ids)}
-                      for (p, _), o in zip(prompts, outs)]
-        n_out = sum(len(d["output"]) for d in data[name])
-        print(f"[spec] {name}: {len(prompts)} greedy answers, {n_out} tokens in {dt:.0f} s")
+        data[name] = [{"prompt": p, "output": o} for (p, _), o in zip(prompts, outs)]
+        print(f"[spec] {name}: {len(prompts)} greedy answers ({args.reference}), "
+              f"{sum(map(len, outs))} tokens in {dt:.0f} s")
     cache.write_text(json.dumps(data))
     return data
 
@@ -171,7 +196,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="offline: answers per workload")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="online: interleaved A/B rounds")
-    p.add_argument("--max-tokens", type=int, default=512, help="online: output cap per request")
+    p.add_argument("--max-tokens", type=int, default=4096, help="output cap per request")
+    p.add_argument("--reference", choices=["engine", "transformers"], default="engine",
+                   help="offline: who generates the greedy answers")
     p.add_argument("--cache", default="/tmp/tokenfactory_spec_greedy.json")
     args = p.parse_args()
     offline(args) if args.offline else online(args)
