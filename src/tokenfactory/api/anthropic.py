@@ -12,14 +12,15 @@ from starlette.requests import Request
 
 from tokenfactory.api import caching, structured
 from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesRequest
-from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder
+from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder, sign_thinking
 from tokenfactory.api.errors import APIError, anthropic_error_body
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       cost_headers, Started, TextEvent, make_sampling_params)
 from tokenfactory.api.sse import (ANTHROPIC_PING, SSE_COMMENT, SSE_HEADERS, anthropic_frame,
                                   collect_unless_disconnected, with_keepalive)
 from tokenfactory.api.trace import trace_of
-from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
+from tokenfactory.text.tool_parsers import (ReasoningParser, TextDelta, ThinkingDelta,
+                                            ThinkingEnd, ToolCallArgsDelta, ToolCallEnd,
                                             ToolCallStart, get_tool_parser)
 
 log = logging.getLogger("tokenfactory.api")
@@ -43,12 +44,32 @@ class ContentAssembler:
     def _close(self) -> list[dict]:
         if self._open is None:
             return []
+        out = []
+        if self._open == "thinking":   # signed when complete (checked when it comes back)
+            block = self.blocks[-1]
+            block["signature"] = sign_thinking(block["thinking"])
+            out.append({"type": "content_block_delta", "index": len(self.blocks) - 1,
+                        "delta": {"type": "signature_delta", "signature": block["signature"]}})
         self._open = None
-        return [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
+        return out + [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
 
     def feed(self, ev) -> list[dict]:
         out: list[dict] = []
-        if isinstance(ev, (TextEvent, TextDelta)):
+        if isinstance(ev, ThinkingDelta):
+            if self._open != "thinking":
+                out += self._close()
+                self.blocks.append({"type": "thinking", "thinking": "", "signature": ""})
+                self._open = "thinking"
+                out.append({"type": "content_block_start", "index": len(self.blocks) - 1,
+                            "content_block": {"type": "thinking", "thinking": "",
+                                              "signature": ""}})
+            self.blocks[-1]["thinking"] += ev.text
+            out.append({"type": "content_block_delta", "index": len(self.blocks) - 1,
+                        "delta": {"type": "thinking_delta", "thinking": ev.text}})
+        elif isinstance(ev, ThinkingEnd):
+            if self._open == "thinking":
+                out += self._close()
+        elif isinstance(ev, (TextEvent, TextDelta)):
             if not ev.text:
                 return out
             if self._open != "text":
@@ -153,6 +174,9 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         seed=body.seed)
     parser = (get_tool_parser(prompt.parser_name)(stream_arguments=streamed_args)
               if prompt.use_parser and (structured_output is None or streamed_args) else None)
+    if prompt.reasoning and structured_output is None:
+        # a reasoning template: a leading <think> section becomes a thinking block
+        parser = ReasoningParser(parser, inside=prompt.text.rstrip().endswith("<think>"))
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
                      breakpoints=prompt.engine_breakpoints, parser=parser,

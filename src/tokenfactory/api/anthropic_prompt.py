@@ -6,18 +6,40 @@ rendered with the model's own template; each ``cache_control`` block is mapped t
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenfactory.api import caching
 from tokenfactory.api.anthropic_models import (DocumentBlock, ImageBlock, MessagesRequest,
-                                               TextBlock, ToolResultBlock, ToolUseBlock)
+                                               TextBlock, ThinkingBlock, ToolResultBlock,
+                                               ToolUseBlock)
 from tokenfactory.api.errors import APIError
 from tokenfactory.api.serving import ServingContext
 from tokenfactory.engine.request import CacheBreakpoint
 from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
+from tokenfactory.text.tool_parsers import template_has_reasoning
 
 TEXT_JOIN = "\n\n"   # between text blocks of one turn, and between system blocks
+
+# Thinking blocks are signed so that one coming back in a later turn can be checked: an
+# HMAC-SHA256 of its text. The key comes from TOKENFACTORY_THINKING_KEY (so signatures survive
+# a restart and hold across replicas), else it is drawn once per process.
+_THINKING_KEY = (os.environ.get("TOKENFACTORY_THINKING_KEY", "").encode()
+                 or secrets.token_bytes(32))
+
+
+def sign_thinking(text: str) -> str:
+    mac = hmac.new(_THINKING_KEY, text.encode("utf-8", "surrogatepass"), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def thinking_signature_ok(text: str, signature: str | None) -> bool:
+    return bool(signature) and hmac.compare_digest(sign_thinking(text), signature)
 
 
 # ---------------------------------------------------------------- request -> chat messages
@@ -113,6 +135,7 @@ class AnthropicPrompt:
     # keyword arguments of structured.tool_constraint when the reply's tool calls are
     # constrained by a grammar (a forced call, strict tools, the generic format, no parallel)
     tool_constraint: dict | None = None
+    reasoning: bool = False   # the template has a <think> section: replies may open with one
 
 
 class PromptBuilder:
@@ -132,6 +155,7 @@ class PromptBuilder:
         # calls come back in the Hermes format (docs/api.md, "Tools on any template").
         self.generic = bool(self.tools) and not ctx.template_shows_tools
         self.parser_name = ctx.parser_name or ("hermes" if self.generic else None)
+        self.reasoning = template_has_reasoning(getattr(ctx.tokenizer, "chat_template", None))
         self._validate()
 
     # ------------------------------------------------------------ validation
@@ -148,6 +172,12 @@ class PromptBuilder:
                 continue
             for k, b in enumerate(m.content):
                 _unsupported(b)
+                # a model that reasons gets its thinking back only as this server signed it
+                # (a model without reasoning never sees thinking blocks: they are ignored)
+                if (self.reasoning and isinstance(b, ThinkingBlock)
+                        and not thinking_signature_ok(b.thinking, b.signature)):
+                    raise APIError(400, f"messages.{i}.content.{k}: invalid signature in "
+                                        "thinking block (changed, or not issued by this server)")
                 if isinstance(b, TextBlock) and not b.text:
                     raise APIError(400, f"messages.{i}.content.{k}: text content blocks must "
                                         "be non-empty")
@@ -327,4 +357,4 @@ class PromptBuilder:
                                                self.ctx.split_tokens)
         bps = caching.engine_breakpoints(resolved, self.ctx.options.min_cache_tokens)
         return AnthropicPrompt(text, ids, tools, resolved, bps, "", use_parser,
-                               self.parser_name, constraint)
+                               self.parser_name, constraint, self.reasoning)

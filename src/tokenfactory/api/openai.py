@@ -28,8 +28,9 @@ from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_
 from tokenfactory.api.trace import trace_of
 from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
 from tokenfactory.text.grammar import compiler_for
-from tokenfactory.text.tool_parsers import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
-                                            ToolCallStart, get_tool_parser)
+from tokenfactory.text.tool_parsers import (ReasoningParser, TextDelta, ThinkingDelta,
+                                            ToolCallArgsDelta, ToolCallEnd, ToolCallStart,
+                                            get_tool_parser, template_has_reasoning)
 
 log = logging.getLogger("tokenfactory.api")
 
@@ -398,6 +399,10 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     parser = (functools.partial(get_tool_parser(parser_name),
                                 stream_arguments=structured_output is not None)
               if use_parser else None)
+    if structured_output is None and template_has_reasoning(
+            getattr(ctx.tokenizer, "chat_template", None)):
+        # a reasoning template: a leading <think> section becomes reasoning_content
+        parser = functools.partial(_reasoning_parser, parser, text.rstrip().endswith("<think>"))
     gens = await _start_all(ctx, cid, ids, _choice_params(params, body.n or 1), tenant, trace,
                             parser)
     headers = _headers(max_tokens, clamped, requested)
@@ -410,6 +415,10 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     result = await collect_unless_disconnected(request, _chat_collect(ctx, gens, body.model, cid,
                                                                       created, k))
     return JSONResponse(result, headers={**headers, **_cost_headers(gens)})
+
+
+def _reasoning_parser(inner, inside: bool) -> ReasoningParser:
+    return ReasoningParser(inner() if inner is not None else None, inside=inside)
 
 
 def _cost_headers(gens: list[Generation]) -> dict[str, str]:
@@ -435,6 +444,8 @@ class _ToolCallAccumulator:
         """A chat delta for this event (None when it adds nothing)."""
         if isinstance(ev, (TextEvent, TextDelta)):
             return {"content": ev.text} if ev.text else None
+        if isinstance(ev, ThinkingDelta):   # vLLM's and DeepSeek's field for reasoning
+            return {"reasoning_content": ev.text} if ev.text else None
         if isinstance(ev, ToolCallStart):
             call = {"id": self.ctx.new_request_id("call_"), "type": "function",
                     "function": {"name": ev.name, "arguments": ""}}
@@ -457,6 +468,7 @@ async def _chat_collect(ctx, gens: list[Generation], model: str, cid: str, creat
                         k: int | None) -> dict:
     accs = [_ToolCallAccumulator(ctx) for _ in gens]
     texts: list[list[str]] = [[] for _ in gens]
+    reasoning: list[list[str]] = [[] for _ in gens]
     finals: list[Any] = [None] * len(gens)
     try:
         async for i, ev in _merged(gens):
@@ -466,11 +478,15 @@ async def _chat_collect(ctx, gens: list[Generation], model: str, cid: str, creat
                 d = accs[i].feed(ev)
                 if d and "content" in d:
                     texts[i].append(d["content"])
+                elif d and "reasoning_content" in d:
+                    reasoning[i].append(d["reasoning_content"])
     except GenerationFailed as exc:
         raise APIError(500, f"generation failed: {exc}") from None
     choices = []
     for i, (acc, final) in enumerate(zip(accs, finals)):
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts[i]) or None}
+        if reasoning[i]:
+            message["reasoning_content"] = "".join(reasoning[i])
         if acc.calls:
             message["tool_calls"] = acc.calls
         comp = final.outputs[0]
