@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from tokenfactory.engine.executor import Executor, ExecutorDeadError
@@ -40,6 +40,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_pinned_fraction: float = 0.5         # at most this share of pages may be TTL-pinned
+    speculative: str | None = None           # draft proposer: "ngram" | "suffix" | None
+    num_speculative_tokens: int = 4          # K: drafts per decoding request and step
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -48,6 +50,26 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be >= 0, "
+                             f"got {self.num_speculative_tokens}")
+
+
+@dataclass
+class SpecStats:
+    """Speculation counters of one proposer (``EngineCore.spec_stats``)."""
+    num_drafts: int = 0              # request-steps that carried drafts
+    num_draft_tokens: int = 0        # tokens proposed
+    num_accepted_tokens: int = 0     # proposed tokens the target kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per speculative request-step: accepted drafts plus the target's own one."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 def available_memory_bytes() -> int:
@@ -65,7 +87,9 @@ class EngineCore:
     def __init__(self, executor: Executor, config: EngineConfig, *, model_max_len: int,
                  tokenizer=None, eos_token_ids: Sequence[int] = (),
                  clock: Callable[[], float] = time.monotonic, step_hook: StepHook | None = None,
-                 kv_connector=None):
+                 kv_connector=None, proposer=None):
+        """``proposer``: a draft proposer object (``model.proposers.Proposer``) overriding
+        ``config.speculative`` (tests; a proposer shared between engines)."""
         self.executor = executor
         self.config = config
         self.tokenizer = tokenizer
@@ -102,11 +126,19 @@ class EngineCore:
                                  enable_prefix_caching=config.enable_prefix_caching,
                                  clock=clock, max_pinned_fraction=config.max_pinned_fraction,
                                  **connector_arg)
+        if proposer is None and config.speculative:
+            from tokenfactory.model.proposers import make_proposer
+            proposer = make_proposer(config.speculative)
+        self.proposer = proposer
+        # per proposer name: drafts proposed and accepted (/metrics, response headers, bench)
+        self.spec_stats: dict[str, SpecStats] = {}
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            enable_chunked_prefill=config.enable_chunked_prefill), self.kv)
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            num_speculative_tokens=config.num_speculative_tokens if proposer else 0),
+            self.kv, proposer)
         # Requests finished outside step() (aborts) whose final output is still owed.
         self._pending_outputs: list[RequestOutput] = []
         self.num_steps = 0
@@ -239,6 +271,11 @@ class EngineCore:
         cache, then each accepted token in order (grammar, stop conditions)."""
         was_prefilling = req.num_computed_tokens < req.num_prompt_tokens
         num_computed = len(sched.token_ids)
+        if sched.draft_token_ids:
+            # K/V is kept for the accepted drafts: every returned token but the last was a
+            # draft the target agreed with (the last is its own, computed next step)
+            num_computed += max(0, len(res.token_ids) - 1)
+            self._count_drafts(req.request_id, sched.draft_token_ids, res.token_ids)
         req.num_computed_tokens += num_computed
         req.num_processed_tokens += sched.num_tokens
         if res.prompt_logprobs and sched.compute_prompt_logprobs:
@@ -270,7 +307,24 @@ class EngineCore:
                 self.scheduler.finish(req, status)
                 req.finished_time = now
                 break
+        if sched.draft_token_ids and not req.is_finished:
+            self.scheduler.trim_blocks(req)   # pages holding only rejected drafts' K/V
         outputs.append(self._make_output(req, new_ids, new_text))
+
+    def _count_drafts(self, request_id: str, drafts: list[int], tokens: list[int]) -> None:
+        """Count one verified draft, and tell the proposer how much of it was kept."""
+        accepted = 0   # leading tokens equal to the drafts (a correction always differs)
+        while accepted < min(len(drafts), len(tokens)) and tokens[accepted] == drafts[accepted]:
+            accepted += 1
+        name = getattr(self.proposer, "name", None) or type(self.proposer).__name__
+        stats = self.spec_stats.get(name)
+        if stats is None:
+            stats = self.spec_stats[name] = SpecStats()
+        stats.num_drafts += 1
+        stats.num_draft_tokens += len(drafts)
+        stats.num_accepted_tokens += accepted
+        if self.proposer is not None:
+            self.proposer.observe(request_id, accepted, len(drafts))
 
     def _fill_grammar_masks(self, plan: StepPlan, reqs: list[Request]) -> dict[str, str]:
         """Put the allowed-token bitmask of every sampling request with a grammar into the

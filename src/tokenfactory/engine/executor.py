@@ -98,6 +98,9 @@ class ScriptedExecutor:
         subclasses that decide per request before :meth:`execute` runs."""
         return self.states.update(StepPlan([sched], 0))[0]
 
+    def _token(self, tokens: list[int], i: int) -> int:
+        return tokens[i] if i < len(tokens) else self.fallback_token
+
     def execute(self, plan: StepPlan) -> StepResult:
         self.num_steps += 1
         for rid in plan.finished_ids:
@@ -112,6 +115,11 @@ class ScriptedExecutor:
                 self._scripts[sched.request_id] = list(self.script(state))
             tokens = self._scripts[sched.request_id]
             i = sched.output_index
-            outs.append(RequestStepOutput(
-                sched.request_id, [tokens[i] if i < len(tokens) else self.fallback_token]))
+            out = [self._token(tokens, i)]
+            for draft in sched.draft_token_ids:   # drafts are kept while they match the script
+                if out[-1] != draft:
+                    break
+                out.append(self._token(tokens, i + len(out)))
+            state.output_token_ids.extend(out[:-1])
+            outs.append(RequestStepOutput(sched.request_id, out))
         return StepResult(outs)

@@ -11,6 +11,12 @@ Admission is fair across tenants (:class:`WaitingQueue`): waiting requests are a
 robin by tenant, the least recently served tenant first, FIFO within a tenant, so a flood from
 one API key cannot starve another's queued requests. With one tenant this is plain FIFO.
 Preempted requests resume before any new admission, whoever sent them.
+
+Speculative decoding (a ``proposer``, ``num_speculative_tokens`` > 0): a decoding request may
+carry up to K draft tokens proposed from its own context; they count against the step's token
+budget and get KV slots like any token, and the slots of drafts the executor rejects are given
+back after the step (:meth:`Scheduler.trim_blocks`). Requests with and without drafts share
+steps; a request whose drafts do not fit in the pool decodes without them.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Iterator
 from tokenfactory.engine.kv_manager import KVCacheManager, cdiv
 from tokenfactory.engine.request import Request, RequestStatus
 from tokenfactory.engine.step import NewRequestData, ScheduledRequest, StepPlan
+from tokenfactory.model.proposers import Proposer, TokenView
 
 
 @dataclass
@@ -29,6 +36,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
+    num_speculative_tokens: int = 0    # K: draft tokens per decoding request (with a proposer)
 
 
 class AdmissionError(ValueError):
@@ -134,9 +142,11 @@ class WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 proposer: Proposer | None = None):
         self.config = config
         self.kv = kv
+        self.proposer = proposer if config.num_speculative_tokens > 0 else None
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -185,6 +195,8 @@ class Scheduler:
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
+        if self.proposer is not None:
+            self.proposer.finished(request.request_id)
 
     @property
     def num_unfinished(self) -> int:
@@ -213,6 +225,12 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:
+                i += 1
+                continue
+            drafts = self._drafts(req, budget) if num_new == 1 else []
+            if drafts and self.kv.allocate_slots(req, 1 + len(drafts)):
+                chunks.append(self._chunk(req, 1, drafts=drafts))
+                budget -= 1 + len(drafts)
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, num_new):
@@ -263,8 +281,35 @@ class Scheduler:
             plan.finished_ids, self._finished_ids = self._finished_ids, []
         return plan
 
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request: at most K, within the budget, and no more than
+        the request may still produce (accepted drafts plus the target's own token) within
+        ``max_tokens`` and the context length. [] when it does not speculate."""
+        if self.proposer is None:
+            return []
+        params = req.sampling_params
+        if req.grammar is not None or params.logprobs is not None:
+            return []   # verification handles neither a grammar mask nor per-token logprobs
+        k = min(self.config.num_speculative_tokens, budget - 1,
+                (params.max_tokens or 0) - len(req.output_token_ids) - 1,
+                self.config.max_model_len - req.num_tokens - 1)
+        if k <= 0:
+            return []
+        context = TokenView(req.prompt_token_ids, req.output_token_ids)
+        return [int(t) for t in self.proposer.propose(req.request_id, context, k)[:k]]
+
+    def trim_blocks(self, req: Request) -> None:
+        """Give back the pages past the request's known tokens: after a speculative step they
+        hold only K/V of rejected drafts (never hashed: only fully computed blocks are)."""
+        keep = cdiv(req.num_tokens, self.kv.block_size)
+        if len(req.block_ids) > keep:
+            extra = req.block_ids[keep:]
+            del req.block_ids[keep:]
+            self.kv.pool.free_blocks(list(reversed(extra)))
+
     @staticmethod
-    def _chunk(req: Request, num_new: int, admitted: bool = False) -> ScheduledRequest:
+    def _chunk(req: Request, num_new: int, admitted: bool = False,
+               drafts: list[int] | None = None) -> ScheduledRequest:
         """A request's part of the plan: only this step's tokens, plus (on admission) what the
         executor keeps for the request's lifetime. The block table is the request's own list
         (not copied per step)."""
@@ -274,7 +319,7 @@ class Scheduler:
         return ScheduledRequest(
             req.request_id, req.token_slice(start, end), start, req.block_ids,
             sample=end == req.num_tokens, sampling_params=params,
-            output_index=len(req.output_token_ids),
+            output_index=len(req.output_token_ids), draft_token_ids=drafts or [],
             new=(NewRequestData(req.prompt_token_ids, list(req.output_token_ids),
                                 req.eos_token_ids) if admitted else None),
             compute_prompt_logprobs=(params.prompt_logprobs is not None

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from tokenfactory.engine.executor import Batch
 from tokenfactory.engine.step import (RequestStepOutput, ScheduledRequest, SequenceStates,
                                       StepPlan, StepResult)
 from tokenfactory.model import hugepages, kernel_choice, native_step
@@ -281,11 +280,12 @@ class TorchExecutor:
         return lambda rows: self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
-    def forward_logits(self, plan: StepPlan | Batch) -> list[torch.Tensor]:
+    def forward_logits(self, plan) -> list[torch.Tensor]:
         """Logits (num_tokens, vocab) float32 for every token of every scheduled request, in
-        plan order. Writes K/V like ``execute`` but samples nothing (for tests and debugging;
-        a ``Batch`` of live requests is turned into a plan)."""
-        if isinstance(plan, Batch):
+        plan order. Writes K/V like ``execute`` but samples nothing (for tests and debugging:
+        ``plan`` may also be an ``engine.executor.Batch`` of live requests, described by its
+        ``to_plan()``; the model layer does not import the engine's executor module)."""
+        if not isinstance(plan, StepPlan):
             plan = plan.to_plan()
         order, chunks = self._order(plan)
         logits = self._logits_fn(chunks)(slice(None))
@@ -304,17 +304,42 @@ class TorchExecutor:
             torch.set_num_threads(threads)
         return self._execute(plan)
 
+    def _verify(self, chunks: list[ScheduledRequest], states: list, spec: list[tuple[int, int]],
+                logits_of, results: list[RequestStepOutput]) -> None:
+        """Check each speculating request's drafts against the target's logits
+        (``spec_verify``): its result is the accepted drafts plus the target's own token. The
+        executor's state learns the accepted drafts (every token but the last: the last one
+        comes back as the next step's input)."""
+        from tokenfactory.model.spec_verify import verify_batch
+        drafts = [chunks[ci].draft_token_ids for ci, _ in spec]
+        rows = torch.tensor([r0 + j for (_, r0), d in zip(spec, drafts)
+                             for j in range(len(d) + 1)])
+        logits = logits_of(rows)                                      # (sum k_i + 1, V)
+        for (ci, _), state, v in zip(spec, states, verify_batch(logits, drafts, states,
+                                                                 self.sampler.generator)):
+            if v.error is not None:
+                results[ci].error = v.error
+                continue
+            results[ci].token_ids = list(v.token_ids)
+            state.output_token_ids.extend(v.token_ids[:-1])
+
     def _execute(self, plan: StepPlan) -> StepResult:
         states = self.states.update(plan)
         order, chunks = self._order(plan)
         logits_of = self._logits_fn(chunks)
 
-        # Rows whose logits we need: sampling rows, then prompt-logprob rows.
+        # Rows whose logits we need: sampling rows, draft-verification rows, then
+        # prompt-logprob rows.
         sample_rows, sample_chunks = [], []
+        spec: list[tuple[int, int]] = []   # (chunk index, row of the last known token)
         plp_spans = []  # (chunk index in `chunks`, first row, positions [start, stop))
         offset = 0
         for ci, c in enumerate(chunks):
-            if c.sample:
+            if c.sample and c.draft_token_ids:
+                # rows r0 .. r0 + k: the distributions after the last known token and after
+                # each draft (a short prefill chunk of the target, verified below)
+                spec.append((ci, offset + len(c.token_ids) - 1))
+            elif c.sample:
                 sample_rows.append(offset + c.num_tokens - 1)
                 sample_chunks.append(ci)
             if c.compute_prompt_logprobs:
@@ -345,6 +370,8 @@ class TorchExecutor:
                 res.token_ids.append(out.token_ids[k])
                 if out.logprobs[k] is not None:
                     res.logprobs.append(out.logprobs[k])
+        if spec:
+            self._verify(chunks, [states[order[ci]] for ci, _ in spec], spec, logits_of, results)
         for ci, row0, start, stop in plp_spans:
             state = states[order[ci]]
             lp = torch.log_softmax(logits_of(slice(row0, row0 + stop - start)), dim=-1)

@@ -1,0 +1,206 @@
+"""Speculative decoding through the engine: drafts in the plan, accepted tokens out, pages of
+rejected drafts given back, outputs identical to decoding without speculation."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokenfactory.engine.core import EngineConfig, EngineCore
+from tokenfactory.engine.executor import ScriptedExecutor
+from tokenfactory.engine.sampling_params import SamplingParams
+
+EOS = 0
+BS = 4
+
+
+class TableProposer:
+    """Proposes from a fixed table (the script: ``oracle``) with a given share of wrong
+    tokens, so acceptance patterns (all, none, partial) are forced."""
+    name = "table"
+
+    def __init__(self, table: dict[str, list[int]], wrong: float, seed: int = 0):
+        self.table, self.wrong, self.rng = table, wrong, random.Random(seed)
+        self.observed: list[tuple[str, int, int]] = []
+        self.done: list[str] = []
+
+    def propose(self, request_id, token_ids, k):
+        prompt_len = len(self.table[request_id + ":prompt"])
+        want = self.table[request_id][len(token_ids) - prompt_len:][:k]
+        return [t + 1 if self.rng.random() < self.wrong else t for t in want]
+
+    def observe(self, request_id, accepted, proposed):
+        self.observed.append((request_id, accepted, proposed))
+
+    def finished(self, request_id):
+        self.done.append(request_id)
+
+
+def scripts(n: int, seed: int) -> dict[str, list[int]]:
+    rng = random.Random(seed)
+    table = {}
+    for i in range(n):
+        table[f"r{i}"] = [rng.randrange(1, 50) for _ in range(rng.randrange(3, 30))]
+        table[f"r{i}:prompt"] = [rng.randrange(1, 50) for _ in range(rng.randrange(1, 20))]
+    return table
+
+
+def run(table, proposer=None, k=4, **cfg) -> tuple[dict, EngineCore]:
+    ex = ScriptedExecutor(lambda v: table[v.request_id], EOS)
+    core = EngineCore(ex, EngineConfig(block_size=BS, num_speculative_tokens=k,
+                                       num_kv_blocks=cfg.pop("num_kv_blocks", 256), **cfg),
+                      model_max_len=cfg.pop("model_len", 512), eos_token_ids=[EOS],
+                      proposer=proposer)
+    n = sum(1 for key in table if ":" not in key)
+    for i in range(n):
+        core.add_request(f"r{i}", table[f"r{i}:prompt"],
+                         SamplingParams(max_tokens=40 if i % 3 else 12, ignore_eos=i % 2 == 0))
+    out = {}
+    core.preemptions = 0
+    for _ in range(2000):
+        if not core.has_unfinished_requests():
+            break
+        for o in core.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
+                core.preemptions += o.metrics.num_preemptions
+    assert not core.has_unfinished_requests()
+    assert core.num_free_blocks() == core.kv.num_blocks    # no page leaks
+    return out, core
+
+
+@pytest.mark.parametrize("wrong", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("cfg", [{}, {"max_num_batched_tokens": 9},
+                                 {"num_kv_blocks": 20, "max_num_seqs": 8}])
+def test_outputs_identical_with_and_without_drafts(wrong, cfg):
+    table = scripts(8, seed=1)
+    plain, _ = run(table, **cfg)
+    proposer = TableProposer(table, wrong)
+    spec, core = run(table, proposer, **cfg)
+    assert spec == plain
+    stats = core.spec_stats["table"]
+    assert stats.num_drafts > 0 and stats.num_draft_tokens >= stats.num_drafts
+    if wrong == 0.0:
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+        assert core.num_steps < run(table, **cfg)[1].num_steps
+    if wrong == 1.0:
+        assert stats.num_accepted_tokens == 0
+    assert sum(a for _, a, _ in proposer.observed) == stats.num_accepted_tokens
+    assert set(proposer.done) == set(plain)
+    if "num_kv_blocks" in cfg:   # a pool this small forces preemptions, drafting or not
+        assert core.preemptions > 0
+
+
+def test_drafts_count_against_the_budget_and_limits():
+    table = scripts(3, seed=2)
+    proposer = TableProposer(table, 0.0)
+    ex = ScriptedExecutor(lambda v: table[v.request_id], EOS)
+    core = EngineCore(ex, EngineConfig(block_size=BS, num_kv_blocks=64, num_speculative_tokens=6,
+                                       max_num_batched_tokens=10),
+                      model_max_len=512, eos_token_ids=[EOS], proposer=proposer)
+    for i in range(3):
+        core.add_request(f"r{i}", table[f"r{i}:prompt"], SamplingParams(max_tokens=5,
+                                                                         ignore_eos=True))
+    plans = []
+    schedule = core.scheduler.schedule
+
+    def spy():
+        plan = schedule()
+        plans.append(plan)
+        return plan
+    core.scheduler.schedule = spy
+    while core.has_unfinished_requests():
+        core.step()
+    assert all(p.num_tokens <= 10 for p in plans)
+    drafted = [r for p in plans for r in p.requests if r.draft_token_ids]
+    assert drafted
+    # never more drafts than the request may still produce (max_tokens 5: 4 + its own token)
+    assert all(r.output_index + len(r.draft_token_ids) + 1 <= 5 for r in drafted)
+
+
+# ------------------------------------------------------------------ on a real (random) model
+@pytest.fixture(scope="module")
+def torch_executor(tiny_llama_dir):
+    from tokenfactory.model.runner import TorchExecutor
+    return TorchExecutor(tiny_llama_dir, dtype="float32", seed=0)
+
+
+def run_model(ex, prompts, params, speculative=None, proposer=None,
+              **cfg) -> tuple[list[list[int]], EngineCore]:
+    core = EngineCore(ex, EngineConfig(block_size=BS, speculative=speculative,
+                                       num_kv_blocks=cfg.pop("num_kv_blocks", 128), **cfg),
+                      model_max_len=ex.max_model_len, eos_token_ids=[], proposer=proposer)
+    for i, p in enumerate(prompts):
+        core.add_request(str(i), p, params[i])
+    done, core.preemptions = {}, 0
+    while core.has_unfinished_requests():
+        for o in core.step():
+            if o.finished:
+                assert o.error is None, o.error
+                done[o.request_id] = o.outputs[0].token_ids
+                core.preemptions += o.metrics.num_preemptions
+    assert core.num_free_blocks() == core.kv.num_blocks    # no page leaks
+    return [done[str(i)] for i in range(len(prompts))], core
+
+
+def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat a phrase: a random model's greedy output then tends to loop too, so
+    n-gram and suffix drafts are accepted as well as rejected."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        phrase = [rng.randrange(3, 500) for _ in range(rng.randrange(3, 7))]
+        out.append((phrase * 8)[:rng.randrange(12, 40)])
+    return out
+
+
+# chunked prefill (a 16-token budget) and a pool small enough to force preemptions
+TIGHT = {"max_num_batched_tokens": 16, "num_kv_blocks": 28, "max_num_seqs": 6}
+_plain: dict[str, tuple] = {}
+
+
+@pytest.mark.parametrize("proposer, cfg", [("oracle", {}), ("oracle", TIGHT), ("ngram", TIGHT),
+                                           ("suffix", TIGHT)])
+def test_greedy_identical_with_speculation_on_a_model(torch_executor, proposer, cfg):
+    """Greedy text is the same with and without speculation (float32), alone and batched with
+    requests that do not speculate (logprobs asked), with chunked prefill and under forced
+    preemption; no page leaks. "oracle" proposes the true continuation with 30% of its tokens
+    wrong, so drafts are both kept and rejected on every path (a random model's own text
+    rarely repeats, so n-gram and suffix drafts are mostly rejected here): a rejected draft's
+    K/V left behind, or a wrong position, would change the text that follows."""
+    prompts = repetitive_prompts(5, seed=3)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
+    params = [greedy] * 4 + [with_logprobs]
+    key = repr(cfg)
+    if key not in _plain:
+        _plain[key] = run_model(torch_executor, prompts, params, **cfg)
+    plain, base = _plain[key]
+    if proposer == "oracle":
+        table = {str(i): out for i, out in enumerate(plain)}
+        table.update({f"{i}:prompt": p for i, p in enumerate(prompts)})
+        kwargs = {"proposer": TableProposer(table, wrong=0.3, seed=1)}
+        name = "table"
+    else:
+        kwargs, name = {"speculative": proposer}, proposer
+    spec, core = run_model(torch_executor, prompts, params, **kwargs, **cfg)
+    assert spec == plain
+    stats = core.spec_stats[name]
+    assert stats.num_drafts > 0
+    if proposer == "oracle":
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    if "num_kv_blocks" in cfg:
+        assert core.preemptions > 0 and base.preemptions > 0
+    alone, _ = run_model(torch_executor, prompts[:1], params[:1], **kwargs, **cfg)
+    assert alone[0] == plain[0]
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(torch_executor):
+    """Seeded sampling with speculation gives the same text every run and whatever shares
+    the batch (rejection sampling draws with the request's own per-position generator)."""
+    prompts = repetitive_prompts(3, seed=5)
+    seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=20, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    a, _ = run_model(torch_executor, prompts[:1], [seeded], speculative="ngram")
+    b, _ = run_model(torch_executor, prompts, [seeded, other, other], speculative="ngram")
+    assert a[0] == b[0]
