@@ -116,3 +116,31 @@ def test_models_lists_served_name_and_aliases(openai_client, server):
     import anthropic
     a = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0)
     assert [m.id for m in a.models.list().data] == ["tf-test", "claude-*"]
+
+
+def test_n_choices_stream_abandoned_or_failed_frees_every_request(openai_client, server):
+    """n > 1 is n engine requests: a client leaving mid-stream aborts all of them, and one
+    choice failing mid-generation fails the response and aborts the others."""
+    import time
+
+    import httpx
+    body = {"model": "tf-test", "n": 3, "stream": True, "max_tokens": 200,
+            "messages": [{"role": "user", "content": "[[slow]] [[reply:long]]"}]}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", server.base_url + "/v1/chat/completions", json=body) as r:
+            seen = set()
+            for line in r.iter_lines():
+                if line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+                    seen.add(json.loads(line[5:])["choices"][0]["index"])
+                    if len(seen) == 3:
+                        break   # every choice is generating: leave
+    deadline = time.monotonic() + 10   # a hang guard: the abort is immediate
+    while server.core.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server.core.has_unfinished_requests(), "the choices were not aborted"
+    server.assert_no_leaks()
+    with pytest.raises(openai.InternalServerError):
+        openai_client.chat.completions.create(
+            model="tf-test", n=2, max_tokens=50,
+            messages=[{"role": "user", "content": "[[fail_after:3]] [[reply:long]]"}])
+    server.assert_no_leaks()
