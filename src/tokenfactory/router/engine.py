@@ -1,0 +1,409 @@
+"""RouterEngine: N engine replicas (Ray actors) behind the AsyncEngine interface.
+
+The HTTP layer drives it exactly as it drives one ``AsyncEngine``: ``generate`` (an async
+iterator of RequestOutput), ``abort``, ``stats``, ``is_alive`` / ``dead_error``,
+``num_in_flight``, ``num_waiting_for``, ``start`` / ``shutdown``, and ``core``: a read-only
+view with the attributes the API reads from an EngineCore (page geometry, limits, config,
+step listeners; see ``RouterCoreView``).
+
+Each request is hashed into the block pool's chained block hashes (tenant salt included) and
+placed by ``policy.choose_replica`` over the replicas' states: the prefix index built from
+their KV events, the requests the router has in flight on each plus those it sent recently
+(``policy.RecentLoad``), and their free pages as last polled. A poller thread drains every replica's KV events and stats every ``poll_interval``.
+
+Faults: a replica whose actor dies is marked unhealthy and its index entries are dropped at
+once. Its requests that had produced no output yet are re-routed to another replica; the ones
+already streaming end with ``EngineDeadError`` (the API turns it into a protocol error event).
+Ray restarts the actor; when the poller reaches the new incarnation (a fresh engine with an
+empty cache) the replica is healthy again.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence
+
+from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStats
+from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
+from tokenfactory.engine.sampling_params import SamplingParams
+from tokenfactory.engine.scheduler import AdmissionError
+from tokenfactory.router.index import PrefixIndex
+from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
+                                        ReplicaState, RoundRobin, choose_replica,
+                                        request_block_hashes)
+from tokenfactory.router.replica import ReplicaInfo, ReplicaItem, ReplicaRefusal, ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+StepListener = Callable[[float, dict[str, int]], None]
+
+
+@dataclass
+class ReplicaView:
+    """The router's view of one replica (``RouterEngine.replicas``; /metrics per replica)."""
+
+    index: int
+    healthy: bool = True
+    incarnation: str | None = None      # changes when Ray restarts the actor
+    in_flight: int = 0                  # streams the router has open on it
+    routed: int = 0                     # requests placed on it so far
+    deaths: int = 0
+    stats: EngineStats | None = None    # as last polled
+    error: str | None = None
+
+
+class _PoolView:
+    def __init__(self, router: "RouterEngine"):
+        self._router = router
+        self.enable_prefix_caching = router.info.enable_prefix_caching
+
+    def stats(self):
+        """Summed over healthy replicas (engine.block_pool.PoolStats fields)."""
+        from tokenfactory.engine.block_pool import PoolStats
+        s = self._router.stats()
+        return PoolStats(s.kv_blocks_total, s.kv_blocks_free, s.kv_blocks_pinned, 0,
+                         s.prefix_cache_queries, s.prefix_cache_hits)
+
+
+class _KVView:
+    def __init__(self, router: "RouterEngine"):
+        self.block_size = router.info.block_size
+        self.num_blocks = router.info.num_blocks      # per replica: what one request can use
+        self.pool = _PoolView(router)
+
+
+class _ExecutorView:
+    """No weights stream through the router process (the dashboard's roofline skips it)."""
+
+    model = None
+
+    def __init__(self, bytes_per_block: int):
+        self._bytes_per_block = bytes_per_block
+
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        return self._bytes_per_block
+
+
+class _SchedulerView:
+    requests: dict = {}      # the requests live in the replicas, not here
+
+
+class RouterCoreView:
+    """What the API layer reads from ``engine.core``, answered for a fleet of identical
+    replicas: per-replica geometry and limits, and step listeners fed with the forward-pass
+    time each replica charged to each request (streamed back beside its outputs)."""
+
+    def __init__(self, router: "RouterEngine", tokenizer):
+        info = router.info
+        self.tokenizer = tokenizer
+        self.config = info.engine_config
+        self.max_model_len = info.max_model_len
+        self.kv = _KVView(router)
+        self.executor = _ExecutorView(info.kv_cache_bytes_per_block)
+        self.scheduler = _SchedulerView()
+        self._listeners: list[StepListener] = []
+        self.step_hook: StepListener | None = None
+
+    def add_step_listener(self, fn: StepListener) -> None:
+        self._listeners.append(fn)
+
+    def remove_step_listener(self, fn: StepListener) -> None:
+        self._listeners.remove(fn)
+
+    def charge(self, request_id: str, charges: Sequence[tuple[float, int]]) -> None:
+        for seconds, tokens in charges:
+            for fn in self._listeners:
+                fn(seconds, {request_id: tokens})
+            if self.step_hook is not None:
+                self.step_hook(seconds, {request_id: tokens})
+
+
+@dataclass
+class _Stream:
+    tenant: str | None
+    replica: int = -1
+    started: bool = False
+    finished: bool = False
+
+
+class RouterEngine:
+    def __init__(self, actors: list, infos: list[ReplicaInfo], *, policy: str = "prefix",
+                 tokenizer=None, bound: LoadBound = LoadBound(), poll_interval: float = 0.02,
+                 recent_half_life: float = 5.0, owns_ray: bool = False):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; choose one of "
+                             f"{', '.join(POLICIES)}")
+        if not actors:
+            raise ValueError("a router needs at least one replica")
+        self.actors = actors
+        self.info = infos[0]
+        self.policy = policy
+        self.bound = bound
+        self.poll_interval = poll_interval
+        self.owns_ray = owns_ray
+        self.index = PrefixIndex(len(actors))
+        self.replicas = [ReplicaView(i) for i in range(len(actors))]
+        self._states = [ReplicaState(self.index[i], total_pages=self.info.num_blocks,
+                                     free_pages=self.info.num_blocks)
+                        for i in range(len(actors))]
+        self._rr = RoundRobin()
+        self._recent = RecentLoad(len(actors), recent_half_life)
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, name="tokenfactory-router",
+                                        daemon=True)
+        self.core = RouterCoreView(self, tokenizer)
+        self.max_queued_requests: int | None = None   # queue limits live in the replicas
+
+    # ----------------------------------------------------------------- build
+    @classmethod
+    def launch(cls, spec: ReplicaSpec, num_replicas: int, *, policy: str = "prefix",
+               ray_address: str | None = None, num_cpus: int | None = None,
+               tokenizer=None, **kwargs) -> "RouterEngine":
+        """Start a local Ray runtime (or join ``ray_address``), ``num_replicas`` replicas of
+        ``spec``, and a router over them. ``tokenizer``: the HTTP side's (loaded from
+        ``spec.model`` when None)."""
+        import ray
+
+        from tokenfactory.router.replica import init_ray, start_replicas
+
+        owns = not ray.is_initialized() and ray_address is None
+        init_ray(num_cpus if num_cpus is not None else num_replicas * spec.threads, ray_address)
+        actors = start_replicas(spec, num_replicas)
+        infos = ray.get([a.info.remote() for a in actors])
+        if tokenizer is None:
+            tokenizer = load_tokenizer(spec.model)
+        return cls(actors, infos, policy=policy, tokenizer=tokenizer, owns_ray=owns, **kwargs)
+
+    # --------------------------------------------------------------- control
+    def start(self) -> None:
+        if not self._poller.is_alive() and not self._stop.is_set():
+            self._poller.start()
+
+    def shutdown(self, timeout: float = 5.0, *, kill_replicas: bool = True) -> None:
+        """Stop polling; kill the replica actors (unless ``kill_replicas`` is False) and the
+        Ray runtime if this router started it."""
+        import ray
+
+        self._stop.set()
+        if self._poller.is_alive():
+            self._poller.join(timeout)
+        if not kill_replicas:
+            return
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self.owns_ray:
+            ray.shutdown()
+
+    @property
+    def is_alive(self) -> bool:
+        return any(r.healthy for r in self.replicas)
+
+    @property
+    def dead_error(self) -> str | None:
+        if self.is_alive:
+            return None
+        return "; ".join(f"replica {r.index}: {r.error or 'down'}" for r in self.replicas)
+
+    def health(self) -> dict:
+        """``ok`` (all replicas up), ``degraded`` (some down) or ``unhealthy`` (none up)."""
+        up = sum(r.healthy for r in self.replicas)
+        status = "ok" if up == len(self.replicas) else "degraded" if up else "unhealthy"
+        return {"status": status, "replicas_healthy": up, "replicas": len(self.replicas)}
+
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def num_waiting_for(self, tenant: str | None) -> int:
+        """Requests of ``tenant`` submitted through this router that have no output yet."""
+        with self._lock:
+            return sum(1 for s in self._streams.values() if s.tenant == tenant and not s.started)
+
+    def stats(self) -> EngineStats:
+        total = EngineStats(0, 0, 0, 0, 0, 0, 0, 0)
+        for r in self.replicas:
+            if r.healthy and r.stats is not None:
+                total = EngineStats(*(a + b for a, b in zip(
+                    (getattr(total, f) for f in total.__dataclass_fields__),
+                    (getattr(r.stats, f) for f in r.stats.__dataclass_fields__))))
+        return total
+
+    # -------------------------------------------------------------- requests
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """The replicas' admission rule (engine.scheduler.Scheduler.check_admissible), checked
+        here so a request that no replica could ever serve is refused before it is placed."""
+        info = self.info
+        if num_prompt_tokens < 1:
+            raise AdmissionError("the prompt is empty: at least one token is needed")
+        total = num_prompt_tokens + (max_tokens or 0)
+        if total > info.max_model_len:
+            raise AdmissionError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds the model's context length of {info.max_model_len} tokens")
+        if -(-total // info.block_size) > info.num_blocks:
+            raise AdmissionError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs more "
+                f"KV pages than a replica's cache has ({info.num_blocks})")
+        if not info.enable_chunked_prefill and num_prompt_tokens > info.max_num_batched_tokens:
+            raise AdmissionError(
+                f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+                f"({info.max_num_batched_tokens}) and chunked prefill is disabled")
+
+    def route(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None,
+              exclude: Sequence[int] = ()) -> int:
+        """The replica the policy picks for this prompt now (``exclude``: skip these)."""
+        hashes = request_block_hashes(prompt_token_ids, self.info.block_size, cache_salt) \
+            if self.policy == "prefix" else []
+        now = time.monotonic()
+        with self._lock:
+            for i, (st, r) in enumerate(zip(self._states, self.replicas)):
+                st.healthy = r.healthy and i not in exclude
+                st.queue_depth = r.in_flight
+                st.recent = self._recent.get(i, now)
+            ri = choose_replica(hashes, self._states, self.policy, round_robin=self._rr,
+                                bound=self.bound)
+            self._recent.add(ri, now)
+            return ri
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                       sampling_params: SamplingParams, *, prompt: str | None = None,
+                       cache_salt: str | None = None,
+                       cache_breakpoints: Sequence[CacheBreakpoint] = (),
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+        """As ``AsyncEngine.generate``: AdmissionError / EngineOverloadedError /
+        EngineDeadError before the first output; EngineDeadError after it when the replica
+        serving the request dies."""
+        from ray.exceptions import RayActorError
+
+        if not self.is_alive:
+            raise EngineDeadError(f"no replica is running: {self.dead_error}")
+        self.check_admissible(len(prompt_token_ids), sampling_params.max_tokens)
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            stream = self._streams[request_id] = _Stream(tenant)
+        ids = list(prompt_token_ids)
+        tried: list[int] = []
+        try:
+            while True:
+                try:
+                    ri = self.route(ids, cache_salt, exclude=tried)
+                except NoHealthyReplicaError:
+                    raise EngineDeadError("every replica is down") from None
+                stream.replica = ri
+                view = self.replicas[ri]
+                with self._lock:
+                    view.in_flight += 1
+                    view.routed += 1
+                try:
+                    gen = self.actors[ri].generate.options(num_returns="streaming").remote(
+                        request_id, ids, sampling_params, prompt, cache_salt,
+                        tuple(cache_breakpoints), tenant)
+                    async for ref in gen:
+                        item = await ref
+                        if isinstance(item, ReplicaRefusal):
+                            raise _refusal_error(item)
+                        assert isinstance(item, ReplicaItem)
+                        stream.started = True
+                        self.core.charge(request_id, item.charges)
+                        stream.finished = item.output.finished
+                        yield item.output
+                        if stream.finished:
+                            return
+                    raise EngineDeadError(f"replica {ri} ended request {request_id} early")
+                except RayActorError as exc:
+                    self._mark_dead(ri, exc)
+                    if stream.started:
+                        raise EngineDeadError(f"replica {ri} died: {type(exc).__name__}") \
+                            from None
+                    tried.append(ri)       # nothing was sent yet: place it elsewhere
+                finally:
+                    with self._lock:
+                        view.in_flight -= 1
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not stream.finished and stream.replica >= 0 \
+                    and self.replicas[stream.replica].healthy:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        ri = stream.replica if stream is not None else -1
+        targets = [ri] if ri >= 0 else range(len(self.actors))
+        for i in targets:
+            try:
+                self.actors[i].abort.remote(request_id)
+            except Exception:  # noqa: BLE001 - a dead replica has nothing to abort
+                pass
+
+    # ---------------------------------------------------------------- health
+    def _mark_dead(self, ri: int, exc: BaseException | str) -> None:
+        view = self.replicas[ri]
+        with self._lock:
+            if view.healthy:
+                view.deaths += 1
+                log.warning("replica %d is down: %s", ri, exc)
+            view.healthy = False
+            view.error = str(exc)[:200]
+            view.incarnation = None
+            self.index.drop_replica(ri)
+
+    def poll_once(self, timeout: float = 2.0) -> None:
+        """Drain every replica's KV events and stats (the poller thread's one round)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        refs = [a.poll.remote() for a in self.actors]
+        for ri, ref in enumerate(refs):
+            try:
+                p = ray.get(ref, timeout=timeout)
+            except (RayActorError, GetTimeoutError) as exc:
+                self._mark_dead(ri, exc)
+                continue
+            view = self.replicas[ri]
+            with self._lock:
+                if p.incarnation != view.incarnation:
+                    # a new engine (first poll, or Ray restarted the actor): nothing cached
+                    self.index.drop_replica(ri)
+                    view.incarnation = p.incarnation
+                self.index.apply(ri, p.events)
+                view.stats = p.stats
+                view.healthy = p.alive
+                view.error = p.error
+                self._states[ri].free_pages = p.stats.kv_blocks_free
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - keep polling; a replica error is handled above
+                log.exception("router poll failed")
+
+
+def _refusal_error(r: ReplicaRefusal) -> BaseException:
+    if r.kind == "admission":
+        return AdmissionError(r.message)
+    if r.kind == "overloaded":
+        return EngineOverloadedError(r.message)
+    if r.kind == "dead":
+        return EngineDeadError(r.message)
+    return ValueError(r.message)
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of ``model`` (GGUF file or HF directory), for the HTTP side."""
+    from tokenfactory.model.gguf import is_gguf_file, open_gguf
+    from tokenfactory.text.tokenizer import Tokenizer
+
+    if is_gguf_file(model):
+        return Tokenizer.from_gguf(model, reader=open_gguf(model).reader)
+    return Tokenizer.from_pretrained(model)

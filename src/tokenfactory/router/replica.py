@@ -1,0 +1,209 @@
+"""One engine replica as a Ray actor.
+
+The actor owns an ``EngineCore`` built by ``build_engine_core`` and drives it with the same
+``AsyncEngine`` the single-process server uses (its own engine thread, per-request streams,
+abort on cancel, queue limits). It exposes:
+
+- ``generate(...)``: a Ray streaming generator yielding one ``ReplicaItem`` per engine output
+  as it is produced (never a whole response buffered), each carrying the forward-pass time
+  charged to that request since the previous item, so the router's cost ledger stays exact;
+  a request refused at admission yields a single ``ReplicaRefusal`` instead;
+- ``abort(request_id)``;
+- ``poll()``: the KV events drained since the last poll plus a stats snapshot, which the
+  router applies to its prefix index and load view.
+
+Ray is imported only by ``start_replicas`` (the class itself is plain Python), so importing
+this module costs nothing when no replica is started.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
+from tokenfactory.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class ReplicaSpec:
+    """How to build each replica's engine (``build_engine_core`` arguments)."""
+
+    model: str                                   # GGUF file or Hugging Face directory
+    engine_args: dict[str, Any] = field(default_factory=dict)   # EngineConfig fields
+    dtype: str | None = None
+    kernels: str | None = "auto"
+    threads: int = 1                             # torch threads (and Ray CPUs) per replica
+    max_queued_requests: int | None = None
+    max_queued_per_tenant: int | None = None
+
+
+@dataclass
+class ReplicaInfo:
+    """Static facts the router needs before any request (admission limits, page geometry)."""
+
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    enable_prefix_caching: bool
+    kv_cache_bytes_per_block: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    engine_config: Any                           # the replica's EngineConfig
+
+
+@dataclass
+class ReplicaItem:
+    output: RequestOutput
+    # (seconds, tokens) of every forward pass that computed tokens of this request since the
+    # previous item; seconds already scaled to this request's share of the step.
+    charges: list[tuple[float, int]]
+
+
+@dataclass
+class ReplicaRefusal:
+    kind: str          # "admission" | "overloaded" | "dead" | "invalid"
+    message: str
+
+
+@dataclass
+class ReplicaPoll:
+    incarnation: str                             # new for every actor (re)start
+    events: list                                 # engine.kv_events, in order
+    stats: Any                                   # engine.async_engine.EngineStats
+    alive: bool
+    error: str | None
+
+
+class EngineReplica:
+    """The actor body (plain Python; ``start_replicas`` wraps it with ``ray.remote``)."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        import uuid
+
+        import torch
+
+        from tokenfactory.engine.async_engine import AsyncEngine
+        from tokenfactory.engine.llm import build_engine_core
+
+        torch.set_num_threads(max(1, spec.threads))
+        self.incarnation = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._events: list = []
+        self._charges: dict[str, list[tuple[float, int]]] = {}
+        core = build_engine_core(spec.model, dtype=spec.dtype, kernels=spec.kernels,
+                                 **spec.engine_args)
+        core.kv.pool.subscribe(self._on_events)
+        core.add_step_listener(self._on_step)
+        self.core = core
+        self.engine = AsyncEngine(core, max_queued_requests=spec.max_queued_requests,
+                                  max_queued_per_tenant=spec.max_queued_per_tenant)
+        self.engine.start()
+
+    # ------------------------------------------------------- engine thread hooks
+    def _on_events(self, events: list) -> None:
+        with self._lock:
+            self._events.extend(events)
+
+    def _on_step(self, seconds: float, tokens_by_request: dict[str, int]) -> None:
+        total = sum(tokens_by_request.values())
+        if not total:
+            return
+        with self._lock:
+            for rid, n in tokens_by_request.items():
+                pending = self._charges.get(rid)
+                if pending is not None:
+                    pending.append((seconds * n / total, n))
+
+    def _take_charges(self, request_id: str) -> list[tuple[float, int]]:
+        with self._lock:
+            pending = self._charges.get(request_id)
+            if not pending:
+                return []
+            self._charges[request_id] = []
+            return pending
+
+    # ------------------------------------------------------------ actor methods
+    def info(self) -> ReplicaInfo:
+        c = self.core
+        return ReplicaInfo(c.kv.block_size, c.kv.num_blocks, c.max_model_len,
+                           c.kv.pool.enable_prefix_caching,
+                           c.executor.kv_cache_bytes_per_block(c.kv.block_size),
+                           c.config.max_num_batched_tokens, c.config.enable_chunked_prefill,
+                           c.config)
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                       sampling_params: SamplingParams, prompt: str | None = None,
+                       cache_salt: str | None = None,
+                       cache_breakpoints: Sequence[CacheBreakpoint] = (),
+                       tenant: str | None = None) -> AsyncIterator[ReplicaItem | ReplicaRefusal]:
+        from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError
+        from tokenfactory.engine.scheduler import AdmissionError
+
+        with self._lock:
+            self._charges[request_id] = []
+        try:
+            agen = self.engine.generate(request_id, prompt_token_ids, sampling_params,
+                                        prompt=prompt, cache_salt=cache_salt,
+                                        cache_breakpoints=cache_breakpoints, tenant=tenant)
+            started = False
+            try:
+                async for out in agen:
+                    started = True
+                    yield ReplicaItem(out, self._take_charges(request_id))
+            except (AdmissionError, EngineOverloadedError, EngineDeadError, ValueError) as exc:
+                if started:
+                    raise
+                kind = ("admission" if isinstance(exc, AdmissionError) else
+                        "overloaded" if isinstance(exc, EngineOverloadedError) else
+                        "dead" if isinstance(exc, EngineDeadError) else "invalid")
+                yield ReplicaRefusal(kind, str(exc))
+            finally:
+                await agen.aclose()     # aborts the engine request if it did not finish
+        finally:
+            with self._lock:
+                self._charges.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def poll(self) -> ReplicaPoll:
+        with self._lock:
+            events, self._events = self._events, []
+        dead = self.engine.dead_error
+        return ReplicaPoll(self.incarnation, events, self.engine.stats(), self.engine.is_alive,
+                           None if dead is None else str(dead))
+
+    def num_free_blocks(self) -> int:
+        return self.core.num_free_blocks()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Start a local Ray runtime on loopback (or join ``address``), once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", object_store_memory=128 << 20)
+
+
+def start_replicas(spec: ReplicaSpec, num_replicas: int, *, max_restarts: int = -1) -> list:
+    """``num_replicas`` EngineReplica actors (Ray restarts a dead one up to ``max_restarts``
+    times, -1 = always; its in-flight calls fail and the router re-routes or errors them)."""
+    import ray
+
+    actor_cls = ray.remote(EngineReplica).options(
+        num_cpus=spec.threads, max_restarts=max_restarts, max_task_retries=0,
+        max_concurrency=1000)
+    return [actor_cls.remote(spec) for _ in range(num_replicas)]
