@@ -190,3 +190,20 @@ def test_thinking_without_a_reasoning_template_is_answered_without_thinking(anth
             messages=[{"role": "user", "content": "[[reply:hello]]"}])
         assert [b.type for b in msg.content] == ["text"]
     server.assert_no_leaks()
+
+
+def test_disable_parallel_tool_use_is_enforced(anthropic_client, server):
+    """The grammar admits one call and then ends the reply: the scripted model's second call
+    is never generated. Without the flag (unconstrained) both calls come back."""
+    tc = {"type": "auto", "disable_parallel_tool_use": True}
+    kw = dict(model="tf-test", max_tokens=128, tools=[WEATHER_TOOL, {
+        "name": "get_time", "input_schema": {"type": "object"}}], tool_choice=tc)
+    msg = anthropic_client.messages.create(
+        messages=[{"role": "user", "content": "[[reply:two_tools]]"}], **kw)
+    assert [b.name for b in msg.content] == ["get_weather"] and msg.stop_reason == "tool_use"
+    assert msg.content[0].input == {"city": "Oslo"}
+    tc["disable_parallel_tool_use"] = False
+    msg = anthropic_client.messages.create(
+        messages=[{"role": "user", "content": "[[reply:two_tools]]"}], **kw)
+    assert [b.name for b in msg.content] == ["get_weather", "get_time"]
+    server.assert_no_leaks()
