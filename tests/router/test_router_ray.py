@@ -45,7 +45,7 @@ def view(fleet, actors_idx, policy, **kw):
     may poll a replica at a time (a poll drains its KV events): shut it down before the next."""
     infos = [fleet.info] * len(actors_idx)
     r = RouterEngine([fleet.actors[i] for i in actors_idx], infos, policy=policy,
-                     tokenizer=fleet.core.tokenizer, **kw)
+                     tokenizer=fleet.core.tokenizer, owns_replicas=False, **kw)
     r.poll_once()
     r.start()
     return r
@@ -75,8 +75,8 @@ def test_greedy_outputs_identical_through_one_and_two_replicas(fleet, spec):
         via_one, _ = asyncio.run(run(one, "one"))
         assert [r.routed for r in two.replicas] == [3, 3]
     finally:
-        one.shutdown(kill_replicas=False)
-        two.shutdown(kill_replicas=False)
+        one.shutdown()
+        two.shutdown()
     local = LLM(spec.model, dtype="float32", kernels="torch", **ENGINE_ARGS).generate(
         ps, params, use_tqdm=False)
     assert via_two == via_one == [o.outputs[0].token_ids for o in local]
@@ -116,19 +116,19 @@ def test_prefix_routing_keeps_the_hit_rate_and_round_robin_loses_it(fleet):
     try:
         single = agentic_hit_rate(one, "single")
     finally:
-        one.shutdown(kill_replicas=False)
+        one.shutdown()
     prefix = view(fleet, [0, 1], "prefix",
                   bound=LoadBound(extra_requests=8, ratio=2, blocks_per_request=0.25))
     try:
         by_prefix = agentic_hit_rate(prefix, "prefix")
         spread = [r.routed for r in prefix.replicas]
     finally:
-        prefix.shutdown(kill_replicas=False)
+        prefix.shutdown()
     rr = view(fleet, [0, 1], "round-robin")
     try:
         by_rr = agentic_hit_rate(rr, "rr")
     finally:
-        rr.shutdown(kill_replicas=False)
+        rr.shutdown()
     assert single > 0.5
     assert by_prefix >= single - 0.03, (single, by_prefix, by_rr)
     assert by_rr < by_prefix - 0.08, (single, by_prefix, by_rr)
@@ -140,6 +140,37 @@ def test_admission_is_refused_before_placement(fleet):
         await collect(fleet, "too-long", [5] * 1000, SamplingParams(max_tokens=100))
     with pytest.raises(AdmissionError):
         asyncio.run(main())
+
+
+def test_http_api_serves_through_the_router(fleet):
+    """The unchanged HTTP app on a RouterEngine: the official SDKs, streaming, usage, /metrics
+    and /health."""
+    import anthropic
+    import httpx
+    import openai
+
+    from tests.live import live_server
+
+    router = view(fleet, [0, 1], "prefix")
+    with live_server(fleet.core.tokenizer, engine=router) as server:
+        oa = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+        done = oa.completions.create(model="tf-test", prompt="hello there", max_tokens=6,
+                                     temperature=0)
+        assert done.usage.completion_tokens == 6 and done.choices[0].text
+        again = oa.completions.create(model="tf-test", prompt="hello there", max_tokens=6,
+                                      temperature=0)
+        assert again.choices[0].text == done.choices[0].text
+        an = anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
+        with an.messages.stream(model="tf-test", max_tokens=8,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert text == "".join(b.text for b in final.content if b.type == "text")
+        assert final.usage.output_tokens >= 1
+        assert httpx.get(server.base_url + "/health").json()["status"] == "ok"
+        metrics = httpx.get(server.base_url + "/metrics").text
+        assert "tokenfactory_machine_seconds" in metrics
+    assert sum(r.routed for r in router.replicas) == 3
 
 
 def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fleet):
@@ -195,4 +226,4 @@ def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fl
         s1 = router.replicas[1].stats
         assert s1.num_running == 0 and s1.kv_blocks_free == s1.kv_blocks_total
     finally:
-        router.shutdown(kill_replicas=False)
+        router.shutdown()

@@ -131,7 +131,8 @@ class _Stream:
 class RouterEngine:
     def __init__(self, actors: list, infos: list[ReplicaInfo], *, policy: str = "prefix",
                  tokenizer=None, bound: LoadBound = LoadBound(), poll_interval: float = 0.02,
-                 recent_half_life: float = 5.0, owns_ray: bool = False):
+                 recent_half_life: float = 5.0, owns_replicas: bool = True,
+                 owns_ray: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of "
                              f"{', '.join(POLICIES)}")
@@ -142,6 +143,7 @@ class RouterEngine:
         self.policy = policy
         self.bound = bound
         self.poll_interval = poll_interval
+        self.owns_replicas = owns_replicas
         self.owns_ray = owns_ray
         self.index = PrefixIndex(len(actors))
         self.replicas = [ReplicaView(i) for i in range(len(actors))]
@@ -183,15 +185,15 @@ class RouterEngine:
         if not self._poller.is_alive() and not self._stop.is_set():
             self._poller.start()
 
-    def shutdown(self, timeout: float = 5.0, *, kill_replicas: bool = True) -> None:
-        """Stop polling; kill the replica actors (unless ``kill_replicas`` is False) and the
-        Ray runtime if this router started it."""
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop polling; kill the replica actors if this router owns them (``launch`` does),
+        and the Ray runtime if it started it."""
         import ray
 
         self._stop.set()
         if self._poller.is_alive():
             self._poller.join(timeout)
-        if not kill_replicas:
+        if not self.owns_replicas:
             return
         for actor in self.actors:
             try:
