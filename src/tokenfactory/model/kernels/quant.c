@@ -13,14 +13,15 @@
  *
  * Method: activations stay bfloat16 (no activation quantization: the result is the
  * dequantized weights' product up to float32 summation order, so quality equals the
- * dequantized model's). Each block's codes become bfloat16 numbers exactly -- Q4 nibbles as
- * 128 + nibble by OR-ing them into the bits of 128.0, int8 values by conversion -- and meet
- * the activations in AVX-512 BF16 dot products (vdpbf16ps: products exact, float32 sums).
- * The block's affine map is applied per block: sum w x = d * sum c x +
- * k * sum x, with k = m - 128 d (Q4_1), -136 d (Q4_0), 0 (Q8_0), and the per-block
- * activation sums computed once per call. int8 rows have one scale, applied at the end.
- * (An int8-activation VNNI version, llama.cpp's approach, was tried first: it raised
- * SmolLM2's perplexity 0.3% over the dequantized weights'; see benchmarks/quantized.py.)
+ * dequantized model's). Each block's codes become bfloat16 numbers exactly -- a Q4 nibble
+ * through a 16-entry table (vpermw: nibble for Q4_1, nibble - 8 for Q4_0), int8 values by
+ * conversion -- and meet the activations in AVX-512 BF16 dot products (vdpbf16ps: products
+ * exact, float32 sums), scaled by the block's d. Q4_1's offset adds m * sum(x) per block (the
+ * activations' block sums are computed once per call). int8 rows have one scale, applied at
+ * the end. Tried and dropped: codes 128 + nibble by OR-ing nibbles into the bits of 128.0
+ * (one op cheaper) lose float32 precision to the 128x larger partial sums (perplexity off by
+ * up to 0.4% with a float32 residual stream); int8-quantized activations with VNNI
+ * (llama.cpp's approach) raised SmolLM2's perplexity 0.3% over the dequantized weights'.
  *
  * Parallelism: OpenMP over output rows. Called outside a parallel region, a function opens
  * one; called from inside one (a whole decode step in one region), every thread of the team
@@ -79,27 +80,34 @@ static void block_sums(const bf16 *x, int rows, int in, float *sums) {
     }
 }
 
-/* Block ``b`` of a weight row: its 32 codes as exactly representable numbers ``c`` and the
- * affine map back to weights, w = d * c + (bias per value) -- as (d, k) with
- * sum_j w_j x_j = d * sum_j c_j x_j + k * sum_j x_j. */
+/* A block's map from codes c (nibble, nibble - 8 or int8) back to weights, w = d * c + k:
+ * sum_j w_j x_j = d * sum_j c_j x_j + k * sum_j x_j (k: Q4_1's m, else 0). */
 static inline void block_affine(int kind, const uint8_t *blk, float *d, float *k) {
     switch (kind) {
-        case TF_Q4_1: *d = half_to_float(blk); *k = half_to_float(blk + 2) - 128.0f * *d; break;
-        case TF_Q4_0: *d = half_to_float(blk); *k = -136.0f * *d; break;
+        case TF_Q4_1: *d = half_to_float(blk); *k = half_to_float(blk + 2); break;
+        case TF_Q4_0: *d = half_to_float(blk); *k = 0.0f; break;
         case TF_Q8_0: *d = half_to_float(blk); *k = 0.0f; break;
         default: *d = 1.0f; *k = 0.0f; break;   /* int8: the row scale is applied at the end */
     }
 }
 
 #ifdef TF_QUANT_SIMD
-/* A Q4 block's 16 bytes as 32 bfloat16 codes 128 + nibble, in value order: OR-ing the
- * nibble into the bits of bfloat16 128.0 (0x4300, 7 free mantissa bits) is the conversion. */
-static inline __m512i q4_codes(const uint8_t *qs) {
+/* A Q4 block's 16 bytes as its 32 values' codes in bfloat16 (exact), in value order: each
+ * nibble indexes ``table`` (vpermw): nibble (Q4_1) or nibble - 8 (Q4_0). */
+static inline __m512i q4_codes(const uint8_t *qs, __m512i table) {
     const __m128i a = _mm_loadu_si128((const __m128i *)qs);
     __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(a), _mm_srli_epi16(a, 4), 1);
     v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-    return _mm512_or_si512(_mm512_cvtepu8_epi16(v), _mm512_set1_epi16(0x4300));
+    return _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(v), table);
 }
+
+/* bfloat16 of 0 .. 15 (Q4_1) and of -8 .. 7 (Q4_0); vpermw reads 32 entries */
+static const uint16_t Q4_1_CODES[32] __attribute__((aligned(64))) = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+static const uint16_t Q4_0_CODES[32] __attribute__((aligned(64))) = {
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
 
 /* 32 signed bytes as 32 bfloat16 values (exact: |q| <= 128 needs 8 bits). */
 static inline __m512i s8_codes(const uint8_t *q) {
@@ -122,13 +130,9 @@ static inline void row_affine(int kind, const uint8_t *wrow, int nb, float *dk) 
         const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offs,
                                                           wrow + (size_t)b0 * bb, 1);
         const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
-        __m512 k;
-        if (kind == TF_Q4_1) {
-            const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
-            k = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), d, m);
-        } else {
-            k = _mm512_mul_ps(_mm512_set1_ps(kind == TF_Q4_0 ? -136.0f : 0.0f), d);
-        }
+        const __m512 k = kind == TF_Q4_1
+            ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)))
+            : _mm512_setzero_ps();
         _mm512_mask_storeu_ps(dk + b0, live, d);
         _mm512_mask_storeu_ps(dk + nb + b0, live, k);
     }
@@ -163,10 +167,11 @@ static inline __attribute__((always_inline)) void row_dot(
         return;
     }
     row_affine(kind, wrow, nb, dk);
+    const __m512i table = _mm512_load_si512(kind == TF_Q4_0 ? Q4_0_CODES : Q4_1_CODES);
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = wrow + (size_t)b * bb;
-        const __m512i w = kind == TF_Q4_1 ? q4_codes(blk + 4)
-                        : kind == TF_Q4_0 ? q4_codes(blk + 2) : s8_codes(blk + 2);
+        const __m512i w = kind == TF_Q4_1 ? q4_codes(blk + 4, table)
+                        : kind == TF_Q4_0 ? q4_codes(blk + 2, table) : s8_codes(blk + 2);
         const __m512 dv = _mm512_set1_ps(dk[b]);
         for (int m = 0; m < MM; m++) {
             const __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w,
@@ -175,7 +180,7 @@ static inline __attribute__((always_inline)) void row_dot(
         }
     }
     for (int m = 0; m < MM; m++)
-        s[m] = _mm512_reduce_add_ps(acc[m]) + (kind == TF_Q8_0 ? 0.0f : dot_f32(dk + nb, xsum + (size_t)m * nb, nb));
+        s[m] = _mm512_reduce_add_ps(acc[m]) + (kind == TF_Q4_1 ? dot_f32(dk + nb, xsum + (size_t)m * nb, nb) : 0.0f);
 }
 #else
 static void row_dot(int kind, const uint8_t *wrow, int nb, const bf16 *xr, int in,
@@ -190,9 +195,10 @@ static void row_dot(int kind, const uint8_t *wrow, int nb, const bf16 *xr, int i
             float c[QK], d, k, dot = 0.0f;
             if (kind == TF_Q4_0 || kind == TF_Q4_1) {
                 const uint8_t *qs = blk + (kind == TF_Q4_0 ? 2 : 4);
+                const int offset = kind == TF_Q4_0 ? 8 : 0;
                 for (int j = 0; j < 16; j++) {
-                    c[j] = 128.0f + (float)(qs[j] & 0x0F);
-                    c[j + 16] = 128.0f + (float)(qs[j] >> 4);
+                    c[j] = (float)((qs[j] & 0x0F) - offset);
+                    c[j + 16] = (float)((qs[j] >> 4) - offset);
                 }
             } else {
                 const int8_t *q = (const int8_t *)(kind == TF_Q8_0 ? blk + 2 : blk);
