@@ -222,6 +222,8 @@ def test_every_weight_kind_is_dispatched(base_model, kind):
     _store_weights(ex.model, kind)
     assert native_step.supports(ex.model)
     assert kernel_choice.linear_kinds(ex.model) == {kind: 9}
+    said = ex.kernel_choice.summary(ex.model)
+    assert f"decode step native; linears 9 {kind} (quant.c" in said, said
     step = native_step.NativeDecodeStep(ex.model, 4, 16)
     assert {f.kind for lo in step.offer.layers for f in lo.linears} == {kind}
     assert step.offer.embed.kind == step.offer.lm_head.kind == kind

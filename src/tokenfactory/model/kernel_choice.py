@@ -113,8 +113,14 @@ class KernelChoice:
         asked now (their kinds, and why the native decode step is off if a module has no
         native form); without, the kinds recorded when the choice was made."""
         linears, step = self.linears, "native" if self.decode_step else "torch"
+        quant_rows = "at decode sizes"
         if model is not None:
             linears = linear_kinds(model)
+            rows = sorted({m.native_max_rows for m in model.modules()
+                           if getattr(native_linear_of(m), "kind", "bf16") != "bf16"
+                           and isinstance(getattr(m, "native_max_rows", None), int)})
+            if rows:
+                quant_rows = "up to " + "/".join(map(str, rows)) + " rows"
             _, why = native_step.offers(model)
             if why is not None:
                 step = f"torch ({why})"
@@ -128,7 +134,7 @@ class KernelChoice:
                           "oneDNN above)")
         if quant:
             parts.append(" + ".join(f"{n} {k}" for k, n in sorted(quant.items()))
-                         + " (quant.c at decode sizes, the module's own path above)")
+                         + f" (quant.c {quant_rows}, the module's own path above)")
         if linears.get("torch"):
             parts.append(f"{linears['torch']} without a native form (torch)")
         return (f"kernels ({self.mode}, {self.source}) on {self.cpu!r}{' [AMX]' if self.amx else ''}"
