@@ -111,11 +111,8 @@ def can_use_cpu_linears(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
-def use_cpu_linears(module: nn.Module, pack: bool = False) -> int:
-    """Replace every ``nn.Linear`` under ``module`` by a :class:`CpuLinear`. Returns how many.
-    (``pack``: the removed pre-packed weight copy; accepted as False until callers drop it.)"""
-    if pack:
-        raise ValueError("pre-packed oneDNN weights were removed (unused by default, issue 15)")
+def use_cpu_linears(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``module`` by a :class:`CpuLinear`. Returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
