@@ -204,3 +204,43 @@ def test_seeded_sampling_with_speculation_is_reproducible(torch_executor):
     a, _ = run_model(torch_executor, prompts[:1], [seeded], speculative="ngram")
     b, _ = run_model(torch_executor, prompts, [seeded, other, other], speculative="ngram")
     assert a[0] == b[0]
+
+
+# ----------------------------------------------------------------------- no page leaks, ever
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), wrong=st.floats(0.0, 1.0), k=st.integers(1, 6),
+       blocks=st.integers(12, 40), budget=st.integers(4, 64),
+       aborts=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 5)), max_size=4))
+def test_no_page_leaks_through_accept_reject_abort(seed, wrong, k, blocks, budget, aborts):
+    """Random scripts, drafts with random errors, a small pool (preemptions), chunked prefill
+    and aborts at random steps: after every step no running request holds pages beyond its
+    known tokens plus the next one, and at the end every page is free."""
+    table = scripts(6, seed)
+    ex = ScriptedExecutor(lambda v: table[v.request_id], EOS)
+    core = EngineCore(ex, EngineConfig(block_size=BS, num_kv_blocks=blocks,
+                                       num_speculative_tokens=k, max_num_batched_tokens=budget),
+                      model_max_len=512, eos_token_ids=[EOS],
+                      proposer=TableProposer(table, wrong, seed))
+    for i in range(6):
+        p = table[f"r{i}:prompt"]
+        if -(-(len(p) + 40) // BS) <= blocks:
+            core.add_request(f"r{i}", p, SamplingParams(max_tokens=40, ignore_eos=i % 2 == 0))
+    abort_at = {}
+    for step, victim in aborts:
+        abort_at.setdefault(step, []).append(f"r{victim}")
+    for step in range(3000):
+        if not core.has_unfinished_requests():
+            break
+        for rid in abort_at.get(step, []):
+            core.abort(rid)
+        core.step()
+        for req in core.scheduler.running:
+            assert len(req.block_ids) <= -(-(req.num_tokens + 1) // BS)
+            assert req.num_computed_tokens <= req.num_tokens
+    assert not core.has_unfinished_requests()
+    assert core.num_free_blocks() == core.kv.num_blocks
+    assert all(b.ref_count == 0 for b in core.kv.pool.blocks)
