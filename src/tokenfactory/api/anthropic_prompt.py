@@ -154,7 +154,7 @@ class PromptBuilder:
         # A template without a tool section gets the tools described in its system turn, and
         # calls come back in the Hermes format (docs/api.md, "Tools on any template").
         self.generic = bool(self.tools) and not ctx.template_shows_tools
-        self.parser_name = ctx.parser_name or ("hermes" if self.generic else None)
+        self.parser_name = "hermes" if self.generic else ctx.parser_name
         self.reasoning = template_has_reasoning(getattr(ctx.tokenizer, "chat_template", None))
         self._validate()
 

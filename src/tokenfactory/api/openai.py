@@ -363,7 +363,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     # A template without a tool section gets the tools described in its system turn, and
     # calls come back in the Hermes format (docs/api.md, "Tools on any template").
     generic = bool(tools) and not ctx.template_shows_tools
-    parser_name = ctx.parser_name or ("hermes" if generic else None)
+    parser_name = "hermes" if generic else ctx.parser_name   # the format the generic text asks for
     # Cheap rejections before rendering and tokenizing: the prompt's size, a full queue.
     ctx.check_prompt_bytes(_chat_text_bytes(chat), param="messages")
     ctx.check_capacity(tenant, 429)
