@@ -95,7 +95,9 @@ def offers(model: LlamaForCausalLM) -> tuple[ModelOffer | None, str | None]:
     try:
         embed = native_embedding(model.embed_tokens)
         if embed is None or embed.in_features != H or embed.out_features < cfg.vocab_size:
-            raise _Unsupported(f"embedding ({type(model.embed_tokens).__name__}) offers no "
+            what = type(model.embed_tokens).__name__
+            dtype = getattr(getattr(model.embed_tokens, "weight", None), "dtype", None)
+            raise _Unsupported(f"embedding ({what}{f', {dtype}' if dtype else ''}) offers no "
                                "native table")
         layers = []
         for i, layer in enumerate(model.layers):
