@@ -220,7 +220,9 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
         async for ev in gens[0].events():
             yield 0, ev
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # bounded: a slow reader holds each choice back at its put, so the outputs pile up merged
+    # in that choice's Generation (one pending output each), not as events here
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(gens))
 
     async def run(i: int, gen: Generation) -> None:
         try:
