@@ -23,6 +23,7 @@ import threading
 from dataclasses import asdict
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from tokenfactory.engine.kv_connector import KVPageIO
@@ -66,7 +67,7 @@ class WarehouseConnector:
 
     def load(self, block_hashes: Sequence[bytes], block_ids: Sequence[int],
              token_ids_per_block: Sequence[Sequence[int]] | None = None) -> int:
-        payloads: list[bytes] = []
+        payloads: list[bytes | memoryview] = []
         prev: bytes | None = None
         for i, h in enumerate(block_hashes):
             toks = None if token_ids_per_block is None else token_ids_per_block[i]
@@ -83,8 +84,11 @@ class WarehouseConnector:
             prev = h
         n = len(payloads)
         if n:
-            flat = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
-            pages = flat.view(self.dtype).view(n, *self.page_shape)  # (n, L, 2, Hkv, bs, D)
+            buf = np.empty((n, self.page_bytes), dtype=np.uint8)
+            for j, payload in enumerate(payloads):
+                buf[j] = np.frombuffer(payload, dtype=np.uint8)
+            pages = torch.from_numpy(buf).view(self.dtype).view(n, *self.page_shape)
+            # (n, L, 2, Hkv, bs, D) -> (L, 2, Hkv, n, bs, D)
             self.kv_io.write_kv_blocks(list(block_ids[:n]), pages.permute(1, 2, 3, 0, 4, 5))
             self.pages_loaded += n
         return n

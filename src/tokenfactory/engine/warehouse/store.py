@@ -47,7 +47,7 @@ class PageRecord:
     block_hash: bytes
     parent_hash: bytes | None
     token_ids: tuple[int, ...]
-    payload: bytes              # the page's bytes, opaque here
+    payload: bytes | memoryview  # the page's bytes, opaque here
 
 
 @dataclass
@@ -179,7 +179,7 @@ class PageStore:
         tokens = struct.unpack_from(f"<{n_tok}q", data, HEADER.size)
         start = HEADER.size + 8 * n_tok
         return PageRecord(h, None if parent == NO_PARENT else parent, tokens,
-                          data[start:start + n_payload])
+                          body[start:start + n_payload])   # a view: no copy of the page
 
     # --------------------------------------------------------------- eviction
     def _scan_and_evict(self) -> int:
