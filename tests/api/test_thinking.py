@@ -17,7 +17,9 @@ TEMPLATE = (
     "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
     "{%- if m.role == 'assistant' and m.reasoning_content %}<think>\n{{ m.reasoning_content }}"
     "\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{%- endif %}{% endif %}")
 REPLY = "<think>\nThe user greets me. I should greet back.\n</think>\n\nHello there!"
 THOUGHT = "The user greets me. I should greet back."
 HI = [{"role": "user", "content": "Hi"}]
@@ -95,3 +97,13 @@ def test_openai_reasoning_content(think_server):
                 "reasoning_content") or ""
     assert streamed == {"reasoning_content": THOUGHT, "content": "Hello there!"}
     think_server.assert_no_leaks()
+
+
+def test_thinking_disabled_switches_the_template_off(think_server):
+    """Qwen3-style templates close the reasoning section in the prompt when thinking is off."""
+    client = anthropic.Anthropic(base_url=think_server.base_url, api_key="x", max_retries=0)
+    count = {t: client.messages.count_tokens(model="tf-test", messages=HI,
+                                             thinking={"type": t}).input_tokens
+             for t in ("disabled", "adaptive")}
+    plain = client.messages.count_tokens(model="tf-test", messages=HI).input_tokens
+    assert count["adaptive"] == plain < count["disabled"]

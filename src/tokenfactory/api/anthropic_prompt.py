@@ -155,7 +155,13 @@ class PromptBuilder:
         # calls come back in the Hermes format (docs/api.md, "Tools on any template").
         self.generic = bool(self.tools) and not ctx.template_shows_tools
         self.parser_name = "hermes" if self.generic else ctx.parser_name
-        self.reasoning = template_has_reasoning(getattr(ctx.tokenizer, "chat_template", None))
+        template = getattr(ctx.tokenizer, "chat_template", None) or ""
+        self.reasoning = template_has_reasoning(template)
+        # A template with a reasoning switch (Qwen3's ``enable_thinking``) follows the
+        # request's ``thinking``: off for {"type": "disabled"}, on otherwise.
+        self.template_switches: dict[str, Any] = {}
+        if self.reasoning and "enable_thinking" in template and req.thinking is not None:
+            self.template_switches["enable_thinking"] = req.thinking.type != "disabled"
         self._validate()
 
     # ------------------------------------------------------------ validation
@@ -267,7 +273,8 @@ class PromptBuilder:
         if not chat:
             raise APIError(400, "messages: the conversation has no content to answer")
         if not final:
-            return tok.apply_chat_template(chat, tools=tools, add_generation_prompt=False)
+            return tok.apply_chat_template(chat, tools=tools, add_generation_prompt=False,
+                                           **self.template_switches)
         cont = (chat[-1]["role"] == "assistant" and not chat[-1].get("tool_calls"))
         if cont and not chat[-1].get("content"):
             chat = chat[:-1]
@@ -275,7 +282,7 @@ class PromptBuilder:
         if not chat:
             raise APIError(400, "messages: the conversation has no content to answer")
         return tok.apply_chat_template(chat, tools=tools, add_generation_prompt=not cont,
-                                       continue_final_message=cont)
+                                       continue_final_message=cont, **self.template_switches)
 
     def render_full(self) -> tuple[str, list[dict] | None, bool]:
         chat, tools = self.chat()
