@@ -12,7 +12,7 @@
  * are separated by the worksharing barriers.
  *
  * Rounding follows the torch path op for op: every op's result is rounded to bfloat16 once
- * (RoPE once for x * cos + rotate(x) * sin, as in the compiled graphs).
+ * (RoPE once for x * cos + rotate(x) * sin, as tf_rope_rows does in prefill steps).
  */
 #include <immintrin.h>
 #include <math.h>
