@@ -83,28 +83,29 @@ def test_greedy_outputs_identical_through_one_and_two_replicas(fleet, spec):
     assert all(o.finished and len(o.outputs[0].token_ids) == 12 for o in last_two)
 
 
-def agentic_hit_rate(engine, tag, *, sessions=4, turns=8, system=48, user=40, out=8):
-    """Closed-loop sessions behind one system prompt; each turn appends the model's reply and
-    a new user block. Returns cached / prompt tokens over all requests."""
+def agentic_hit_rate(engine, tag, *, sessions=3, turns=8, system=48, user=40, out=8):
+    """Multi-turn sessions behind one system prompt, in rounds: every session sends turn t
+    (concurrently), then turn t+1 appends the model's reply and a new user block. An odd
+    number of sessions makes round-robin send each session's consecutive turns to different
+    replicas, deterministically. Returns cached / prompt tokens over all requests."""
     rng = random.Random(7)
     sys_ids = [rng.randrange(10, 8000) for _ in range(system)]
     params = SamplingParams(max_tokens=out, ignore_eos=True, **GREEDY)
+    convos = [list(sys_ids) for _ in range(sessions)]
     totals = [0, 0]
 
-    async def session(s):
-        convo = list(sys_ids)
-        srng = random.Random(f"{tag}-{s}")
-        for t in range(turns):
-            convo += [srng.randrange(10, 8000) for _ in range(user)]
-            outs = await collect(engine, f"{tag}-{s}-{t}", convo, params, cache_salt=tag)
-            last = outs[-1]
-            totals[0] += len(last.prompt_token_ids)
-            totals[1] += last.num_cached_tokens
-            convo += last.outputs[0].token_ids
-            await asyncio.sleep(0.05)   # think time: the replicas' KV events reach the router
+    async def turn(s, t):
+        convos[s] += [random.Random(f"{s}-{t}").randrange(10, 8000) for _ in range(user)]
+        outs = await collect(engine, f"{tag}-{s}-{t}", convos[s], params, cache_salt=tag)
+        last = outs[-1]
+        totals[0] += len(last.prompt_token_ids)
+        totals[1] += last.num_cached_tokens
+        convos[s] += last.outputs[0].token_ids
 
     async def main():
-        await asyncio.gather(*(session(s) for s in range(sessions)))
+        for t in range(turns):
+            await asyncio.gather(*(turn(s, t) for s in range(sessions)))
+            await asyncio.sleep(0.05)   # think time: the replicas' KV events reach the router
     asyncio.run(main())
     return totals[1] / totals[0]
 
@@ -131,7 +132,7 @@ def test_prefix_routing_keeps_the_hit_rate_and_round_robin_loses_it(fleet):
         rr.shutdown()
     assert single > 0.5
     assert by_prefix >= single - 0.03, (single, by_prefix, by_rr)
-    assert by_rr < by_prefix - 0.08, (single, by_prefix, by_rr)
+    assert by_rr < by_prefix - 0.15, (single, by_prefix, by_rr)
     assert min(spread) > 0, spread          # both replicas served
 
 
@@ -140,6 +141,28 @@ def test_admission_is_refused_before_placement(fleet):
         await collect(fleet, "too-long", [5] * 1000, SamplingParams(max_tokens=100))
     with pytest.raises(AdmissionError):
         asyncio.run(main())
+
+
+def test_client_leaving_mid_stream_aborts_on_the_replica(fleet):
+    router = view(fleet, [0, 1], "least-loaded")
+
+    async def main():
+        agen = router.generate("leaver", prompts(1, seed=5)[0],
+                               SamplingParams(max_tokens=900, ignore_eos=True, **GREEDY))
+        got = [await agen.__anext__() for _ in range(2)]
+        await agen.aclose()
+        assert not got[-1].finished and router.num_in_flight() == 0
+        for _ in range(200):                    # the abort reaches the replica, pages freed
+            router.poll_once()
+            if all(r.stats.num_running == 0 and r.stats.kv_blocks_free == r.stats.kv_blocks_total
+                   for r in router.replicas):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    try:
+        assert asyncio.run(main())
+    finally:
+        router.shutdown()
 
 
 def test_http_api_serves_through_the_router(fleet):

@@ -311,6 +311,8 @@ class RouterEngine:
                     async for ref in gen:
                         item = await ref
                         if isinstance(item, ReplicaRefusal):
+                            if item.kind == "dead":     # its engine thread died
+                                raise _ReplicaGone(item.message)
                             raise _refusal_error(item)
                         assert isinstance(item, ReplicaItem)
                         stream.started = True
@@ -320,11 +322,10 @@ class RouterEngine:
                         if stream.finished:
                             return
                     raise EngineDeadError(f"replica {ri} ended request {request_id} early")
-                except RayActorError as exc:
+                except (RayActorError, _ReplicaGone) as exc:
                     self._mark_dead(ri, exc)
                     if stream.started:
-                        raise EngineDeadError(f"replica {ri} died: {type(exc).__name__}") \
-                            from None
+                        raise EngineDeadError(f"replica {ri} failed: {exc}") from None
                     tried.append(ri)       # nothing was sent yet: place it elsewhere
                 finally:
                     with self._lock:
@@ -332,9 +333,9 @@ class RouterEngine:
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not stream.finished and stream.replica >= 0 \
-                    and self.replicas[stream.replica].healthy:
-                self.abort(request_id)
+            ri = stream.replica
+            if not stream.finished and ri >= 0 and self.replicas[ri].healthy:
+                self.actors[ri].abort.remote(request_id)   # the client left: free its pages
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -359,7 +360,7 @@ class RouterEngine:
             view.incarnation = None
             self.index.drop_replica(ri)
 
-    def poll_once(self, timeout: float = 2.0) -> None:
+    def poll_once(self, timeout: float = 10.0) -> None:
         """Drain every replica's KV events and stats (the poller thread's one round)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
@@ -389,6 +390,10 @@ class RouterEngine:
                 self.poll_once()
             except Exception:  # noqa: BLE001 - keep polling; a replica error is handled above
                 log.exception("router poll failed")
+
+
+class _ReplicaGone(RuntimeError):
+    """The replica's engine is dead though its actor answers (handled like a dead actor)."""
 
 
 def _refusal_error(r: ReplicaRefusal) -> BaseException:

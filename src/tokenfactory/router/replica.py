@@ -156,8 +156,9 @@ class EngineReplica:
                     started = True
                     yield ReplicaItem(out, self._take_charges(request_id))
             except (AdmissionError, EngineOverloadedError, EngineDeadError, ValueError) as exc:
-                if started:
+                if started and not isinstance(exc, EngineDeadError):
                     raise
+                # as data, not as an exception: the router raises the API's own error types
                 kind = ("admission" if isinstance(exc, AdmissionError) else
                         "overloaded" if isinstance(exc, EngineOverloadedError) else
                         "dead" if isinstance(exc, EngineDeadError) else "invalid")
