@@ -247,3 +247,17 @@ def test_every_weight_kind_is_dispatched(base_model, kind):
     gaps, agree = _gaps(native, _decode_logits(ex.model, None, tokens, 16))
     assert max(gaps) < 0.3 and sum(gaps) / len(gaps) < 0.1, gaps
     assert all(agree), agree
+
+
+def test_kernel_choice_routes_only_the_bf16_linears(base_model):
+    """The measured row threshold applies to linears offering the bf16 kernel; a quantized
+    linear keeps its own (it picks its kernels by rows itself)."""
+    ex = TorchExecutor(base_model[0], dtype="bfloat16", kernels="native")
+    mlp = ex.model.layers[0].mlp
+    mlp.down_proj = StoredLinear("q8_0", mlp.down_proj.weight.float(), mlp.down_proj.bias)
+    mlp.down_proj.native_max_rows = 32
+    choice = kernel_choice.forced("native", True)
+    choice.linear_native_max_rows = 3
+    assert kernel_choice.route_linears(ex.model, choice) == 8
+    assert mlp.gate_up_proj.native_max_rows == ex.model.lm_head.native_max_rows == 3
+    assert mlp.down_proj.native_max_rows == 32

@@ -157,6 +157,19 @@ def linear_kinds(model) -> dict[str, int]:
     return counts
 
 
+def route_linears(model, choice: "KernelChoice") -> int:
+    """Set the row threshold of every bfloat16 linear that offers the native kernel (a
+    ``CpuLinear``) from ``choice``; linears of other kinds keep their own rule (a quantized
+    layer picks its kernels by rows itself). Returns how many were set."""
+    count = 0
+    for module in model.modules():
+        form = native_linear_of(module) if hasattr(module, "native_max_rows") else None
+        if form is not None and form.kind == "bf16":
+            module.native_max_rows = choice.linear_native_max_rows
+            count += 1
+    return count
+
+
 def forced(mode: str, native_available: bool, cpu: CpuInfo | None = None,
            threads: int | None = None) -> KernelChoice:
     """The choice for ``mode`` "native" (every native path this model supports), "torch"
