@@ -1,4 +1,5 @@
-"""The HTTP front door: ``create_app(engine, tokenizer, ...)`` and ``tokenfactory serve``.
+"""The HTTP front door: ``create_app(engine, tokenizer, ...)`` (``tokenfactory serve`` parses its
+arguments and runs it: serve_cli.py).
 
 The event loop only parses, renders templates, tokenizes and frames SSE; every forward pass runs
 on the AsyncEngine's thread, so many streams interleave.
@@ -323,9 +324,3 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
     # per-request station traces (/v1/trace/{id}; OpenTelemetry export when an endpoint is set)
     install_tracing(app, ctx, otlp_endpoint=otlp_endpoint)
     return app
-
-
-def serve_main(argv: list[str]) -> int:
-    """Entry point of ``tokenfactory serve`` (argument parsing lives in serve_cli.py)."""
-    from tokenfactory.api.serve_cli import serve_main as _main
-    return _main(argv)
