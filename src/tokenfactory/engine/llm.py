@@ -42,7 +42,8 @@ class LLM:
     """Generate offline with continuous batching and prefix caching.
 
     >>> llm = LLM("path/to/model.gguf or hf-model-dir", dtype="bfloat16", max_model_len=4096)
-    >>> # device="cuda" runs the same code on a GPU (torch paths only)
+    >>> # device="cuda" runs the same code on a GPU (torch paths only);
+    >>> # speculative="ngram" | "suffix", num_speculative_tokens=K: drafts from the context
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))
     >>> outs[0].outputs[0].text
     """
