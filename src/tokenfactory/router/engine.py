@@ -4,12 +4,13 @@ The HTTP layer drives it exactly as it drives one ``AsyncEngine``: ``generate`` 
 iterator of RequestOutput), ``abort``, ``stats``, ``is_alive`` / ``dead_error``,
 ``num_in_flight``, ``num_waiting_for``, ``start`` / ``shutdown``, and ``core``: a read-only
 view with the attributes the API reads from an EngineCore (page geometry, limits, config,
-step listeners; see ``RouterCoreView``).
+step listeners; see ``core_view.RouterCoreView``).
 
 Each request is hashed into the block pool's chained block hashes (tenant salt included) and
 placed by ``policy.choose_replica`` over the replicas' states: the prefix index built from
 their KV events, the requests the router has in flight on each plus those it sent recently
-(``policy.RecentLoad``), and their free pages as last polled. A poller thread drains every replica's KV events and stats every ``poll_interval``.
+(``policy.RecentLoad``), and their free pages as last polled. A poller thread drains every
+replica's KV events and stats every ``poll_interval``.
 
 Faults: a replica whose actor dies is marked unhealthy and its index entries are dropped at
 once. Its requests that had produced no output yet are re-routed to another replica; the ones
@@ -23,12 +24,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Sequence
 
 from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStats
 from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.engine.scheduler import AdmissionError
+from tokenfactory.router.core_view import RouterCoreView
 from tokenfactory.router.index import PrefixIndex
 from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
                                         ReplicaState, RoundRobin, choose_replica,
@@ -36,9 +38,6 @@ from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaErr
 from tokenfactory.router.replica import ReplicaInfo, ReplicaItem, ReplicaRefusal, ReplicaSpec
 
 log = logging.getLogger(__name__)
-
-StepListener = Callable[[float, dict[str, int]], None]
-
 
 @dataclass
 class ReplicaView:
@@ -52,72 +51,6 @@ class ReplicaView:
     deaths: int = 0
     stats: EngineStats | None = None    # as last polled
     error: str | None = None
-
-
-class _PoolView:
-    def __init__(self, router: "RouterEngine"):
-        self._router = router
-        self.enable_prefix_caching = router.info.enable_prefix_caching
-
-    def stats(self):
-        """Summed over healthy replicas (engine.block_pool.PoolStats fields)."""
-        from tokenfactory.engine.block_pool import PoolStats
-        s = self._router.stats()
-        return PoolStats(s.kv_blocks_total, s.kv_blocks_free, s.kv_blocks_pinned, 0,
-                         s.prefix_cache_queries, s.prefix_cache_hits)
-
-
-class _KVView:
-    def __init__(self, router: "RouterEngine"):
-        self.block_size = router.info.block_size
-        self.num_blocks = router.info.num_blocks      # per replica: what one request can use
-        self.pool = _PoolView(router)
-
-
-class _ExecutorView:
-    """No weights stream through the router process (the dashboard's roofline skips it)."""
-
-    model = None
-
-    def __init__(self, bytes_per_block: int):
-        self._bytes_per_block = bytes_per_block
-
-    def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        return self._bytes_per_block
-
-
-class _SchedulerView:
-    requests: dict = {}      # the requests live in the replicas, not here
-
-
-class RouterCoreView:
-    """What the API layer reads from ``engine.core``, answered for a fleet of identical
-    replicas: per-replica geometry and limits, and step listeners fed with the forward-pass
-    time each replica charged to each request (streamed back beside its outputs)."""
-
-    def __init__(self, router: "RouterEngine", tokenizer):
-        info = router.info
-        self.tokenizer = tokenizer
-        self.config = info.engine_config
-        self.max_model_len = info.max_model_len
-        self.kv = _KVView(router)
-        self.executor = _ExecutorView(info.kv_cache_bytes_per_block)
-        self.scheduler = _SchedulerView()
-        self._listeners: list[StepListener] = []
-        self.step_hook: StepListener | None = None
-
-    def add_step_listener(self, fn: StepListener) -> None:
-        self._listeners.append(fn)
-
-    def remove_step_listener(self, fn: StepListener) -> None:
-        self._listeners.remove(fn)
-
-    def charge(self, request_id: str, charges: Sequence[tuple[float, int]]) -> None:
-        for seconds, tokens in charges:
-            for fn in self._listeners:
-                fn(seconds, {request_id: tokens})
-            if self.step_hook is not None:
-                self.step_hook(seconds, {request_id: tokens})
 
 
 @dataclass
@@ -157,7 +90,7 @@ class RouterEngine:
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="tokenfactory-router",
                                         daemon=True)
-        self.core = RouterCoreView(self, tokenizer)
+        self.core = RouterCoreView(self.info, self.stats, tokenizer)
         self.max_queued_requests: int | None = None   # queue limits live in the replicas
 
     # ----------------------------------------------------------------- build
