@@ -241,7 +241,7 @@ def test_batch_equals_one_by_one():
     rng = random.Random(8)
     kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, min_tokens=4),
              SamplingParams(temperature=0.9, seed=3)]
-    for _ in range(30):
+    for _ in range(12):
         requests = [req(rng.choice(kinds), output=[1] * rng.randint(0, 5)) for _ in range(4)]
         drafts = [[rng.randrange(V) for _ in range(rng.randint(0, 4))] for _ in requests]
         logits = torch.randn(sum(len(d) + 1 for d in drafts), V, generator=g) * 3
