@@ -178,8 +178,8 @@ def online(args) -> None:
     tokenizer = engines["off"].tokenizer
     print("| workload | concurrency | engine | out tok/s (median) | vs off | identical | spec stats |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("edit", "chat"):
-        for conc in (1, 8):
+    for name in args.workloads.split(","):
+        for conc in [int(c) for c in args.concurrency.split(",")]:
             prompts = build_prompts(tokenizer, name, conc if conc > 1 else 2, args.seed)
             params = [SamplingParams(temperature=0.0, max_tokens=min(m, args.max_tokens))
                       for _, m in prompts]
@@ -212,6 +212,8 @@ def main() -> None:
     p.add_argument("--k", default="4,8", help="draft lengths (online: the first)")
     p.add_argument("--requests", type=int, default=4, help="offline: answers per workload")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workloads", default="edit,chat", help="online: which workloads")
+    p.add_argument("--concurrency", default="1,8", help="online: batch sizes (1: one at a time)")
     p.add_argument("--rounds", type=int, default=2, help="online: interleaved A/B rounds")
     p.add_argument("--max-tokens", type=int, default=4096, help="output cap per request")
     p.add_argument("--reference", choices=["engine", "transformers"], default="engine",
