@@ -144,3 +144,40 @@ def test_damaged_files_are_rejected_and_deleted(tmp_path, damage):
     path.write_bytes(bytes(data))
     assert store.read(r.block_hash) is None
     assert store.stats.rejected == 1 and not path.exists()
+
+
+@pytest.mark.parametrize("async_writes", [True, False])
+def test_connector_round_trip_whether_or_not_the_writer_has_run(tmp_path, async_writes):
+    """Pages saved and loaded straight back are identical, whether they are still queued for
+    the writer (served from memory) or already on disk; a chain mismatch stops the load."""
+    import torch
+
+    from tokenfactory.engine.warehouse import WarehouseConnector
+
+    L, Hkv, bs, D, blocks = 2, 2, 4, 8, 6
+    cache = torch.randn(L, 2, Hkv, blocks, bs, D).to(torch.bfloat16)
+
+    class Pages:      # a KVPageIO over one tensor (layers, K/V, Hkv, blocks, bs, D)
+        def read_kv_blocks(self, ids):
+            return cache[:, :, :, list(ids)].clone()
+
+        def write_kv_blocks(self, ids, pages):
+            cache[:, :, :, list(ids)] = pages
+
+    conn = WarehouseConnector(PageStore(tmp_path, FP, max_bytes=1 << 30), Pages(),
+                              (L, 2, Hkv, bs, D), torch.bfloat16, async_writes=async_writes)
+    chain, parent, toks = [], None, []
+    for i in range(3):
+        toks.append([i] * bs)
+        parent = hash_block(parent, toks[-1])
+        chain.append(parent)
+    conn.save(chain, [0, 1, 2], toks)
+    assert conn.lookup(chain + [b"z" * 16]) == 3
+    want = cache[:, :, :, [0, 1, 2]].clone()
+    cache[:, :, :, [3, 4, 5]] = 0
+    assert conn.load(chain, [3, 4, 5], toks) == 3
+    assert torch.equal(cache[:, :, :, [3, 4, 5]], want)
+    assert conn.load([chain[0], chain[2]], [3, 4], [toks[0], toks[2]]) == 1   # broken chain
+    assert conn.load(chain, [3, 4, 5], [toks[0], [9] * bs, toks[2]]) == 1     # other tokens
+    conn.close()
+    assert all(PageStore(tmp_path, FP, max_bytes=1 << 30).contains(h) for h in chain[:1])
