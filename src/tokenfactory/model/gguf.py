@@ -334,12 +334,74 @@ def _copy_tensor(gf: GGUFFile, part: _Part, dst: torch.Tensor) -> None:
             dst[r0:r1].copy_(w)
 
 
-def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile) -> None:
-    """Fill every parameter of ``model`` (built from :func:`load_gguf_config` of ``gf``)."""
+# our linear modules that can keep GGUF blocks: (path under a decoder layer, or the model)
+_QUANT_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")   # executed as stored by kernels/quant.c
+
+
+def _quant_blocks(gf: GGUFFile, parts: list[_Part]) -> torch.Tensor:
+    """The parts' raw blocks as one uint8 (rows, row bytes) tensor: a view of the map for a
+    single unpermuted tensor, else a copy with q/k rows put back in Hugging Face order (a row
+    is whole blocks, so rows move as they do for dense weights)."""
+    with warnings.catch_warnings():   # "the given NumPy array is not writable"
+        warnings.simplefilter("ignore", UserWarning)
+        views = [torch.from_numpy(gf.tensors[p.name].data) for p in parts]
+    if len(parts) == 1 and not parts[0].permute_heads:
+        return views[0]
+    out = torch.empty((sum(p.rows for p in parts), views[0].shape[1]), dtype=torch.uint8)
+    offset = 0
+    for part, view in zip(parts, views):
+        dst = out[offset:offset + part.rows]
+        if part.permute_heads:
+            copy_unpermuted(dst, view, part.permute_heads)
+        else:
+            dst.copy_(view)
+        offset += part.rows
+    return out
+
+
+def _use_quant_linears(model: torch.nn.Module, gf: GGUFFile,
+                       names: dict[str, list[_Part]]) -> dict[str, str]:
+    """Swap every linear whose GGUF tensors are all of one type in :data:`QUANT_TYPES` for a
+    :class:`QuantLinear` holding those blocks (lm_head too, tied to the embedding or not: as
+    llama.cpp, which multiplies by the file's output/token_embd tensor as stored). Returns
+    our weight name -> kind for each swapped linear; the rest stay dense."""
+    from tokenfactory.model.quant_linear import QuantLinear
+
+    cfg: ModelConfig = model.config
+    head_parts = names.get("lm_head.weight", [_Part("token_embd.weight", cfg.vocab_size)])
+    targets = [("lm_head", model, "lm_head", head_parts)]
+    for i, layer in enumerate(model.layers):
+        for path in _QUANT_LINEARS:
+            owner_path, attr = path.split(".")
+            key = f"layers.{i}.{path}"
+            targets.append((key, getattr(layer, owner_path), attr, names[key + ".weight"]))
+    swapped = {}
+    for key, owner, attr, parts in targets:
+        types = {gf.tensors[p.name].tensor_type.name for p in parts}
+        if len(types) != 1 or next(iter(types)) not in QUANT_TYPES:
+            continue
+        dense = getattr(owner, attr)
+        bias = None if dense.bias is None else torch.empty_like(dense.bias)   # loaded below
+        kind = next(iter(types)).lower()
+        setattr(owner, attr, QuantLinear(kind, _quant_blocks(gf, parts), dense.in_features,
+                                         bias=bias, float_output=key == "lm_head"))
+        swapped[key + ".weight"] = kind
+    return swapped
+
+
+def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile, quantized: bool = False) -> None:
+    """Fill every parameter of ``model`` (built from :func:`load_gguf_config` of ``gf``).
+    ``quantized``: linears stored as Q8_0/Q4_0/Q4_1 become :class:`QuantLinear` modules
+    holding the blocks as stored (only the rest is dequantized)."""
     cfg: ModelConfig = model.config
     names = gguf_tensor_names(cfg, gf.arch)
     params = dict(model.named_parameters(remove_duplicate=False))
     _check_tensors(gf, names, params)
+    swapped = _use_quant_linears(model, gf, names) if quantized else {}
+    # after the swap, a QuantLinear's bias is a buffer: fill it like a parameter
+    targets = {**dict(model.named_buffers(remove_duplicate=False)),
+               **dict(model.named_parameters(remove_duplicate=False))}
     threads = torch.get_num_threads()
     # one thread: most tensors are small (0.3M values), and handing each copy to the thread
     # pool cost more than it saved (135M file: 2.4 s CPU with 2 threads, 0.9 s with one)
@@ -347,16 +409,25 @@ def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile) -> None:
     try:
         with torch.no_grad():
             for ours, parts in names.items():
-                param, offset = params[ours], 0
+                if ours in swapped:
+                    continue
+                param, offset = targets[ours], 0
                 for part in parts:
                     _copy_tensor(gf, part, param[offset:offset + part.rows])
                     offset += part.rows
     finally:
         torch.set_num_threads(threads)
-    kinds = Counter(gf.tensors[p.name].tensor_type.name for ps in names.values() for p in ps)
+    kinds = Counter(gf.tensors[p.name].tensor_type.name for ours, ps in names.items()
+                    if ours not in swapped for p in ps)
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     log.info("%s: %s weights (%s) dequantized to %s", gf.path.name, gf.arch,
-             ", ".join(f"{n} {k}" for k, n in kinds.most_common()),
-             str(model.embed_tokens.weight.dtype).removeprefix("torch."))
+             ", ".join(f"{n} {k}" for k, n in kinds.most_common()), dtype)
+    if quantized:
+        runs = Counter(swapped.values())
+        dense = 1 + len(model.layers) * len(_QUANT_LINEARS) - len(swapped)
+        log.info("%s: linears run as stored: %s; lm_head %s; %d linears dense in %s",
+                 gf.path.name, ", ".join(f"{n} {k}" for k, n in runs.most_common()) or "none",
+                 swapped.get("lm_head.weight", dtype), dense, dtype)
     if "rope_freqs.weight" in gf.tensors:
         # Llama 3.1-style RoPE: llama.cpp stores the per-frequency divisors it computed from
         # the checkpoint's rope_scaling instead of the parameters themselves

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from tokenfactory.model.config import ModelConfig, ModelLoadError, load_model_config
 from tokenfactory.model.gguf import is_gguf_file, load_gguf_config, load_gguf_weights, open_gguf
 from tokenfactory.model.llama import LlamaForCausalLM
+from tokenfactory.model.quant_linear import use_int8_linears
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,31 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
             f.__exit__(None, None, None)
 
 
+QUANTIZATIONS = ("gguf", "none", "int8")
+
+
+def resolve_quantization(requested: str | None, is_gguf: bool, dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> str:
+    """How linear weights are held. ``None``/"auto": "none" (dequantized to ``dtype``) --
+    see :func:`load_model`. "gguf": a GGUF file's Q8_0/Q4_0/Q4_1 linears run as stored
+    (other files: nothing to keep, same as "none"); "int8": per-channel int8 at load."""
+    choice = "none" if requested in (None, "auto") else requested
+    if choice not in QUANTIZATIONS:
+        raise ValueError(f"unsupported quantization {requested!r} (use {', '.join(QUANTIZATIONS)})")
+    if choice != "none" and torch.device(device).type != "cpu":
+        raise ValueError(f"quantization {choice!r} runs on CPU only")
+    return choice if (choice != "gguf" or is_gguf) else "none"
+
+
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> LlamaForCausalLM:
+               device: torch.device | str = "cpu",
+               quantization: str | None = None) -> LlamaForCausalLM:
     """Read a Hugging Face directory (config.json + safetensors) or a GGUF file (recognized
     by its magic bytes, see gguf.py); returns an eval-mode model. A GGUF file is served in
-    bfloat16 unless ``dtype`` says otherwise."""
+    bfloat16 unless ``dtype`` says otherwise. ``quantization`` (see
+    :func:`resolve_quantization`): "gguf" keeps a GGUF file's quantized linears as stored
+    (model/quant_linear.py), "int8" quantizes the layers' linears per output channel,
+    "none"/None dequantizes everything to ``dtype``."""
     model_dir = Path(model_dir)
     gguf_file = None
     if is_gguf_file(model_dir) or (model_dir.suffix.lower() == ".gguf" and not model_dir.is_dir()):
@@ -186,6 +207,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     else:
         cfg = load_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg, device)
+    quant = resolve_quantization(quantization, gguf_file is not None, torch_dtype, device)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch_dtype)
     model = model.to_empty(device=device)
@@ -193,9 +215,13 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.to(device)
     if gguf_file is not None:
-        load_gguf_weights(model, gguf_file)
+        load_gguf_weights(model, gguf_file, quantized=quant == "gguf")
     else:
         load_weights(model, model_dir)
+    if quant == "int8":
+        count = use_int8_linears(model)
+        log.info("%s: %d linears quantized to int8 per output channel at load; embedding and "
+                 "lm_head in %s", model_dir.name, count, str(torch_dtype).removeprefix("torch."))
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -1,0 +1,150 @@
+"""Weight-only quantized linear layers: GGUF Q8_0 / Q4_0 / Q4_1 blocks as stored, or int8
+per output channel.
+
+Why: on a CPU a decode step is a read of every weight byte, so bytes per weight set its speed
+(Q4_1: 0.625 bytes, Q8_0 1.06, int8 1, bf16 2). :class:`QuantLinear` keeps the file's blocks
+(a uint8 tensor, rows of whole blocks) and runs them through ``kernels/quant.c``:
+
+* up to :data:`NATIVE_MAX_ROWS` activation rows (decode steps): the native kernel, which
+  reads each weight byte once and computes the dequantized weights' exact product with the
+  bfloat16 activations (float32 sums). float32 activations go in as two bfloat16 halves
+  (hi + lo: 16 mantissa bits, two passes): a float32 model then matches its dequantized self
+  to ~1e-5 instead of inheriting bfloat16 rounding noise;
+* more rows (prefill chunks): the weight is dequantized to bfloat16 (one C pass, a few MB)
+  and multiplied by oneDNN's GEMM, whose blocked bfloat16 kernels beat the integer dot
+  products once the weight is reused across many rows (measured: benchmarks/quantized.py);
+* no native kernels (another CPU, TOKENFACTORY_NATIVE_KERNELS=0): ``gguf.quants`` dequantizes
+  in numpy and torch multiplies, the same numbers as loading with ``quantization="none"``.
+
+``native_linear()`` describes the weight for the native decode step (model/linear_kernels.py,
+H3's), which dispatches on its ``kind``.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenfactory.model.kernels import quant
+
+log = logging.getLogger(__name__)
+
+# Up to this many rows the native integer kernel runs; beyond, dequantize + oneDNN.
+NATIVE_MAX_ROWS = 32
+
+KINDS = tuple(quant.KINDS)   # "q8_0", "q4_0", "q4_1", "int8"
+
+
+def _gguf_dequantize(kind: str, blocks: torch.Tensor) -> np.ndarray:
+    import gguf
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    return gguf.quants.dequantize(blocks.numpy(), qtype)
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with W stored quantized (see the module docstring).
+
+    ``weight``: uint8 (out_features, row bytes), whole blocks per row as in the GGUF file
+    (int8: the int8 values' bytes); ``scales``: float32 (out_features,) for int8, else None;
+    ``bias``: (out_features,) or None, in the serving dtype. ``float_output``: return float32
+    (logits: summed in float32 and never rounded to bfloat16, as the bf16 path does)."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, in_features: int,
+                 scales: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 float_output: bool = False):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown quantized kind {kind!r} (one of {', '.join(KINDS)})")
+        if in_features % quant.BLOCK or weight.dim() != 2 or \
+                weight.shape[1] != quant.row_bytes(kind, in_features):
+            raise ValueError(f"{kind} weight of shape {tuple(weight.shape)} cannot hold rows of "
+                             f"{in_features} values")
+        self.kind, self.in_features, self.out_features = kind, in_features, weight.shape[0]
+        self.float_output = float_output
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+        self.native_max_rows = NATIVE_MAX_ROWS if quant.library() is not None else 0
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as a dense (out, in) tensor of ``dtype`` (a fresh copy)."""
+        if quant.library() is not None and dtype == torch.bfloat16:
+            return quant.dequantize_bf16(self.kind, self.weight, self.scales, self.in_features)
+        if self.kind == "int8":
+            dense = self.weight.view(torch.int8).float() * self.scales[:, None]
+        else:
+            dense = torch.from_numpy(_gguf_dequantize(self.kind, self.weight))
+        return dense.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        x2 = x.reshape(rows, self.in_features)                       # (M, K)
+        if rows <= self.native_max_rows:
+            if x2.dtype == torch.bfloat16:
+                y = quant.qlinear(self.kind, self.weight, self.scales, x2.contiguous())
+            else:   # float32 (or other) activations: two bfloat16 halves, 16 mantissa bits
+                hi = x2.to(torch.bfloat16)
+                lo = (x2.float() - hi.float()).to(torch.bfloat16)
+                y = quant.qlinear(self.kind, self.weight, self.scales, hi.contiguous())
+                y += quant.qlinear(self.kind, self.weight, self.scales, lo.contiguous())
+            if self.bias is not None:
+                y += self.bias
+        else:
+            dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+            y = F.linear(x2.to(dtype), self.dequantized(dtype), self.bias)
+        y = y.float() if self.float_output else y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def native_linear(self):
+        """This weight for the native decode step (H3's ``NativeLinear``), or None where that
+        interface or the kernels are missing. The bias, if any, must be bfloat16."""
+        try:
+            from tokenfactory.model.linear_kernels import NativeLinear
+        except ImportError:
+            return None
+        if quant.library() is None or (self.bias is not None
+                                       and self.bias.dtype != torch.bfloat16):
+            return None
+        return NativeLinear(kind=self.kind, weight_ptr=self.weight.data_ptr(),
+                            scales_ptr=0 if self.scales is None else self.scales.data_ptr(),
+                            bias_ptr=0 if self.bias is None else self.bias.data_ptr(),
+                            out_features=self.out_features, in_features=self.in_features,
+                            owner=self)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of a dense (out, in) weight: (uint8 bytes of the int8
+    values (out, in), float32 scales (out,)); w ~= scale[n] * q[n, k], |q| <= 127."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / torch.where(scales > 0, scales, 1.0)[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8).view(torch.uint8).contiguous(), scales.contiguous()
+
+
+def int8_linear(linear: nn.Module, float_output: bool = False) -> QuantLinear:
+    """A :class:`QuantLinear` of kind int8 from an ``nn.Linear``-like module (weight, bias)."""
+    blocks, scales = quantize_int8(linear.weight)
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return QuantLinear("int8", blocks, linear.weight.shape[1], scales, bias, float_output)
+
+
+def use_int8_linears(model: nn.Module) -> int:
+    """Replace the decoder layers' q/k/v, o, gate/up and down linears by int8 QuantLinears
+    (the embedding and lm_head stay as they are, as vLLM's on-the-fly int8 does). Returns
+    how many were replaced; layers whose input width is not a multiple of 32 are kept."""
+    count = 0
+    for layer in model.layers:
+        for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                            (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            lin = getattr(owner, name)
+            if isinstance(lin, nn.Linear) and lin.in_features % quant.BLOCK == 0:
+                setattr(owner, name, int8_linear(lin))
+                count += 1
+    return count

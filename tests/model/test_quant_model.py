@@ -1,0 +1,185 @@
+"""The real SmolLM2 with its linears run as stored (QuantLinear) against the same weights
+dequantized (``quantization="none"``): greedy tokens and perplexity on real text.
+
+Both models run the same paged attention and differ in the linears only: the native kernels
+multiply the blocks as stored, the dequantized model dense weights. QuantLinear is forced onto its native kernel for every row count
+(prefill chunks otherwise run the dequantized weight through oneDNN: same numbers as the
+reference, nothing tested). Q8_0 and Q4_0 files are written here from the Q4_1 file's
+weights with the ``gguf`` package's quantizer.
+"""
+from __future__ import annotations
+
+import math
+import sysconfig
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tokenfactory.model.default import default_model_path
+from tokenfactory.model.kernels import quant
+from tokenfactory.model.layers import AttentionMetadata, PrefillSeq
+from tokenfactory.model.loader import load_model
+from tokenfactory.model.quant_linear import QuantLinear
+from tokenfactory.text.gguf_tokenizer import read_gguf_tokenizer
+
+pytestmark = pytest.mark.skipif(quant.library() is None, reason="native kernels unavailable")
+
+PROMPTS = [
+    "The history of the Roman Empire began",
+    "def quicksort(items):\n    if len(items) <= 1:\n        return items\n",
+    "La Tour Eiffel est un monument situé à Paris. Elle a été construite",
+    "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def prefill_hidden(model, ids: list[int]) -> torch.Tensor:
+    """Final hidden states (T, hidden) of one prefill of ``ids`` over a fresh paged cache."""
+    cfg, bs, n = model.config, 16, len(ids)
+    pages = (n + bs - 1) // bs
+    dtype = model.embed_tokens.weight.dtype
+    for layer in model.layers:
+        shape = (cfg.num_kv_heads, pages, bs, cfg.head_dim)
+        layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype)
+        layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype)
+    meta = AttentionMetadata(block_size=bs, slot_mapping=torch.arange(n),
+                             prefills=[PrefillSeq(0, n, 0, torch.arange(pages))])
+    with torch.no_grad():
+        return model(torch.tensor(ids), torch.arange(n), meta)
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:
+    """(T, vocab) float32: the quantized lm_head's own float32 output, or for a dense head
+    the float32 product (so neither side is rounded to bfloat16)."""
+    hidden = prefill_hidden(model, ids)
+    head = model.lm_head
+    with torch.no_grad():
+        if isinstance(head, QuantLinear):
+            return head(hidden).float()
+        return hidden.float() @ head.weight.float().T
+
+
+def force_native(model) -> int:
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.native_max_rows = 1 << 30
+            count += 1
+    return count
+
+
+def requantized_file(src: Path, dst: Path, qtype) -> Path:
+    """``src``'s architecture metadata and tensors, every 2-D weight requantized to
+    ``qtype`` from its dequantized values (rows in the file's own order)."""
+    reader = gguf.GGUFReader(src)
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith(arch + ".") and len(field.types) == 1:
+            value = field.contents()
+            if isinstance(value, float):
+                writer.add_float32(key, value)
+            elif isinstance(value, int):
+                writer.add_uint32(key, value)
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        dense = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        if len(shape) == 2:
+            writer.add_tensor(t.name, gguf.quants.quantize(dense, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, dense)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[list[int]]:
+    """Token ids: 256 tokens of textwrap.py (held text, perplexity), then the prompts."""
+    tok = read_gguf_tokenizer(default_model_path()).backend
+    held = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    return [tok.encode(held).ids[:256]] + [tok.encode(p).ids for p in PROMPTS]
+
+
+@pytest.fixture(scope="module", params=["Q4_1", "Q8_0", "Q4_0"])
+def runs(request, texts, tmp_path_factory):
+    """For the real Q4_1 file and Q8_0 / Q4_0 files requantized from it: (name, {"bf16":
+    (logits as stored, logits dequantized) per text, "float32": the same for the held text
+    in float32 (QuantLinear takes float32 activations as two bfloat16 halves)})."""
+    path = default_model_path()
+    if request.param != "Q4_1":
+        path = requantized_file(path, tmp_path_factory.mktemp("q") / f"{request.param}.gguf",
+                                getattr(gguf.GGMLQuantizationType, request.param))
+    out = {}
+    for dtype in ("bfloat16", "float32"):
+        quantized = load_model(path, quantization="gguf", dtype=dtype)
+        assert force_native(quantized) == 1 + 4 * quantized.config.num_layers
+        kinds = {m.kind for m in quantized.modules() if isinstance(m, QuantLinear)}
+        assert kinds == ({"q4_1", "q8_0"} if request.param == "Q4_1" else {request.param.lower()})
+        which = texts if dtype == "bfloat16" else texts[:1]
+        ours = [logits(quantized, ids) for ids in which]
+        del quantized
+        dense = load_model(path, quantization="none", dtype=dtype)
+        assert not any(isinstance(m, QuantLinear) for m in dense.modules())
+        out[dtype] = (ours, [logits(dense, ids) for ids in which])
+        del dense
+    return request.param, out
+
+
+def perplexity(lg: torch.Tensor, ids: list[int]) -> float:
+    return math.exp(torch.nn.functional.cross_entropy(lg[:-1].float(),
+                                                      torch.tensor(ids[1:])).item())
+
+
+def test_greedy_tokens_match_dequantized(runs):
+    """Served in bfloat16: at every position of the texts, the next token greedy decoding
+    would pick is the same as with the dequantized weights on >= 95% of positions."""
+    name, out = runs
+    ours, ref = out["bfloat16"]
+    agree = sum(int((o.argmax(-1) == r.argmax(-1)).sum()) for o, r in zip(ours, ref))
+    total = sum(len(r) for r in ref)
+    print(f"{name}: greedy agreement {agree}/{total}")
+    assert agree >= 0.95 * total
+
+
+def test_perplexity_matches_dequantized(runs, texts):
+    """Perplexity of 256 tokens of textwrap.py. Same numbers, different kernel: in float32,
+    within 0.01% of the dequantized weights' (the issue's bound is 0.1%). In bfloat16, rounding noise alone moves
+    perplexity by a few tenths of a percent either way (any difference below bf16 resolution
+    -- a float32 summation order -- flips roundings that grow ~10x a layer; the dense bf16
+    model is 0.4% off its float32 self here): bounded at 1%."""
+    name, out = runs
+    (q32,), (d32,) = out["float32"]
+    p_q, p_d = perplexity(q32, texts[0]), perplexity(d32, texts[0])
+    b_q, b_d = perplexity(out["bfloat16"][0][0], texts[0]), perplexity(out["bfloat16"][1][0], texts[0])
+    print(f"{name}: perplexity as stored {p_q:.5f}, dequantized {p_d:.5f} (float32); "
+          f"bf16: {b_q:.4f} vs {b_d:.4f}")
+    assert abs(p_q - p_d) <= 1e-4 * p_d   # the issue asks 0.1%; measured ~1e-6
+    assert abs(b_q - b_d) <= 0.01 * b_d
+    assert p_d < 25   # the model reads the text (a uniform guess: 49,152)
+
+
+def test_int8_at_load_keeps_the_model(texts):
+    """``quantization="int8"``: the layers' linears become per-channel int8 (embedding and
+    lm_head stay bfloat16); greedy tokens and perplexity stay close to the bf16 weights'
+    (a real rounding of the weights this time, so looser bounds than the GGUF kinds)."""
+    path = default_model_path()
+    int8 = load_model(path, quantization="int8")
+    quantized = [m for m in int8.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 4 * int8.config.num_layers
+    assert {m.kind for m in quantized} == {"int8"} and not isinstance(int8.lm_head, QuantLinear)
+    force_native(int8)
+    ours = [logits(int8, ids) for ids in texts]
+    del int8, quantized
+    dense = load_model(path, quantization="none")
+    ref = [logits(dense, ids) for ids in texts]
+    agree = sum(int((o.argmax(-1) == r.argmax(-1)).sum()) for o, r in zip(ours, ref))
+    total = sum(len(r) for r in ref)
+    p_q, p_d = perplexity(ours[0], texts[0]), perplexity(ref[0], texts[0])
+    print(f"int8: greedy agreement {agree}/{total}, perplexity {p_q:.4f} vs {p_d:.4f}")
+    assert agree >= 0.9 * total
+    assert abs(p_q - p_d) <= 0.01 * p_d
