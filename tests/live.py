@@ -49,8 +49,6 @@ REPLIES = {
     "stop": "one two STOP three four",
     "long": " ".join(f"word{i}" for i in range(300)),
     # continuations after a tool_choice prefill ('<tool_call>\n{"name": ' + ...)
-    "forced_any": 'get_weather", "arguments": {"city": "Rome"}}\n</tool_call>',
-    "forced_tool": '{"city": "Lima"}}\n</tool_call>',
     "continue": " and that is the end.",
     "unicode": "Grüße, 世界! 🎉 ok",
 }

@@ -318,9 +318,9 @@ def serve_main(argv: list[str]) -> int:
              json.dumps(sampling_defaults) if sampling_defaults else
              "none from the model (temperature 1.0, top_p 1.0)")
     if not app.state.ctx.template_shows_tools:
-        log.warning("the chat template of %s has no place for tools: tool definitions in "
-                    "requests are NOT shown to the model (responses say so in the "
-                    "x-tokenfactory-tools-dropped header)", name)
+        log.info("the chat template of %s has no place for tools: tools in requests are "
+                 "described in the system turn in the generic format (docs/api.md, 'Tools on "
+                 "any template')", name)
     limits = ConnectionLimits(max_connections=max_conn, header_timeout=args.header_timeout)
     server = _server_class()(uvicorn_config(app, host=args.host, port=args.port, limits=limits,
                                             log_level=args.log_level.lower(),

@@ -180,12 +180,6 @@ class ServingContext:
             return requested
         return self.options.sampling_defaults.get(name, fallback)
 
-    def tools_dropped_headers(self, num_tools: int) -> dict[str, str]:
-        """Say so when a request's tools cannot reach the model (see template_shows_tools)."""
-        if num_tools and not self.template_shows_tools:
-            return {"x-tokenfactory-tools-dropped": str(num_tools)}
-        return {}
-
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}{secrets.token_hex(12)}"
 
