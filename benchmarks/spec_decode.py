@@ -176,7 +176,7 @@ def online(args) -> None:
             raise SystemExit(f"the engine does not take speculative= yet ({exc}); "
                              f"run with --offline") from None
     tokenizer = engines["off"].tokenizer
-    print("| workload | concurrency | engine | out tok/s (median) | vs off | identical | spec stats |")
+    print("| workload | concurrency | engine | out tok/s (median) | vs off | identical | speculation |")
     print("|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
         for conc in [int(c) for c in args.concurrency.split(",")]:
@@ -185,6 +185,7 @@ def online(args) -> None:
                       for _, m in prompts]
             rates: dict[str, list[float]] = {key: [] for key in engines}
             texts: dict[str, list] = {}
+            before = {key: _counts(llm) for key, llm in engines.items()}
             for _ in range(args.rounds):              # interleaved A/B: drift hits both alike
                 for key, llm in engines.items():
                     t0 = time.perf_counter()
@@ -198,11 +199,21 @@ def online(args) -> None:
                     rates[key].append(sum(map(len, ids)) / dt)
                     texts[key] = ids
             base = statistics.median(rates["off"])
-            for key in engines:
+            for key, llm in engines.items():
                 med = statistics.median(rates[key])
-                stats = getattr(engines[key].engine, "spec_stats", None) if key != "off" else None
+                drafts, proposed, accepted = (a - b for a, b in zip(_counts(llm), before[key]))
+                spec = (f"acceptance {accepted / proposed:.1%}, mean accepted length "
+                        f"{1 + accepted / drafts:.2f}" if drafts and proposed else "")
                 print(f"| {name} | {conc} | {key} | {med:.1f} | {med / base:.2f}x | "
-                      f"{texts[key] == texts['off']} | {stats or ''} |")
+                      f"{texts[key] == texts['off']} | {spec} |", flush=True)
+
+
+def _counts(llm) -> tuple[int, int, int]:
+    """(drafts, draft tokens, accepted tokens) over every proposer of an engine so far."""
+    stats = getattr(llm.engine, "spec_stats", None) or {}
+    return (sum(s.num_drafts for s in stats.values()),
+            sum(s.num_draft_tokens for s in stats.values()),
+            sum(s.num_accepted_tokens for s in stats.values()))
 
 
 def main() -> None:
