@@ -194,7 +194,8 @@ class Scheduler:
         request.status = status
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
-        self._finished_ids.append(request.request_id)
+        if request.first_scheduled_time is not None:   # an executor may hold its state
+            self._finished_ids.append(request.request_id)
         if self.proposer is not None:
             self.proposer.finished(request.request_id)
 
