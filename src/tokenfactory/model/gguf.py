@@ -423,9 +423,9 @@ def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile, quantized: bool = Fa
     log.info("%s: %s weights (%s) dequantized to %s", gf.path.name, gf.arch,
              ", ".join(f"{n} {k}" for k, n in kinds.most_common()), dtype)
     if quantized:
-        runs = Counter(swapped.values())
+        runs = Counter(kind for key, kind in swapped.items() if key != "lm_head.weight")
         dense = 1 + len(model.layers) * len(_QUANT_LINEARS) - len(swapped)
-        log.info("%s: linears run as stored: %s; lm_head %s; %d linears dense in %s",
+        log.info("%s: layer linears run as stored: %s; lm_head %s; %d linears dense in %s",
                  gf.path.name, ", ".join(f"{n} {k}" for k, n in runs.most_common()) or "none",
                  swapped.get("lm_head.weight", dtype), dense, dtype)
     if "rope_freqs.weight" in gf.tensors:
