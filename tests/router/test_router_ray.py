@@ -196,6 +196,34 @@ def test_http_api_serves_through_the_router(fleet):
     assert sum(r.routed for r in router.replicas) == 3
 
 
+def test_disaggregated_prefill_decode_matches_one_replica(fleet, spec):
+    """Replica 0 prefills, its pages move to replica 1 through the object store and replica 1
+    decodes: greedy outputs as one replica's, the prompt's full blocks counted as cached on
+    the decode replica, the transfer recorded."""
+    from tokenfactory.engine.llm import LLM
+
+    ps = prompts(3, seed=11, lo=70, hi=120)
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    router = RouterEngine([fleet.actors[1]], [fleet.info], prefill_actors=[fleet.actors[0]],
+                          tokenizer=fleet.core.tokenizer, owns_replicas=False)
+    router.poll_once()
+    router.start()
+    try:
+        async def main():
+            return [await collect(router, f"pd{i}", p, params, cache_salt="pd")
+                    for i, p in enumerate(ps)]
+        outs = asyncio.run(main())
+    finally:
+        router.shutdown()
+    local = LLM(spec.model, dtype="float32", kernels="torch", **ENGINE_ARGS).generate(
+        ps, params, use_tqdm=False)
+    assert [o[-1].outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in local]
+    for p, o in zip(ps, outs):
+        assert o[-1].num_cached_tokens == (len(p) - 1) // 16 * 16
+    assert [t.tokens for t in router.transfers] == [len(p) // 16 * 16 for p in ps]
+    assert all(t.seconds >= 0 and t.export_seconds > 0 for t in router.transfers)
+
+
 def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fleet):
     """Replica 0 runs a long stream and has a request queued behind a full batch; killing it
     ends the stream with EngineDeadError within bounded time, the queued request is served by

@@ -17,6 +17,11 @@ once. Its requests that had produced no output yet are re-routed to another repl
 already streaming end with ``EngineDeadError`` (the API turns it into a protocol error event).
 Ray restarts the actor; when the poller reaches the new incarnation (a fresh engine with an
 empty cache) the replica is healthy again.
+
+Disaggregated prefill/decode (``prefill_actors``): the policy picks the decode replica; unless
+it already holds the prompt's blocks, a prefill replica (in turn) computes them and the pages
+move to the decode replica through Ray's object store (router/disagg.py); ``transfers``
+records each hand-over.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from tokenfactory.router.core_view import RouterCoreView
 from tokenfactory.router.index import PrefixIndex
 from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
                                         ReplicaState, RoundRobin, choose_replica,
-                                        request_block_hashes)
+                                        matched_blocks, request_block_hashes)
 from tokenfactory.router.replica import ReplicaInfo, ReplicaItem, ReplicaRefusal, ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,15 @@ class ReplicaView:
 
 
 @dataclass
+class TransferRecord:
+    """One prefill -> decode hand-over (disaggregated mode)."""
+
+    tokens: int                 # prompt tokens whose pages moved
+    export_seconds: float       # copying them out of the prefill replica's cache
+    seconds: float              # export done -> pages in the decode replica (object store hop)
+
+
+@dataclass
 class _Stream:
     tenant: str | None
     replica: int = -1
@@ -64,8 +78,8 @@ class _Stream:
 class RouterEngine:
     def __init__(self, actors: list, infos: list[ReplicaInfo], *, policy: str = "prefix",
                  tokenizer=None, bound: LoadBound = LoadBound(), poll_interval: float = 0.02,
-                 recent_half_life: float = 5.0, owns_replicas: bool = True,
-                 owns_ray: bool = False):
+                 recent_half_life: float = 5.0, prefill_actors: Sequence = (),
+                 owns_replicas: bool = True, owns_ray: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of "
                              f"{', '.join(POLICIES)}")
@@ -77,6 +91,11 @@ class RouterEngine:
         self.bound = bound
         self.poll_interval = poll_interval
         self.owns_replicas = owns_replicas
+        # Disaggregated prefill/decode: prompts are computed on these replicas and their pages
+        # moved to the decode replica (``actors``) chosen by the policy (router/disagg.py).
+        self.prefill_actors = list(prefill_actors)
+        self._next_prefill = 0
+        self.transfers: list[TransferRecord] = []
         self.owns_ray = owns_ray
         self.index = PrefixIndex(len(actors))
         self.replicas = [ReplicaView(i) for i in range(len(actors))]
@@ -96,22 +115,26 @@ class RouterEngine:
     # ----------------------------------------------------------------- build
     @classmethod
     def launch(cls, spec: ReplicaSpec, num_replicas: int, *, policy: str = "prefix",
-               ray_address: str | None = None, num_cpus: int | None = None,
-               tokenizer=None, **kwargs) -> "RouterEngine":
+               num_prefill_replicas: int = 0, ray_address: str | None = None,
+               num_cpus: int | None = None, tokenizer=None, **kwargs) -> "RouterEngine":
         """Start a local Ray runtime (or join ``ray_address``), ``num_replicas`` replicas of
-        ``spec``, and a router over them. ``tokenizer``: the HTTP side's (loaded from
+        ``spec`` (the decode replicas when ``num_prefill_replicas`` > 0: disaggregated
+        prefill/decode), and a router over them. ``tokenizer``: the HTTP side's (loaded from
         ``spec.model`` when None)."""
         import ray
 
         from tokenfactory.router.replica import init_ray, start_replicas
 
+        total = num_replicas + num_prefill_replicas
         owns = not ray.is_initialized() and ray_address is None
-        init_ray(num_cpus if num_cpus is not None else num_replicas * spec.threads, ray_address)
-        actors = start_replicas(spec, num_replicas)
+        init_ray(num_cpus if num_cpus is not None else total * spec.threads, ray_address)
+        actors = start_replicas(spec, total)
         infos = ray.get([a.info.remote() for a in actors])
         if tokenizer is None:
             tokenizer = load_tokenizer(spec.model)
-        return cls(actors, infos, policy=policy, tokenizer=tokenizer, owns_ray=owns, **kwargs)
+        return cls(actors[num_prefill_replicas:], infos[num_prefill_replicas:], policy=policy,
+                   tokenizer=tokenizer, prefill_actors=actors[:num_prefill_replicas],
+                   owns_ray=owns, **kwargs)
 
     # --------------------------------------------------------------- control
     def start(self) -> None:
@@ -128,7 +151,7 @@ class RouterEngine:
             self._poller.join(timeout)
         if not self.owns_replicas:
             return
-        for actor in self.actors:
+        for actor in self.actors + self.prefill_actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
@@ -238,6 +261,8 @@ class RouterEngine:
                     view.in_flight += 1
                     view.routed += 1
                 try:
+                    if self.prefill_actors:
+                        await self._prefill_elsewhere(request_id, ids, cache_salt, ri)
                     gen = self.actors[ri].generate.options(num_returns="streaming").remote(
                         request_id, ids, sampling_params, prompt, cache_salt,
                         tuple(cache_breakpoints), tenant)
@@ -269,6 +294,30 @@ class RouterEngine:
             ri = stream.replica
             if not stream.finished and ri >= 0 and self.replicas[ri].healthy:
                 self.actors[ri].abort.remote(request_id)   # the client left: free its pages
+
+    async def _prefill_elsewhere(self, request_id: str, ids: list[int], cache_salt: str | None,
+                                 decode: int) -> None:
+        """Compute the prompt on a prefill replica and move its pages to replica ``decode``,
+        unless that replica already holds them."""
+        hashes = request_block_hashes(ids, self.info.block_size, cache_salt)
+        usable = (len(ids) - 1) // self.info.block_size   # the last token is always recomputed
+        if matched_blocks(hashes, self.index[decode]) >= usable:
+            return
+        prefill = self.prefill_actors[self._next_prefill % len(self.prefill_actors)]
+        self._next_prefill += 1
+        from ray.exceptions import RayActorError
+
+        # the pages go prefill -> decode through Ray's object store, not through this process
+        count_ref, pages_ref = prefill.prefill.options(num_returns=2).remote(
+            f"{request_id}-prefill", ids, cache_salt)
+        try:
+            if not await count_ref:
+                return
+        except RayActorError as exc:   # the decode replica computes the whole prompt instead
+            log.warning("prefill replica failed (%s); decoding replica computes the prompt", exc)
+            return
+        n, export_s, hop_s = await self.actors[decode].receive.remote(pages_ref)
+        self.transfers.append(TransferRecord(n * self.info.block_size, export_s, hop_s))
 
     def abort(self, request_id: str) -> None:
         with self._lock:

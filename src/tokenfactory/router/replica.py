@@ -10,7 +10,10 @@ abort on cancel, queue limits). It exposes:
   a request refused at admission yields a single ``ReplicaRefusal`` instead;
 - ``abort(request_id)``;
 - ``poll()``: the KV events drained since the last poll plus a stats snapshot, which the
-  router applies to its prefix index and load view.
+  router applies to its prefix index and load view;
+- ``prefill(...)`` / ``receive(pages)``: disaggregated prefill/decode (router/disagg.py): any
+  replica can compute a prompt's pages for another, and any can take pages in through its
+  ``TransferConnector``.
 
 Ray is imported only by ``start_replicas`` (the class itself is plain Python), so importing
 this module costs nothing when no replica is started.
@@ -91,8 +94,18 @@ class EngineReplica:
         self._lock = threading.Lock()
         self._events: list = []
         self._charges: dict[str, list[tuple[float, int]]] = {}
+        from tokenfactory.router.disagg import TransferConnector
+
         core = build_engine_core(spec.model, dtype=spec.dtype, kernels=spec.kernels,
                                  **spec.engine_args)
+        if hasattr(core.executor, "read_kv_blocks"):
+            self.kv_io = core.executor
+        else:
+            from tokenfactory.model.kv_pages import ModelKVPageIO
+            self.kv_io = ModelKVPageIO(core.executor.model)
+        self.connector = TransferConnector()
+        self.connector.kv_io = self.kv_io
+        core.kv.attach_connector(self.connector)
         core.kv.pool.subscribe(self._on_events)
         core.add_step_listener(self._on_step)
         self.core = core
@@ -171,6 +184,34 @@ class EngineReplica:
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+    async def prefill(self, request_id: str, prompt_token_ids: Sequence[int],
+                      cache_salt: str | None = None):
+        """Compute the prompt's KV here (one sampled token, discarded) and export the pages of
+        its full blocks for a decode replica. Two returns (call with ``num_returns=2``): the
+        number of blocks, which the router awaits, and the ``disagg.PrefixPages``, which it
+        hands on to the decode replica without fetching them."""
+        from tokenfactory.router.disagg import PrefixPages, export_prefix
+        from tokenfactory.router.policy import request_block_hashes
+
+        async for out in self.engine.generate(request_id, prompt_token_ids,
+                                              SamplingParams(max_tokens=1),
+                                              cache_salt=cache_salt):
+            if out.finished and out.outputs[0].finish_reason in ("error", "abort"):
+                return 0, PrefixPages([], [], None)
+        hashes = request_block_hashes(list(prompt_token_ids), self.core.kv.block_size,
+                                      cache_salt)
+        pages = export_prefix(self.core, hashes, self.kv_io)
+        return len(pages.block_hashes), pages
+
+    def receive(self, prefix) -> tuple[int, float, float]:
+        """Take in pages a prefill replica exported. Returns (blocks, seconds the export took,
+        seconds from the export to here: the object store hop, on one host's clock)."""
+        import time
+
+        arrived = time.time() - prefix.exported_at
+        self.connector.receive(prefix)
+        return len(prefix.block_hashes), prefix.seconds, arrived
 
     def poll(self) -> ReplicaPoll:
         with self._lock:
