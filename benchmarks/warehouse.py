@@ -27,6 +27,8 @@ import statistics
 import tempfile
 import time
 
+import torch
+
 from tokenfactory.bench.workloads import agentic
 from tokenfactory.engine.block_pool import hash_block
 from tokenfactory.engine.llm import build_engine_core
@@ -116,17 +118,17 @@ def restore_vs_prefill(model: str, rounds: int, prefix_tokens: int) -> None:
               f"{med(cold) / med(xs):.1f}x the prefill  {[round(x, 3) for x in xs]}")
 
 
-def agentic_hit_rate(model: str, sessions: int, turns: int, pool_blocks: int | None) -> None:
-    core = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=4096,
-                             max_model_len=8192)
-    tok = core.tokenizer
-    wl = agentic(seed=0, sessions=sessions, turns=turns, prefix_tokens=512, tool_min=100,
-                 tool_max=300, output_tokens=16)
+def agentic_prompts(tok, sessions: int, turns: int, prefix_tokens: int, tool_min: int,
+                    tool_max: int) -> tuple[list[list[list[int]]], float]:
+    """Token ids per [session][turn] of ``bench.workloads.agentic`` (scripted assistant turns,
+    so every run sends the same prompts), and the hit rate of an unbounded cache."""
+    wl = agentic(seed=0, sessions=sessions, turns=turns, prefix_tokens=prefix_tokens,
+                 tool_min=tool_min, tool_max=tool_max, output_tokens=16)
     system = tok.encode(wl.sessions[0].system, add_special_tokens=False)
-    prompts: list[list[list[int]]] = []            # [session][turn] -> token ids
-    for s in wl.sessions:
+    prompts: list[list[list[int]]] = []
+    for sess in wl.sessions:
         ctx, per_turn = list(system), []
-        for t in s.turns:
+        for t in sess.turns:
             if t.assistant:
                 ctx += tok.encode(t.assistant, add_special_tokens=False)
             ctx += tok.encode(t.user, add_special_tokens=False)
@@ -147,13 +149,38 @@ def agentic_hit_rate(model: str, sessions: int, turns: int, pool_blocks: int | N
             ideal += lead * BS
             total += len(ids)
             seen.update(hashes)
+    return prompts, ideal / total
+
+
+def describe(prompts, blocks: int, ideal: float) -> str:
     longest = max(len(p[-1]) for p in prompts)
-    unique = len(system) + sum(len(p[-1]) - len(system) for p in prompts)
-    blocks = pool_blocks or (longest * 5 // 4) // BS
-    print(f"\n## agentic: {sessions} sessions x {turns} turns, shared prefix {len(system)} tokens, "
-          f"longest context {longest}, {unique} distinct tokens; RAM pool {blocks} pages "
-          f"({blocks * BS} tokens); an unbounded cache would hit {ideal / total:.1%}")
+    n = sum(len(p) for p in prompts)
+    return (f"{len(prompts)} sessions x {len(prompts[0])} turns ({n} requests), longest context "
+            f"{longest} tokens; RAM pool {blocks} pages ({blocks * BS} tokens); an unbounded "
+            f"cache would hit {ideal:.1%}")
+
+
+def play(core, prompts, max_tokens: int) -> tuple[int, int, float]:
+    """One turn per session, round robin (agents wait for their tool results). Returns
+    (prompt tokens, cached tokens, seconds)."""
+    prompt_tokens = cached = 0
+    t = time.perf_counter()
+    for turn in range(len(prompts[0])):
+        for s, per_turn in enumerate(prompts):
+            out = run(core, f"s{s}-t{turn}", per_turn[turn], max_tokens=max_tokens)
+            prompt_tokens += len(per_turn[turn])
+            cached += out.num_cached_tokens
+    return prompt_tokens, cached, time.perf_counter() - t
+
+
+def agentic_hit_rate(model: str, sessions: int, turns: int, pool_blocks: int | None) -> None:
+    """The real model: hit rate and engine seconds per session, with and without the warehouse."""
+    core = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=64,
+                             max_model_len=8192)
+    prompts, ideal = agentic_prompts(core.tokenizer, sessions, turns, 512, 100, 300)
     del core
+    blocks = pool_blocks or (max(len(p[-1]) for p in prompts) * 5 // 4) // BS
+    print(f"\n## agentic on the real model: {describe(prompts, blocks, ideal)}")
     for label in ("RAM only", "RAM + warehouse"):
         core = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=blocks,
                                  max_model_len=8192)
@@ -162,14 +189,7 @@ def agentic_hit_rate(model: str, sessions: int, turns: int, pool_blocks: int | N
             if label != "RAM only":
                 wh = open_warehouse(core.executor, d, max_bytes=8 << 30)
                 core.kv.attach_connector(wh)
-            prompt_tokens = cached = 0
-            t = time.perf_counter()
-            for turn in range(turns):
-                for s in range(sessions):
-                    out = run(core, f"s{s}-t{turn}", prompts[s][turn], max_tokens=16)
-                    prompt_tokens += len(prompts[s][turn])
-                    cached += out.num_cached_tokens
-            seconds = time.perf_counter() - t
+            prompt_tokens, cached, seconds = play(core, prompts, 16)
             stats = core.kv.stats()
             if wh is not None:
                 wh.close()
@@ -177,6 +197,48 @@ def agentic_hit_rate(model: str, sessions: int, turns: int, pool_blocks: int | N
               f"tokens; warehouse {stats.connector_hits}), {seconds:6.1f} s total, "
               f"{seconds / sessions:5.2f} machine-s per task")
         del core
+
+
+class _TinyPages:
+    """A KVPageIO with 32-byte pages: the bookkeeping run stores real page files without a
+    model behind them."""
+
+    def read_kv_blocks(self, block_ids):
+        return torch.zeros((1, 2, 1, len(block_ids), BS, 1), dtype=torch.uint8)
+
+    def write_kv_blocks(self, block_ids, pages) -> None:
+        pass
+
+
+def agentic_bookkeeping(model: str, sessions: int, turns: int, pool_fraction: float,
+                        tool_max: int) -> None:
+    """A long agentic workload (4,096-token shared prefix, 20 turns) through the real
+    scheduler, KV manager and warehouse files, with a scripted executor instead of the model:
+    hit rates only (no compute, so no seconds)."""
+    from tokenfactory.engine.core import EngineConfig, EngineCore
+    from tokenfactory.engine.executor import ScriptedExecutor
+    from tokenfactory.engine.warehouse import PageStore, WarehouseConnector
+
+    tok = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=64,
+                            max_model_len=8192).tokenizer
+    prompts, ideal = agentic_prompts(tok, sessions, turns, 4096, 100, tool_max)
+    longest = max(len(p[-1]) for p in prompts)
+    final_contexts = sum(len(p[-1]) for p in prompts)
+    blocks = int(final_contexts * pool_fraction) // BS
+    blocks = max(blocks, longest // BS + 8)
+    print(f"\n## agentic, bookkeeping only (scripted executor): {describe(prompts, blocks, ideal)}")
+    for label in ("RAM only", "RAM + warehouse"):
+        core = EngineCore(ScriptedExecutor(lambda r: [], 0),
+                          EngineConfig(num_kv_blocks=blocks, block_size=BS, max_model_len=32768),
+                          model_max_len=32768, eos_token_ids=[0])
+        with tempfile.TemporaryDirectory(prefix="tf-warehouse-") as d:
+            if label != "RAM only":
+                store = PageStore(d, b"bookkeeping-only", max_bytes=8 << 30)
+                core.kv.attach_connector(WarehouseConnector(store, _TinyPages(), (1, 2, 1, BS, 1),
+                                                            torch.uint8, async_writes=False))
+            prompt_tokens, cached, _ = play(core, prompts, 16)
+        print(f"{label:16s} hit rate {cached / prompt_tokens:6.1%} ({cached}/{prompt_tokens} "
+              f"tokens); computed {prompt_tokens - cached} prompt tokens")
 
 
 def main() -> None:
@@ -190,8 +252,20 @@ def main() -> None:
                     help="RAM pages for the agentic part (default: 1.25x the longest context)")
     ap.add_argument("--skip-restore", action="store_true")
     ap.add_argument("--skip-agentic", action="store_true")
+    ap.add_argument("--bookkeeping", action="store_true",
+                    help="only the full-size agentic hit rates with a scripted executor")
+    ap.add_argument("--book-sessions", type=int, default=8)
+    ap.add_argument("--book-turns", type=int, default=20)
+    ap.add_argument("--book-tool-max", type=int, default=500,
+                    help="longest tool result in tokens (log-uniform from 100)")
+    ap.add_argument("--book-pool-fraction", type=float, default=0.25,
+                    help="RAM pool as a share of the sessions' final contexts (bookkeeping)")
     args = ap.parse_args()
     print(f"model {args.model}; host shared with other work (2 cores): read ratios, not seconds")
+    if args.bookkeeping:
+        agentic_bookkeeping(args.model, args.book_sessions, args.book_turns,
+                            args.book_pool_fraction, args.book_tool_max)
+        return
     if not args.skip_restore:
         restore_vs_prefill(args.model, args.rounds, args.prefix_tokens)
     if not args.skip_agentic:
