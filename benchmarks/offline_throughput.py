@@ -16,8 +16,7 @@ Runs, in one process and on the same random ~100M-parameter Llama-shaped checkpo
 
 The checkpoint is ``tokenfactory bench``'s own random 100m model
 (``tokenfactory.bench.checkpoint.build_bench_checkpoint("100m", "bfloat16")``), written once to
-$TOKENFACTORY_CACHE/bench-models (default ~/.cache/tokenfactory), outside the repository; so is
-the torch.compile cache. Loaded in ``--dtype`` (bfloat16 by default).
+$TOKENFACTORY_CACHE/bench-models (default ~/.cache/tokenfactory), outside the repository. Loaded in ``--dtype`` (bfloat16 by default).
 """
 from __future__ import annotations
 
@@ -66,7 +65,6 @@ def run_ours(ex: TorchExecutor, prompts, outputs, args) -> tuple[float, int]:
                                                            ignore_eos=True, seed=i))
     while engine.has_unfinished_requests():   # warm-up: thread pools, buffers
         engine.step()
-    ex.warmup()
     steps: list[tuple[float, int, int]] = []   # (seconds, tokens, sequences) per step
     engine = make_engine(ex, args, lambda dt, toks: steps.append(
         (dt, sum(toks.values()), len(toks))))
@@ -114,7 +112,6 @@ class Batch1Decode:
                                  model_max_len=ex.max_model_len,
                                  step_hook=lambda dt, toks: self.times.append(dt)
                                  if sum(toks.values()) == 1 else None)
-        ex.warmup()       # compile the decode graphs (cached on disk after the first run)
         self.run()        # warm-up pass
 
     def run(self) -> float:
@@ -242,10 +239,6 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5,
                     help="alternating host-bandwidth / batch-1 decode measurements")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="on",
-                    help="torch.compile small-batch decode steps (auto: the executor's default)")
-    ap.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
-                    help="keep a oneDNN-packed copy of the linear weights for large batches")
     ap.add_argument("--skip-hf", action="store_true", help="only run tokenfactory")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the host floor and tokenfactory's batch-1 decode (~2 min)")
@@ -266,12 +259,9 @@ def main() -> None:
         model_dir = default_model_path()
     else:
         model_dir = Path(args.model) if args.model else ensure_model()
-    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
-    pack = {"auto": None, "on": True, "off": False}[args.pack_weights]
     # "fixed" passes nothing, so older trees (before kernel_choice) run the same command
     kernel_arg = {} if args.kernels == "fixed" else {"kernels": args.kernels}
-    ex = TorchExecutor(model_dir, dtype=args.dtype, compile=compile_flag, pack_weights=pack,
-                       **kernel_arg)
+    ex = TorchExecutor(model_dir, dtype=args.dtype, **kernel_arg)
     dtype, cfg = ex.dtype, ex.model_config
     args.vocab_size = cfg.vocab_size
     # Bytes a decode step must read: every weight incl. lm_head, but only one row of an untied
@@ -279,8 +269,7 @@ def main() -> None:
     untied_embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
     read_bytes = (cfg.num_params() - untied_embedding) * dtype.itemsize
     print(f"model: {cfg.num_params() / 1e6:.1f}M params, {dtype}, {torch.get_num_threads()} "
-          f"threads, weights read per decode step {read_bytes / 1e6:.0f} MB, "
-          f"compile={ex.compile}")
+          f"threads, weights read per decode step {read_bytes / 1e6:.0f} MB")
 
     if args.chat_latency:
         chat_latency(ex, args)
