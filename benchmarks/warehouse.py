@@ -12,7 +12,16 @@
    longest session's context, with and without the warehouse: hit rate (cached / prompt tokens, the usage
    ``cached_tokens``) and engine seconds per session (task).
 
+3. **Long agentic sessions, bookkeeping only** (``--bookkeeping``): 8 sessions x 20 turns
+   behind a 4,096-token prefix through the real scheduler, KV manager and warehouse files, a
+   scripted executor instead of the model (hit rates, no seconds), RAM pool 25% of the final
+   contexts.
+
     .venv/bin/python benchmarks/warehouse.py [--rounds 3] [--sessions 4] [--turns 4]
+    .venv/bin/python benchmarks/warehouse.py --bookkeeping
+
+Every agentic part also prints the hit rate of an unbounded cache (every full block some
+earlier request computed counts as a hit): no tier can beat it.
 
 Everything runs in one process on the current host; it is shared with other work, so compare
 the columns of one run, not runs of different days. The warehouse lives in a temporary
