@@ -12,6 +12,13 @@ Goal: prefix routing >= 85% hits with imbalance <= 1.25 at 64 replicas.
 
 Simulated time, so the figures do not depend on the host; wall time does (the engines run
 for real: ~2-8 minutes per policy at 64 x 1,000 on a shared 2-core host).
+
+``--pd-transfer`` measures instead the disaggregated prefill -> decode page transfer on real
+Ray replicas of the default model (SmolLM2-135M, bf16 KV; one prefill and one decode replica,
+one thread each) for a few prompt sizes, beside the planner's ``kv_transfer_seconds`` at this
+host's measured copy bandwidth:
+
+    .venv/bin/python benchmarks/router_sim.py --pd-transfer
 """
 from __future__ import annotations
 
@@ -39,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hardware", default="h100")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--pd-transfer", action="store_true",
+                   help="measure the prefill -> decode page transfer on Ray replicas instead")
     args = p.parse_args(argv)
+    if args.pd_transfer:
+        return pd_transfer()
     logging.disable(logging.WARNING)   # a failed simulated step would be a bug: see the counts
 
     t0 = time.time()
@@ -66,6 +77,50 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "ceiling": ceiling, "bound": asdict(LoadBound()),
                        "results": rows}, f, indent=1)
+    return 0
+
+
+def pd_transfer(sizes=(512, 1024, 2048, 2048, 1024, 512)) -> int:
+    import asyncio
+    import random
+
+    from tokenfactory.economics.host import measure_host
+    from tokenfactory.engine.sampling_params import SamplingParams
+    from tokenfactory.model.default import default_model_path
+    from tokenfactory.router.engine import RouterEngine
+    from tokenfactory.router.replica import ReplicaSpec
+
+    logging.disable(logging.WARNING)
+    spec = ReplicaSpec(str(default_model_path()),
+                       engine_args=dict(num_kv_blocks=512, max_model_len=4096),
+                       dtype="bfloat16", kernels="torch", threads=1)
+    router = RouterEngine.launch(spec, 1, num_prefill_replicas=1, num_cpus=2)
+    info = router.info
+    router.poll_once()
+    router.start()
+    rng = random.Random(0)
+
+    async def run() -> None:
+        for i, n in enumerate(sizes):
+            ids = [rng.randrange(100, 40000) for _ in range(n)]
+            outs = [o async for o in router.generate(f"pd{i}", ids,
+                                                     SamplingParams(max_tokens=1))]
+            t = router.transfers[-1]
+            moved = t.tokens // info.block_size * info.kv_cache_bytes_per_block
+            total = t.export_seconds + t.seconds
+            print(f"prompt {n}: moved {t.tokens} tokens ({moved / 2**20:.1f} MiB), export "
+                  f"{t.export_seconds * 1e3:.1f} ms, hop {t.seconds * 1e3:.1f} ms, "
+                  f"{total / t.tokens * 1e6:.1f} us/token, {moved / total / 1e9:.2f} GB/s; "
+                  f"cached on the decode replica {outs[-1].num_cached_tokens}", flush=True)
+    try:
+        asyncio.run(run())
+    finally:
+        router.shutdown()
+    host = measure_host(2.0, threads=1)
+    per_token = info.kv_cache_bytes_per_block / info.block_size
+    print(f"host copy bandwidth (measure_host, 1 thread): {host.bandwidth_bytes_per_s / 1e9:.1f}"
+          f" GB/s; {per_token:.0f} KV bytes per token; kv_transfer_seconds at that bandwidth: "
+          f"{per_token / host.bandwidth_bytes_per_s * 1e6:.1f} us/token")
     return 0
 
 

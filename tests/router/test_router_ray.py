@@ -220,7 +220,7 @@ def test_disaggregated_prefill_decode_matches_one_replica(fleet, spec):
     assert [o[-1].outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in local]
     for p, o in zip(ps, outs):
         assert o[-1].num_cached_tokens == (len(p) - 1) // 16 * 16
-    assert [t.tokens for t in router.transfers] == [len(p) // 16 * 16 for p in ps]
+    assert [t.tokens for t in router.transfers] == [(len(p) - 1) // 16 * 16 for p in ps]
     assert all(t.seconds >= 0 and t.export_seconds > 0 for t in router.transfers)
 
 

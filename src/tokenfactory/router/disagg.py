@@ -16,6 +16,7 @@ so greedy outputs equal a single replica's.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,9 +27,19 @@ class PrefixPages:
 
     block_hashes: list[bytes]
     token_ids: list[tuple[int, ...]]     # per block
-    pages: Any                           # (num_layers, 2, Hkv, n_blocks, block_size, D) tensor
+    # (num_layers, 2, Hkv, n_blocks, block_size, D): the pages' bits as a numpy integer array
+    # of the cache dtype's width (numpy has no bfloat16), which Ray's object store shares
+    # zero-copy instead of pickling a tensor
+    pages: Any
+    dtype: str = ""                      # the cache's torch dtype, e.g. "bfloat16"
     seconds: float = 0.0                 # time to copy them out of the prefill cache
     exported_at: float = 0.0             # time.time() when the copy was done (same host clock)
+
+
+def _bits_dtype(element_size: int):
+    """The torch integer dtype as wide as a cache element (to move its bits through numpy)."""
+    import torch
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[element_size]
 
 
 def export_prefix(core, block_hashes: Sequence[bytes], kv_io) -> PrefixPages:
@@ -44,8 +55,8 @@ def export_prefix(core, block_hashes: Sequence[bytes], kv_io) -> PrefixPages:
             break
         ids.append(bid)
     if not ids:
-        return PrefixPages([], [], None, 0.0)
-    pages = kv_io.read_kv_blocks(ids).clone()
+        return PrefixPages([], [], None)
+    pages = kv_io.read_kv_blocks(ids)         # a copy: the cache may change under us now
     n = 0
     tokens = []
     for h, bid in zip(block_hashes, ids):     # still the same content after the copy?
@@ -54,23 +65,48 @@ def export_prefix(core, block_hashes: Sequence[bytes], kv_io) -> PrefixPages:
             break
         tokens.append(tuple(b.token_ids))
         n += 1
-    return PrefixPages(list(block_hashes[:n]), tokens, pages[:, :, :, :n].contiguous(),
+    pages = pages[:, :, :, :n].contiguous()
+    bits = pages.view(_bits_dtype(pages.element_size())).numpy()
+    return PrefixPages(list(block_hashes[:n]), tokens, bits, str(pages.dtype).split(".")[-1],
                        time.perf_counter() - t0, time.time())
 
 
 class TransferConnector:
-    """A decode replica's KV connector: pages received from prefill replicas, by hash."""
+    """A decode replica's KV connector: pages received from prefill replicas, by hash.
 
-    def __init__(self) -> None:
+    Received pages are views into Ray's object store, which they keep alive: a transfer is
+    dropped whole once any of its pages was loaded (the request got them), and at most
+    ``max_transfers`` wait for their request (the oldest go first: an aborted request's
+    pages must not pin the store)."""
+
+    def __init__(self, max_transfers: int = 16) -> None:
         self.kv_io = None                    # the executor's page IO, set once the engine exists
+        self.max_transfers = max_transfers
         self._lock = threading.Lock()
-        self._pages: dict[bytes, tuple[tuple[int, ...], Any]] = {}
+        self._pages: dict[bytes, tuple[tuple[int, ...], Any, str, int]] = {}
+        self._transfers: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._next_id = 0
         self.loaded_blocks = 0
 
     def receive(self, prefix: PrefixPages) -> None:
         with self._lock:
+            tid = self._next_id
+            self._next_id += 1
+            self._transfers[tid] = list(prefix.block_hashes)
             for i, (h, toks) in enumerate(zip(prefix.block_hashes, prefix.token_ids)):
-                self._pages[h] = (toks, prefix.pages[:, :, :, i])
+                self._pages[h] = (toks, prefix.pages[:, :, :, i], prefix.dtype, tid)
+            while len(self._transfers) > self.max_transfers:
+                self._drop(next(iter(self._transfers)))
+
+    def _drop(self, tid: int) -> None:
+        for h in self._transfers.pop(tid, ()):
+            entry = self._pages.get(h)
+            if entry is not None and entry[3] == tid:
+                del self._pages[h]
+
+    def pending_blocks(self) -> int:
+        with self._lock:
+            return len(self._pages)
 
     def lookup(self, block_hashes: Sequence[bytes]) -> int:
         with self._lock:
@@ -83,21 +119,29 @@ class TransferConnector:
 
     def load(self, block_hashes: Sequence[bytes], block_ids: Sequence[int],
              token_ids_per_block: Sequence[Sequence[int]] | None = None) -> int:
+        import numpy as np
         import torch
 
         with self._lock:
             found = []
+            dtype = ""
+            used: set[int] = set()
             for i, h in enumerate(block_hashes):
                 entry = self._pages.get(h)
                 if entry is None or (token_ids_per_block is not None
                                      and entry[0] != tuple(token_ids_per_block[i])):
                     break
                 found.append(entry[1])
-            for h in block_hashes[:len(found)]:
-                del self._pages[h]
+                dtype = entry[2]
+                used.add(entry[3])
+            for tid in used:     # the request has its pages: the rest of them is not needed
+                self._drop(tid)
         if not found or self.kv_io is None:
             return 0
-        self.kv_io.write_kv_blocks(list(block_ids[:len(found)]), torch.stack(found, dim=3))
+        # one copy, out of the (read-only, shared) object store buffers into a writable array
+        bits = torch.from_numpy(np.stack(found, axis=3))
+        self.kv_io.write_kv_blocks(list(block_ids[:len(found)]),
+                                   bits.view(getattr(torch, dtype)))
         self.loaded_blocks += len(found)
         return len(found)
 

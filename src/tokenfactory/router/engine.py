@@ -309,7 +309,7 @@ class RouterEngine:
 
         # the pages go prefill -> decode through Ray's object store, not through this process
         count_ref, pages_ref = prefill.prefill.options(num_returns=2).remote(
-            f"{request_id}-prefill", ids, cache_salt)
+            f"{request_id}-prefill", ids, cache_salt, usable)
         try:
             if not await count_ref:
                 return

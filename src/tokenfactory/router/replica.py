@@ -186,9 +186,9 @@ class EngineReplica:
         self.engine.abort(request_id)
 
     async def prefill(self, request_id: str, prompt_token_ids: Sequence[int],
-                      cache_salt: str | None = None):
+                      cache_salt: str | None = None, max_blocks: int | None = None):
         """Compute the prompt's KV here (one sampled token, discarded) and export the pages of
-        its full blocks for a decode replica. Two returns (call with ``num_returns=2``): the
+        its full blocks (the first ``max_blocks``) for a decode replica. Two returns (call with ``num_returns=2``): the
         number of blocks, which the router awaits, and the ``disagg.PrefixPages``, which it
         hands on to the decode replica without fetching them."""
         from tokenfactory.router.disagg import PrefixPages, export_prefix
@@ -200,7 +200,7 @@ class EngineReplica:
             if out.finished and out.outputs[0].finish_reason in ("error", "abort"):
                 return 0, PrefixPages([], [], None)
         hashes = request_block_hashes(list(prompt_token_ids), self.core.kv.block_size,
-                                      cache_salt)
+                                      cache_salt)[:max_blocks]
         pages = export_prefix(self.core, hashes, self.kv_io)
         return len(pages.block_hashes), pages
 
@@ -227,8 +227,11 @@ class EngineReplica:
         self.engine.shutdown()
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
-    """Start a local Ray runtime on loopback (or join ``address``), once per process."""
+def init_ray(num_cpus: int | None = None, address: str | None = None,
+             object_store_memory: int | None = None) -> None:
+    """Start a local Ray runtime on loopback (or join ``address``), once per process.
+    ``object_store_memory``: bytes for the object store (prefill -> decode pages go through
+    it); None is Ray's default (30% of RAM, allocated as used)."""
     import ray
 
     if ray.is_initialized():
@@ -237,7 +240,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", object_store_memory=128 << 20)
+                 _node_ip_address="127.0.0.1", object_store_memory=object_store_memory)
 
 
 def start_replicas(spec: ReplicaSpec, num_replicas: int, *, max_restarts: int = -1) -> list:
