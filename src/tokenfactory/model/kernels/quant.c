@@ -290,6 +290,28 @@ void tf_qdequant_bf16(int kind, const void *w, const float *scales, const int64_
         const int64_t src = row_ids ? row_ids[r] : r;
         const uint8_t *wrow = (const uint8_t *)w + (size_t)src * row_bytes;
         bf16 *o = dst + (size_t)r * in;
+#ifdef TF_QUANT_SIMD
+        if (kind != TF_INT8) {   /* codes -> float -> d * c + k -> bfloat16, 32 at a time */
+            const __m512i table = _mm512_load_si512(kind == TF_Q4_0 ? Q4_0_CODES : Q4_1_CODES);
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *blk = wrow + (size_t)b * block_bytes[kind];
+                float d, k;
+                block_affine(kind, blk, &d, &k);
+                const __m512i c = kind == TF_Q4_1 ? q4_codes(blk + 4, table)
+                                : kind == TF_Q4_0 ? q4_codes(blk + 2, table) : s8_codes(blk + 2);
+                const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm512_castsi512_si256(c)), 16));
+                const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(c, 1)), 16));
+                const __m512 dv = _mm512_set1_ps(d), kv = _mm512_set1_ps(k);
+                /* d * c, then + k: rounded as gguf.quants and the scalar loop round */
+                const __m512bh out = _mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_mul_ps(hi, dv), kv),
+                                                         _mm512_add_ps(_mm512_mul_ps(lo, dv), kv));
+                _mm512_storeu_si512(o + b * QK, (__m512i)out);
+            }
+            continue;
+        }
+#endif
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = wrow + (size_t)b * block_bytes[kind];
             float v[QK];
