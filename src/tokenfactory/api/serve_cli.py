@@ -158,6 +158,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--device", default="cpu",
+                   help="where weights and KV pages live (default cpu; e.g. cuda: the torch "
+                        "paths, without the native CPU kernels)")
+    g.add_argument("--speculative", choices=["ngram", "suffix"], default=None,
+                   help="speculative decoding with proposals taken from the context itself: "
+                        "ngram (prompt lookup) or suffix (suffix tree over the request and "
+                        "recent outputs); greedy outputs are unchanged (docs/engine.md)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="draft tokens proposed per decoding request and step (default 4)")
+    g.add_argument("--kv-warehouse", default=None, metavar="DIR",
+                   help="keep KV pages on disk in DIR as well (the token warehouse, "
+                        "docs/kv-cache.md): prefixes evicted from RAM, or computed before a "
+                        "restart or by another process on DIR, are read back instead of "
+                        "recomputed")
+    g.add_argument("--kv-warehouse-bytes", type=_bytes, default=None, metavar="SIZE",
+                   help="disk budget of --kv-warehouse, least recently used pages evicted "
+                        "(default 10G)")
+    r = p.add_argument_group("replicas (Ray; docs/router.md)")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N engine replicas as Ray actors behind a prefix-affinity router "
+                        "(this process stays the HTTP front); the cores are split between them")
+    r.add_argument("--router", choices=["prefix", "round-robin", "least-loaded"], default="prefix",
+                   help="how the router picks a replica (default prefix: the longest cached "
+                        "prefix, bounded by load)")
+    r.add_argument("--prefill-replicas", type=int, default=None, metavar="P",
+                   help="disaggregated prefill/decode: P replicas only prefill, and their KV "
+                        "pages move to the --decode-replicas that generate")
+    r.add_argument("--decode-replicas", type=int, default=None, metavar="D",
+                   help="decode replicas with --prefill-replicas (default 1)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join an existing Ray cluster instead of starting a local runtime")
     g.add_argument("--kernels", choices=["auto", "native", "torch"], default="auto",
                    help="bfloat16 CPU kernels: measured per CPU and cached (auto), or forced")
     p.add_argument("--log-level", default="info")
@@ -217,6 +248,28 @@ def install_fault_injection_hooks(core, environ) -> None:
                                    step_delay=float(delay) if delay is not None else 0.0)
 
 
+def _launch_replicas(args, model_dir, engine_args: dict, num_replicas: int, num_prefill: int):
+    """The engine as ``num_replicas`` Ray actors (plus ``num_prefill`` prefill-only ones) behind
+    a router with AsyncEngine's interface (router/engine.py); the cores and the default KV
+    budget are split between the replicas."""
+    from tokenfactory.router.engine import RouterEngine
+    from tokenfactory.router.replica import ReplicaSpec
+    total = num_replicas + num_prefill
+    per = dict(engine_args)
+    if per.get("kv_cache_memory") is None:
+        per.pop("kv_cache_memory", None)
+        per["kv_cache_fraction"] = 0.25 / total
+    spec = ReplicaSpec(model=str(model_dir), engine_args=per, dtype=args.dtype,
+                       kernels=args.kernels,
+                       threads=max(1, len(os.sched_getaffinity(0)) // total),
+                       max_queued_requests=args.max_queued_requests,
+                       max_queued_per_tenant=args.max_queued_requests_per_tenant)
+    log.info("starting %d replica(s)%s on Ray (router: %s)", num_replicas,
+             f" + {num_prefill} prefill replica(s)" if num_prefill else "", args.router)
+    return RouterEngine.launch(spec, num_replicas, policy=args.router,
+                               num_prefill_replicas=num_prefill, ray_address=args.ray_address)
+
+
 def generation_defaults(tokenizer, model_path: str) -> dict:
     """Sampling defaults from the model: its generation config (``generation_config.json``),
     or for the built-in default model the model card's recommendation."""
@@ -270,23 +323,54 @@ def serve_main(argv: list[str]) -> int:
     engine_args = dict(max_model_len=args.max_model_len, block_size=args.block_size,
                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       enable_prefix_caching=not args.no_prefix_caching)
-    try:
-        core = build_engine_core(model_dir, dtype=args.dtype, kernels=args.kernels,
-                                 **engine_args)
-    except (ValueError, OSError) as exc:
-        print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
-        return 2
-    executor = core.executor
-    if hasattr(executor, "decode_threads"):
-        cores = len(os.sched_getaffinity(0))
-        executor.decode_threads = (args.decode_threads if args.decode_threads is not None
-                                   else max(1, cores - 1) if cores <= 4 else None) or None
-    install_fault_injection_hooks(core, os.environ)
-    queue_limits: dict = {"max_queued_requests": args.max_queued_requests}
-    if args.max_queued_requests_per_tenant is not None:
-        queue_limits["max_queued_per_tenant"] = args.max_queued_requests_per_tenant
-    engine = AsyncEngine(core, **queue_limits)
+                       enable_prefix_caching=not args.no_prefix_caching,
+                       speculative=args.speculative,
+                       num_speculative_tokens=args.num_speculative_tokens)
+    warehouse = None
+    num_prefill = args.prefill_replicas or 0
+    num_replicas = (args.decode_replicas or 1) if num_prefill else args.replicas
+    if num_replicas is not None or num_prefill:
+        if args.kv_warehouse:
+            print("error: --kv-warehouse is not supported with replicas yet", file=sys.stderr)
+            return 2
+        if (num_replicas or 0) < 1 or num_prefill < 0:
+            print("error: --replicas / --decode-replicas must be >= 1 and --prefill-replicas "
+                  ">= 0", file=sys.stderr)
+            return 2
+        try:
+            engine = _launch_replicas(args, model_dir, engine_args, num_replicas, num_prefill)
+        except (ValueError, OSError, RuntimeError) as exc:
+            print(f"error: cannot start replicas of {model_dir}: {exc}", file=sys.stderr)
+            return 2
+        core = engine.core
+    else:
+        try:
+            core = build_engine_core(model_dir, dtype=args.dtype, kernels=args.kernels,
+                                     device=args.device, **engine_args)
+        except (ValueError, OSError) as exc:
+            print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
+            return 2
+        executor = core.executor
+        if hasattr(executor, "decode_threads"):
+            cores = len(os.sched_getaffinity(0))
+            executor.decode_threads = (args.decode_threads if args.decode_threads is not None
+                                       else max(1, cores - 1) if cores <= 4 else None) or None
+        if args.kv_warehouse:
+            from tokenfactory.engine.warehouse import DEFAULT_MAX_BYTES, open_warehouse
+            try:
+                warehouse = open_warehouse(core.executor, args.kv_warehouse,
+                                           max_bytes=args.kv_warehouse_bytes or DEFAULT_MAX_BYTES)
+            except (ValueError, OSError) as exc:
+                print(f"error: --kv-warehouse {args.kv_warehouse}: {exc}", file=sys.stderr)
+                return 2
+            core.kv.attach_connector(warehouse)
+            log.info("KV warehouse: %s (budget %.1f GiB)", args.kv_warehouse,
+                     (args.kv_warehouse_bytes or DEFAULT_MAX_BYTES) / 2**30)
+        install_fault_injection_hooks(core, os.environ)
+        queue_limits: dict = {"max_queued_requests": args.max_queued_requests}
+        if args.max_queued_requests_per_tenant is not None:
+            queue_limits["max_queued_per_tenant"] = args.max_queued_requests_per_tenant
+        engine = AsyncEngine(core, **queue_limits)
     name = args.served_model_name or served_default
     sampling_defaults = generation_defaults(core.tokenizer, model_dir)
     sampling_defaults.update(args.override_generation_config or {})
@@ -345,4 +429,6 @@ def serve_main(argv: list[str]) -> int:
     server.run()
     stop_watch.set()
     engine.shutdown()
+    if warehouse is not None:
+        warehouse.close()   # pages still queued for writing reach the disk
     return 1 if engine.dead_error is not None else 0

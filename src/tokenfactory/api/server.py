@@ -288,11 +288,14 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
                           else ctx.resolve_model(model_id))
 
     @app.head("/health", include_in_schema=False)   # load balancers probe with HEAD too
-    @app.get("/health", responses={503: {"description": "The engine thread has died"}})
+    @app.get("/health", responses={503: {"description": "The engine thread has died (or, "
+                                                      "with replicas, every replica is down)"}})
     async def health():
         if not engine.is_alive:
             return JSONResponse({"status": "unhealthy", "error": str(engine.dead_error)},
                                 status_code=503)
+        if hasattr(engine, "health"):   # replicas behind the router: ok or degraded
+            return engine.health()
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
