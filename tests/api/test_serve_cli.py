@@ -68,3 +68,39 @@ def test_serve_starts_says_random_and_stops_cleanly(tmp_path):
     text = open(tmp_path / "serve.log").read()
     assert code == 0, text
     assert "RANDOM" in text and "sekrit" not in text
+
+
+def _ask(base: str, text: str) -> dict:
+    r = httpx.post(base + "/v1/messages", timeout=120, json={
+        "model": "tokenfactory-demo", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_kv_warehouse_flag_serves_a_prefix_after_restart(tmp_path):
+    """`serve --kv-warehouse DIR`: a prompt computed by one server process is read back from
+    DIR by the next one (counted as cached tokens, tier "warehouse" in /metrics), with the
+    same greedy answer; `--speculative ngram` runs alongside."""
+    from tests.live import ServeProcess
+    prompt = "The warehouse keeps pages on disk. " * 12
+    answers = []
+    for run in range(2):
+        server = ServeProcess(tmp_path, "--kv-warehouse", str(tmp_path / "wh"),
+                              "--speculative", "ngram")
+        try:
+            server.wait_healthy()
+            body = _ask(server.base_url, prompt)
+            answers.append(body["content"])
+            metrics = httpx.get(server.base_url + "/metrics", timeout=10).text
+        finally:
+            assert server.terminate() == 0, server.log()
+            server.close()
+        if run == 0:
+            assert body["usage"]["cache_read_input_tokens"] == 0
+        else:
+            assert body["usage"]["cache_read_input_tokens"] >= 64, body["usage"]
+            line = next(ln for ln in metrics.splitlines()
+                        if ln.startswith('tokenfactory_prefix_cache_tier_hits_total{tier="warehouse"}'))
+            assert float(line.split()[-1]) == body["usage"]["cache_read_input_tokens"]
+    assert answers[0] == answers[1]
