@@ -35,6 +35,9 @@ class KVCacheManager:
         # None when there is no second tier, so the hot paths skip it with one test
         self.connector: KVConnector | None = None
         self.connector_queries = 0
+        # request id -> leading blocks of its table known to carry a hash (they keep it while
+        # the request holds them), so each step looks only at blocks completed since
+        self._cached_upto: dict[str, int] = {}
         self.connector_hits = 0
         if connector is not None:
             self.attach_connector(connector)
@@ -157,12 +160,13 @@ class KVCacheManager:
         self._update_hashes(request, n_full * bs)
         hashes = request.block_hashes
         new: list[int] = []   # block indexes cached by this call
-        for i in range(n_full):
+        for i in range(min(self._cached_upto.get(request.request_id, 0), n_full), n_full):
             bid = request.block_ids[i]
             if self.pool.blocks[bid].block_hash is None:
                 self.pool.cache_block(bid, hashes[i], request.token_slice(i * bs, (i + 1) * bs),
                                       hashes[i - 1] if i else None, request.cache_salt)
                 new.append(i)
+        self._cached_upto[request.request_id] = n_full
         if new and self.connector is not None:
             # each call caches a contiguous run (earlier blocks were cached by earlier steps)
             try:
@@ -187,6 +191,7 @@ class KVCacheManager:
                     log.exception("KV connector retain failed")
 
     def free(self, request: Request) -> None:
+        self._cached_upto.pop(request.request_id, None)
         # Tail first: the end of a sequence is the least likely to be shared, evict it first.
         self.pool.free_blocks(list(reversed(request.block_ids)))
         request.block_ids = []
