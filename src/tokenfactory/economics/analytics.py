@@ -6,6 +6,8 @@ derives each formula. Units: bytes, FLOPs, seconds, dollars (``*_ms`` fields are
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -45,6 +47,16 @@ def attention_params(model: ModelSpec) -> int:
 
 
 def param_count(model: ModelSpec) -> ParamCount:
+    """Parameters of ``model`` (total and active per token). Cached per (frozen) spec: the
+    simulated executor asks for it every step."""
+    try:
+        return _param_count(model)
+    except TypeError:   # a spec with an unhashable field: compute it afresh
+        return _param_count.__wrapped__(model)
+
+
+@functools.lru_cache(maxsize=256)
+def _param_count(model: ModelSpec) -> ParamCount:
     h = model.hidden_size
     attn = attention_params(model)
     dense_mlp = 3 * h * model.intermediate_size              # gate, up, down (SwiGLU)
