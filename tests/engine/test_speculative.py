@@ -244,3 +244,38 @@ def test_no_page_leaks_through_accept_reject_abort(seed, wrong, k, blocks, budge
     assert not core.has_unfinished_requests()
     assert core.num_free_blocks() == core.kv.num_blocks
     assert all(b.ref_count == 0 for b in core.kv.pool.blocks)
+
+
+@pytest.mark.slow
+def test_greedy_identical_with_speculation_on_smollm2():
+    """The real SmolLM2 (float32, so the text does not depend on the batch's kernels) asked to
+    repeat a file (it loops on a sentence of its own instead): n-gram and suffix drafts are
+    accepted in long runs, and the greedy text is the same as without speculation, beside a
+    request that does not speculate. One executor (loaded once) serves the three engines."""
+    import tokenfactory.engine.step as step_module
+    from tokenfactory.engine.llm import build_engine_core
+    from tokenfactory.model.default import default_model_path
+    source = open(step_module.__file__, encoding="utf-8").read()[:3000]
+    base = build_engine_core(default_model_path(), dtype="float32", max_model_len=2048,
+                             num_kv_blocks=128)
+    tok = base.tokenizer
+    prompt = tok.encode("<|im_start|>user\nHere is a file:\n" + source + "\nRepeat the file "
+                        "exactly.<|im_end|>\n<|im_start|>assistant\n")
+    other = tok.encode("<|im_start|>user\nHi<|im_end|>\n")
+    outs = {}
+    for spec in (None, "ngram", "suffix"):
+        core = EngineCore(base.executor, EngineConfig(max_model_len=2048, num_kv_blocks=128,
+                                                      speculative=spec,
+                                                      num_speculative_tokens=5),
+                          model_max_len=2048, tokenizer=tok, eos_token_ids=tok.eos_token_ids)
+        core.add_request("file", prompt, SamplingParams(temperature=0, max_tokens=96))
+        core.add_request("other", other, SamplingParams(temperature=0, max_tokens=8, logprobs=1))
+        done = {}
+        while core.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in core.step() if o.finished})
+        outs[spec] = done
+        if spec is not None:
+            stats = core.spec_stats[spec]
+            assert stats.num_accepted_tokens >= 8, stats
+        assert core.num_free_blocks() == core.kv.num_blocks
+    assert outs["ngram"] == outs[None] and outs["suffix"] == outs[None]
