@@ -90,15 +90,11 @@ def rows_for(table: torch.Tensor, context: list[int], draft: list[int]) -> torch
     return table[torch.tensor(lasts)].clone()
 
 
-_HAS_BIAS = "logit_bias" in SamplingParams.__dataclass_fields__
-
-
 @pytest.mark.parametrize("params", [
     dict(temperature=0.8, seed=123),
     dict(temperature=1.3, top_k=4, top_p=0.9, seed=7),
     dict(temperature=1.0, repetition_penalty=1.7, frequency_penalty=0.4, min_tokens=5, seed=99),
-    pytest.param(dict(temperature=1.0, logit_bias={3: 2.5, 4: -100}, seed=5),
-                 marks=pytest.mark.skipif(not _HAS_BIAS, reason="no logit_bias yet")),
+    dict(temperature=1.0, logit_bias={3: 2.5, 4: -100}, seed=5),
 ])
 def test_seeded_sampling_matches_plain_sampler(params):
     """With a seed, speculation returns exactly the tokens the plain sampler draws, position by

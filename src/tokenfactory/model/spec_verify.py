@@ -37,13 +37,8 @@ from typing import Any, Sequence
 
 import torch
 
-from tokenfactory.model import sampler as _sampler
-from tokenfactory.model.sampler import (apply_min_tokens, apply_penalties, derive_seed,
-                                         filter_logits, unsampleable_rows)
-
-# logit_bias arrives with the step-plan sampler (penalties -> logit_bias -> min_tokens); until
-# then there is no bias to apply.
-_apply_logit_bias = getattr(_sampler, "apply_logit_bias", None)
+from tokenfactory.model.sampler import (apply_logit_bias, apply_min_tokens, apply_penalties,
+                                         derive_seed, filter_logits, unsampleable_rows)
 
 _NON_FINITE = "the model produced non-finite logits (NaN or +inf) for this request"
 
@@ -80,7 +75,7 @@ def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> 
     params = request.sampling_params
     if not _needs_processing(request):
         return logits
-    bias = _apply_logit_bias is not None and bool(getattr(params, "logit_bias", None))
+    bias = bool(params.logit_bias)
     logits = logits.clone()
     for j in range(logits.shape[0]):
         view = _RowView(params, list(request.prompt_token_ids),
@@ -88,7 +83,7 @@ def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> 
                         request.eos_token_ids, request.stop_token_set)
         row = apply_penalties(logits[j:j + 1], [view])
         if bias:
-            row = _apply_logit_bias(row, [view])
+            row = apply_logit_bias(row, [view])
         apply_min_tokens(row, [view])
     return logits
 
@@ -96,7 +91,7 @@ def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> 
 def _needs_processing(request) -> bool:
     params = request.sampling_params
     return (params.needs_penalties or len(request.output_token_ids) < params.min_tokens
-            or (_apply_logit_bias is not None and bool(getattr(params, "logit_bias", None))))
+            or bool(params.logit_bias))
 
 
 def _accept_greedy(argmax: list[int], ok: list[bool], draft_ids: Sequence[int]) -> Verification:
