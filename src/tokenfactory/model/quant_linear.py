@@ -12,8 +12,9 @@ Why: on a CPU a decode step is a read of every weight byte, so bytes per weight 
   to ~1e-5 instead of inheriting bfloat16 rounding noise;
 * more rows (prefill chunks): the weight is dequantized to bfloat16 (one C pass, a few MB)
   and multiplied by oneDNN's GEMM, whose blocked kernels beat the native one once the weight
-  is reused across many rows (all of SmolLM2's linears, one thread: native 42 / 79 / 200 /
-  490 ms at 4 / 8 / 16 / 64 rows, dequantize + oneDNN 250 / 310 / 335 / 240 ms);
+  is reused across many rows (SmolLM2's layer linears, one thread, CPU time: native 18 / 37
+  / 66 / 131 / 253 ms at 4 / 8 / 16 / 32 / 64 rows, dequantize + oneDNN 32 / 44 / 46 / 61 /
+  92 ms);
 * no native kernels (another CPU, TOKENFACTORY_NATIVE_KERNELS=0): ``gguf.quants`` dequantizes
   in numpy and torch multiplies, the same numbers as loading with ``quantization="none"``.
 
@@ -34,7 +35,7 @@ from tokenfactory.model.kernels import quant
 log = logging.getLogger(__name__)
 
 # Up to this many rows the native kernel runs; beyond, dequantize + oneDNN (see above).
-NATIVE_MAX_ROWS = 32
+NATIVE_MAX_ROWS = 8
 
 KINDS = tuple(quant.KINDS)   # "q8_0", "q4_0", "q4_1", "int8"
 
