@@ -95,6 +95,8 @@ def rows_for(table: torch.Tensor, context: list[int], draft: list[int]) -> torch
     dict(temperature=1.3, top_k=4, top_p=0.9, seed=7),
     dict(temperature=1.0, repetition_penalty=1.7, frequency_penalty=0.4, min_tokens=5, seed=99),
     dict(temperature=1.0, logit_bias={3: 2.5, 4: -100}, seed=5),
+    # bias before a repetition penalty (the sampler's order): the order changes the numbers
+    dict(temperature=1.0, logit_bias={1: 3.0, 2: -1.5}, repetition_penalty=2.0, seed=11),
 ])
 def test_seeded_sampling_matches_plain_sampler(params):
     """With a seed, speculation returns exactly the tokens the plain sampler draws, position by

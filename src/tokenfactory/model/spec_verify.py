@@ -7,8 +7,8 @@ of the target's own (a correction where it disagreed, a bonus token when all k w
 step yields 1..k+1 tokens. Row j of ``logits`` produced output token j, so logprobs of the
 accepted tokens come from rows ``0..len(tokens)-1``.
 
-- Greedy: row j's argmax (after penalties and min_tokens, as ``model/sampler.py``) is the token;
-  drafts are kept while they equal it. The output is the greedy output without speculation.
+- Greedy: row j's argmax (after logit_bias, penalties and min_tokens, as ``model/sampler.py``)
+  is the token; drafts are kept while they equal it. The output is the greedy output without speculation.
 - Sampling, drafts without a distribution (n-gram, suffix: q is a point mass on d_j): the
   rejection rule accepts d_j with probability p_j(d_j) and otherwise samples from p_j with d_j
   removed and renormalized. Drawing x ~ p_j and keeping d_j iff x == d_j is that rule exactly
@@ -19,8 +19,8 @@ accepted tokens come from rows ``0..len(tokens)-1``.
   (Leviathan et al. 2023; Chen et al. 2023), keep d_j with probability min(1, p(d_j)/q(d_j)),
   otherwise sample from max(0, p - q) renormalized; the bonus row samples from p.
 
-p_j is the distribution plain sampling uses: penalties (counting the drafts before j as output),
-logit_bias and min_tokens, then temperature, top-k, top-p, min-p, all with ``model/sampler.py``'s functions.
+p_j is the distribution plain sampling uses: logit_bias, penalties (counting the drafts before j
+as output) and min_tokens, then temperature, top-k, top-p, min-p, all with ``model/sampler.py``'s functions.
 Structured-output grammars are not handled here: the engine does not speculate for requests with
 a grammar (``can_verify``).
 
@@ -70,7 +70,7 @@ def can_verify(request) -> bool:
 
 
 def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> torch.Tensor:
-    """Rows after penalties, logit_bias and min_tokens, in the sampler's order (a copy only when
+    """Rows after logit_bias, penalties and min_tokens, in the sampler's order (a copy only when
     one applies). logits: (R, V)."""
     params = request.sampling_params
     if not _needs_processing(request):
@@ -81,10 +81,10 @@ def _processed_rows(logits: torch.Tensor, draft_ids: Sequence[int], request) -> 
         view = _RowView(params, list(request.prompt_token_ids),
                         list(request.output_token_ids) + [int(t) for t in draft_ids[:j]],
                         request.eos_token_ids, request.stop_token_set)
-        row = apply_penalties(logits[j:j + 1], [view])
+        row = logits[j:j + 1]
         if bias:
             row = apply_logit_bias(row, [view])
-        apply_min_tokens(row, [view])
+        apply_min_tokens(apply_penalties(row, [view]), [view])
     return logits
 
 
