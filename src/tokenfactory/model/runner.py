@@ -273,8 +273,15 @@ class TorchExecutor:
         """Run the forward pass; returns ``logits(rows) -> (len(rows), vocab)`` float32."""
         ids, positions, slots, pages = self._flatten(chunks)
         native = self._native
-        if native is not None and len(ids) == len(chunks) and native.serves(len(ids)):
-            all_logits = native(ids, positions, slots, pages)                   # (B, V)
+        if (native is not None and native.serves(len(ids))
+                and all(len(c.token_ids) == 1 for c in chunks)):
+            # decodes, some with drafts to verify: every drafted position is a row of its own
+            # over the same pages (the step writes each layer's K/V for all rows before any
+            # row attends), so verification runs the very kernels a plain decode step runs and
+            # greedy speculation reproduces plain decoding's tokens in bfloat16 too
+            if len(ids) != len(chunks):
+                pages = [p for c, p in zip(chunks, pages) for _ in range(c.num_tokens)]
+            all_logits = native(ids, positions, slots, pages)                   # (rows, V)
             return lambda rows: all_logits[rows]
         hidden = self._run_eager(chunks, ids, positions, slots, pages)         # (T, hidden)
         return lambda rows: self.model.compute_logits(hidden[rows])
