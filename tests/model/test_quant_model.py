@@ -183,3 +183,22 @@ def test_int8_at_load_keeps_the_model(texts):
     print(f"int8: greedy agreement {agree}/{total}, perplexity {p_q:.4f} vs {p_d:.4f}")
     assert agree >= 0.9 * total
     assert abs(p_q - p_d) <= 0.01 * p_d
+
+
+def test_llm_quantization_argument_reaches_the_executor():
+    """``LLM(..., quantization="gguf")`` serves the file's Q4_1 blocks as stored (QuantLinear
+    modules in the executor's model) and answers greedily as the dequantized model does."""
+    from tokenfactory.engine.llm import LLM
+    from tokenfactory.engine.sampling_params import SamplingParams
+    texts = {}
+    for q in ("gguf", "none"):
+        llm = LLM(str(default_model_path()), dtype="float32", quantization=q,
+                  max_model_len=512, num_kv_blocks=64)
+        kinds = {type(m).__name__ for m in llm.engine.executor.model.modules()}
+        assert ("QuantLinear" in kinds) == (q == "gguf")
+        ids = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            add_generation_prompt=True)
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+        texts[q] = out[0].outputs[0].token_ids
+    assert texts["gguf"] == texts["none"]

@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu",
                    help="where weights and KV pages live (default cpu; e.g. cuda: the torch "
                         "paths, without the native CPU kernels)")
+    g.add_argument("--quantization", choices=["none", "gguf", "int8"], default=None,
+                   help="gguf: run a quantized GGUF file's Q8_0/Q4_0/Q4_1 blocks as stored "
+                        "(fewer bytes per token; on this CPU not yet faster than bf16, see "
+                        "benchmarks/quantized.py); none (default): dequantize at load; int8: "
+                        "quantize the linears per output channel at load")
     g.add_argument("--speculative", choices=["ngram", "suffix"], default=None,
                    help="speculative decoding with proposals taken from the context itself: "
                         "ngram (prompt lookup) or suffix (suffix tree over the request and "
@@ -346,7 +351,8 @@ def serve_main(argv: list[str]) -> int:
     else:
         try:
             core = build_engine_core(model_dir, dtype=args.dtype, kernels=args.kernels,
-                                     device=args.device, **engine_args)
+                                     device=args.device, quantization=args.quantization,
+                                     **engine_args)
         except (ValueError, OSError) as exc:
             print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
             return 2

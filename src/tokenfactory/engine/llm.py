@@ -15,19 +15,21 @@ Prompt = str | Sequence[int]
 def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
                       device: str = "cpu", step_hook=None, clock=None,
                       kernels: str | None = "auto", kv_connector=None,
-                      compile: bool = False, **engine_args) -> EngineCore:
+                      compile: bool = False, quantization: str | None = None,
+                      **engine_args) -> EngineCore:
     """Load a model (a GGUF file or a Hugging Face directory: weights + tokenizer) and build an
     EngineCore on it. ``device``: where the weights and KV pages live ("cpu", "cuda", ...;
     the native CPU kernels only run on "cpu"). ``kernels``: "auto" (measured per CPU,
     model/kernel_choice.py), "native" or "torch" (forced), None (the fixed
     native-where-available rule). ``kv_connector``: a KV tier beyond RAM (engine/kv_connector.py).
-    ``engine_args``: ``EngineConfig`` fields."""
+    ``quantization``: "gguf" (a quantized GGUF file's blocks run as stored), "none"/None
+    (dequantized at load), "int8" (linears quantized per channel at load). ``engine_args``: ``EngineConfig`` fields."""
     from tokenfactory.model.gguf import is_gguf_file, open_gguf
     from tokenfactory.model.runner import TorchExecutor
     from tokenfactory.text.tokenizer import Tokenizer
 
     executor = TorchExecutor(model_dir, dtype=dtype, device=device, kernels=kernels,
-                             compile=compile)
+                             compile=compile, quantization=quantization)
     if is_gguf_file(model_dir):   # model/gguf's reader parses the vocabulary 3x faster
         tokenizer = Tokenizer.from_gguf(model_dir, reader=open_gguf(model_dir).reader)
     else:

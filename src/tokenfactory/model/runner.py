@@ -77,12 +77,16 @@ class TorchExecutor:
     "native" forces the native kernels wherever they run, "torch" forces torch/oneDNN
     everywhere; None keeps the fixed rule (native wherever available, no measurement).
     ``native_decode``, when given, still overrides the decode-step part of the choice.
+    ``quantization``: how a quantized GGUF file's weights run (``model/loader.py``): "gguf"
+    executes its Q8_0/Q4_0/Q4_1 blocks as stored (``quant_linear.py``), "none"/None
+    dequantizes them at load, "int8" quantizes linears per output channel at load.
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = None,
                  seed: int | None = None, native_decode: bool | None = None,
-                 kernels: str | None = None, compile: bool = False):
+                 kernels: str | None = None, compile: bool = False,
+                 quantization: str | None = None):
         if compile:   # the argument stays (False only) until its last callers drop it
             raise ValueError("compiled decode graphs were removed: the native decode step "
                              "serves small decode batches")
@@ -97,7 +101,8 @@ class TorchExecutor:
         # sets one core fewer: its HTTP event loop then has a core of its own instead of
         # preempting a thread of the decode step's OpenMP team between barriers.
         self.decode_threads: int | None = None
-        self.model = load_model(model_dir, dtype=dtype, device=self.device)
+        self.model = load_model(model_dir, dtype=dtype, device=self.device,
+                                quantization=quantization)
         self.model_config: ModelConfig = self.model.config
         self.dtype = self.model.embed_tokens.weight.dtype
         self.max_model_len = self.model_config.max_model_len
@@ -181,7 +186,8 @@ class TorchExecutor:
             self._choice_pending = False
             self.apply_kernel_choice(kernel_choice.choose(
                 lambda: kernel_choice.measure(self), kernel_choice.model_shape(self.model)))
-            log.info("%s", self.kernel_choice.summary())
+        if self.device.type == "cpu":   # one line, every mode: which backend runs what
+            log.info("%s", self.kernel_choice.summary(self.model))
         if self.native_decode:
             self._native = native_step.NativeDecodeStep(self.model, num_blocks, block_size)
 
@@ -189,9 +195,7 @@ class TorchExecutor:
         """Route linears, attention and decode steps as ``choice`` says (where each native
         path runs at all: a layer the native kernel cannot take stays on oneDNN)."""
         self.kernel_choice = choice
-        for module in self.model.modules():
-            if hasattr(module, "native_max_rows"):
-                module.native_max_rows = choice.linear_native_max_rows if module.native else 0
+        kernel_choice.route_linears(self.model, choice)   # bf16 linears; quantized keep theirs
         for module in self.model.modules():   # norms, RoPE, silu * up as native calls
             if hasattr(module, "fused"):
                 module.fused = self._lib_ok and choice.mode != "torch"
