@@ -132,7 +132,11 @@ def test_prefix_routing_keeps_the_hit_rate_and_round_robin_loses_it(fleet):
         rr.shutdown()
     assert single > 0.5
     assert by_prefix >= single - 0.03, (single, by_prefix, by_rr)
-    assert by_rr < by_prefix - 0.15, (single, by_prefix, by_rr)
+    # round-robin alternates each session's turns between the two replicas, so it still finds
+    # the prefix of the turn before last (and the system prompt): it loses about one turn's
+    # new tokens per request, ~0.15 of the prompt tokens here (0.149-0.16 measured); assert a
+    # clear gap, not that exact figure, which moves with block rounding
+    assert by_rr < by_prefix - 0.08, (single, by_prefix, by_rr)
     assert min(spread) > 0, spread          # both replicas served
 
 
