@@ -140,7 +140,9 @@ def browser():
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (make test installs it)")
         pytest.skip("Debian package chromium not installed")
-    with tempfile.TemporaryDirectory(prefix="tf-chromium-") as profile:
+    # Chromium's helper processes can still be writing the profile for a moment after the
+    # browser exits: a leftover file there must not fail the test run
+    with tempfile.TemporaryDirectory(prefix="tf-chromium-", ignore_cleanup_errors=True) as profile:
         b = Chromium(profile)
         try:
             yield b
