@@ -43,6 +43,29 @@ class AdmissionError(ValueError):
     """A request that can never be served with this configuration."""
 
 
+def check_admission(num_prompt_tokens: int, max_tokens: int | None, *, max_model_len: int,
+                    block_size: int, num_blocks: int, max_num_batched_tokens: int,
+                    enable_chunked_prefill: bool) -> None:
+    """Raise AdmissionError for a request that an engine of this geometry can never serve
+    (the scheduler's rule; the router applies the same one to its replicas)."""
+    if num_prompt_tokens < 1:
+        raise AdmissionError("the prompt is empty: at least one token is needed")
+    total = num_prompt_tokens + (max_tokens or 0)
+    if total > max_model_len:
+        raise AdmissionError(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+            f"exceeds the model's context length of {max_model_len} tokens")
+    if cdiv(total, block_size) > num_blocks:
+        raise AdmissionError(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs "
+            f"{cdiv(total, block_size)} KV pages but the cache has only "
+            f"{num_blocks}; raise kv_cache_memory or lower max_tokens")
+    if not enable_chunked_prefill and num_prompt_tokens > max_num_batched_tokens:
+        raise AdmissionError(
+            f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+            f"({max_num_batched_tokens}) and chunked prefill is disabled")
+
+
 class WaitingQueue:
     """Requests waiting for admission: one FIFO per tenant, served round robin.
 
@@ -156,22 +179,10 @@ class Scheduler:
     # ---------------------------------------------------------------- intake
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
         cfg = self.config
-        if num_prompt_tokens < 1:
-            raise AdmissionError("the prompt is empty: at least one token is needed")
-        total = num_prompt_tokens + (max_tokens or 0)
-        if total > cfg.max_model_len:
-            raise AdmissionError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                f"exceeds the model's context length of {cfg.max_model_len} tokens")
-        if cdiv(total, self.kv.block_size) > self.kv.num_blocks:
-            raise AdmissionError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs "
-                f"{cdiv(total, self.kv.block_size)} KV pages but the cache has only "
-                f"{self.kv.num_blocks}; raise kv_cache_memory or lower max_tokens")
-        if not cfg.enable_chunked_prefill and num_prompt_tokens > cfg.max_num_batched_tokens:
-            raise AdmissionError(
-                f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
-                f"({cfg.max_num_batched_tokens}) and chunked prefill is disabled")
+        check_admission(num_prompt_tokens, max_tokens, max_model_len=cfg.max_model_len,
+                        block_size=self.kv.block_size, num_blocks=self.kv.num_blocks,
+                        max_num_batched_tokens=cfg.max_num_batched_tokens,
+                        enable_chunked_prefill=cfg.enable_chunked_prefill)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:

@@ -34,7 +34,7 @@ from typing import AsyncIterator, Sequence
 from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStats
 from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
 from tokenfactory.engine.sampling_params import SamplingParams
-from tokenfactory.engine.scheduler import AdmissionError
+from tokenfactory.engine.scheduler import AdmissionError, check_admission
 from tokenfactory.router.core_view import RouterCoreView
 from tokenfactory.router.index import PrefixIndex
 from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
@@ -198,21 +198,10 @@ class RouterEngine:
         """The replicas' admission rule (engine.scheduler.Scheduler.check_admissible), checked
         here so a request that no replica could ever serve is refused before it is placed."""
         info = self.info
-        if num_prompt_tokens < 1:
-            raise AdmissionError("the prompt is empty: at least one token is needed")
-        total = num_prompt_tokens + (max_tokens or 0)
-        if total > info.max_model_len:
-            raise AdmissionError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                f"exceeds the model's context length of {info.max_model_len} tokens")
-        if -(-total // info.block_size) > info.num_blocks:
-            raise AdmissionError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs more "
-                f"KV pages than a replica's cache has ({info.num_blocks})")
-        if not info.enable_chunked_prefill and num_prompt_tokens > info.max_num_batched_tokens:
-            raise AdmissionError(
-                f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
-                f"({info.max_num_batched_tokens}) and chunked prefill is disabled")
+        check_admission(num_prompt_tokens, max_tokens, max_model_len=info.max_model_len,
+                        block_size=info.block_size, num_blocks=info.num_blocks,
+                        max_num_batched_tokens=info.max_num_batched_tokens,
+                        enable_chunked_prefill=info.enable_chunked_prefill)
 
     def route(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None,
               exclude: Sequence[int] = ()) -> int:
