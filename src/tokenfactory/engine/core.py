@@ -98,9 +98,6 @@ class EngineCore:
         # Observers of every step (cost ledger, dashboard, trace): each is called in order with
         # the step's seconds and tokens per request. ``step_hook=`` is the first of them.
         self._step_listeners: list[StepListener] = [step_hook] if step_hook is not None else []
-        # Transitional: callers that still assign ``core.step_hook`` are called after the
-        # listeners; use add_step_listener instead.
-        self.step_hook: StepHook | None = None
         self.max_model_len = min(config.max_model_len or model_max_len, model_max_len)
         # Prompt ids are checked against it (when the executor knows it): an out-of-range id
         # would fail the forward pass of every request batched with it.
@@ -248,8 +245,6 @@ class EngineCore:
         if done:   # failed chunks are not charged
             for listener in self._step_listeners:
                 listener(now - t0, done)
-            if self.step_hook is not None:
-                self.step_hook(now - t0, done)
 
         for sched, req, res in zip(plan.requests, reqs, results):
             if req.is_finished or res is None:  # aborted while the step ran, or failed

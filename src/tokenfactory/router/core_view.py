@@ -60,7 +60,6 @@ class RouterCoreView:
         self.executor = _ExecutorView(info.kv_cache_bytes_per_block)
         self.scheduler = _SchedulerView()
         self._listeners: list[StepListener] = []
-        self.step_hook: StepListener | None = None
 
     def add_step_listener(self, fn: StepListener) -> None:
         self._listeners.append(fn)
@@ -72,5 +71,3 @@ class RouterCoreView:
         for seconds, tokens in charges:
             for fn in self._listeners:
                 fn(seconds, {request_id: tokens})
-            if self.step_hook is not None:
-                self.step_hook(seconds, {request_id: tokens})
