@@ -119,12 +119,50 @@ DAMAGE = st.lists(st.tuples(st.integers(0, MAX_BLOCKS - 1),
                                              "swap", "empty"])), min_size=1, max_size=3)
 
 
+def run_prefetched(core: EngineCore, rid: str, prompt, *, wait: bool):
+    """``run``, with the request's pages read ahead as soon as it is queued (``wait``: the
+    read-ahead finishes before the step that admits it; else the two race)."""
+    req = core.add_request(rid, prompt, GREEDY)
+    asked = core.kv.prefetch(req)
+    if wait:
+        core.kv.connector.wait_prefetched()
+    out = None
+    while core.has_unfinished_requests():
+        for o in core.step():
+            if o.finished:
+                out = o
+    assert out is not None and out.error is None
+    assert core.num_free_blocks() == core.kv.num_blocks, "pages leaked"
+    return out, asked
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["read ahead", "racing the load"])
+def test_prefetched_pages_are_loaded_without_reading_again(warm, cold, wait):
+    core, wh = warm
+    run(core, f"seed-{core.num_steps}", PROMPT)
+    wh.flush()
+    evict_prompt(core)
+    before = (wh.prefetch_hits, wh.store.stats.reads, core.kv.stats().connector_hits)
+    out, asked = run_prefetched(core, f"prefetched-{core.num_steps}", PROMPT, wait=wait)
+    assert asked == MAX_BLOCKS
+    assert out.outputs[0].token_ids == cold
+    assert out.usage["cached_tokens"] == MAX_BLOCKS * BS
+    assert core.kv.stats().connector_hits - before[2] == MAX_BLOCKS * BS
+    # each page file was read once, by the reader or by the load, never by both
+    assert wh.store.stats.reads - before[1] == MAX_BLOCKS
+    if wait:
+        assert wh.prefetch_hits - before[0] == MAX_BLOCKS
+    # pages already in RAM are not asked for
+    assert core.kv.prefetch(core.add_request("again", PROMPT, GREEDY)) == 0
+    core.abort("again")
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(damage=DAMAGE)
-def test_damaged_pages_are_recomputed_never_served(warm, cold, damage):
-    """Pages are damaged at random on disk; the RAM cache is emptied; the prompt runs again.
-    Exactly the pages before the first damaged one are loaded, the rest recomputed, and the
-    output is the cold run's."""
+@given(damage=DAMAGE, prefetch=st.booleans())
+def test_damaged_pages_are_recomputed_never_served(warm, cold, damage, prefetch):
+    """Pages are damaged at random on disk; the RAM cache is emptied; the prompt runs again
+    (its pages read ahead when queued, or read at admission). Exactly the pages before the
+    first damaged one are loaded, the rest recomputed, and the output is the cold run's."""
     core, wh = warm
     paths = [wh.store.path(h) for h in _hashes(core)]
     for p in paths:                  # damage left by an earlier example past its first bad page
@@ -156,7 +194,10 @@ def test_damaged_pages_are_recomputed_never_served(warm, cold, damage):
         p.write_bytes(bytes(data))
     core.reset_prefix_cache()
     before = core.kv.stats().connector_hits
-    out = run(core, f"damaged-{core.num_steps}", PROMPT)
+    if prefetch:
+        out, _ = run_prefetched(core, f"damaged-{core.num_steps}", PROMPT, wait=True)
+    else:
+        out = run(core, f"damaged-{core.num_steps}", PROMPT)
     assert out.outputs[0].token_ids == cold
     first_bad = min(idx for idx, _ in damage)
     assert core.kv.stats().connector_hits - before == first_bad * BS

@@ -15,6 +15,10 @@ Page bytes move through a ``KVPageIO`` (the executor's ``read_kv_blocks``/``writ
 or ``model/kv_pages.py``'s adapter over a model): pages are a tensor shaped
 ``(num_layers, 2, num_kv_heads, n_blocks, block_size, head_dim)`` in the cache's dtype.
 A connector may also subscribe to the pool's KV events (``BlockPool.subscribe``).
+
+Optionally a connector reads ahead (``PrefetchingConnector.prefetch``): when a request is
+queued, ``KVCacheManager.prefetch`` hands it the blocks past the RAM hits so it can start
+reading them while other work runs; ``load`` at admission then finds them read.
 """
 from __future__ import annotations
 
@@ -52,6 +56,14 @@ class KVConnector(Protocol):
     def retain(self, block_hashes: Sequence[bytes], ttl_seconds: float) -> None:
         """Keep these blocks at least ``ttl_seconds`` from now (Anthropic ``cache_control``
         ttl), beyond what RAM pins can promise. Best effort."""
+
+
+class PrefetchingConnector(KVConnector, Protocol):
+    def prefetch(self, block_hashes: Sequence[bytes],
+                 token_ids_per_block: Sequence[Sequence[int]],
+                 parent_hash: bytes | None = None) -> None:
+        """Start fetching these blocks (a chain following ``parent_hash``) in the background
+        for a later ``load``. Must return at once and not raise."""
 
 
 class NullConnector:

@@ -86,6 +86,28 @@ class KVCacheManager:
             hits = hits + self._load_from_connector(request, hashes, tokens, hits)
         return hits
 
+    def prefetch(self, request: Request) -> int:
+        """A request was queued: if its prefix goes on past the RAM hits and the connector can
+        read ahead (``prefetch``, optional), start reading those pages now, so the admission
+        that loads them finds them read. Returns the number of blocks asked for. Changes
+        nothing in the pool (no references, no stats); never raises."""
+        read_ahead = getattr(self.connector, "prefetch", None)
+        if read_ahead is None or not self.pool.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        self._update_hashes(request, request.num_tokens)
+        hashes = request.block_hashes[:(request.num_tokens - 1) // bs]
+        tokens = [request.token_slice(i * bs, (i + 1) * bs) for i in range(len(hashes))]
+        start = len(self.pool.lookup_prefix(hashes, tokens))
+        if start == len(hashes):
+            return 0
+        try:
+            read_ahead(hashes[start:], tokens[start:], hashes[start - 1] if start else None)
+        except Exception:  # noqa: BLE001 - read-ahead is an optimisation
+            log.exception("KV connector prefetch failed")
+            return 0
+        return len(hashes) - start
+
     def _load_from_connector(self, request: Request, hashes: Sequence[bytes],
                              tokens: Sequence[Sequence[int]], hits: list[int]) -> list[int]:
         """Pages for the blocks after the RAM hits, loaded from the connector and registered

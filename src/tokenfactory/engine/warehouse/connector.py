@@ -10,6 +10,11 @@
   given RAM blocks. The first page that fails stops the load; it is recomputed.
 - ``retain`` (a cache breakpoint's TTL) is queued behind the pending writes, so it applies to
   the pages just saved.
+- ``prefetch`` (a request was queued and its prefix misses RAM): a reader thread reads and
+  verifies those pages ahead of time into a bounded read-ahead buffer, so the ``load`` at
+  admission only copies them into the KV cache instead of waiting for the files. A ``load``
+  that reaches a page the reader is working on waits for it; one the reader has not started
+  is read by ``load`` itself (and dropped from the reader's list).
 
 Write-through (rather than writing on RAM eviction) is what lets a page survive ``kill -9``
 and be read by another process on the same directory at once.
@@ -20,6 +25,7 @@ import logging
 import math
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Sequence
 
@@ -35,7 +41,8 @@ log = logging.getLogger(__name__)
 
 class WarehouseConnector:
     def __init__(self, store: PageStore, kv_io: KVPageIO, page_shape: Sequence[int],
-                 dtype: torch.dtype, *, async_writes: bool = True, max_pending: int = 256):
+                 dtype: torch.dtype, *, async_writes: bool = True, max_pending: int = 256,
+                 prefetch_bytes: int = 256 << 20):
         self.store = store
         self.kv_io = kv_io
         self.page_shape = tuple(page_shape)          # (num_layers, 2, Hkv, block_size, D)
@@ -45,7 +52,21 @@ class WarehouseConnector:
         self.dropped_saves = 0
         self.pages_loaded = 0
         self._pending: dict[bytes, PageRecord] = {}
-        self._lock = threading.Lock()                # guards _pending and the store's stats
+        self._lock = threading.Lock()                # guards _pending and the read-ahead state
+        # read-ahead (``prefetch``): verified pages waiting for their ``load``, oldest first,
+        # at most ``prefetch_bytes`` of them; hashes the reader is reading now; hashes it was
+        # asked for and has not started (a ``load`` that gets there first takes them off)
+        self.prefetch_bytes = prefetch_bytes
+        self.pages_prefetched = 0     # pages the reader read and verified
+        self.prefetch_hits = 0        # loaded pages the reader had already read
+        self.prefetch_dropped = 0     # read-ahead pages dropped unused (buffer full)
+        self._ready: OrderedDict[bytes, PageRecord] = OrderedDict()
+        self._ready_bytes = 0
+        self._reading: set[bytes] = set()
+        self._asked: set[bytes] = set()
+        self._read_done = threading.Condition(self._lock)
+        self._reads: queue.Queue | None = None       # prefetch jobs; reader started on demand
+        self._reader: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if async_writes:
@@ -71,8 +92,7 @@ class WarehouseConnector:
         prev: bytes | None = None
         for i, h in enumerate(block_hashes):
             toks = None if token_ids_per_block is None else token_ids_per_block[i]
-            with self._lock:
-                rec = self._pending.get(h)
+            rec = self._in_memory(h)
             if rec is None:
                 rec = self.store.read(h, toks, prev, check_parent=i > 0)
             elif (toks is not None and rec.token_ids != tuple(toks)) or (
@@ -92,6 +112,94 @@ class WarehouseConnector:
             self.kv_io.write_kv_blocks(list(block_ids[:n]), pages.permute(1, 2, 3, 0, 4, 5))
             self.pages_loaded += n
         return n
+
+    def _in_memory(self, h: bytes) -> PageRecord | None:
+        """The page if it is waiting to be written or was read ahead (waiting for the reader
+        when it is reading it right now); None: ``load`` reads the file itself."""
+        with self._lock:
+            rec = self._pending.get(h)
+            if rec is not None:
+                return rec
+            while h in self._reading:
+                self._read_done.wait()
+            rec = self._ready.pop(h, None)
+            if rec is None:
+                self._asked.discard(h)      # read here: the reader need not
+                return None
+            self._ready_bytes -= len(rec.payload)
+            self.prefetch_hits += 1
+            return rec
+
+    # -------------------------------------------------------------- read-ahead
+    def prefetch(self, block_hashes: Sequence[bytes],
+                 token_ids_per_block: Sequence[Sequence[int]],
+                 parent_hash: bytes | None = None) -> None:
+        """Start reading these pages (a chain following ``parent_hash``) in the background,
+        so a later ``load`` of them finds them read and verified. Returns at once."""
+        with self._lock:
+            todo = [i for i, h in enumerate(block_hashes)
+                    if h not in self._pending and h not in self._ready and h not in self._reading]
+            if not todo:
+                return
+            self._asked.update(block_hashes[i] for i in todo)
+            if self._reads is None:
+                self._reads = queue.Queue()
+                self._reader = threading.Thread(target=self._read_ahead, daemon=True,
+                                                name="kv-warehouse-reader")
+                self._reader.start()
+        self._reads.put((list(block_hashes), [tuple(t) for t in token_ids_per_block],
+                         parent_hash))
+
+    def _read_ahead(self) -> None:
+        assert self._reads is not None
+        while True:
+            job = self._reads.get()
+            try:
+                if job is None:
+                    return
+                self._read_chain(*job)
+            except Exception:  # noqa: BLE001 - the reader must outlive one bad job
+                log.exception("KV warehouse reader")
+            finally:
+                self._reads.task_done()
+
+    def wait_prefetched(self) -> None:
+        """Wait until every ``prefetch`` asked so far has been read (tests, benchmarks)."""
+        if self._reads is not None:
+            self._reads.join()
+
+    def _read_chain(self, hashes: list[bytes], tokens: list[tuple[int, ...]],
+                    parent: bytes | None) -> None:
+        prev = parent
+        for h, toks in zip(hashes, tokens):
+            with self._lock:
+                if h not in self._asked:     # loaded, being loaded, or read by another job
+                    prev = h
+                    continue
+                self._asked.discard(h)
+                self._reading.add(h)
+            rec = None
+            try:
+                rec = self.store.read(h, toks, prev, check_parent=True)
+                if rec is not None and len(rec.payload) != self.page_bytes:
+                    rec = None
+            finally:
+                with self._lock:
+                    self._reading.discard(h)
+                    if rec is not None:
+                        self._ready[h] = rec
+                        self._ready_bytes += len(rec.payload)
+                        self.pages_prefetched += 1
+                        while self._ready_bytes > self.prefetch_bytes and len(self._ready) > 1:
+                            _, old = self._ready.popitem(last=False)
+                            self._ready_bytes -= len(old.payload)
+                            self.prefetch_dropped += 1
+                    self._read_done.notify_all()
+            if rec is None:                  # the chain ends here: later pages are unusable
+                with self._lock:
+                    self._asked.difference_update(hashes)
+                return
+            prev = h
 
     def save(self, block_hashes: Sequence[bytes], block_ids: Sequence[int],
              token_ids_per_block: Sequence[Sequence[int]],
@@ -164,13 +272,17 @@ class WarehouseConnector:
             done.wait()
 
     def close(self) -> None:
-        """Write what is pending, then stop the writer thread."""
+        """Write what is pending, then stop the writer and reader threads."""
         if self._queue is not None and self._thread is not None and self._thread.is_alive():
             self._queue.put(("stop", None))
             self._thread.join()
+        if self._reads is not None and self._reader is not None and self._reader.is_alive():
+            self._reads.put(None)
+            self._reader.join()
 
     def stats(self) -> dict[str, int]:
         s = asdict(self.store.stats)
         s.update(pages_loaded=self.pages_loaded, dropped_saves=self.dropped_saves,
-                 pending=len(self._pending))
+                 pending=len(self._pending), pages_prefetched=self.pages_prefetched,
+                 prefetch_hits=self.prefetch_hits, prefetch_dropped=self.prefetch_dropped)
         return s
