@@ -178,13 +178,13 @@ def test_http_api_serves_through_the_router(fleet):
 
     from tests.live import live_server
 
-    router = view(fleet, [0, 1], "prefix")
+    router = view(fleet, [0, 1], "prefix", bound=LoadBound(blocks_per_request=0.25))
     with live_server(fleet.core.tokenizer, engine=router) as server:
         oa = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-        done = oa.completions.create(model="tf-test", prompt="hello there", max_tokens=6,
+        done = oa.completions.create(model="tf-test", prompt="hello there, " * 12, max_tokens=6,
                                      temperature=0)
         assert done.usage.completion_tokens == 6 and done.choices[0].text
-        again = oa.completions.create(model="tf-test", prompt="hello there", max_tokens=6,
+        again = oa.completions.create(model="tf-test", prompt="hello there, " * 12, max_tokens=6,
                                       temperature=0)
         assert again.choices[0].text == done.choices[0].text
         an = anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
@@ -197,7 +197,32 @@ def test_http_api_serves_through_the_router(fleet):
         assert httpx.get(server.base_url + "/health").json()["status"] == "ok"
         metrics = httpx.get(server.base_url + "/metrics").text
         assert "tokenfactory_machine_seconds" in metrics
+        router.poll_once()
+        series = replica_series(httpx.get(server.base_url + "/metrics").text)
     assert sum(r.routed for r in router.replicas) == 3
+    # one view: every replica under its label, agreeing with the fleet totals
+    up, routed = series["tokenfactory_replica_up"], series["tokenfactory_replica_requests_routed"]
+    assert up == {"0": 1.0, "1": 1.0} and sum(routed.values()) == 3
+    assert series["tokenfactory_replica_kv_pages_total"] == {"0": 512.0, "1": 512.0}
+    hits = series["tokenfactory_replica_prefix_cache_hits"]
+    queries = series["tokenfactory_replica_prefix_cache_queries"]
+    assert sum(hits.values()) == series["tokenfactory_prefix_cache_hits"][""] > 0  # the repeat
+    for i in ("0", "1"):
+        rate = series["tokenfactory_replica_prefix_cache_hit_rate"][i]
+        assert rate == pytest.approx(hits[i] / queries[i] if queries[i] else 0.0)
+        assert series["tokenfactory_replica_queue_depth"][i] == 0
+        assert series["tokenfactory_replica_kv_usage"][i] == 0
+
+
+def replica_series(text: str) -> dict[str, dict[str, float]]:
+    """{family name: {replica label ("" if none): value}} of a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (family.name, family.name + "_total"):   # not _created etc.
+                out.setdefault(family.name, {})[sample.labels.get("replica", "")] = sample.value
+    return out
 
 
 def test_disaggregated_prefill_decode_matches_one_replica(fleet, spec):

@@ -6,7 +6,9 @@ accumulated merged into one delivery, see serving.Generation), end to end. Engin
 (running / waiting requests, KV pages, prefix-cache lookups) is read from
 ``AsyncEngine.stats()`` at scrape time. Two families appear only when the engine has them:
 prefix-cache hits by tier (``tier="ram"|"warehouse"``) when a KV connector is attached, and
-speculative-decoding counters per proposer when the engine speculates.
+speculative-decoding counters per proposer when the engine speculates. Behind the router
+(``--replicas``) the unlabelled series are fleet totals and ``tokenfactory_replica_*`` series
+carry a ``replica`` label: per replica, up, queue depth, KV usage and prefix-cache hit rate.
 """
 from __future__ import annotations
 
@@ -51,6 +53,47 @@ class _EngineCollector:
                                       "Prompt tokens asked of the KV connector after a RAM miss",
                                       value=s.connector_queries)
         yield from spec_decode_families(self.engine)
+
+
+# ReplicaMetrics field -> (family, help, gauge?) for the per-replica series
+REPLICA_SERIES = (
+    ("up", "tokenfactory_replica_up", "1 while the replica serves (0: dead or hung)", True),
+    ("in_flight", "tokenfactory_replica_queue_depth",
+     "Requests the router has in flight on the replica", True),
+    ("num_running", "tokenfactory_replica_requests_running", "Requests being computed", True),
+    ("num_waiting", "tokenfactory_replica_requests_waiting", "Requests queued for admission",
+     True),
+    ("kv_pages_total", "tokenfactory_replica_kv_pages_total", "KV cache pages", True),
+    ("kv_pages_used", "tokenfactory_replica_kv_pages_used",
+     "KV cache pages held by requests or pinned by cache_control TTLs", True),
+    ("kv_usage", "tokenfactory_replica_kv_usage", "KV pages in use / total (0..1)", True),
+    ("prefix_cache_hit_rate", "tokenfactory_replica_prefix_cache_hit_rate",
+     "Prompt tokens found cached / looked up, since the replica (re)started", True),
+    ("prefix_cache_queries", "tokenfactory_replica_prefix_cache_queries",
+     "Prompt tokens looked up in the replica's prefix cache", False),
+    ("prefix_cache_hits", "tokenfactory_replica_prefix_cache_hits",
+     "Prompt tokens found in the replica's prefix cache", False),
+    ("routed", "tokenfactory_replica_requests_routed", "Requests the router placed on it",
+     False),
+    ("deaths", "tokenfactory_replica_failures",
+     "Times the router found the replica dead or hung", False),
+)
+
+
+class _ReplicaCollector:
+    """``tokenfactory_replica_*{replica="i"}`` from ``RouterEngine.replica_metrics()``."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        rows = self.engine.replica_metrics()
+        for field, name, doc, gauge in REPLICA_SERIES:
+            family = (GaugeMetricFamily if gauge else CounterMetricFamily)(
+                name, doc, labels=["replica"])
+            for row in rows:
+                family.add_metric([row.replica], float(getattr(row, field)))
+            yield family
 
 
 # EngineCore.spec_stats counter -> help text (vLLM's meanings)
@@ -165,6 +208,8 @@ class Metrics:
         self.kernels: Info | None = None
         if engine is not None:
             r.register(_EngineCollector(engine))
+            if hasattr(engine, "replica_metrics"):     # replicas behind the router
+                r.register(_ReplicaCollector(engine))
             executor = getattr(getattr(engine, "core", None), "executor", None)
             choice = getattr(executor, "kernel_choice", None)
             if choice is not None:

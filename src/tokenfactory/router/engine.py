@@ -59,6 +59,34 @@ class ReplicaView:
 
 
 @dataclass
+class ReplicaMetrics:
+    """One replica's figures for /metrics (``replica`` label): plain data, read at scrape time.
+    Engine counters come from the replica's last poll and restart from 0 with a new
+    incarnation (Prometheus treats that as a counter reset)."""
+
+    replica: str                 # the label value: the replica's index
+    up: bool
+    in_flight: int               # queue depth as the router sees it: streams open on it
+    routed: int                  # requests placed on it (counter)
+    deaths: int                  # times it was found dead or hung (counter)
+    num_running: int
+    num_waiting: int
+    kv_pages_total: int
+    kv_pages_used: int           # held by requests or pinned by cache_control TTLs
+    prefix_cache_queries: int    # prompt tokens looked up (counter)
+    prefix_cache_hits: int       # prompt tokens found cached (counter)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries \
+            if self.prefix_cache_queries else 0.0
+
+
+@dataclass
 class TransferRecord:
     """One prefill -> decode hand-over (disaggregated mode)."""
 
@@ -192,6 +220,20 @@ class RouterEngine:
                     (getattr(total, f) for f in total.__dataclass_fields__),
                     (getattr(r.stats, f) for f in r.stats.__dataclass_fields__))))
         return total
+
+    def replica_metrics(self) -> list[ReplicaMetrics]:
+        """Per-replica figures for /metrics (api/metrics.py labels them ``replica``). A replica
+        that is down reports ``up`` false and the engine figures of its last poll."""
+        out = []
+        with self._lock:
+            for r in self.replicas:
+                s = r.stats or EngineStats(0, 0, self.info.num_blocks, self.info.num_blocks,
+                                           0, 0, 0, 0)
+                out.append(ReplicaMetrics(
+                    str(r.index), r.healthy, r.in_flight, r.routed, r.deaths, s.num_running,
+                    s.num_waiting, s.kv_blocks_total, s.kv_blocks_total - s.kv_blocks_free
+                    + s.kv_blocks_pinned, s.prefix_cache_queries, s.prefix_cache_hits))
+        return out
 
     # -------------------------------------------------------------- requests
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
