@@ -163,6 +163,15 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         structured_output = await ctx.off_loop(structured.tool_constraint, ctx.tokenizer,
                                                **prompt.tool_constraint)
     streamed_args = structured_output is not None and prompt.tool_constraint is not None
+    constrained = structured_output is not None
+    # A reasoning template's reply reasons first: a budget (thinking.budget_tokens, effort)
+    # closes the section by grammar, and a constrained reply keeps its section in front.
+    plan = prompt.reasoning_plan
+    reasons_by_grammar = prompt.thinks and (plan.budget is not None or constrained)
+    if reasons_by_grammar:
+        structured_output = await ctx.off_loop(structured.with_reasoning, ctx.tokenizer,
+                                               structured_output, plan.budget,
+                                               inside=prompt.thinking_opened)
     params = make_sampling_params(
         max_tokens=max_tokens, structured_output=structured_output,
         temperature=ctx.sampling_default("temperature", body.temperature, 1.0),
@@ -173,10 +182,10 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         ignore_eos=bool(body.ignore_eos), min_tokens=min(body.min_tokens or 0, max_tokens),
         seed=body.seed)
     parser = (get_tool_parser(prompt.parser_name)(stream_arguments=streamed_args)
-              if prompt.use_parser and (structured_output is None or streamed_args) else None)
-    if prompt.reasoning and structured_output is None:
+              if prompt.use_parser and (not constrained or streamed_args) else None)
+    if prompt.reasoning and (not constrained or reasons_by_grammar):
         # a reasoning template: a leading <think> section becomes a thinking block
-        parser = ReasoningParser(parser, inside=prompt.text.rstrip().endswith("<think>"))
+        parser = ReasoningParser(parser, inside=prompt.thinking_opened)
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
                      breakpoints=prompt.engine_breakpoints, parser=parser,

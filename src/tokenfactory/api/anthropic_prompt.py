@@ -22,7 +22,8 @@ from tokenfactory.api.errors import APIError
 from tokenfactory.api.serving import ServingContext
 from tokenfactory.engine.request import CacheBreakpoint
 from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
-from tokenfactory.text.tool_parsers import template_has_reasoning
+from tokenfactory.text.reasoning import ReasoningPlan, plan_reasoning
+from tokenfactory.text.tool_parsers import THINK_START, template_has_reasoning
 
 TEXT_JOIN = "\n\n"   # between text blocks of one turn, and between system blocks
 
@@ -40,6 +41,22 @@ def sign_thinking(text: str) -> str:
 
 def thinking_signature_ok(text: str, signature: str | None) -> bool:
     return bool(signature) and hmac.compare_digest(sign_thinking(text), signature)
+
+
+# Anthropic's output_config.effort levels (ascending)
+EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")
+
+
+def _effort(req: MessagesRequest) -> str | None:
+    """``output_config.effort``, checked (400 for a level the API does not have)."""
+    config = (req.model_extra or {}).get("output_config")
+    if not isinstance(config, dict) or config.get("effort") is None:
+        return None
+    effort = config["effort"]
+    if effort not in EFFORT_LEVELS:
+        raise APIError(400, f"output_config.effort: must be one of {', '.join(EFFORT_LEVELS)}; "
+                            f"got {str(effort)[:40]!r}", param="output_config.effort")
+    return effort
 
 
 # ---------------------------------------------------------------- request -> chat messages
@@ -74,19 +91,27 @@ def _merge(chat: list[dict], msg: dict) -> None:
     if prev is not None and prev["role"] == msg["role"] and msg["role"] != "tool":
         texts = [t for t in (prev.get("content", ""), msg.get("content", "")) if t]
         prev["content"] = TEXT_JOIN.join(texts)
+        thoughts = [t for t in (prev.get("reasoning_content"), msg.get("reasoning_content")) if t]
+        if thoughts:
+            prev["reasoning_content"] = TEXT_JOIN.join(thoughts)
         if msg.get("tool_calls"):
             prev["tool_calls"] = prev.get("tool_calls", []) + msg["tool_calls"]
         return
     chat.append(msg)
 
 
-def _convert_message(msg, content, chat: list[dict], system_role: str) -> None:
+def _convert_message(msg, content, chat: list[dict], system_role: str,
+                     reasoning: bool = False) -> None:
+    """Append ``msg`` (its ``content`` cut as the caller wants) to ``chat``. ``reasoning``: the
+    template renders reasoning back, so an assistant turn's thinking blocks become its
+    ``reasoning_content`` (what Qwen3-style templates read), byte for byte as they were
+    returned, which keeps the next turn's prompt a continuation of this one."""
     if isinstance(content, str):
         role = system_role if msg.role == "system" else msg.role
         _merge(chat, {"role": role, "content": content})
         return
     if msg.role == "assistant":
-        texts, calls = [], []
+        texts, calls, thoughts = [], [], []
         for b in content:
             _unsupported(b)
             if isinstance(b, TextBlock):
@@ -94,8 +119,12 @@ def _convert_message(msg, content, chat: list[dict], system_role: str) -> None:
             elif isinstance(b, ToolUseBlock):
                 calls.append({"id": b.id, "type": "function",
                               "function": {"name": b.name, "arguments": b.input}})
-            # thinking / redacted_thinking: not shown to this model
+            elif isinstance(b, ThinkingBlock) and reasoning and b.thinking:
+                thoughts.append(b.thinking)
+            # redacted_thinking (and thinking for a model without reasoning): not shown
         out: dict[str, Any] = {"role": "assistant", "content": TEXT_JOIN.join(texts)}
+        if thoughts:
+            out["reasoning_content"] = TEXT_JOIN.join(thoughts)
         if calls:
             out["tool_calls"] = calls
         _merge(chat, out)
@@ -136,6 +165,21 @@ class AnthropicPrompt:
     # constrained by a grammar (a forced call, strict tools, the generic format, no parallel)
     tool_constraint: dict | None = None
     reasoning: bool = False   # the template has a <think> section: replies may open with one
+    # what the reply does with its reasoning section (the template switch, a token budget)
+    reasoning_plan: ReasoningPlan = field(default_factory=ReasoningPlan)
+    continuing: bool = False   # the reply continues a prefilled assistant turn
+
+    @property
+    def thinking_opened(self) -> bool:
+        """The generation prompt itself opened the reasoning section (``…<think>``)."""
+        return self.text.rstrip().endswith(THINK_START)
+
+    @property
+    def thinks(self) -> bool:
+        """The reply opens with a reasoning section: a reasoning template whose prompt did not
+        close the section (Qwen3's switch off renders ``<think>\n\n</think>`` itself)."""
+        return (self.reasoning and not self.continuing
+                and not self.text.rstrip().endswith("</think>"))
 
 
 class PromptBuilder:
@@ -157,11 +201,21 @@ class PromptBuilder:
         self.parser_name = "hermes" if self.generic else ctx.parser_name
         template = getattr(ctx.tokenizer, "chat_template", None) or ""
         self.reasoning = template_has_reasoning(template)
-        # A template with a reasoning switch (Qwen3's ``enable_thinking``) follows the
-        # request's ``thinking``: off for {"type": "disabled"}, on otherwise.
+        # ``thinking`` and ``output_config.effort``: a template with a reasoning switch
+        # (Qwen3's ``enable_thinking``) is rendered off for {"type": "disabled"}, on for
+        # enabled / adaptive; a budget (budget_tokens, or an effort level's share of
+        # max_tokens) closes the section by grammar when it is spent (text/reasoning.py).
+        effort = _effort(req)
+        self.reasoning_plan = ReasoningPlan()
+        if self.reasoning:
+            t = req.thinking
+            self.reasoning_plan = plan_reasoning(
+                template=template, thinking_type=t.type if t else None,
+                budget_tokens=t.budget_tokens if t else None, effort=effort,
+                max_tokens=req.max_tokens or 0)
         self.template_switches: dict[str, Any] = {}
-        if self.reasoning and "enable_thinking" in template and req.thinking is not None:
-            self.template_switches["enable_thinking"] = req.thinking.type != "disabled"
+        if self.reasoning_plan.switch is not None:
+            self.template_switches["enable_thinking"] = self.reasoning_plan.switch
         self._validate()
 
     # ------------------------------------------------------------ validation
@@ -260,7 +314,7 @@ class PromptBuilder:
         for i, msg in enumerate(messages):
             content = last_content if (last_content is not None and i == len(messages) - 1) \
                 else msg.content
-            _convert_message(msg, content, chat, self.system_role)
+            _convert_message(msg, content, chat, self.system_role, self.reasoning)
         tool_dicts = [{"type": "function",
                        "function": {"name": t.name, "description": t.description or "",
                                     "parameters": t.input_schema}} for t in tools]
@@ -364,4 +418,5 @@ class PromptBuilder:
                                                self.ctx.split_tokens)
         bps = caching.engine_breakpoints(resolved, self.ctx.options.min_cache_tokens)
         return AnthropicPrompt(text, ids, tools, resolved, bps, "", use_parser,
-                               self.parser_name, constraint, self.reasoning)
+                               self.parser_name, constraint, self.reasoning,
+                               self.reasoning_plan, continuing)

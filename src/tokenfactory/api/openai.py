@@ -28,6 +28,7 @@ from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_
 from tokenfactory.api.trace import trace_of
 from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
 from tokenfactory.text.grammar import compiler_for
+from tokenfactory.text.reasoning import ReasoningPlan, effort_budget, plan_reasoning
 from tokenfactory.text.tool_parsers import (ReasoningParser, TextDelta, ThinkingDelta,
                                             ToolCallArgsDelta, ToolCallEnd, ToolCallStart,
                                             get_tool_parser, template_has_reasoning)
@@ -54,11 +55,20 @@ def _content_text(content) -> str:
     return "\n\n".join(parts)
 
 
-def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
+def _chat_messages(body: ChatCompletionRequest, reasoning: bool = False) -> list[dict]:
+    """The request's messages as chat-template input. ``reasoning``: the template renders
+    reasoning back, so an assistant turn's ``reasoning_content`` (the field this server
+    returns it in) is passed on as it came."""
     out = []
     for m in body.messages:
         role = "system" if m.role == "developer" else m.role
         msg: dict[str, Any] = {"role": role, "content": _content_text(m.content)}
+        thought = (m.model_extra or {}).get("reasoning_content")
+        if reasoning and role == "assistant" and thought is not None:
+            if not isinstance(thought, str):
+                raise APIError(400, "messages[].reasoning_content must be a string",
+                               param="messages")
+            msg["reasoning_content"] = thought
         if m.tool_calls:
             calls = []
             for tc in m.tool_calls:
@@ -359,9 +369,20 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
         "name": t.function.name, "description": t.function.description or "",
         "parameters": t.function.parameters or {"type": "object", "properties": {}}}}
         for t in body.tools or []] or None
-    chat = _chat_messages(body)
+    template = getattr(ctx.tokenizer, "chat_template", None) or ""
+    reasoning = template_has_reasoning(template)
+    chat = _chat_messages(body, reasoning)
     cont = chat[-1]["role"] == "assistant" and not chat[-1].get("tool_calls") \
         and bool(chat[-1].get("content"))
+    switches = _template_kwargs(body.chat_template_kwargs)
+    plan = ReasoningPlan()
+    if reasoning:   # reasoning_effort: the template's switch, or a bound on the section
+        # (the switch now; an effort's budget once max_tokens is known, below)
+        off = body.reasoning_effort == "none"
+        plan = plan_reasoning(template=template, thinking_type="disabled" if off else None,
+                              budget_tokens=None, effort=None, max_tokens=0)
+        if plan.switch is not None:
+            switches.setdefault("enable_thinking", plan.switch)
     # A template without a tool section gets the tools described in its system turn, and
     # calls come back in the Hermes format (docs/api.md, "Tools on any template").
     generic = bool(tools) and not ctx.template_shows_tools
@@ -373,7 +394,8 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
         text = await ctx.off_loop(ctx.tokenizer.apply_chat_template,
                                   with_generic_tools(chat, tools) if generic else chat,
                                   tools=None if generic else tools,
-                                  add_generation_prompt=not cont, continue_final_message=cont)
+                                  add_generation_prompt=not cont, continue_final_message=cont,
+                                  **switches)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     # response_format: compiled off the event loop (a cache hit for the engine afterwards);
@@ -395,14 +417,26 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
         trace.mark_tokenized(len(ids))
     requested = body.max_completion_tokens or body.max_tokens
     k = (body.top_logprobs or 0) if body.logprobs else None
+    # A reasoning template's reply reasons first: an effort level's budget closes the section
+    # by grammar, and a constrained reply keeps its section in front (text/reasoning.py).
+    constrained = structured_output is not None
+    thinks = reasoning and not cont and not text.rstrip().endswith("</think>")
+    budget = (effort_budget(body.reasoning_effort, ctx.effective_max_tokens(len(ids),
+                                                                           requested)[0])
+              if thinks and plan.budget is None and body.reasoning_effort != "none"
+              else plan.budget)
+    reasons_by_grammar = thinks and (budget is not None or constrained)
+    if reasons_by_grammar:
+        structured_output = await ctx.off_loop(structured.with_reasoning, ctx.tokenizer,
+                                               structured_output, budget,
+                                               inside=text.rstrip().endswith("<think>"),
+                                               param="reasoning_effort")
     params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, structured_output,
                                             logprobs=k)
     cid = ctx.new_request_id("chatcmpl-")
-    parser = (functools.partial(get_tool_parser(parser_name),
-                                stream_arguments=structured_output is not None)
+    parser = (functools.partial(get_tool_parser(parser_name), stream_arguments=constrained)
               if use_parser else None)
-    if structured_output is None and template_has_reasoning(
-            getattr(ctx.tokenizer, "chat_template", None)):
+    if reasoning and (not constrained or reasons_by_grammar):
         # a reasoning template: a leading <think> section becomes reasoning_content
         parser = functools.partial(_reasoning_parser, parser, text.rstrip().endswith("<think>"))
     gens = await _start_all(ctx, cid, ids, _choice_params(params, body.n or 1), tenant, trace,
@@ -417,6 +451,25 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     result = await collect_unless_disconnected(request, _chat_collect(ctx, gens, body.model, cid,
                                                                       created, k))
     return JSONResponse(result, headers={**headers, **_cost_headers(gens)})
+
+
+# chat_template_kwargs may not replace what the server itself passes to the template
+_RESERVED_TEMPLATE_VARS = frozenset({"messages", "tools", "add_generation_prompt",
+                                     "continue_final_message", "documents", "chat_template",
+                                     "tokenize", "return_dict"})
+
+
+def _template_kwargs(kwargs: dict | None) -> dict[str, Any]:
+    """vLLM's ``chat_template_kwargs``: extra template variables (Qwen3's ``enable_thinking``),
+    plain JSON values; 400 for one that would replace the server's own arguments."""
+    if not kwargs:
+        return {}
+    bad = sorted(_RESERVED_TEMPLATE_VARS & set(kwargs))
+    if bad:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(bad)}",
+                       param="chat_template_kwargs")
+    check_nesting(kwargs, "chat_template_kwargs")
+    return dict(kwargs)
 
 
 def _reasoning_parser(inner, inside: bool) -> ReasoningParser:

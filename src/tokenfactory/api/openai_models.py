@@ -105,6 +105,11 @@ class _SamplingFields(_Open):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    # how much a reasoning template's reply may think (text/reasoning.py): "none" renders the
+    # template's switch off, the others bound the section to a share of max_tokens
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # vLLM's extension: extra variables for the chat template (Qwen3's enable_thinking, ...)
+    chat_template_kwargs: dict[str, Any] | None = None
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -13,18 +13,20 @@ Anthropic messages: ``output_config: {"format": {"type": "json_schema", "schema"
 
 Both compile the constraint for the serving tokenizer when one is given (a cache hit for the
 engine afterwards), so a schema the grammar engine cannot compile is a 400 in the caller's
-protocol before anything is queued. ``strict: true`` on tools (tool arguments constrained to
-their input schema) is not implemented yet: it needs the tool-call format of the template to be
-part of the grammar.
+protocol before anything is queued. A reasoning template's reply keeps its reasoning section
+in front of any of these constraints (``with_reasoning``; text/reasoning.py), which is also how a
+thinking budget is enforced.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tokenfactory.api.errors import APIError
 from tokenfactory.engine.sampling_params import StructuredOutput
 
-__all__ = ["from_openai", "from_anthropic", "compile_or_400", "tool_constraint"]
+__all__ = ["from_openai", "from_anthropic", "compile_or_400", "tool_constraint",
+           "with_reasoning"]
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -140,4 +142,33 @@ def tool_constraint(tokenizer: Any, tools: list[tuple[str, dict | None, bool]],
                              special_tokens=specials)
     if lark is None:
         return None
+    return compile_or_400(tokenizer, _spec(param, lark=lark), param)
+
+
+# JSON inside a Lark grammar laid out as grammar.py lays out a plain schema: compact.
+_COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+
+
+def _reply_lark(spec: StructuredOutput) -> str:
+    """``spec`` as a Lark grammar (its ``start`` rule is the reply)."""
+    if spec.lark is not None:
+        return spec.lark
+    if spec.regex is not None:
+        raise ValueError("a regex constraint cannot follow a reasoning section")
+    schema = spec.json_schema if spec.json_schema is not None else {"type": "object"}
+    schema = dict(schema, **{"x-guidance": dict(_COMPACT_JSON, lenient=not spec.strict)})
+    return "start: %json " + json.dumps(schema, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def with_reasoning(tokenizer: Any, spec: StructuredOutput | None, budget: int | None, *,
+                   inside: bool, param: str = "thinking") -> StructuredOutput:
+    """The constraint for a reply that opens with a reasoning section of at most ``budget``
+    tokens (None: unbounded) and then satisfies ``spec`` (None: free text), compiled now
+    (text/reasoning.py ``reasoning_grammar``)."""
+    from tokenfactory.text.grammar import special_tokens
+    from tokenfactory.text.reasoning import reasoning_grammar
+    specials = special_tokens(tokenizer) if getattr(tokenizer, "backend", None) else None
+    lark = reasoning_grammar(budget, inside=inside,
+                             reply_lark=None if spec is None else _reply_lark(spec),
+                             special_tokens=specials)
     return compile_or_400(tokenizer, _spec(param, lark=lark), param)
