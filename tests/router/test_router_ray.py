@@ -235,6 +235,9 @@ def test_disaggregated_prefill_decode_matches_one_replica(fleet, spec):
     params = SamplingParams(max_tokens=10, **GREEDY)
     router = RouterEngine([fleet.actors[1]], [fleet.info], prefill_actors=[fleet.actors[0]],
                           tokenizer=fleet.core.tokenizer, owns_replicas=False)
+    charged: dict[str, int] = {}
+    router.core.add_step_listener(
+        lambda sec, toks: [charged.__setitem__(k, charged.get(k, 0) + n) for k, n in toks.items()])
     router.poll_once()
     router.start()
     try:
@@ -251,6 +254,12 @@ def test_disaggregated_prefill_decode_matches_one_replica(fleet, spec):
         assert o[-1].num_cached_tokens == (len(p) - 1) // 16 * 16
     assert [t.tokens for t in router.transfers] == [(len(p) - 1) // 16 * 16 for p in ps]
     assert all(t.seconds >= 0 and t.export_seconds > 0 for t in router.transfers)
+    assert router.transfer_totals.tokens == sum(t.tokens for t in router.transfers)
+    # the ledger is charged for both halves: the whole prompt on the prefill replica, then the
+    # last partial block and the decode steps on the decode replica
+    for i, p in enumerate(ps):
+        moved = (len(p) - 1) // 16 * 16
+        assert charged[f"pd{i}"] >= len(p) + (len(p) - moved) + 9, (charged, i, len(p))
 
 
 def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fleet):

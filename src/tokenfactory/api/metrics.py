@@ -94,6 +94,17 @@ class _ReplicaCollector:
             for row in rows:
                 family.add_metric([row.replica], float(getattr(row, field)))
             yield family
+        totals = getattr(self.engine, "transfer_totals", None)
+        if getattr(self.engine, "prefill_actors", None) and totals is not None:
+            for name, doc, value in (
+                    ("tokenfactory_kv_transfers", "Prefill -> decode KV hand-overs", totals.count),
+                    ("tokenfactory_kv_transfer_tokens", "Prompt tokens whose KV pages moved "
+                     "from a prefill to a decode replica", totals.tokens),
+                    ("tokenfactory_kv_transfer_export_seconds", "Seconds copying those pages "
+                     "out of the prefill replicas' caches", totals.export_seconds),
+                    ("tokenfactory_kv_transfer_seconds", "Seconds from export done to pages in "
+                     "the decode replica (the object-store hop)", totals.seconds)):
+                yield CounterMetricFamily(name, doc, value=value)
 
 
 # EngineCore.spec_stats counter -> help text (vLLM's meanings)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
@@ -96,6 +97,22 @@ class TransferRecord:
 
 
 @dataclass
+class TransferTotals:
+    """Running sums over every hand-over (``tokenfactory_kv_transfer_*`` in /metrics)."""
+
+    count: int = 0
+    tokens: int = 0
+    export_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, r: TransferRecord) -> None:
+        self.count += 1
+        self.tokens += r.tokens
+        self.export_seconds += r.export_seconds
+        self.seconds += r.seconds
+
+
+@dataclass
 class _Stream:
     tenant: str | None
     replica: int = -1
@@ -123,7 +140,8 @@ class RouterEngine:
         # moved to the decode replica (``actors``) chosen by the policy (router/disagg.py).
         self.prefill_actors = list(prefill_actors)
         self._next_prefill = 0
-        self.transfers: list[TransferRecord] = []
+        self.transfers: deque[TransferRecord] = deque(maxlen=1000)   # the latest ones
+        self.transfer_totals = TransferTotals()
         self.owns_ray = owns_ray
         self.index = PrefixIndex(len(actors))
         self.replicas = [ReplicaView(i) for i in range(len(actors))]
@@ -342,13 +360,17 @@ class RouterEngine:
         count_ref, pages_ref = prefill.prefill.options(num_returns=2).remote(
             f"{request_id}-prefill", ids, cache_salt, usable)
         try:
-            if not await count_ref:
+            count, charges = await count_ref
+            self.core.charge(request_id, charges)   # the prefill's machine time is this request's
+            if not count:
                 return
         except RayActorError as exc:   # the decode replica computes the whole prompt instead
             log.warning("prefill replica failed (%s); decoding replica computes the prompt", exc)
             return
         n, export_s, hop_s = await self.actors[decode].receive.remote(pages_ref)
-        self.transfers.append(TransferRecord(n * self.info.block_size, export_s, hop_s))
+        record = TransferRecord(n * self.info.block_size, export_s, hop_s)
+        self.transfers.append(record)
+        self.transfer_totals.add(record)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

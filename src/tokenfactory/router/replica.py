@@ -188,21 +188,29 @@ class EngineReplica:
     async def prefill(self, request_id: str, prompt_token_ids: Sequence[int],
                       cache_salt: str | None = None, max_blocks: int | None = None):
         """Compute the prompt's KV here (one sampled token, discarded) and export the pages of
-        its full blocks (the first ``max_blocks``) for a decode replica. Two returns (call with ``num_returns=2``): the
-        number of blocks, which the router awaits, and the ``disagg.PrefixPages``, which it
-        hands on to the decode replica without fetching them."""
+        its full blocks (the first ``max_blocks``) for a decode replica. Two returns (call
+        with ``num_returns=2``): (number of blocks, the forward-pass charges of this prefill,
+        as ``ReplicaItem.charges``), which the router awaits and books to the request, and
+        the ``disagg.PrefixPages``, which it hands on to the decode replica without fetching
+        them."""
         from tokenfactory.router.disagg import PrefixPages, export_prefix
         from tokenfactory.router.policy import request_block_hashes
 
-        async for out in self.engine.generate(request_id, prompt_token_ids,
-                                              SamplingParams(max_tokens=1),
-                                              cache_salt=cache_salt):
-            if out.finished and out.outputs[0].finish_reason in ("error", "abort"):
-                return 0, PrefixPages([], [], None)
-        hashes = request_block_hashes(list(prompt_token_ids), self.core.kv.block_size,
-                                      cache_salt)[:max_blocks]
-        pages = export_prefix(self.core, hashes, self.kv_io)
-        return len(pages.block_hashes), pages
+        with self._lock:
+            self._charges[request_id] = []
+        try:
+            async for out in self.engine.generate(request_id, prompt_token_ids,
+                                                  SamplingParams(max_tokens=1),
+                                                  cache_salt=cache_salt):
+                if out.finished and out.outputs[0].finish_reason in ("error", "abort"):
+                    return (0, self._take_charges(request_id)), PrefixPages([], [], None)
+            hashes = request_block_hashes(list(prompt_token_ids), self.core.kv.block_size,
+                                          cache_salt)[:max_blocks]
+            pages = export_prefix(self.core, hashes, self.kv_io)
+            return (len(pages.block_hashes), self._take_charges(request_id)), pages
+        finally:
+            with self._lock:
+                self._charges.pop(request_id, None)
 
     def receive(self, prefix) -> tuple[int, float, float]:
         """Take in pages a prefill replica exported. Returns (blocks, seconds the export took,
