@@ -35,6 +35,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -127,12 +128,35 @@ def restore_vs_prefill(model: str, rounds: int, prefix_tokens: int) -> None:
               f"{med(cold) / med(xs):.1f}x the prefill  {[round(x, 3) for x in xs]}")
 
 
-def agentic_prompts(tok, sessions: int, turns: int, prefix_tokens: int, tool_min: int,
-                    tool_max: int) -> tuple[list[list[list[int]]], float]:
+@dataclass(frozen=True)
+class AgentShape:
+    """Parameters of ``bench.workloads.agentic`` for one agentic run."""
+    sessions: int
+    turns: int
+    prefix_tokens: int     # shared system prompt (and tool schemas), identical in every session
+    tool_min: int          # tool results: log-uniform between these, in tokens
+    tool_max: int
+    output_tokens: int     # the scripted assistant turn is about half of this
+
+
+SHAPES = {
+    # the first measurements: short sessions, long tool results (ceiling 65.6%)
+    "short": AgentShape(4, 4, 512, 100, 300, 16),
+    # an agent loop as Claude Code drives one, scaled to SmolLM2's 8K context: a shared
+    # prefix, many turns, each adding a tool call and a mostly short tool result (~2-3% of the
+    # context per turn, as ~1K tokens per turn over a 20-100K context do in real sessions)
+    "agent-loop": AgentShape(4, 40, 3072, 10, 80, 32),
+}
+
+
+def agentic_prompts(tok, shape: AgentShape) -> tuple[list[list[list[int]]], float]:
     """Token ids per [session][turn] of ``bench.workloads.agentic`` (scripted assistant turns,
-    so every run sends the same prompts), and the hit rate of an unbounded cache."""
-    wl = agentic(seed=0, sessions=sessions, turns=turns, prefix_tokens=prefix_tokens,
-                 tool_min=tool_min, tool_max=tool_max, output_tokens=16)
+    so every run sends the same prompts), and the hit rate of an unbounded cache: the
+    workload's ceiling (tokens new in a turn, and each prompt's partial last block, cannot
+    hit in any tier)."""
+    wl = agentic(seed=0, sessions=shape.sessions, turns=shape.turns,
+                 prefix_tokens=shape.prefix_tokens, tool_min=shape.tool_min,
+                 tool_max=shape.tool_max, output_tokens=shape.output_tokens)
     system = tok.encode(wl.sessions[0].system, add_special_tokens=False)
     prompts: list[list[list[int]]] = []
     for sess in wl.sessions:
@@ -146,8 +170,8 @@ def agentic_prompts(tok, sessions: int, turns: int, prefix_tokens: int, tool_min
     # The best any cache could do: every full block some earlier request computed is a hit.
     seen: set[bytes] = set()
     ideal = total = 0
-    for turn in range(turns):
-        for s in range(sessions):
+    for turn in range(shape.turns):
+        for s in range(shape.sessions):
             ids, parent, hashes = prompts[s][turn], None, []
             for i in range(len(ids) // BS):
                 parent = hash_block(parent, ids[i * BS:(i + 1) * BS])
@@ -164,53 +188,70 @@ def agentic_prompts(tok, sessions: int, turns: int, prefix_tokens: int, tool_min
 def describe(prompts, blocks: int, ideal: float) -> str:
     longest = max(len(p[-1]) for p in prompts)
     n = sum(len(p) for p in prompts)
-    return (f"{len(prompts)} sessions x {len(prompts[0])} turns ({n} requests), longest context "
-            f"{longest} tokens; RAM pool {blocks} pages ({blocks * BS} tokens); an unbounded "
-            f"cache would hit {ideal:.1%}")
+    new = [len(p[t]) - len(p[t - 1]) for p in prompts for t in range(1, len(p))]
+    return (f"{len(prompts)} sessions x {len(prompts[0])} turns ({n} requests), shared prefix + "
+            f"first turn {len(prompts[0][0])} tokens, {statistics.mean(new):.0f} new tokens per "
+            f"later turn (median {statistics.median(new):.0f}), longest context {longest} tokens; "
+            f"RAM pool {blocks} pages ({blocks * BS} tokens); ceiling (an unbounded cache) "
+            f"{ideal:.1%}")
 
 
-def play(core, prompts, max_tokens: int) -> tuple[int, int, float]:
-    """One turn per session, round robin (agents wait for their tool results). Returns
-    (prompt tokens, cached tokens, seconds)."""
-    prompt_tokens = cached = 0
-    t = time.perf_counter()
+@dataclass
+class Tally:
+    prompt_tokens: int = 0
+    cached: int = 0
+    wall: float = 0.0      # seconds the engine took (this process, shared host)
+    cpu: float = 0.0       # CPU seconds of this process, all threads (warehouse I/O included)
+
+    def line(self, label: str, sessions: int, ideal: float, warehouse_hits: int) -> str:
+        rate = self.cached / self.prompt_tokens
+        return (f"{label:28s} hit rate {rate:6.1%} = {rate / ideal:6.1%} of the ceiling "
+                f"({self.cached}/{self.prompt_tokens} tokens; warehouse {warehouse_hits}); "
+                f"computed {self.prompt_tokens - self.cached} prompt tokens; "
+                f"{self.wall:7.1f} s, {self.cpu:7.1f} CPU-s; per task {self.wall / sessions:6.2f} "
+                f"machine-s, {self.cpu / sessions:6.2f} CPU-s")
+
+
+def play(core, prompts, max_tokens: int) -> Tally:
+    """One turn per session, round robin, one request at a time (agents wait for their tool
+    results)."""
+    tally = Tally()
+    t, c = time.perf_counter(), time.process_time()
     for turn in range(len(prompts[0])):
         for s, per_turn in enumerate(prompts):
             out = run(core, f"s{s}-t{turn}", per_turn[turn], max_tokens=max_tokens)
-            prompt_tokens += len(per_turn[turn])
-            cached += out.num_cached_tokens
-    return prompt_tokens, cached, time.perf_counter() - t
+            tally.prompt_tokens += len(per_turn[turn])
+            tally.cached += out.num_cached_tokens
+    tally.wall, tally.cpu = time.perf_counter() - t, time.process_time() - c
+    return tally
 
 
-def agentic_hit_rate(model: str, sessions: int, turns: int, pool_blocks: int | None) -> None:
-    """The real model: hit rate and engine seconds per session, with and without the warehouse."""
-    core = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=64,
-                             max_model_len=8192)
-    prompts, ideal = agentic_prompts(core.tokenizer, sessions, turns, 512, 100, 300)
-    del core
-    blocks = pool_blocks or (max(len(p[-1]) for p in prompts) * 5 // 4) // BS
-    print(f"\n## agentic on the real model: {describe(prompts, blocks, ideal)}")
-    for label in ("RAM only", "RAM + warehouse"):
-        core = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=blocks,
-                                 max_model_len=8192)
-        with tempfile.TemporaryDirectory(prefix="tf-warehouse-") as d:
-            wh = None
-            if label != "RAM only":
-                wh = open_warehouse(core.executor, d, max_bytes=8 << 30)
-                core.kv.attach_connector(wh)
-            prompt_tokens, cached, seconds = play(core, prompts, 16)
-            stats = core.kv.stats()
-            if wh is not None:
-                wh.close()
-        print(f"{label:16s} hit rate {cached / prompt_tokens:6.1%} ({cached}/{prompt_tokens} "
-              f"tokens; warehouse {stats.connector_hits}), {seconds:6.1f} s total, "
-              f"{seconds / sessions:5.2f} machine-s per task")
-        del core
+def play_concurrent(core, prompts, max_tokens: int, prefetch: bool) -> Tally:
+    """Every session's turn queued at once, turn after turn (the agents' tools finish
+    together): with ``max_num_seqs`` below the sessions, some turns wait in the queue while
+    others run, and by a session's next turn the others have pushed its pages out of RAM.
+    ``prefetch``: each queued request's pages are read ahead (``KVCacheManager.prefetch``,
+    what ``EngineCore.add_request`` would call)."""
+    tally = Tally()
+    t, c = time.perf_counter(), time.process_time()
+    for turn in range(len(prompts[0])):
+        for s, per_turn in enumerate(prompts):
+            req = core.add_request(f"s{s}-t{turn}", per_turn[turn], SamplingParams(
+                temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            tally.prompt_tokens += len(per_turn[turn])
+            if prefetch:
+                core.kv.prefetch(req)
+        while core.has_unfinished_requests():
+            for out in core.step():
+                if out.finished:
+                    tally.cached += out.num_cached_tokens
+    tally.wall, tally.cpu = time.perf_counter() - t, time.process_time() - c
+    return tally
 
 
 class _TinyPages:
-    """A KVPageIO with 32-byte pages: the bookkeeping run stores real page files without a
-    model behind them."""
+    """A KVPageIO with 32-byte pages: the scripted runs store real page files without a model
+    behind them."""
 
     def read_kv_blocks(self, block_ids):
         return torch.zeros((1, 2, 1, len(block_ids), BS, 1), dtype=torch.uint8)
@@ -219,35 +260,71 @@ class _TinyPages:
         pass
 
 
-def agentic_bookkeeping(model: str, sessions: int, turns: int, pool_fraction: float,
-                        tool_max: int) -> None:
-    """A long agentic workload (4,096-token shared prefix, 20 turns) through the real
-    scheduler, KV manager and warehouse files, with a scripted executor instead of the model:
-    hit rates only (no compute, so no seconds)."""
+def agentic_hit_rate(model: str, shape: AgentShape, pool_blocks: int | None, scripted: bool,
+                     max_tokens: int, concurrent: int, rounds: int) -> None:
+    """RAM only vs RAM + warehouse on one agentic shape: hit rate (also as a share of the
+    ceiling) and seconds per session (task). ``scripted``: a scripted executor instead of
+    the model (hit rates only; its seconds are bookkeeping). ``concurrent`` > 0: then also
+    every session in flight with that ``max_num_seqs``, read-ahead off and on (interleaved,
+    ``rounds`` times)."""
     from tokenfactory.engine.core import EngineConfig, EngineCore
     from tokenfactory.engine.executor import ScriptedExecutor
     from tokenfactory.engine.warehouse import PageStore, WarehouseConnector
 
     tok = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=64,
                             max_model_len=8192).tokenizer
-    prompts, ideal = agentic_prompts(tok, sessions, turns, 4096, 100, tool_max)
+    prompts, ideal = agentic_prompts(tok, shape)
     longest = max(len(p[-1]) for p in prompts)
-    final_contexts = sum(len(p[-1]) for p in prompts)
-    blocks = int(final_contexts * pool_fraction) // BS
-    blocks = max(blocks, longest // BS + 8)
-    print(f"\n## agentic, bookkeeping only (scripted executor): {describe(prompts, blocks, ideal)}")
+    blocks = pool_blocks or (longest * 5 // 4) // BS
+
+    def engine(num_blocks: int, warehouse_dir: str | None, max_num_seqs: int = 64):
+        if scripted:
+            core = EngineCore(ScriptedExecutor(lambda r: [], 0),
+                              EngineConfig(num_kv_blocks=num_blocks, block_size=BS,
+                                           max_model_len=8192, max_num_seqs=max_num_seqs),
+                              model_max_len=8192, eos_token_ids=[0])
+            wh = None if warehouse_dir is None else WarehouseConnector(
+                PageStore(warehouse_dir, b"scripted-pages-1", max_bytes=8 << 30), _TinyPages(),
+                (1, 2, 1, BS, 1), torch.uint8, async_writes=False)   # steps take no time
+        else:
+            core = build_engine_core(model, kernels=None, block_size=BS, num_kv_blocks=num_blocks,
+                                     max_model_len=8192, max_num_seqs=max_num_seqs)
+            wh = None if warehouse_dir is None else open_warehouse(core.executor, warehouse_dir,
+                                                                   max_bytes=8 << 30)
+        if wh is not None:
+            core.kv.attach_connector(wh)
+        return core, wh
+
+    kind = "scripted executor" if scripted else "the real model"
+    print(f"\n## agentic ({kind}), max_tokens {max_tokens}: {describe(prompts, blocks, ideal)}")
     for label in ("RAM only", "RAM + warehouse"):
-        core = EngineCore(ScriptedExecutor(lambda r: [], 0),
-                          EngineConfig(num_kv_blocks=blocks, block_size=BS, max_model_len=32768),
-                          model_max_len=32768, eos_token_ids=[0])
         with tempfile.TemporaryDirectory(prefix="tf-warehouse-") as d:
-            if label != "RAM only":
-                store = PageStore(d, b"bookkeeping-only", max_bytes=8 << 30)
-                core.kv.attach_connector(WarehouseConnector(store, _TinyPages(), (1, 2, 1, BS, 1),
-                                                            torch.uint8, async_writes=False))
-            prompt_tokens, cached, _ = play(core, prompts, 16)
-        print(f"{label:16s} hit rate {cached / prompt_tokens:6.1%} ({cached}/{prompt_tokens} "
-              f"tokens); computed {prompt_tokens - cached} prompt tokens")
+            core, wh = engine(blocks, None if label == "RAM only" else d)
+            tally = play(core, prompts, max_tokens)
+            dropped = ""
+            if wh is not None:
+                dropped = f"; saves dropped {wh.stats()['dropped_saves']}"
+                wh.close()
+        print(tally.line(label, shape.sessions, ideal, core.kv.stats().connector_hits) + dropped,
+              flush=True)
+        del core
+    if not concurrent:
+        return
+    cblocks = (longest * concurrent * 5 // 4) // BS
+    print(f"\n## all {shape.sessions} sessions in flight, max_num_seqs {concurrent}, RAM pool "
+          f"{cblocks} pages, warehouse; read-ahead off/on interleaved, {rounds} round(s)")
+    for r in range(rounds):
+        for prefetch in (False, True):
+            with tempfile.TemporaryDirectory(prefix="tf-warehouse-") as d:
+                core, wh = engine(cblocks, d, max_num_seqs=concurrent)
+                tally = play_concurrent(core, prompts, max_tokens, prefetch)
+                stats = wh.stats()
+                wh.close()
+            print(tally.line(f"round {r} read-ahead {'on' if prefetch else 'off'}",
+                             shape.sessions, ideal, core.kv.stats().connector_hits)
+                  + f"; pages read ahead {stats['pages_prefetched']}, used "
+                    f"{stats['prefetch_hits']}; saves dropped {stats['dropped_saves']}", flush=True)
+            del core
 
 
 def main() -> None:
@@ -255,30 +332,30 @@ def main() -> None:
     ap.add_argument("--model", default=str(default_model_path()))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefix-tokens", type=int, default=4096)
-    ap.add_argument("--sessions", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="short",
+                    help="the agentic workload (default: short)")
+    ap.add_argument("--sessions", type=int, default=None)
+    ap.add_argument("--turns", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=16, help="output tokens per turn")
     ap.add_argument("--pool-blocks", type=int, default=None,
                     help="RAM pages for the agentic part (default: 1.25x the longest context)")
+    ap.add_argument("--scripted", action="store_true",
+                    help="agentic hit rates with a scripted executor instead of the model")
+    ap.add_argument("--concurrent", type=int, default=0, metavar="MAX_NUM_SEQS",
+                    help="also run every session at once with this max_num_seqs, read-ahead "
+                         "off and on")
     ap.add_argument("--skip-restore", action="store_true")
     ap.add_argument("--skip-agentic", action="store_true")
-    ap.add_argument("--bookkeeping", action="store_true",
-                    help="only the full-size agentic hit rates with a scripted executor")
-    ap.add_argument("--book-sessions", type=int, default=8)
-    ap.add_argument("--book-turns", type=int, default=20)
-    ap.add_argument("--book-tool-max", type=int, default=500,
-                    help="longest tool result in tokens (log-uniform from 100)")
-    ap.add_argument("--book-pool-fraction", type=float, default=0.25,
-                    help="RAM pool as a share of the sessions' final contexts (bookkeeping)")
     args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    shape = replace(shape, sessions=args.sessions or shape.sessions,
+                    turns=args.turns or shape.turns)
     print(f"model {args.model}; host shared with other work (2 cores): read ratios, not seconds")
-    if args.bookkeeping:
-        agentic_bookkeeping(args.model, args.book_sessions, args.book_turns,
-                            args.book_pool_fraction, args.book_tool_max)
-        return
-    if not args.skip_restore:
+    if not args.skip_restore and not args.scripted:
         restore_vs_prefill(args.model, args.rounds, args.prefix_tokens)
     if not args.skip_agentic:
-        agentic_hit_rate(args.model, args.sessions, args.turns, args.pool_blocks)
+        agentic_hit_rate(args.model, shape, args.pool_blocks, args.scripted, args.max_tokens,
+                         args.concurrent, args.rounds)
 
 
 if __name__ == "__main__":
