@@ -170,5 +170,6 @@ def with_reasoning(tokenizer: Any, spec: StructuredOutput | None, budget: int | 
     specials = special_tokens(tokenizer) if getattr(tokenizer, "backend", None) else None
     lark = reasoning_grammar(budget, inside=inside,
                              reply_lark=None if spec is None else _reply_lark(spec),
-                             special_tokens=specials)
+                             special_tokens=specials,
+                             end_token_ids=sorted(getattr(tokenizer, "eos_token_ids", ()) or ()))
     return compile_or_400(tokenizer, _spec(param, lark=lark), param)

@@ -9,7 +9,8 @@ OpenAI's ``reasoning_effort``. A bound becomes a Lark grammar (llguidance) for t
 
 llguidance counts the tokens of the bounded rule and, when they are spent, allows only what
 may follow it: the closing ``</think>`` is then forced token by token (the grammar path every
-constrained request already takes), and the answer continues after it. The section is laid
+constrained request already takes), and the answer continues after it. A model that closes
+the section earlier on its own is free to. The section is laid
 out exactly as Qwen3-style templates render it back (``<think>\\n{reasoning}\\n</think>\\n\\n``),
 so the next turn's prompt repeats the reply byte for byte and its KV pages are cache hits.
 
@@ -78,27 +79,48 @@ def _rename_start(lark: str, name: str) -> str:
 
 
 def reasoning_grammar(budget: int | None, *, inside: bool = False, reply_lark: str | None = None,
-                      special_tokens: dict[str, int] | None = None) -> str:
+                      special_tokens: dict[str, int] | None = None,
+                      end_token_ids: tuple[int, ...] | list[int] = ()) -> str:
     """A Lark grammar (llguidance syntax) for a reply whose reasoning section takes at most
     ``budget`` tokens (None: unbounded, for a constrained reply that still reasons first).
     ``inside``: the prompt already opened the section (its generation
     prompt ends with ``<think>``). ``reply_lark``: a grammar for what follows the section
     (its ``start`` rule is renamed), else free text. ``special_tokens``: {text: id} of the
-    tokenizer's special tokens, named by id where the markers are special tokens."""
+    tokenizer's special tokens, named by id where the markers are special tokens; free text
+    may contain any of them but ``end_token_ids`` (EOS ends the reply as it always does)."""
     if budget is not None and budget < 0:
         raise ValueError(f"a thinking budget must be >= 0, got {budget}")
     head = "" if inside else _lit(OPEN, special_tokens) + " "
+    close = _lit(CLOSE, special_tokens)
     lines = []
     if budget == 0:
-        lines.append(f"start: {head}{_lit(CLOSE, special_tokens)} reply")
+        lines.append(f"start: {head}{close} reply")
     else:
-        lines.append(f"start: {head}think_text {_lit(CLOSE, special_tokens)} reply")
+        # Two ways out of the section. The model closes it itself (CLOSED: the text and its
+        # closing tags as one terminal), or the budget runs out inside the open text (a
+        # greedy terminal that can end anywhere) and the closing tags are forced after it.
+        # Both are tried in parallel; a single terminal cannot do both, because llguidance's
+        # lexer ends a terminal only where the next byte cannot extend it.
         bound = "" if budget is None else f"[max_tokens={budget}]"
-        lines.append(f"think_text{bound}: THINK_TEXT")
+        lines.append(f"start: {head}think reply")
+        lines.append(f"think_open{bound}: THINK_TEXT")
+        if THINK_END in (special_tokens or {}):
+            # a special token ends the text terminal by itself (no text matches it)
+            end = _lit(CLOSE.lstrip("\n"), special_tokens)
+            lines.append(f'think: think_open "\\n"? {end}')
+        else:
+            lines.append("think: think_closed" if budget is None
+                         else f"think: think_open {close} | think_closed")
+            lines.append(f"think_closed{bound}: THINK_CLOSED")
+            lines.append(f"THINK_CLOSED: THINK_TEXT {close}")
         lines.append("THINK_TEXT: /(.|\\n)*/ & ~/(.|\\n)*" + re.escape(THINK_END).replace(
             "/", "\\/") + "(.|\\n)*/")
-    if reply_lark is None:
-        lines.append("reply: /(.|\\n)*/")
+    if reply_lark is None:   # free text, special tokens included (a tool-call marker, ...)
+        specials = sorted(i for t, i in (special_tokens or {}).items()
+                          if i not in set(end_token_ids))
+        lines.append("reply: reply_item*")
+        lines.append(" | ".join(["reply_item: REPLY_TEXT", *(f"<[{i}]>" for i in specials)]))
+        lines.append("REPLY_TEXT: /(.|\\n)+/")
         return "\n".join(lines) + "\n"
     lines.append("reply: reply_start")
     return "\n".join(lines) + "\n" + _rename_start(reply_lark, "reply_start")
