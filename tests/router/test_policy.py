@@ -208,3 +208,24 @@ def test_recent_load_decays_and_spreads_sessions_between_turns():
     states = [ReplicaState(index[0], recent=recent.get(0, 10.0)), ReplicaState(index[1])]
     assert choose_replica(hashes, states, "prefix", bound=LoadBound(blocks_per_request=4)) == 1
     assert choose_replica(hashes, states, "least-loaded") == 1
+
+
+def test_stall_watch_flags_a_busy_engine_that_takes_no_step():
+    from tokenfactory.engine.async_engine import EngineStats
+    from tokenfactory.router.health import StallWatch
+
+    def stats(running, waiting, steps):
+        return EngineStats(running, waiting, 8, 8, 0, 0, 0, steps)
+
+    w = StallWatch(timeout=5.0)
+    assert not w.stalled(stats(0, 0, 10), 0.0)
+    assert not w.stalled(stats(0, 0, 10), 100.0)      # idle for long: not a hang
+    assert not w.stalled(stats(1, 2, 10), 101.0)      # busy from here on
+    assert not w.stalled(stats(1, 2, 11), 105.0)      # a step: progress
+    assert not w.stalled(stats(1, 2, 11), 110.0)      # 5 s without a step: at the limit
+    assert w.stalled(stats(1, 2, 11), 110.5)          # past it
+    assert w.stalled(stats(0, 1, 11), 120.0)          # waiting only, still no step
+    w.reset()                                         # a restarted engine starts afresh
+    assert not w.stalled(stats(1, 0, 0), 121.0)
+    assert not w.stalled(stats(1, 0, 0), 125.0)
+    assert w.stalled(stats(1, 0, 0), 126.5)

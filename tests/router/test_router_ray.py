@@ -44,6 +44,8 @@ def view(fleet, actors_idx, policy, **kw):
     """Another router over (a subset of) the same actors: no new processes. Only one router
     may poll a replica at a time (a poll drains its KV events): shut it down before the next."""
     infos = [fleet.info] * len(actors_idx)
+    # an actor Ray is still restarting (after a fault test) must not look hung to a new router
+    ray.get([fleet.actors[i].pid.remote() for i in actors_idx], timeout=300)
     r = RouterEngine([fleet.actors[i] for i in actors_idx], infos, policy=policy,
                      tokenizer=fleet.core.tokenizer, owns_replicas=False, **kw)
     r.poll_once()
@@ -315,4 +317,72 @@ def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fl
         s1 = router.replicas[1].stats
         assert s1.num_running == 0 and s1.kv_blocks_free == s1.kv_blocks_total
     finally:
+        router.shutdown()
+
+
+def test_hung_replica_is_detected_in_bounded_time_and_handled_as_dead(fleet):
+    """A replica whose process stops (SIGSTOP: alive, not answering) while it runs streams and
+    holds a queued request: within the hang timeout the router ends its streams with
+    EngineDeadError, re-routes the queued request to the other replica, reports degraded, and
+    kills the hung actor so Ray restarts it; the survivor leaks no pages."""
+    import os
+    import signal
+
+    router = view(fleet, [0, 1], "prefix", hang_timeout=3.0,
+                  bound=LoadBound(extra_requests=20, ratio=4, blocks_per_request=0))
+    long_params = SamplingParams(max_tokens=900, ignore_eos=True, **GREEDY)
+    shared = prompts(1, seed=21, lo=64, hi=64)[0]
+    pids = ray.get([a.pid.remote() for a in fleet.actors])
+    stopped: list[int] = []
+
+    async def main():
+        streams = []
+        for i in range(4):
+            streams.append(router.generate(f"hang{i}", shared + [i + 10], long_params))
+            assert not (await streams[-1].__anext__()).finished
+            router.poll_once()
+        victim = next(r for r in router.replicas if r.in_flight == 4)
+        survivor = router.replicas[1 - victim.index]
+        queued = asyncio.ensure_future(collect(router, "hang-queued", shared + [99],
+                                               SamplingParams(max_tokens=4, **GREEDY)))
+        await asyncio.sleep(0.3)
+        assert victim.in_flight == 5
+        os.kill(pids[victim.index], signal.SIGSTOP)
+        stopped.append(pids[victim.index])
+        t0 = time.monotonic()
+        errors = 0
+        for s in streams:
+            try:
+                async with asyncio.timeout(60):
+                    async for _ in s:
+                        pass
+            except EngineDeadError:
+                errors += 1
+        detected = time.monotonic() - t0
+        assert errors == 4 and detected < 30, (errors, detected)
+        assert not victim.healthy and "hung" in victim.error and len(router.index[victim.index]) == 0
+        assert router.health()["status"] == "degraded"
+        outs = await asyncio.wait_for(queued, 60)      # re-routed to the survivor
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
+        for _ in range(300):                           # the router had the stopped process killed
+            try:
+                os.kill(pids[victim.index], 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the hung replica's process is still there")
+        return survivor
+    try:
+        survivor = asyncio.run(main())
+        router.poll_once()
+        s = survivor.stats
+        assert s.num_running == 0 and s.kv_blocks_free == s.kv_blocks_total
+        assert survivor.routed >= 1 and survivor.healthy
+    finally:
+        for pid in stopped:             # if Ray's kill could not reach it, let it go on
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         router.shutdown()

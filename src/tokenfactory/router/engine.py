@@ -25,6 +25,7 @@ records each hand-over.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.engine.scheduler import AdmissionError, check_admission
 from tokenfactory.router.core_view import RouterCoreView
+from tokenfactory.router.health import ReplicaMetrics, ReplicaView, StallWatch
 from tokenfactory.router.index import PrefixIndex
 from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
                                         ReplicaState, RoundRobin, choose_replica,
@@ -44,48 +46,6 @@ from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaErr
 from tokenfactory.router.replica import ReplicaInfo, ReplicaItem, ReplicaRefusal, ReplicaSpec
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class ReplicaView:
-    """The router's view of one replica (``RouterEngine.replicas``; /metrics per replica)."""
-
-    index: int
-    healthy: bool = True
-    incarnation: str | None = None      # changes when Ray restarts the actor
-    in_flight: int = 0                  # streams the router has open on it
-    routed: int = 0                     # requests placed on it so far
-    deaths: int = 0
-    stats: EngineStats | None = None    # as last polled
-    error: str | None = None
-
-
-@dataclass
-class ReplicaMetrics:
-    """One replica's figures for /metrics (``replica`` label): plain data, read at scrape time.
-    Engine counters come from the replica's last poll and restart from 0 with a new
-    incarnation (Prometheus treats that as a counter reset)."""
-
-    replica: str                 # the label value: the replica's index
-    up: bool
-    in_flight: int               # queue depth as the router sees it: streams open on it
-    routed: int                  # requests placed on it (counter)
-    deaths: int                  # times it was found dead or hung (counter)
-    num_running: int
-    num_waiting: int
-    kv_pages_total: int
-    kv_pages_used: int           # held by requests or pinned by cache_control TTLs
-    prefix_cache_queries: int    # prompt tokens looked up (counter)
-    prefix_cache_hits: int       # prompt tokens found cached (counter)
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries \
-            if self.prefix_cache_queries else 0.0
-
 
 @dataclass
 class TransferRecord:
@@ -123,7 +83,8 @@ class _Stream:
 class RouterEngine:
     def __init__(self, actors: list, infos: list[ReplicaInfo], *, policy: str = "prefix",
                  tokenizer=None, bound: LoadBound = LoadBound(), poll_interval: float = 0.02,
-                 recent_half_life: float = 5.0, prefill_actors: Sequence = (),
+                 recent_half_life: float = 5.0, hang_timeout: float = 30.0,
+                 prefill_actors: Sequence = (),
                  owns_replicas: bool = True, owns_ray: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of "
@@ -135,6 +96,9 @@ class RouterEngine:
         self.policy = policy
         self.bound = bound
         self.poll_interval = poll_interval
+        # A replica that does not answer a poll, or has requests and takes no step, for this
+        # long is hung: handled as dead and restarted (router/health.py).
+        self.hang_timeout = hang_timeout
         self.owns_replicas = owns_replicas
         # Disaggregated prefill/decode: prompts are computed on these replicas and their pages
         # moved to the decode replica (``actors``) chosen by the policy (router/disagg.py).
@@ -144,7 +108,10 @@ class RouterEngine:
         self.transfer_totals = TransferTotals()
         self.owns_ray = owns_ray
         self.index = PrefixIndex(len(actors))
-        self.replicas = [ReplicaView(i) for i in range(len(actors))]
+        self.replicas = [ReplicaView(i, watch=StallWatch(hang_timeout))
+                         for i in range(len(actors))]
+        self._polls: list[tuple | None] = [None] * len(actors)   # (ref, sent at) pending
+        self._poll_lock = threading.Lock()     # one poll round at a time (a poll drains events)
         self._states = [ReplicaState(self.index[i], total_pages=self.info.num_blocks,
                                      free_pages=self.info.num_blocks)
                         for i in range(len(actors))]
@@ -242,16 +209,8 @@ class RouterEngine:
     def replica_metrics(self) -> list[ReplicaMetrics]:
         """Per-replica figures for /metrics (api/metrics.py labels them ``replica``). A replica
         that is down reports ``up`` false and the engine figures of its last poll."""
-        out = []
         with self._lock:
-            for r in self.replicas:
-                s = r.stats or EngineStats(0, 0, self.info.num_blocks, self.info.num_blocks,
-                                           0, 0, 0, 0)
-                out.append(ReplicaMetrics(
-                    str(r.index), r.healthy, r.in_flight, r.routed, r.deaths, s.num_running,
-                    s.num_waiting, s.kv_blocks_total, s.kv_blocks_total - s.kv_blocks_free
-                    + s.kv_blocks_pinned, s.prefix_cache_queries, s.prefix_cache_hits))
-        return out
+            return [ReplicaMetrics.of(r, self.info.num_blocks) for r in self.replicas]
 
     # -------------------------------------------------------------- requests
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -315,8 +274,7 @@ class RouterEngine:
                     gen = self.actors[ri].generate.options(num_returns="streaming").remote(
                         request_id, ids, sampling_params, prompt, cache_salt,
                         tuple(cache_breakpoints), tenant)
-                    async for ref in gen:
-                        item = await ref
+                    async for item in self._items(gen, ri):
                         if isinstance(item, ReplicaRefusal):
                             if item.kind == "dead":     # its engine thread died
                                 raise _ReplicaGone(item.message)
@@ -343,6 +301,30 @@ class RouterEngine:
             ri = stream.replica
             if not stream.finished and ri >= 0 and self.replicas[ri].healthy:
                 self.actors[ri].abort.remote(request_id)   # the client left: free its pages
+
+    async def _items(self, gen, ri: int) -> AsyncIterator:
+        """The items of a replica's stream as they come; ``_ReplicaGone`` as soon as the router
+        finds the replica dead or hung (a hung replica's stream would otherwise never end)."""
+        view = self.replicas[ri]
+        deaths = view.deaths
+
+        async def next_item():
+            return await (await gen.__anext__())
+
+        while True:
+            nxt = asyncio.ensure_future(next_item())
+            try:
+                while not (await asyncio.wait({nxt}, timeout=0.25))[0]:
+                    if view.deaths != deaths:
+                        raise _ReplicaGone(f"replica {ri} is down: {view.error}")
+            except BaseException:
+                nxt.cancel()
+                raise
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
 
     async def _prefill_elsewhere(self, request_id: str, ids: list[int], cache_salt: str | None,
                                  decode: int) -> None:
@@ -392,32 +374,68 @@ class RouterEngine:
                 log.warning("replica %d is down: %s", ri, exc)
             view.healthy = False
             view.error = str(exc)[:200]
+            if view.incarnation is not None:     # a late answer from it must not revive it
+                view.retired.add(view.incarnation)
             view.incarnation = None
             self.index.drop_replica(ri)
 
-    def poll_once(self, timeout: float = 10.0) -> None:
-        """Drain every replica's KV events and stats (the poller thread's one round)."""
+    def _mark_hung(self, ri: int, reason: str) -> None:
+        """A replica alive but not working: handled as dead (its streams end or re-route), and
+        its actor killed so that Ray restarts it."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
 
-        refs = [a.poll.remote() for a in self.actors]
-        for ri, ref in enumerate(refs):
+        if not self.replicas[ri].healthy:
+            return
+        self._mark_dead(ri, f"hung: {reason}")
+        try:
+            ray.kill(self.actors[ri], no_restart=False)
+        except Exception as exc:  # noqa: BLE001 - gone already; Ray restarts it or not
+            log.warning("could not kill hung replica %d: %s", ri, exc)
+
+    def poll_once(self) -> None:
+        """Drain every replica's KV events and stats (the poller thread's one round). Waits up
+        to ``hang_timeout`` for a healthy replica's answer (none: it is hung); a replica
+        already down is only checked, its poll left pending until it is back."""
+        with self._poll_lock:
+            self._poll_round()
+
+    def _poll_round(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        now = time.monotonic()
+        for ri, actor in enumerate(self.actors):
+            if self._polls[ri] is None:
+                self._polls[ri] = (actor.poll.remote(), now)
+        for ri, (ref, sent) in enumerate(self._polls):
+            view = self.replicas[ri]
+            wait = max(0.0, sent + self.hang_timeout - time.monotonic()) if view.healthy else 0
+            if not ray.wait([ref], timeout=wait)[0]:
+                if view.healthy:
+                    self._mark_hung(ri, f"no answer to a poll within {self.hang_timeout:g} s")
+                continue
+            self._polls[ri] = None
             try:
-                p = ray.get(ref, timeout=timeout)
-            except (RayActorError, GetTimeoutError) as exc:
+                p = ray.get(ref)
+            except RayActorError as exc:
                 self._mark_dead(ri, exc)
                 continue
-            view = self.replicas[ri]
             with self._lock:
+                if p.incarnation in view.retired:
+                    continue                   # the engine found down answered after all
                 if p.incarnation != view.incarnation:
                     # a new engine (first poll, or Ray restarted the actor): nothing cached
                     self.index.drop_replica(ri)
                     view.incarnation = p.incarnation
+                    view.watch.reset()
                 self.index.apply(ri, p.events)
                 view.stats = p.stats
                 view.healthy = p.alive
                 view.error = p.error
                 self._states[ri].free_pages = p.stats.kv_blocks_free
+            if p.alive and view.watch.stalled(p.stats, time.monotonic()):
+                self._mark_hung(ri, f"no engine step for {self.hang_timeout:g} s with "
+                                    f"{p.stats.num_running + p.stats.num_waiting} requests")
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_interval):
