@@ -181,7 +181,8 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         stop=list(body.stop_sequences or []),
         ignore_eos=bool(body.ignore_eos), min_tokens=min(body.min_tokens or 0, max_tokens),
         seed=body.seed)
-    parser = (get_tool_parser(prompt.parser_name)(stream_arguments=streamed_args)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in prompt.tools or []}
+    parser = (get_tool_parser(prompt.parser_name)(stream_arguments=streamed_args, tools=schemas)
               if prompt.use_parser and (not constrained or streamed_args) else None)
     if prompt.reasoning and (not constrained or reasons_by_grammar):
         # a reasoning template: a leading <think> section becomes a thinking block

@@ -434,7 +434,9 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, structured_output,
                                             logprobs=k)
     cid = ctx.new_request_id("chatcmpl-")
-    parser = (functools.partial(get_tool_parser(parser_name), stream_arguments=constrained)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools or []}
+    parser = (functools.partial(get_tool_parser(parser_name), stream_arguments=constrained,
+                                tools=schemas)
               if use_parser else None)
     if reasoning and (not constrained or reasons_by_grammar):
         # a reasoning template: a leading <think> section becomes reasoning_content

@@ -110,6 +110,9 @@ class ToolCallParser(ABC):
 
     name: str = ""
 
+    # between two calls of one reply, as a grammar writes them (tool_call_grammar)
+    SEPARATOR = "\n"
+
     def __init__(self, stream_arguments: bool = False) -> None:
         self.stream_arguments = stream_arguments
         self._next_index = 0
@@ -194,7 +197,7 @@ class HermesToolParser(ToolCallParser):
     START = "<tool_call>"
     END = "</tool_call>"
 
-    def __init__(self, stream_arguments: bool = False) -> None:
+    def __init__(self, stream_arguments: bool = False, tools: dict | None = None) -> None:
         super().__init__(stream_arguments)
         self._buf = ""
         self._in_call = False
@@ -310,7 +313,7 @@ class Llama3JsonToolParser(ToolCallParser):
     # states
     _START, _TEXT, _CALL, _BETWEEN = range(4)
 
-    def __init__(self, stream_arguments: bool = False) -> None:
+    def __init__(self, stream_arguments: bool = False, tools: dict | None = None) -> None:
         super().__init__(stream_arguments)   # (calls are released whole in this format)
         self._state = self._START
         self._buf = ""  # unconsumed text
@@ -448,9 +451,16 @@ class Llama3JsonToolParser(ToolCallParser):
         return out
 
 
+# Mistral and Qwen3-Coder formats live in their own module (they build on the helpers above)
+from tokenfactory.text.tool_formats import (MistralArgsToolParser,  # noqa: E402
+                                            MistralToolParser, Qwen3CoderToolParser)
+
 TOOL_PARSERS: dict[str, type[ToolCallParser]] = {
     HermesToolParser.name: HermesToolParser,
     Llama3JsonToolParser.name: Llama3JsonToolParser,
+    MistralToolParser.name: MistralToolParser,
+    MistralArgsToolParser.name: MistralArgsToolParser,
+    Qwen3CoderToolParser.name: Qwen3CoderToolParser,
 }
 
 
@@ -465,6 +475,10 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
     """The tool-call format a chat template teaches its model, judged by what the template renders."""
     if not chat_template:
         return None
+    if "<function=" in chat_template and "<parameter=" in chat_template:
+        return "qwen3_coder"   # (its template also has <tool_call>: checked first)
+    if "[TOOL_CALLS]" in chat_template:
+        return "mistral_args" if "[ARGS]" in chat_template else "mistral"
     if "<tool_call>" in chat_template:
         return "hermes"
     if "<|python_tag|>" in chat_template or ('"parameters"' in chat_template and "tool_calls" in chat_template):
@@ -481,6 +495,15 @@ def render_tool_call_text(name: str, arguments: dict, parser_name: str) -> str:
         )
     if parser_name == "llama3_json":
         return json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
+    if parser_name == "mistral":
+        return "[TOOL_CALLS]" + json.dumps([{"name": name, "arguments": arguments}],
+                                           ensure_ascii=False)
+    if parser_name == "mistral_args":
+        return "[TOOL_CALLS]" + name + "[ARGS]" + json.dumps(arguments, ensure_ascii=False)
+    if parser_name == "qwen3_coder":
+        params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}"
+                         "\n</parameter>\n" for k, v in arguments.items())
+        return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
     raise ValueError(f"unknown tool parser {parser_name!r}; available: {sorted(TOOL_PARSERS)}")
 
 
@@ -526,9 +549,10 @@ def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: s
     The call text is what ``render_tool_call_text`` renders, so a constrained call parses with
     the same parser as a free one.
     """
-    marker = TOOL_PARSERS[parser_name].__dict__.get("START")
-    if choice == "auto" and marker is None:
-        return None
+    parser_cls = TOOL_PARSERS[parser_name]
+    marker = getattr(parser_cls, "START", None)
+    if parser_name == "qwen3_coder" or (choice == "auto" and marker is None):
+        return None   # (Qwen3-Coder's arguments are not JSON: no %json to constrain them)
     rules, alts = [], []
     for i, (tool_name, schema, strict) in enumerate(tools):
         if choice == "named" and tool_name != name:
@@ -558,7 +582,8 @@ def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: s
             lines.append(f"lead[suffix={_lit(marker)}]: /(.|\\n)*/")
             lines.append(f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(marker)}(.|\\n)*/")
         if parallel:
-            lines.append(f"more: \"\\n\" {_lit(marker, special_tokens)} call")
+            sep = json.dumps(parser_cls.SEPARATOR) + " " if parser_cls.SEPARATOR else ""
+            lines.append(f"more: {sep}{_lit(marker, special_tokens)} call")
             more = " more*"
         start = f"start: TEXT | lead call{more}"
     else:   # a forced choice is one call (small models, allowed more, never stop calling)
