@@ -29,7 +29,8 @@ def test_edit_prompts_hold_a_real_file_of_the_requested_size(smollm_tokenizer):
         body = re.search(r"```python\n(.*)\n```\n\nMake one change", turn.user, re.S).group(1)
         n = len(smollm_tokenizer.encode(body))
         assert 700 <= n <= 3600, n                       # 1-3K tokens on the real tokenizer
-        assert abs(turn.max_tokens - n) <= 0.25 * n      # the answer is about the file's size
+        # room for the whole file back (plus the fence and the change), not far more
+        assert n + 16 <= turn.max_tokens <= 1.4 * n + 64, (n, turn.max_tokens)
         old = re.search(r"rename the function `(\w+)` to `\1_v2`", turn.user).group(1)
         assert f"def {old}(" in body
         name = re.search(r"the file `(\w+)\.py`", turn.user).group(1)
