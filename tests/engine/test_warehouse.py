@@ -8,6 +8,7 @@ process that wrote them.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -302,3 +303,51 @@ def test_bfloat16_pages_round_trip(tiny_llama_dir, tmp_path):
     again = run(core, "bf16-again", PROMPT)
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert again.usage["cached_tokens"] == MAX_BLOCKS * BS == core.kv.stats().connector_hits
+
+
+def test_a_1h_breakpoint_outlives_ram_pins_and_the_byte_budget_then_is_reclaimed(
+        tiny_llama_dir, tmp_path, cold):
+    """Anthropic ``ttl: "1h"``: the breakpoint's pages are pinned in RAM and retained in the
+    warehouse. Other requests make the RAM pins give way and push the warehouse over its byte
+    budget: unretained pages are evicted, the breakpoint's stay and serve the prompt again.
+    Once the hour is over they are reclaimed like any other page."""
+    from tokenfactory.engine.warehouse import PageStore, WarehouseConnector
+    from tokenfactory.model.kv_pages import ModelKVPageIO, model_fingerprint, page_layout
+    engine_now, disk_now = [0.0], [1_000_000.0]
+    ex = TorchExecutor(tiny_llama_dir, dtype="float32", compile=False, seed=0)
+    core = EngineCore(ex, EngineConfig(num_kv_blocks=12, block_size=BS), eos_token_ids=[2],
+                      model_max_len=ex.max_model_len, clock=lambda: engine_now[0])
+    shape, dtype = page_layout(ex.model)
+    page_bytes = math.prod(shape) * dtype.itemsize
+    file_bytes = 68 + BS * 8 + page_bytes + 4                # header, tokens, page, crc
+    store = PageStore(tmp_path, model_fingerprint(ex.model), max_bytes=10 * file_bytes,
+                      clock=lambda: disk_now[0])
+    wh = WarehouseConnector(store, ModelKVPageIO(ex.model), shape, dtype, async_writes=False)
+    core.kv.attach_connector(wh)
+    mine = _hashes(core)
+
+    run(core, "pinned", PROMPT, cache_breakpoints=(CacheBreakpoint(MAX_BLOCKS * BS, 3600.0),))
+    assert core.kv.pool.stats().num_pinned == core.kv.pool.max_pinned   # RAM pins, as many as allowed
+    others = [[(13 * i + 17 * k) % 500 + 3 for i in range(57)] for k in range(1, 5)]
+    for k, other in enumerate(others):
+        disk_now[0] += 60
+        engine_now[0] += 60
+        run(core, f"other-{k}", other)
+    assert core.kv.pool.stats().num_pinned == 0          # the pins gave way to the others
+    assert not core.kv.pool.lookup_prefix(mine, [PROMPT[i * BS:(i + 1) * BS]
+                                                 for i in range(MAX_BLOCKS)])
+    assert wh.store.stats.evicted > 0                    # the budget evicted other pages ...
+    assert all(wh.store.contains(h) for h in mine)       # ... and kept the retained ones
+    assert wh.store.total_bytes() <= 10 * file_bytes
+
+    before = core.kv.stats().connector_hits
+    again = run(core, "again", PROMPT)                   # no breakpoint this time
+    assert again.outputs[0].token_ids == cold
+    assert again.usage["cached_tokens"] == MAX_BLOCKS * BS
+    assert core.kv.stats().connector_hits - before == MAX_BLOCKS * BS
+
+    disk_now[0] += 7200                                  # the hour is over
+    for k in range(5, 7):
+        disk_now[0] += 60
+        run(core, f"later-{k}", [(19 * i + 23 * k) % 500 + 3 for i in range(57)])
+    assert not any(wh.store.contains(h) for h in mine)   # reclaimed before the newer pages
