@@ -34,8 +34,10 @@ def new_tool_use_id(ctx: ServingContext) -> str:
 class ContentAssembler:
     """Parser events -> Anthropic content blocks, as stream events and as the final list."""
 
-    def __init__(self, ctx: ServingContext):
+    def __init__(self, ctx: ServingContext, omit_thinking: bool = False):
         self.ctx = ctx
+        self.omit_thinking = omit_thinking   # thinking.display "omitted"
+        self._thought = ""                   # the open thinking block's text
         self.blocks: list[dict] = []
         self._open: str | None = None
         self._json: dict[int, str] = {}
@@ -47,7 +49,7 @@ class ContentAssembler:
         out = []
         if self._open == "thinking":   # signed when complete (checked when it comes back)
             block = self.blocks[-1]
-            block["signature"] = sign_thinking(block["thinking"])
+            block["signature"] = sign_thinking(self._thought, omitted=self.omit_thinking)
             out.append({"type": "content_block_delta", "index": len(self.blocks) - 1,
                         "delta": {"type": "signature_delta", "signature": block["signature"]}})
         self._open = None
@@ -59,13 +61,15 @@ class ContentAssembler:
             if self._open != "thinking":
                 out += self._close()
                 self.blocks.append({"type": "thinking", "thinking": "", "signature": ""})
-                self._open = "thinking"
+                self._open, self._thought = "thinking", ""
                 out.append({"type": "content_block_start", "index": len(self.blocks) - 1,
                             "content_block": {"type": "thinking", "thinking": "",
                                               "signature": ""}})
-            self.blocks[-1]["thinking"] += ev.text
-            out.append({"type": "content_block_delta", "index": len(self.blocks) - 1,
-                        "delta": {"type": "thinking_delta", "thinking": ev.text}})
+            self._thought += ev.text
+            if not self.omit_thinking:
+                self.blocks[-1]["thinking"] += ev.text
+                out.append({"type": "content_block_delta", "index": len(self.blocks) - 1,
+                            "delta": {"type": "thinking_delta", "thinking": ev.text}})
         elif isinstance(ev, ThinkingEnd):
             if self._open == "thinking":
                 out += self._close()
@@ -214,7 +218,7 @@ def _usage(ctx: ServingContext, prompt: AnthropicPrompt, out) -> dict:
 
 async def _collect(ctx, gen: Generation, prompt: AnthropicPrompt, model: str, msg_id: str,
                    limited_by: str | None) -> dict:
-    asm = ContentAssembler(ctx)
+    asm = ContentAssembler(ctx, prompt.omit_thinking)
     usage, final = None, None
     try:
         async for ev in gen.events():
@@ -236,7 +240,7 @@ async def _collect(ctx, gen: Generation, prompt: AnthropicPrompt, model: str, ms
 
 async def _stream(ctx, gen: Generation, prompt: AnthropicPrompt, model: str,
                   msg_id: str, limited_by: str | None) -> AsyncIterator[str]:
-    asm = ContentAssembler(ctx)
+    asm = ContentAssembler(ctx, prompt.omit_thinking)
     usage = None
     try:
         async for ev in gen.events():

@@ -107,6 +107,10 @@ class Tool(_Open):
 
     @model_validator(mode="after")
     def _schema(self):
+        if self.type not in (None, "custom"):
+            raise ValueError(f"server tool type '{self.type[:60]}' (tool '{self.name}') is "
+                             "not supported by this server: only custom tools (with an "
+                             "input_schema) are")
         if self.type in (None, "custom"):
             if self.input_schema is None:
                 raise ValueError("input_schema: Field required")
@@ -129,10 +133,27 @@ class ToolChoice(_Open):
 
 class ThinkingConfig(_Open):
     """Extended thinking, as the API takes it. ``enabled`` needs a ``budget_tokens`` of at
-    least 1024 below ``max_tokens`` (checked by the handler, which knows both)."""
+    least 1024 below ``max_tokens`` (checked by the handler, which knows both). ``display``
+    "omitted" returns thinking blocks without their text (the signature carries it back)."""
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: StrictInt | None = Field(default=None, ge=1024)
-    display: str | None = None
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class Metadata(BaseModel):
+    """The API's ``metadata``: only ``user_id`` (an opaque id of the end user; Claude Code
+    sends a JSON string). Other keys are a 400, as the real API answers."""
+    model_config = ConfigDict(extra="forbid")
+    user_id: str | None = Field(default=None, max_length=4096)
+
+
+# Known request fields this server cannot honour: a clear 400 rather than silence.
+UNSUPPORTED = {
+    "container": "code-execution containers are not available on this server",
+    "mcp_servers": "MCP servers (the mcp-client beta) are not available on this server",
+}
+# Fields whose value must be one this server has: {field: allowed values}
+ONE_OF = {"service_tier": ("auto", "standard_only"), "speed": ("standard",)}
 
 
 class MessagesRequest(_Open):
@@ -146,7 +167,7 @@ class MessagesRequest(_Open):
     top_k: StrictInt | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
     stream: StrictBool | None = False
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     cache_control: CacheControl | None = None
@@ -159,7 +180,17 @@ class MessagesRequest(_Open):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data):
-        return reject_lone_surrogates(data)
+        data = reject_lone_surrogates(data)
+        if isinstance(data, dict):
+            for name, why in UNSUPPORTED.items():
+                if data.get(name) not in (None, [], {}):
+                    raise ValueError(f"{name}: {why}")
+            for name, allowed in ONE_OF.items():
+                if data.get(name) is not None and data[name] not in allowed:
+                    raise ValueError(f"{name}: this server has only "
+                                     f"{' / '.join(map(repr, allowed))}, "
+                                     f"got {str(data[name])[:40]!r}")
+        return data
 
     @model_validator(mode="after")
     def _thinking_budget(self):

@@ -34,13 +34,38 @@ _THINKING_KEY = (os.environ.get("TOKENFACTORY_THINKING_KEY", "").encode()
                  or secrets.token_bytes(32))
 
 
-def sign_thinking(text: str) -> str:
+# thinking.display "omitted": the block goes out without its text and the signature carries
+# it (base64, readable: omitted is about display, not secrecy), so it can be rendered back.
+_OMITTED = "tfo1."
+
+
+def sign_thinking(text: str, omitted: bool = False) -> str:
     mac = hmac.new(_THINKING_KEY, text.encode("utf-8", "surrogatepass"), hashlib.sha256)
-    return base64.b64encode(mac.digest()).decode()
+    sig = base64.b64encode(mac.digest()).decode()
+    if not omitted:
+        return sig
+    body = base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode()
+    return f"{_OMITTED}{body}.{sig}"
 
 
 def thinking_signature_ok(text: str, signature: str | None) -> bool:
-    return bool(signature) and hmac.compare_digest(sign_thinking(text), signature)
+    return verified_thinking(text, signature) is not None
+
+
+def verified_thinking(text: str, signature: str | None) -> str | None:
+    """The reasoning a returned thinking block stands for (its text, or for an omitted one
+    the text its signature carries), or None when this server did not sign it."""
+    if not signature:
+        return None
+    if signature.startswith(_OMITTED):
+        try:
+            body, mac = signature[len(_OMITTED):].rsplit(".", 1)
+            inner = base64.urlsafe_b64decode(body.encode()).decode("utf-8", "surrogatepass")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        ok = (not text or text == inner) and hmac.compare_digest(sign_thinking(inner), mac)
+        return inner if ok else None
+    return text if hmac.compare_digest(sign_thinking(text), signature) else None
 
 
 # Anthropic's output_config.effort levels (ascending)
@@ -119,8 +144,10 @@ def _convert_message(msg, content, chat: list[dict], system_role: str,
             elif isinstance(b, ToolUseBlock):
                 calls.append({"id": b.id, "type": "function",
                               "function": {"name": b.name, "arguments": b.input}})
-            elif isinstance(b, ThinkingBlock) and reasoning and b.thinking:
-                thoughts.append(b.thinking)
+            elif isinstance(b, ThinkingBlock) and reasoning:
+                thought = verified_thinking(b.thinking, b.signature) or b.thinking
+                if thought:
+                    thoughts.append(thought)
             # redacted_thinking (and thinking for a model without reasoning): not shown
         out: dict[str, Any] = {"role": "assistant", "content": TEXT_JOIN.join(texts)}
         if thoughts:
@@ -143,8 +170,10 @@ def _convert_message(msg, content, chat: list[dict], system_role: str,
             pending.append(b.text)
         elif isinstance(b, ToolResultBlock):
             flush()
-            chat.append({"role": "tool", "tool_call_id": b.tool_use_id,
-                         "content": _tool_result_text(b)})
+            text = _tool_result_text(b)
+            if b.is_error and not text.lower().startswith("error"):
+                text = f"Error: {text}"   # templates have no error flag: the text says it
+            chat.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": text})
         elif isinstance(b, ToolUseBlock):
             raise APIError(400, f"tool_use blocks may only appear in assistant messages "
                                 f"(found one in a {msg.role} message)")
@@ -168,6 +197,7 @@ class AnthropicPrompt:
     # what the reply does with its reasoning section (the template switch, a token budget)
     reasoning_plan: ReasoningPlan = field(default_factory=ReasoningPlan)
     continuing: bool = False   # the reply continues a prefilled assistant turn
+    omit_thinking: bool = False   # thinking.display "omitted"
 
     @property
     def thinking_opened(self) -> bool:
@@ -419,4 +449,5 @@ class PromptBuilder:
         bps = caching.engine_breakpoints(resolved, self.ctx.options.min_cache_tokens)
         return AnthropicPrompt(text, ids, tools, resolved, bps, "", use_parser,
                                self.parser_name, constraint, self.reasoning,
-                               self.reasoning_plan, continuing)
+                               self.reasoning_plan, continuing,
+                               bool(self.req.thinking and self.req.thinking.display == "omitted"))

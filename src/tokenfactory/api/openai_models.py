@@ -75,6 +75,41 @@ class StreamOptions(_Open):
     include_usage: StrictBool | None = False
 
 
+# Known OpenAI fields this server cannot honour: a clear 400 rather than silence. {field: why}
+# (a falsy value - null, false, [], "" - asks for nothing and passes)
+UNSUPPORTED_CHAT = {
+    "functions": "the legacy `functions` field is not supported; send `tools`",
+    "function_call": "the legacy `function_call` field is not supported; send `tool_choice`",
+    "audio": "this model does not produce audio output",
+    "prediction": "predicted outputs (`prediction`) are not supported",
+    "web_search_options": "web search is not available on this server",
+}
+UNSUPPORTED_COMPLETION = {
+    "suffix": "`suffix` (insertion) is not supported by this model",
+}
+# Fields whose value must be one this server has: {field: allowed values}
+ONE_OF = {"service_tier": ("auto", "default"), "verbosity": ("medium",)}
+
+
+def refuse_unsupported(data: Any, unsupported: dict[str, str]) -> Any:
+    """400 (as a validation error) for a known field the server cannot honour."""
+    if not isinstance(data, dict):
+        return data
+    for name, why in unsupported.items():
+        if data.get(name) not in (None, False, [], "", {}):
+            raise ValueError(f"{name}: {why}")
+    for name, allowed in ONE_OF.items():
+        value = data.get(name)
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}: this server has only {' / '.join(map(repr, allowed))}, "
+                             f"got {str(value)[:40]!r}")
+    modalities = data.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list)
+                                   or any(m != "text" for m in modalities)):
+        raise ValueError("modalities: this model produces text only (['text'])")
+    return data
+
+
 class _SamplingFields(_Open):
     model: str
     max_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -110,6 +145,11 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     # vLLM's extension: extra variables for the chat template (Qwen3's enable_thinking, ...)
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        return refuse_unsupported(data, UNSUPPORTED_CHAT)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -123,3 +163,17 @@ class CompletionRequest(_SamplingFields):
     echo: StrictBool | None = False
     # the completions API's logprobs: how many top alternatives per position (0: the chosen only)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # best_of > n would sample more than it returns, ranked by likelihood: not implemented
+    best_of: StrictInt | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        return refuse_unsupported(data, UNSUPPORTED_COMPLETION)
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of: only best_of equal to n is supported (every sample "
+                             "is returned)")
+        return self
