@@ -127,6 +127,7 @@ def run_prefetched(core: EngineCore, rid: str, prompt, *, wait: bool):
     asked = core.kv.prefetch(req)
     if wait:
         core.kv.connector.wait_prefetched()
+        assert not core.kv.loading(req)
     out = None
     while core.has_unfinished_requests():
         for o in core.step():

@@ -108,6 +108,19 @@ class KVCacheManager:
             return 0
         return len(hashes) - start
 
+    def loading(self, request: Request) -> bool:
+        """Whether the connector is still reading pages ``prefetch`` asked for this request:
+        a scheduler with other work may admit it a step later, when ``find_cached_prefix``
+        finds them read, instead of waiting for the reads inside its admission."""
+        reading = getattr(self.connector, "reading", None)
+        if reading is None or not request.block_hashes:
+            return False
+        try:
+            return bool(reading(request.block_hashes))
+        except Exception:  # noqa: BLE001
+            log.exception("KV connector reading() failed")
+            return False
+
     def _load_from_connector(self, request: Request, hashes: Sequence[bytes],
                              tokens: Sequence[Sequence[int]], hits: list[int]) -> list[int]:
         """Pages for the blocks after the RAM hits, loaded from the connector and registered

@@ -163,6 +163,12 @@ class WarehouseConnector:
             finally:
                 self._reads.task_done()
 
+    def reading(self, block_hashes: Sequence[bytes]) -> bool:
+        """Whether the reader still has any of these pages to read (a scheduler may admit
+        other requests first, so the read overlaps their step)."""
+        with self._lock:
+            return any(h in self._asked or h in self._reading for h in block_hashes)
+
     def wait_prefetched(self) -> None:
         """Wait until every ``prefetch`` asked so far has been read (tests, benchmarks)."""
         if self._reads is not None:
