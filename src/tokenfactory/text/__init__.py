@@ -3,7 +3,9 @@
 - `tokenizer`: a Hugging Face tokenizer directory without `transformers`; chat templates.
 - `chat_template`: sandboxed Jinja rendering, byte-compatible with transformers.
 - `detokenizer`: token ids back to streamed text, with stop strings.
-- `tool_parsers`: model text back to tool calls (Hermes `<tool_call>`, Llama 3 JSON).
+- `tool_parsers`: model text back to tool calls (Hermes `<tool_call>`, Llama 3 JSON), and
+  `tool_formats` (Mistral `[TOOL_CALLS]`, Qwen3-Coder XML); reasoning sections split off.
+- `reasoning`: thinking budgets / effort as a grammar that closes the `<think>` section.
 - `demo_tokenizer`: the locally trained tokenizer of the built-in demo model.
 """
 

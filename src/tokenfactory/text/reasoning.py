@@ -10,7 +10,8 @@ OpenAI's ``reasoning_effort``. A bound becomes a Lark grammar (llguidance) for t
 llguidance counts the tokens of the bounded rule and, when they are spent, allows only what
 may follow it: the closing ``</think>`` is then forced token by token (the grammar path every
 constrained request already takes), and the answer continues after it. A model that closes
-the section earlier on its own is free to. The section is laid
+the section earlier on its own is free to (its closing tags count against the budget: a close
+begun in the budget's last few tokens is cut, and the forced one follows it). The section is laid
 out exactly as Qwen3-style templates render it back (``<think>\\n{reasoning}\\n</think>\\n\\n``),
 so the next turn's prompt repeats the reply byte for byte and its KV pages are cache hits.
 
