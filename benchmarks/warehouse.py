@@ -6,19 +6,26 @@
    from the warehouse through the OS page cache), (c) the pure restore: ``load`` of every page
    into the pool, timed alone, with the files in the page cache and again after
    ``posix_fadvise(DONTNEED)`` on each file (the bytes come from the disk).
-2. **Agentic sessions with a RAM pool too small for them**: ``bench.workloads.agentic`` (one
-   shared system prompt, per-session task, scripted assistant turns and tool results) run one
-   turn at a time round robin across sessions, on an engine whose pool holds ~1.25 times the
-   longest session's context, with and without the warehouse: hit rate (cached / prompt tokens, the usage
-   ``cached_tokens``) and engine seconds per session (task).
+2. **Agentic sessions with a RAM pool too small for them** (``bench.workloads.agentic``: one
+   shared system prompt, a task per session, scripted assistant turns and tool results; the
+   same tokens in every run), one turn at a time round robin across sessions, on an engine
+   whose pool holds ~1.25 times the longest session's context, with and without the
+   warehouse: hit rate (cached / prompt tokens, the usage ``cached_tokens``), as a share of
+   the workload's ceiling, and engine seconds (wall and CPU) per session (task). Shapes:
+   ``short`` (4 sessions x 4 turns, long tool results) and ``agent-loop`` (4 sessions x 40
+   turns behind a ~2K-token shared prefix, ~114 new tokens per turn: what an agent like
+   Claude Code sends, scaled to an 8K context). ``--scripted`` runs the same bookkeeping
+   (scheduler, KV manager, warehouse files) with a scripted executor instead of the model:
+   exact hit rates in seconds.
+3. **Read-ahead** (``--concurrent N``): every session's turn queued at once, ``max_num_seqs``
+   N, so turns wait while others run; the warehouse with read-ahead off and on (each queued
+   request's pages read by a background thread, ``KVCacheManager.prefetch``), interleaved.
 
-3. **Long agentic sessions, bookkeeping only** (``--bookkeeping``): 8 sessions x 20 turns
-   behind a 4,096-token prefix through the real scheduler, KV manager and warehouse files, a
-   scripted executor instead of the model (hit rates, no seconds), RAM pool 25% of the final
-   contexts.
-
-    .venv/bin/python benchmarks/warehouse.py [--rounds 3] [--sessions 4] [--turns 4]
-    .venv/bin/python benchmarks/warehouse.py --bookkeeping
+    .venv/bin/python benchmarks/warehouse.py [--rounds 3] --skip-agentic     # restore vs prefill
+    .venv/bin/python benchmarks/warehouse.py --shape agent-loop --skip-restore --max-tokens 1
+    .venv/bin/python benchmarks/warehouse.py --shape agent-loop --scripted
+    .venv/bin/python benchmarks/warehouse.py --shape agent-loop --turns 16 --skip-restore
+        --skip-sequential --concurrent 1 --rounds 2 --max-tokens 4        # (one command)
 
 Every agentic part also prints the hit rate of an unbounded cache (every full block some
 earlier request computed counts as a hit): no tier can beat it.
@@ -261,7 +268,8 @@ class _TinyPages:
 
 
 def agentic_hit_rate(model: str, shape: AgentShape, pool_blocks: int | None, scripted: bool,
-                     max_tokens: int, concurrent: int, rounds: int) -> None:
+                     max_tokens: int, concurrent: int, rounds: int,
+                     sequential: bool = True) -> None:
     """RAM only vs RAM + warehouse on one agentic shape: hit rate (also as a share of the
     ceiling) and seconds per session (task). ``scripted``: a scripted executor instead of
     the model (hit rates only; its seconds are bookkeeping). ``concurrent`` > 0: then also
@@ -297,7 +305,7 @@ def agentic_hit_rate(model: str, shape: AgentShape, pool_blocks: int | None, scr
 
     kind = "scripted executor" if scripted else "the real model"
     print(f"\n## agentic ({kind}), max_tokens {max_tokens}: {describe(prompts, blocks, ideal)}")
-    for label in ("RAM only", "RAM + warehouse"):
+    for label in ("RAM only", "RAM + warehouse") if sequential else ():
         with tempfile.TemporaryDirectory(prefix="tf-warehouse-") as d:
             core, wh = engine(blocks, None if label == "RAM only" else d)
             tally = play(core, prompts, max_tokens)
@@ -344,6 +352,8 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=0, metavar="MAX_NUM_SEQS",
                     help="also run every session at once with this max_num_seqs, read-ahead "
                          "off and on")
+    ap.add_argument("--skip-sequential", action="store_true",
+                    help="agentic: only the --concurrent runs")
     ap.add_argument("--skip-restore", action="store_true")
     ap.add_argument("--skip-agentic", action="store_true")
     args = ap.parse_args()
@@ -355,7 +365,7 @@ def main() -> None:
         restore_vs_prefill(args.model, args.rounds, args.prefix_tokens)
     if not args.skip_agentic:
         agentic_hit_rate(args.model, shape, args.pool_blocks, args.scripted, args.max_tokens,
-                         args.concurrent, args.rounds)
+                         args.concurrent, args.rounds, not args.skip_sequential)
 
 
 if __name__ == "__main__":
