@@ -22,10 +22,10 @@ import json
 import re
 from typing import Any
 
-from tokenfactory.text.tool_parsers import (ParserEvent, ToolCallArgsDelta, ToolCallEnd,
-                                            ToolCallParser, ToolCallStart, _HERMES_HEAD,
-                                            _ObjectScanner, _partial_marker_len,
-                                            _validate_call)
+from tokenfactory.text.tool_parser_base import (_HERMES_HEAD, ParserEvent, ToolCallArgsDelta,
+                                               ToolCallEnd, ToolCallParser, ToolCallStart,
+                                               _ObjectScanner, _partial_marker_len,
+                                               _validate_call)
 
 __all__ = ["MistralToolParser", "MistralArgsToolParser", "Qwen3CoderToolParser"]
 

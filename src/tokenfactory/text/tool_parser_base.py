@@ -1,0 +1,151 @@
+"""The pieces every tool-call parser shares: the events a parser emits, the parser base class,
+and small scanners (a call marker arriving in pieces, the end of a JSON object, the head of a
+``{"name": ..., "arguments": ...}`` call). tool_parsers.py (Hermes, Llama 3 JSON) and
+tool_formats.py (Mistral, Qwen3-Coder) build on them."""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Union
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ToolCallStart:
+    index: int
+    name: str
+
+
+@dataclass
+class ToolCallArgsDelta:
+    index: int
+    json_fragment: str
+
+
+@dataclass
+class ToolCallEnd:
+    index: int
+    arguments: dict
+
+
+ParserEvent = Union[TextDelta, ToolCallStart, ToolCallArgsDelta, ToolCallEnd]
+
+
+def _partial_marker_len(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+def _validate_call(obj: Any, arg_keys: tuple[str, ...]) -> tuple[str, dict] | None:
+    """(name, arguments) if `obj` is a well-formed call, else None."""
+    if not isinstance(obj, dict):
+        return None
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    present = [k for k in arg_keys if k in obj]
+    if not present:
+        return name, {}
+    args = obj[present[0]]
+    if isinstance(args, str):  # some models double-encode the arguments
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return name, args
+
+
+class ToolCallParser(ABC):
+    """Feed text deltas, get events; call finish() once at the end of the message."""
+
+    name: str = ""
+
+    # between two calls of one reply, as a grammar writes them (tool_call_grammar)
+    SEPARATOR = "\n"
+
+    def __init__(self, stream_arguments: bool = False) -> None:
+        self.stream_arguments = stream_arguments
+        self._next_index = 0
+        self._held_ws = ""  # trailing whitespace not yet emitted
+        self._finished = False
+
+    @property
+    def num_tool_calls(self) -> int:
+        return self._next_index
+
+    @abstractmethod
+    def feed(self, text_delta: str) -> list[ParserEvent]:
+        """Consume more model text; return the events it completes."""
+
+    @abstractmethod
+    def finish(self) -> list[ParserEvent]:
+        """End of the message: return everything still held back."""
+
+    # -- helpers shared by the formats
+
+    def _text(self, text: str, out: list[ParserEvent]) -> None:
+        """Emit text, holding back trailing whitespace until something non-blank follows."""
+        if not text:
+            return
+        text = self._held_ws + text
+        body = text.rstrip()
+        self._held_ws = text[len(body) :]
+        if body:
+            out.append(TextDelta(body))
+
+    def _flush_text(self, out: list[ParserEvent]) -> None:
+        """At the end: trailing whitespace is kept only for a message without tool calls."""
+        if self._held_ws and self._next_index == 0:
+            out.append(TextDelta(self._held_ws))
+        self._held_ws = ""
+
+    def _call(self, name: str, arguments: dict, out: list[ParserEvent]) -> None:
+        self._held_ws = ""  # whitespace between text and a call is part of the call's rendering
+        index = self._next_index
+        self._next_index += 1
+        out.append(ToolCallStart(index, name))
+        out.append(ToolCallArgsDelta(index, json.dumps(arguments, ensure_ascii=False)))
+        out.append(ToolCallEnd(index, arguments))
+
+
+# The head of a Hermes call up to its arguments: `{"name": "NAME", "arguments": `.
+_HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*'
+                          r'"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+class _ObjectScanner:
+    """Finds where a JSON object ends, one character at a time (strings and escapes aware)."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_str, self.escape = 0, False, False
+
+    def feed(self, text: str) -> int | None:
+        """Offset just past the object's closing brace in ``text``, or None (not yet)."""
+        for i, ch in enumerate(text):
+            if self.in_str:
+                if self.escape:
+                    self.escape = False
+                elif ch == "\\":
+                    self.escape = True
+                elif ch == '"':
+                    self.in_str = False
+            elif ch == '"':
+                self.in_str = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
