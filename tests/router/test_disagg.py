@@ -79,3 +79,31 @@ def test_connector_verifies_tokens_drops_used_transfers_and_bounds_the_rest():
     conn.receive(_prefix(h[4:5], toks[4:5], 3.0))
     conn.receive(_prefix(h[5:6], toks[5:6], 4.0))   # the oldest waiting transfer goes
     assert conn.lookup(h[3:4]) == 0 and conn.lookup(h[4:5]) == 1 and conn.pending_blocks() == 2
+
+
+def test_tiered_connector_fills_leading_blocks_tier_by_tier():
+    """Blocks 0-1 from the first tier, 2-3 from the second (which also holds 0, unused), the
+    rest computed; a tier that raises supplies nothing instead of failing the request."""
+    from tokenfactory.router.tiers import TieredConnector
+
+    io = _Pages()
+    first, second = TransferConnector(), TransferConnector()
+    first.kv_io = second.kv_io = io
+    h = [bytes([i]) * 16 for i in range(5)]
+    toks = [[i] * BS for i in range(5)]
+    first.receive(_prefix(h[:2], toks[:2], 1.0))
+    second.receive(_prefix([h[0]] + h[2:4], [toks[0]] + toks[2:4], 2.0))
+    tiered = TieredConnector([first, second])
+    assert tiered.lookup(h) == 4 and tiered.lookup(h[2:]) == 2 and tiered.lookup(h[4:]) == 0
+    assert tiered.load(h, [10, 11, 12, 13, 14], toks) == 4
+    assert [float(io.written[b].flatten()[0]) for b in (10, 11, 12, 13)] == [1.0, 1.0, 2.0, 2.0]
+    assert 14 not in io.written
+
+    class Broken:
+        def lookup(self, hashes):
+            return len(hashes)
+
+        def load(self, *args):
+            raise OSError("disk gone")
+
+    assert TieredConnector([Broken()]).load(h, [1, 2, 3, 4, 5], toks) == 0

@@ -34,7 +34,8 @@ def spec(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fleet(spec):
     """Two replica actors on a local Ray runtime, shared by every router in this module."""
-    router = RouterEngine.launch(spec, 2, policy="prefix", num_cpus=2)
+    # 4 logical CPUs: room for the warehouse test's own two replicas beside these
+    router = RouterEngine.launch(spec, 2, policy="prefix", num_cpus=4)
     # not started: each test polls through its own router (a poll drains the events)
     yield router
     router.shutdown()
@@ -318,6 +319,41 @@ def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fl
         assert s1.num_running == 0 and s1.kv_blocks_free == s1.kv_blocks_total
     finally:
         router.shutdown()
+
+
+def test_replicas_share_a_kv_warehouse(fleet, spec, tmp_path):
+    """Two replicas open the same warehouse directory: a prompt replica A computed is read
+    from disk by replica B, whose RAM cache never saw it; greedy tokens unchanged."""
+    from dataclasses import replace
+
+    from tokenfactory.router.replica import start_replicas
+
+    actors = start_replicas(replace(spec, kv_warehouse=str(tmp_path / "wh")), 2, max_restarts=0)
+    infos = ray.get([a.info.remote() for a in actors], timeout=300)
+    p = prompts(1, seed=31, lo=100, hi=100)[0]
+    params = SamplingParams(max_tokens=8, **GREEDY)
+
+    def serve_on(i: int, rid: str):
+        router = RouterEngine([actors[i]], [infos[i]], tokenizer=fleet.core.tokenizer,
+                              owns_replicas=False)
+        router.poll_once()
+        try:
+            outs = asyncio.run(collect(router, rid, p, params))
+            router.poll_once()
+            return outs[-1], router.replicas[0].stats
+        finally:
+            router.shutdown()
+    try:
+        assert all(i.has_warehouse for i in infos)
+        first, _ = serve_on(0, "wh-a")
+        ray.get(actors[0].flush.remote(), timeout=60)        # its pages are on disk
+        second, stats_b = serve_on(1, "wh-b")
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 96 == stats_b.connector_hits   # 6 full blocks of 16
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
 def test_hung_replica_is_detected_in_bounded_time_and_handled_as_dead(fleet):

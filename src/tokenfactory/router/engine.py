@@ -92,7 +92,8 @@ class RouterEngine:
         if not actors:
             raise ValueError("a router needs at least one replica")
         self.actors = actors
-        self.info = infos[0]
+        # the smallest replica: a request it admits, every replica can (their page counts differ)
+        self.info = min(infos, key=lambda i: i.num_blocks)
         self.policy = policy
         self.bound = bound
         self.poll_interval = poll_interval
@@ -164,13 +165,23 @@ class RouterEngine:
             self._poller.join(timeout)
         if not self.owns_replicas:
             return
-        for actor in self.actors + self.prefill_actors:
+        actors = self.actors + self.prefill_actors
+        try:        # a clean stop first: warehouse writes still queued reach the disk
+            ray.get([a.shutdown.remote() for a in actors], timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - dead or stuck replicas are killed anyway
+            log.warning("replica shutdown: %s", exc)
+        for actor in actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         if self.owns_ray:
             ray.shutdown()
+
+    @property
+    def has_kv_connector(self) -> bool:
+        """The replicas share a disk warehouse (/metrics shows hits by tier)."""
+        return bool(self.info.has_warehouse)
 
     @property
     def is_alive(self) -> bool:

@@ -39,6 +39,10 @@ class ReplicaSpec:
     threads: int = 1                             # torch threads (and Ray CPUs) per replica
     max_queued_requests: int | None = None
     max_queued_per_tenant: int | None = None
+    # The token warehouse (engine/warehouse): every replica opens the same directory, so a
+    # prefix one replica computed is read from disk by another instead of recomputed.
+    kv_warehouse: str | None = None
+    kv_warehouse_bytes: int | None = None        # its disk budget (None: the default)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class ReplicaInfo:
     max_num_batched_tokens: int
     enable_chunked_prefill: bool
     engine_config: Any                           # the replica's EngineConfig
+    has_warehouse: bool = False
 
 
 @dataclass
@@ -105,7 +110,18 @@ class EngineReplica:
             self.kv_io = ModelKVPageIO(core.executor.model)
         self.connector = TransferConnector()
         self.connector.kv_io = self.kv_io
-        core.kv.attach_connector(self.connector)
+        self.warehouse = None
+        if spec.kv_warehouse:
+            from tokenfactory.engine.warehouse import DEFAULT_MAX_BYTES, open_warehouse
+            from tokenfactory.router.tiers import TieredConnector
+
+            self.warehouse = open_warehouse(
+                core.executor, spec.kv_warehouse,
+                max_bytes=spec.kv_warehouse_bytes or DEFAULT_MAX_BYTES)
+            # pages handed over by a prefill replica first, then the shared disk
+            core.kv.attach_connector(TieredConnector([self.connector, self.warehouse]))
+        else:
+            core.kv.attach_connector(self.connector)
         core.kv.pool.subscribe(self._on_events)
         core.add_step_listener(self._on_step)
         self.core = core
@@ -143,7 +159,7 @@ class EngineReplica:
                            c.kv.pool.enable_prefix_caching,
                            c.executor.kv_cache_bytes_per_block(c.kv.block_size),
                            c.config.max_num_batched_tokens, c.config.enable_chunked_prefill,
-                           c.config)
+                           c.config, self.warehouse is not None)
 
     def pid(self) -> int:
         import os
@@ -231,8 +247,15 @@ class EngineReplica:
     def num_free_blocks(self) -> int:
         return self.core.num_free_blocks()
 
+    def flush(self) -> None:
+        """Pages queued for the warehouse reach the disk (other replicas can read them)."""
+        if self.warehouse is not None:
+            self.warehouse.flush()
+
     def shutdown(self) -> None:
         self.engine.shutdown()
+        if self.warehouse is not None:
+            self.warehouse.close()      # pages still queued for writing reach the disk
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None,
