@@ -1,10 +1,17 @@
 """quant.c against ``gguf.quants`` (llama.cpp's reference quantizer and dequantizer on PyPI).
 
-Blocks are made by the ``gguf`` package's quantizer from random floats; each kernel's output
-must equal the float64 product of the activations with ``gguf.quants.dequantize``'s weights
-up to float32 summation error (the kernels do not round activations or weights). The
-AVX-512 BF16 build and the portable scalar build (compiled here with -march=x86-64) are both
-checked.
+Blocks are made by the ``gguf`` package's quantizer from random floats. Two kernels:
+
+* the exact one (``exact=True``, float32 models): the float64 product of the activations
+  with ``gguf.quants.dequantize``'s weights up to float32 summation error;
+* the decode one (default; the native step runs it): activations rounded to int8 per block
+  of 32 (scale amax / 127, nearest-even codes), integer dot products. It must equal the float64
+  product of the dequantized weights with those rounded activations (rounding reproduced here
+  in numpy float32) up to float32 error, and so stay within the bound the rounding implies
+  against the unrounded activations: sum_j |w_j| * step_j / 2.
+
+The AVX-512 build (VNNI on this CPU) and the portable scalar build (compiled here with
+-march=x86-64) are both checked.
 """
 from __future__ import annotations
 
@@ -51,25 +58,54 @@ def block_scale(kind: str, blocks: torch.Tensor, scales) -> np.ndarray:
     return np.repeat(np.abs(d.astype(np.float64)), 32, axis=1)
 
 
+def int8_activations(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(the rounded activations dx * q as float64 (M, K), the step dx per value (M, K)): each
+    block of 32 as quant.c rounds it, in numpy float32 (same IEEE operations)."""
+    xf = x.float().numpy()
+    m, k = xf.shape
+    blocks = xf.reshape(m, k // 32, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv)                          # float32 products, nearest even
+    assert np.abs(q).max() <= 127
+    step = (amax / np.float32(127)).astype(np.float32)
+    xq = q.astype(np.float64) * step.astype(np.float64)
+    return xq.reshape(m, k), np.broadcast_to(step, blocks.shape).reshape(m, k).astype(np.float64)
+
+
 @pytest.mark.parametrize("kind", list(quant.KINDS))
 @pytest.mark.parametrize("shape", [(64, 96), (40, 32), (33, 576)])   # odd block counts too
 def test_qlinear_matches_block_math(lib, kind, shape):
     out, inp = shape
     blocks, scales, dense = make_weight(kind, out, inp, seed=out * inp)
     rng = np.random.default_rng(1)
+    dscale = block_scale(kind, blocks, scales)
     for rows in (1, 2, 3, 4, 5, 8, 16, 17):
         x = torch.from_numpy(rng.standard_normal((rows, inp)).astype(np.float32) * 3)
         x = x.to(torch.bfloat16)
         if rows == 3:
             x[1] = 0                                           # an all-zero row
-        y = quant.qlinear(kind, blocks, scales, x, lib=lib).numpy()
+        if rows == 5:
+            x[2, 7] = 300                                      # an outlier in one block
         xf = x.double().numpy()
-        ref = xf @ dense.T
-        # float32 sums of exact products: the error is bounded by the magnitudes summed,
-        # partial sums of codes up to 15 |d| (Q4_1: plus m * sum(x))
-        mag = np.abs(xf) @ (np.abs(dense).T + 16 * block_scale(kind, blocks, scales).T) + 1e-30
-        err = np.abs(y - ref)
-        assert (err <= 2e-6 * mag).all(), f"{kind} rows={rows}: {(err / mag).max():.3g}"
+        # exact: float32 sums of exact products; the error is bounded by the magnitudes
+        # summed, partial sums of codes up to 15 |d| (Q4_1: plus m * sum(x))
+        y = quant.qlinear(kind, blocks, scales, x, lib=lib, exact=True).numpy()
+        mag = np.abs(xf) @ (np.abs(dense).T + 16 * dscale.T) + 1e-30
+        err = np.abs(y - xf @ dense.T)
+        assert (err <= 2e-6 * mag).all(), f"exact {kind} rows={rows}: {(err / mag).max():.3g}"
+        # decode kernel: the same product with the int8-rounded activations
+        y = quant.qlinear(kind, blocks, scales, x, lib=lib).numpy()
+        xq, step = int8_activations(x)
+        mag = np.abs(xq) @ (np.abs(dense).T + 16 * dscale.T) + 1e-30
+        err = np.abs(y - xq @ dense.T)
+        assert (err <= 2e-6 * mag).all(), f"int8 {kind} rows={rows}: {(err / mag).max():.3g}"
+        assert np.abs(xq - xf).max() <= 0.5 * step.max()
+        bound = (step / 2) @ np.abs(dense).T * (1 + 1e-6) + 2e-6 * mag
+        assert (np.abs(y - xf @ dense.T) <= bound).all()
+        if rows == 3:
+            assert (y[1] == 0).all()
 
 
 @pytest.mark.parametrize("kind", list(quant.KINDS))

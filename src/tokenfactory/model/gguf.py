@@ -425,9 +425,13 @@ def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile, quantized: bool = Fa
     if quantized:
         runs = Counter(kind for key, kind in swapped.items() if key != "lm_head.weight")
         dense = 1 + len(model.layers) * len(_QUANT_LINEARS) - len(swapped)
-        log.info("%s: layer linears run as stored: %s; lm_head %s; %d linears dense in %s",
+        from tokenfactory.model.kernels import quant
+        kernels = quant.isa()
+        how = (f"{kernels} kernels, bfloat16 activations rounded to int8 per block of 32 up to "
+               f"8 rows" if kernels else "no native kernels: dequantized per call")
+        log.info("%s: layer linears run as stored: %s; lm_head %s; %d linears dense in %s (%s)",
                  gf.path.name, ", ".join(f"{n} {k}" for k, n in runs.most_common()) or "none",
-                 swapped.get("lm_head.weight", dtype), dense, dtype)
+                 swapped.get("lm_head.weight", dtype), dense, dtype, how)
     if "rope_freqs.weight" in gf.tensors:
         # Llama 3.1-style RoPE: llama.cpp stores the per-frequency divisors it computed from
         # the checkpoint's rope_scaling instead of the parameters themselves

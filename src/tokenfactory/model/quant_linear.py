@@ -6,10 +6,13 @@ Why: on a CPU a decode step is a read of every weight byte, so bytes per weight 
 (a uint8 tensor, rows of whole blocks) and runs them through ``kernels/quant.c``:
 
 * up to :data:`NATIVE_MAX_ROWS` activation rows (decode steps): the native kernel, which
-  reads each weight byte once and computes the dequantized weights' exact product with the
-  bfloat16 activations (float32 sums). float32 activations go in as two bfloat16 halves
-  (hi + lo: 16 mantissa bits, two passes): a float32 model then matches its dequantized self
-  to ~1e-5 instead of inheriting bfloat16 rounding noise;
+  reads each weight byte once. bfloat16 activations (the served dtype) are rounded to int8
+  per block of 32 (scale amax / 127, llama.cpp's Q8 activations) and meet the weight codes in
+  integer dot products (AVX-512 VNNI): the dequantized weights' product with activations
+  each moved by at most half its block's step (amax / 254); the native decode step runs the
+  same kernel. float32 activations take the exact kernel instead (bfloat16 products, float32
+  sums) as two bfloat16 halves (hi + lo: 16 mantissa bits, two passes): a float32 model then
+  matches its dequantized self to ~1e-5 (the reference for what the rounding costs);
 * more rows (prefill chunks): the weight is dequantized to bfloat16 (one C pass, a few MB)
   and multiplied by oneDNN's GEMM, whose blocked kernels beat the native one once the weight
   is reused across many rows (SmolLM2's layer linears, one thread, CPU time: native 18 / 37
@@ -89,13 +92,15 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)                       # (M, K)
         if rows <= self.native_max_rows:
-            if x2.dtype == torch.bfloat16:
+            if x2.dtype == torch.bfloat16:   # int8 activations, as the native decode step
                 y = quant.qlinear(self.kind, self.weight, self.scales, x2.contiguous())
             else:   # float32 (or other) activations: two bfloat16 halves, 16 mantissa bits
                 hi = x2.to(torch.bfloat16)
                 lo = (x2.float() - hi.float()).to(torch.bfloat16)
-                y = quant.qlinear(self.kind, self.weight, self.scales, hi.contiguous())
-                y += quant.qlinear(self.kind, self.weight, self.scales, lo.contiguous())
+                y = quant.qlinear(self.kind, self.weight, self.scales, hi.contiguous(),
+                                  exact=True)
+                y += quant.qlinear(self.kind, self.weight, self.scales, lo.contiguous(),
+                                   exact=True)
             if self.bias is not None:
                 y += self.bias
         else:

@@ -246,36 +246,252 @@ static void qlinear_team(int kind, const void *w, const float *scales, const bf1
     free(xsum);
 }
 
-static void qlinear(int kind, const void *w, const float *scales, const uint16_t *x, float *y,
-                    int rows, int out, int in) {
-    if (rows <= 0 || out <= 0 || in <= 0 || in % QK) return;   /* checked by the callers */
-    if (omp_in_parallel()) {
-        qlinear_team(kind, w, scales, x, y, rows, out, in);
-    } else {
-#pragma omp parallel
-        qlinear_team(kind, w, scales, x, y, rows, out, in);
+/* ------------------------------------------------------------------------------------------
+ * The decode path: activations quantized to int8 blocks, integer dot products (see the file
+ * comment). Each activation row's block b of 32 values becomes dx = amax / 127 and codes
+ * q = rint(x * (127 / amax)) (|q| <= 127; amax 0: all codes 0), plus sx = dx * sum(q).
+ * A weight block with codes c and map w = d * c + k then contributes
+ *     d * dx * sum(c q)  +  k * sx
+ * where sum(c q) is exact in int32. Q4 codes are the unsigned nibbles (Q4_0's k = -8 d);
+ * Q8_0 / int8 codes are signed, so |c| meets q * sign(c) (vpdpbusd multiplies unsigned by
+ * signed bytes). The result is the dequantized weights' product with the rounded activations
+ * (dx * q) up to float32 rounding; each activation moves by at most dx / 2.
+ */
+static void quantize_rows(const bf16 *x, int rows, int in, int8_t *q, float *dx, float *sx) {
+    const int nb = in / QK;
+    for (int r = 0; r < rows; r++) {
+        for (int b = 0; b < nb; b++) {
+            const bf16 *xb = x + (size_t)r * in + (size_t)b * QK;
+            int8_t *qb = q + (size_t)r * in + (size_t)b * QK;
+            float amax = 0.0f;
+            int sum = 0;
+#ifdef TF_QUANT_SIMD
+            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)xb)), 16));
+            const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + 16))), 16));
+            amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, id));   /* nearest even */
+            const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, id));
+            _mm_storeu_si128((__m128i *)qb, _mm512_cvtepi32_epi8(qlo));
+            _mm_storeu_si128((__m128i *)(qb + 16), _mm512_cvtepi32_epi8(qhi));
+            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+#else
+            for (int j = 0; j < QK; j++) {
+                const float a = fabsf(from_bf16(xb[j]));
+                amax = a > amax ? a : amax;
+            }
+            const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int j = 0; j < QK; j++) {
+                qb[j] = (int8_t)rintf(from_bf16(xb[j]) * id);   /* nearest even, as above */
+                sum += qb[j];
+            }
+#endif
+            const float d = amax / 127.0f;
+            dx[(size_t)r * nb + b] = d;
+            sx[(size_t)r * nb + b] = d * (float)sum;
+        }
     }
 }
 
-/* The fixed interface (y (rows, out) = x (rows, in) @ W^T; ``in`` a multiple of 32). */
+#if defined(TF_QUANT_SIMD) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define TF_QUANT_VNNI 1
+/* One block of one weight row against MM activation rows: acc[m] += d dx cvt(dot), and
+ * (Q4 kinds) kacc[m] += k sx, all lanes alike. 256-bit vectors: on Zen 4 a 512-bit op costs
+ * two 256-bit ones, so one block a vector loses nothing and needs no lane shuffles. */
+static inline __attribute__((always_inline)) void block_i8(
+        int kind, const uint8_t *blk, int b, int nb, const int8_t *q, int in, const float *dx,
+        const float *sx, const int MM, __m256 *acc, __m256 *kacc) {
+    __m256i w, ws = _mm256_setzero_si256();
+    __m256 dv = _mm256_set1_ps(1.0f), kv = _mm256_setzero_ps();
+    if (kind == TF_Q4_1 || kind == TF_Q4_0) {
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + (kind == TF_Q4_1 ? 4 : 2)));
+        w = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(qs),
+                                                     _mm_srli_epi16(qs, 4), 1),
+                             _mm256_set1_epi8(0x0F));
+    } else {
+        ws = _mm256_loadu_si256((const __m256i *)(blk + (kind == TF_Q8_0 ? 2 : 0)));
+        w = _mm256_abs_epi8(ws);
+    }
+    if (kind != TF_INT8) {
+        uint16_t h;
+        memcpy(&h, blk, 2);
+        dv = _mm256_cvtph_ps(_mm_set1_epi16((short)h));
+    }
+    if (kind == TF_Q4_1) {
+        uint16_t h;
+        memcpy(&h, blk + 2, 2);
+        kv = _mm256_cvtph_ps(_mm_set1_epi16((short)h));
+    } else if (kind == TF_Q4_0) {
+        kv = _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+    }
+    for (int m = 0; m < MM; m++) {
+        __m256i y = _mm256_loadu_si256((const __m256i *)(q + (size_t)m * in + (size_t)b * QK));
+        if (kind == TF_Q8_0 || kind == TF_INT8) y = _mm256_sign_epi8(y, ws);
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                 _mm256_mul_ps(dv, _mm256_set1_ps(dx[(size_t)m * nb + b])), acc[m]);
+        if (kind == TF_Q4_1 || kind == TF_Q4_0)
+            kacc[m] = _mm256_fmadd_ps(kv, _mm256_set1_ps(sx[(size_t)m * nb + b]), kacc[m]);
+    }
+}
+
+static inline float hsum256(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+/* One weight row against MM (<= 4, a constant after inlining) quantized activation rows. Even
+ * and odd blocks go to separate accumulators (two dependency chains per row). */
+static inline __attribute__((always_inline)) void row_dot_i8(
+        int kind, const uint8_t *wrow, int nb, const int8_t *q, int in, const float *dx,
+        const float *sx, const int MM, float *s) {
+    __m256 a0[4], a1[4], k0[4], k1[4];
+    for (int m = 0; m < MM; m++)
+        a0[m] = a1[m] = k0[m] = k1[m] = _mm256_setzero_ps();
+    const int bb = block_bytes[kind];
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        block_i8(kind, wrow + (size_t)b * bb, b, nb, q, in, dx, sx, MM, a0, k0);
+        block_i8(kind, wrow + (size_t)(b + 1) * bb, b + 1, nb, q, in, dx, sx, MM, a1, k1);
+    }
+    if (b < nb) block_i8(kind, wrow + (size_t)b * bb, b, nb, q, in, dx, sx, MM, a0, k0);
+    for (int m = 0; m < MM; m++)
+        s[m] = hsum256(_mm256_add_ps(a0[m], a1[m]))
+             + _mm256_cvtss_f32(_mm256_add_ps(k0[m], k1[m]));
+}
+#else
+/* Portable: the same integer sums and float terms, one block at a time. */
+static void row_dot_i8(int kind, const uint8_t *wrow, int nb, const int8_t *q, int in,
+                       const float *dx, const float *sx, const int MM, float *s) {
+    const int bb = block_bytes[kind];
+    for (int m = 0; m < MM; m++) {
+        float acc = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = wrow + (size_t)b * bb;
+            const int8_t *qb = q + (size_t)m * in + (size_t)b * QK;
+            int32_t dot = 0;
+            if (kind == TF_Q4_0 || kind == TF_Q4_1) {
+                const uint8_t *qs = blk + (kind == TF_Q4_0 ? 2 : 4);
+                for (int j = 0; j < 16; j++)
+                    dot += (qs[j] & 0x0F) * qb[j] + (qs[j] >> 4) * qb[j + 16];
+            } else {
+                const int8_t *c = (const int8_t *)(kind == TF_Q8_0 ? blk + 2 : blk);
+                for (int j = 0; j < QK; j++) dot += c[j] * qb[j];
+            }
+            float d, k;
+            block_affine(kind, blk, &d, &k);
+            if (kind == TF_Q4_0) k = -8.0f * d;
+            acc += d * dx[(size_t)m * nb + b] * (float)dot + k * sx[(size_t)m * nb + b];
+        }
+        s[m] = acc;
+    }
+}
+#endif
+
+/* Body run by every thread: quantize the activations privately, then share out the rows. */
+static inline __attribute__((always_inline)) void qlinear_i8_body(
+        const int kind, const void *w, const float *scales, const bf16 *x, float *y, int rows,
+        int out, int in) {
+    const int nb = in / QK;
+    const size_t row_bytes = kind == TF_INT8 ? (size_t)in : (size_t)nb * block_bytes[kind];
+    /* per thread: codes (rows, in), then dx and sx (rows, nb) each */
+    int8_t *q = malloc((size_t)rows * in + 2 * sizeof(float) * (size_t)rows * nb + 64);
+    const int ok = q != NULL;
+    float *dx = ok ? (float *)(q + ((size_t)rows * in + 63) / 64 * 64) : NULL;
+    float *sx = ok ? dx + (size_t)rows * nb : NULL;
+    if (ok) quantize_rows(x, rows, in, q, dx, sx);
+#pragma omp for schedule(static)
+    for (int n = 0; n < out; n++) {
+        if (!ok) continue;
+        const uint8_t *wrow = (const uint8_t *)w + (size_t)n * row_bytes;
+        const float sn = kind == TF_INT8 ? scales[n] : 1.0f;
+        for (int m0 = 0; m0 < rows; m0 += 4) {   /* > 4 rows: the weight row again, from L1 */
+            const int mm = rows - m0 < 4 ? rows - m0 : 4;
+            const int8_t *qr = q + (size_t)m0 * in;
+            const float *dr = dx + (size_t)m0 * nb, *sr = sx + (size_t)m0 * nb;
+            float s[4];
+            switch (mm) {
+                case 1: row_dot_i8(kind, wrow, nb, qr, in, dr, sr, 1, s); break;
+                case 2: row_dot_i8(kind, wrow, nb, qr, in, dr, sr, 2, s); break;
+                case 3: row_dot_i8(kind, wrow, nb, qr, in, dr, sr, 3, s); break;
+                default: row_dot_i8(kind, wrow, nb, qr, in, dr, sr, 4, s); break;
+            }
+            for (int m = 0; m < mm; m++) y[(size_t)(m0 + m) * out + n] = s[m] * sn;
+        }
+    }
+    free(q);
+}
+
+/* The body with ``kind`` a constant in each copy (no kind tests left in the inner loop). */
+static void qlinear_i8_team(int kind, const void *w, const float *scales, const bf16 *x,
+                            float *y, int rows, int out, int in) {
+    switch (kind) {
+        case TF_Q8_0: qlinear_i8_body(TF_Q8_0, w, scales, x, y, rows, out, in); break;
+        case TF_Q4_0: qlinear_i8_body(TF_Q4_0, w, scales, x, y, rows, out, in); break;
+        case TF_Q4_1: qlinear_i8_body(TF_Q4_1, w, scales, x, y, rows, out, in); break;
+        default: qlinear_i8_body(TF_INT8, w, scales, x, y, rows, out, in); break;
+    }
+}
+
+static void qlinear(int kind, int exact, const void *w, const float *scales, const uint16_t *x,
+                    float *y, int rows, int out, int in) {
+    if (rows <= 0 || out <= 0 || in <= 0 || in % QK) return;   /* checked by the callers */
+    if (omp_in_parallel()) {
+        if (exact) qlinear_team(kind, w, scales, x, y, rows, out, in);
+        else qlinear_i8_team(kind, w, scales, x, y, rows, out, in);
+    } else {
+#pragma omp parallel
+        {
+            if (exact) qlinear_team(kind, w, scales, x, y, rows, out, in);
+            else qlinear_i8_team(kind, w, scales, x, y, rows, out, in);
+        }
+    }
+}
+
+/* The fixed interface (y (rows, out) = x (rows, in) @ W^T; ``in`` a multiple of 32): the
+ * int8-activation kernels, which the native decode step runs. */
 void tf_qlinear_q8_0(const void *w, const float *scales_or_null, const uint16_t *x_bf16,
                      float *y, int rows, int out, int in) {
-    qlinear(TF_Q8_0, w, scales_or_null, x_bf16, y, rows, out, in);
+    qlinear(TF_Q8_0, 0, w, scales_or_null, x_bf16, y, rows, out, in);
 }
 
 void tf_qlinear_q4_0(const void *w, const float *scales_or_null, const uint16_t *x_bf16,
                      float *y, int rows, int out, int in) {
-    qlinear(TF_Q4_0, w, scales_or_null, x_bf16, y, rows, out, in);
+    qlinear(TF_Q4_0, 0, w, scales_or_null, x_bf16, y, rows, out, in);
 }
 
 void tf_qlinear_q4_1(const void *w, const float *scales_or_null, const uint16_t *x_bf16,
                      float *y, int rows, int out, int in) {
-    qlinear(TF_Q4_1, w, scales_or_null, x_bf16, y, rows, out, in);
+    qlinear(TF_Q4_1, 0, w, scales_or_null, x_bf16, y, rows, out, in);
 }
 
 void tf_qlinear_int8(const void *w, const float *scales_or_null, const uint16_t *x_bf16,
                      float *y, int rows, int out, int in) {
-    qlinear(TF_INT8, w, scales_or_null, x_bf16, y, rows, out, in);
+    qlinear(TF_INT8, 0, w, scales_or_null, x_bf16, y, rows, out, in);
+}
+
+/* The same product with the activations unrounded (bfloat16 dot products, see the file
+ * comment): for float32 models, which pass x as two bfloat16 halves. ``kind``: 0 q8_0,
+ * 1 q4_0, 2 q4_1, 3 int8. */
+void tf_qlinear_exact(int kind, const void *w, const float *scales_or_null,
+                      const uint16_t *x_bf16, float *y, int rows, int out, int in) {
+    if (kind < 0 || kind > TF_INT8) return;
+    qlinear(kind, 1, w, scales_or_null, x_bf16, y, rows, out, in);
+}
+
+/* Which instruction set the kernels were built for: 2 AVX-512 VNNI (int8 dot products) and
+ * BF16, 1 AVX-512 BF16 without VNNI (int8 path portable), 0 portable C only. */
+int tf_qlinear_isa(void) {
+#if defined(TF_QUANT_VNNI)
+    return 2;
+#elif defined(TF_QUANT_SIMD)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Dequantize weight rows to bfloat16: rows ``row_ids`` (or 0 .. n - 1 when NULL) of a

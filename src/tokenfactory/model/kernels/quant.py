@@ -37,6 +37,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(lib, f"tf_qlinear_{kind}")
         fn.restype = None
         fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32]
+    lib.tf_qlinear_exact.restype = None
+    lib.tf_qlinear_exact.argtypes = [i32, ptr, ptr, ptr, ptr, i32, i32, i32]
+    lib.tf_qlinear_isa.restype = i32
+    lib.tf_qlinear_isa.argtypes = []
     lib.tf_qdequant_bf16.restype = None
     lib.tf_qdequant_bf16.argtypes = [i32, ptr, ptr, ptr, i32, i32, ptr]
     return lib
@@ -78,10 +82,24 @@ def _check(kind: str, weight: torch.Tensor, scales: torch.Tensor | None, in_feat
         assert scales.shape == (weight.shape[0],)
 
 
+ISA_NAMES = {0: "portable C", 1: "AVX-512 BF16 (int8 dot products in portable C)",
+             2: "AVX-512 VNNI + BF16"}
+
+
+def isa(lib: ctypes.CDLL | None = None) -> str | None:
+    """What the kernels were compiled for (``-march=native`` on this CPU), or None."""
+    lib = lib or library()
+    return None if lib is None else ISA_NAMES[lib.tf_qlinear_isa()]
+
+
 def qlinear(kind: str, weight: torch.Tensor, scales: torch.Tensor | None, x: torch.Tensor,
-            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+            lib: ctypes.CDLL | None = None, exact: bool = False) -> torch.Tensor:
     """``x @ W^T`` as float32 (M, N) for bfloat16 x (M, K) and a quantized weight: ``weight``
-    uint8 (N, row_bytes) blocks as stored; ``scales`` float32 (N,) for int8, else None."""
+    uint8 (N, row_bytes) blocks as stored; ``scales`` float32 (N,) for int8, else None.
+
+    Default: the decode kernel, which rounds each block of 32 activations to int8 codes
+    (scale amax / 127) and sums integer products (the native decode step runs the same one).
+    ``exact``: the activations as given (bfloat16 products, float32 sums)."""
     lib = lib or library()
     assert lib is not None, kernels.unavailable_reason
     m, k = x.shape
@@ -89,7 +107,11 @@ def qlinear(kind: str, weight: torch.Tensor, scales: torch.Tensor | None, x: tor
     assert x.dtype == torch.bfloat16 and x.is_contiguous()
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
-    if m and n:
+    if m and n and exact:
+        lib.tf_qlinear_exact(KINDS[kind], weight.data_ptr(),
+                             None if scales is None else scales.data_ptr(),
+                             x.data_ptr(), out.data_ptr(), m, n, k)
+    elif m and n:
         getattr(lib, f"tf_qlinear_{kind}")(weight.data_ptr(),
                                            None if scales is None else scales.data_ptr(),
                                            x.data_ptr(), out.data_ptr(), m, n, k)
