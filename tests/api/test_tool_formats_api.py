@@ -36,10 +36,12 @@ REPLIES = {
     "mistral": 'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo", "days": 2}'
                '[TOOL_CALLS]get_weather[ARGS]{"city": "Bergen \\"west\\"", "days": 1}',
     "qwen3_coder": "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n"
-                   "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+                   "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"
+                   "\n<tool_call>\n<function=get_weather>\n<parameter=city>\nBergen \"west\"\n"
+                   "</parameter>\n<parameter=days>\n1\n</parameter>\n</function>\n</tool_call>",
 }
 EXPECTED = {"mistral": [{"city": "Oslo", "days": 2}, {"city": 'Bergen "west"', "days": 1}],
-            "qwen3_coder": [{"city": "Oslo", "days": 2}]}
+            "qwen3_coder": [{"city": "Oslo", "days": 2}, {"city": 'Bergen "west"', "days": 1}]}
 
 
 @pytest.fixture(scope="module", params=["mistral", "qwen3_coder"])
@@ -94,6 +96,25 @@ def test_openai_tool_calls_streamed(fmt_server):
     assert content == "Checking."
     # each call's argument deltas concatenate to JSON of exactly its arguments
     assert [json.loads(calls[i]) for i in sorted(calls)] == EXPECTED[fmt_server.fmt]
+    fmt_server.assert_no_leaks()
+
+
+def test_parallel_calls_off_admit_one_call_in_both_formats(fmt_server):
+    """Mistral: the grammar ends the reply after the first call; Qwen3-Coder (no grammar):
+    the parser passes the first call only. Both APIs."""
+    first = EXPECTED[fmt_server.fmt][:1]
+    client = anthropic.Anthropic(base_url=fmt_server.base_url, api_key="x", max_retries=0)
+    msg = client.messages.create(model="tf-test", max_tokens=200, tools=[WEATHER],
+                                 tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+                                 messages=[{"role": "user", "content": "w"}])
+    assert [b.input for b in msg.content if b.type == "tool_use"] == first
+    assert msg.stop_reason == "tool_use"
+    oai = openai.OpenAI(base_url=fmt_server.base_url + "/v1", api_key="x", max_retries=0)
+    tool = {"type": "function", "function": {"name": WEATHER["name"],
+                                             "parameters": WEATHER["input_schema"]}}
+    r = oai.chat.completions.create(model="tf-test", tools=[tool], parallel_tool_calls=False,
+                                    messages=[{"role": "user", "content": "w"}])
+    assert [json.loads(c.function.arguments) for c in r.choices[0].message.tool_calls] == first
     fmt_server.assert_no_leaks()
 
 

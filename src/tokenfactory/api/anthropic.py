@@ -19,6 +19,7 @@ from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, Se
 from tokenfactory.api.sse import (ANTHROPIC_PING, SSE_COMMENT, SSE_HEADERS, anthropic_frame,
                                   collect_unless_disconnected, with_keepalive)
 from tokenfactory.api.trace import trace_of
+from tokenfactory.text.tool_parser_base import FirstCallOnly
 from tokenfactory.text.tool_parsers import (ReasoningParser, TextDelta, ThinkingDelta,
                                             ThinkingEnd, ToolCallArgsDelta, ToolCallEnd,
                                             ToolCallStart, get_tool_parser)
@@ -188,6 +189,10 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in prompt.tools or []}
     parser = (get_tool_parser(prompt.parser_name)(stream_arguments=streamed_args, tools=schemas)
               if prompt.use_parser and (not constrained or streamed_args) else None)
+    tc = body.tool_choice
+    if parser is not None and not constrained and tc is not None and (
+            tc.disable_parallel_tool_use or tc.type in ("any", "tool")):
+        parser = FirstCallOnly(parser)   # no grammar for this format: the parser enforces it
     if prompt.reasoning and (not constrained or reasons_by_grammar):
         # a reasoning template: a leading <think> section becomes a thinking block
         parser = ReasoningParser(parser, inside=prompt.thinking_opened)

@@ -29,6 +29,7 @@ from tokenfactory.api.trace import trace_of
 from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
 from tokenfactory.text.grammar import compiler_for
 from tokenfactory.text.reasoning import ReasoningPlan, effort_budget, plan_reasoning
+from tokenfactory.text.tool_parser_base import FirstCallOnly
 from tokenfactory.text.tool_parsers import (ReasoningParser, TextDelta, ThinkingDelta,
                                             ToolCallArgsDelta, ToolCallEnd, ToolCallStart,
                                             get_tool_parser, template_has_reasoning)
@@ -438,6 +439,10 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     parser = (functools.partial(get_tool_parser(parser_name), stream_arguments=constrained,
                                 tools=schemas)
               if use_parser else None)
+    if parser is not None and not constrained and (not parallel or mode in ("named",
+                                                                           "required")):
+        # no grammar for this format: the parser enforces one call
+        parser = functools.partial(_first_call_only, parser)
     if reasoning and (not constrained or reasons_by_grammar):
         # a reasoning template: a leading <think> section becomes reasoning_content
         parser = functools.partial(_reasoning_parser, parser, text.rstrip().endswith("<think>"))
@@ -472,6 +477,10 @@ def _template_kwargs(kwargs: dict | None) -> dict[str, Any]:
                        param="chat_template_kwargs")
     check_nesting(kwargs, "chat_template_kwargs")
     return dict(kwargs)
+
+
+def _first_call_only(inner) -> FirstCallOnly:
+    return FirstCallOnly(inner())
 
 
 def _reasoning_parser(inner, inside: bool) -> ReasoningParser:

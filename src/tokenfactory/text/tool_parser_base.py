@@ -149,3 +149,33 @@ class _ObjectScanner:
                 if self.depth == 0:
                     return i + 1
         return None
+
+
+class FirstCallOnly:
+    """At most one tool call: ``inner``'s events up to the end of its first call, nothing
+    after it. Enforces "no parallel calls" (and a forced single call) for formats no grammar
+    constrains (Qwen3-Coder's XML, Llama 3 JSON in auto mode); with a grammar the reply itself
+    ends after the first call."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self._done = False
+
+    @property
+    def num_tool_calls(self) -> int:
+        return min(self.inner.num_tool_calls, 1)
+
+    def _pass(self, events: list) -> list:
+        if self._done:
+            return []
+        for i, ev in enumerate(events):
+            if isinstance(ev, ToolCallEnd):
+                self._done = True
+                return events[:i + 1]
+        return events
+
+    def feed(self, text_delta: str) -> list:
+        return self._pass(self.inner.feed(text_delta))
+
+    def finish(self) -> list:
+        return self._pass(self.inner.finish())
