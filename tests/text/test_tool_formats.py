@@ -28,6 +28,8 @@ MISTRAL_CASES = [
     ('Let me look.[TOOL_CALLS][{"name": "a", "arguments": {}, "id": "abc123xyz"}]',
      "Let me look.", [("a", {})]),
     ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "", [("get_weather", {"city": "Paris"})]),
+    ('[TOOL_CALLS][{"name": "a", "arguments": {}}', "", [("a", {})]),   # list never closed
+    ("[TOOL_CALLS][", "[TOOL_CALLS][", []),
     ('[TOOL_CALLS]a[ARGS]{"x": 1}[TOOL_CALLS]b[CALL_ID]k3y[ARGS]' + json.dumps(ARGS), "",
      [("a", {"x": 1}), ("b", ARGS)]),
     # malformed: back as text, byte for byte
@@ -184,3 +186,15 @@ def test_mistral_grammars(demo_tokenizer, fmt) -> None:
     assert not _accepts(demo_tokenizer, tool_call_grammar(tools, fmt, choice="required"),
                         render_tool_call_text("weather", {"town": "Oslo"}, fmt))
     assert tool_call_grammar(tools, "qwen3_coder", choice="required") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(st.text(alphabet='[TOOL_CALS]{}"name:,ARGSID \n1', max_size=60),
+                      st.text(alphabet="<tool_cal>/fun=ptr \n1x", max_size=60)),
+       cuts=st.lists(st.integers(0, 100), max_size=6))
+def test_garbage_never_raises_and_chunking_does_not_matter(text, cuts) -> None:
+    for cls in (MistralToolParser, Qwen3CoderToolParser):
+        whole = summarize(run(cls(), [text]))
+        assert summarize(run(cls(), split(text, cuts))) == whole
+        if not whole[1]:  # no calls: the text is preserved exactly
+            assert whole[0] == text

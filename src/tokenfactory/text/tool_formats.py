@@ -135,7 +135,7 @@ class MistralToolParser(ToolCallParser):
             if parsed is None:
                 return self._malformed(out)
             self._call(parsed[0], parsed[1], out)
-            self._state = "list"
+            self._raw, self._state = "", "list"   # (a later malformed item: only it is text)
             return True
         if st in ("args", "list_args"):
             if not self._args.strip() and buf.strip() and not buf.lstrip().startswith("{"):
@@ -151,15 +151,14 @@ class MistralToolParser(ToolCallParser):
             if not self._end_call(out):
                 return self._malformed(out)
             self._state = "list_close" if st == "list_args" else "text"
-            if st == "args":
-                self._raw = ""
+            self._raw = ""
             return True
         # list_close: the rest of a call object whose arguments were streamed, up to its "}"
         pos = buf.find("}")
         if pos == -1:
             return False
         self._take(pos + 1)
-        self._state = "list"
+        self._raw, self._state = "", "list"
         return True
 
     def _take(self, n: int) -> None:
@@ -216,7 +215,7 @@ class MistralToolParser(ToolCallParser):
             self._raw += self._buf
             if not self._end_call(out):
                 self._text(self._raw, out)
-        elif st in ("list", "list_close") and not self._raw.strip(self.START + "[, \n"):
+        elif st in ("list", "list_close") and not self._raw.strip(" \n,"):
             pass   # calls complete, the list just not closed
         elif st != "text" or self._buf:
             self._text(self._raw + self._buf, out)
