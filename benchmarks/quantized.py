@@ -11,7 +11,20 @@ Three measurements, each interleaved A/B over ``--repeats`` rounds (median repor
 * ``prefill``: one 512-token prefill chunk, tok/s; QuantLinear runs it through dequantize +
   oneDNN above ``--native-max-rows`` rows (``--force-native`` measures the native kernel).
 
-Usage: ``.venv/bin/python benchmarks/quantized.py --repeats 3 [--json out.json]``. Keep it
+Usage: ``.venv/bin/python benchmarks/quantized.py --repeats 3 [--json out.json]``
+(``--gguf FILE`` for another file, e.g. a Q8_0 one made by ``llama-quantize --allow-requantize``).
+
+``--servers`` measures whole servers instead, all started at once and measured in turn each
+repeat (interleaved A/B, one client process): ``ours-gguf`` (``tokenfactory serve
+--quantization gguf``), ``ours-none`` (dequantized to bf16 at load) and ``llama`` (llama.cpp's
+``llama-server`` on the same file via benchmarks/peers/run_llama_server.sh, all cores). Per
+server and repeat: batch-1 decode tok/s (256 streamed tokens), prefill tok/s of 512 and 2,048
+uncached prompt tokens (benchmarks/real_model_peer.py's measurements, reused), and the time to
+first token of a streamed chat request of ~60 prompt tokens (``--ttft-requests`` of them,
+each a different question, median). ``llama-bench`` numbers (the same model outside a server:
+``-p 512,2048 -n 128``) are printed too when the binary exists::
+
+    .venv/bin/python benchmarks/quantized.py --servers ours-gguf,ours-none,llama --repeats 3 Keep it
 short on a shared host and say so when quoting numbers (this 2-core machine is shared); there,
 ``OMP_NUM_THREADS=1 ... --clock cpu`` counts CPU seconds of one thread instead of wall time.
 
@@ -71,9 +84,19 @@ def weight_bytes(mods) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in mods)
 
 
-def time_linears(model, iters: int) -> float:
-    """Seconds for one pass over every linear at batch 1."""
-    mods = linears(model)
+GROUPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+def linear_groups(model) -> dict[str, list[torch.nn.Module]]:
+    """The linears by kind: each projection over all layers, and the lm_head."""
+    groups = {g: [getattr(layer.self_attn if g in ("qkv_proj", "o_proj") else layer.mlp, g)
+                  for layer in model.layers] for g in GROUPS[:-1]}
+    return {**groups, "lm_head": [model.lm_head]}
+
+
+def time_linears(model, iters: int, mods=None) -> float:
+    """Seconds for one pass over every linear (or ``mods``) at batch 1."""
+    mods = mods if mods is not None else linears(model)
     xs = {m.in_features: torch.randn(1, m.in_features).to(torch.bfloat16) for m in mods}
     with torch.no_grad():
         for m in mods:
@@ -145,8 +168,141 @@ def read_bandwidth() -> float:
     return 5 * buf.numel() * 4 / (CLOCK() - t) / 1e9
 
 
+# ------------------------------------------------------------------------- whole servers
+
+QUESTIONS = ["What is the capital of France", "How do plants make food from sunlight",
+             "Why is the sky blue during the day", "What causes the seasons on Earth",
+             "How does a refrigerator keep food cold", "What is the difference between a virus "
+             "and a bacterium", "Why do cats purr", "How do airplanes stay in the air"]
+
+
+async def chat_ttft(c, url: str, model: str, question: str) -> dict:
+    """Seconds to the first streamed content token of a short chat request (~60 prompt
+    tokens with SmolLM2's template and its default system turn)."""
+    body = {"model": model, "max_tokens": 8, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": question + "? Please answer in one "
+                          "short sentence, in plain English, without any lists or headings."}]}
+    t0 = time.perf_counter()
+    first, usage = None, {}
+    async with c.stream("POST", url + "/v1/chat/completions", json=body,
+                        headers={"authorization": "Bearer bench"}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"chat: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            obj = json.loads(line[5:])
+            usage = obj.get("usage") or usage
+            if first is None and any((ch.get("delta") or {}).get("content")
+                                     for ch in obj.get("choices") or []):
+                first = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError("chat: no content streamed")
+    return {"ttft_s": first, "prompt_tokens": usage.get("prompt_tokens")}
+
+
+def llama_bench(gguf: str, threads: int) -> dict | None:
+    """llama.cpp's llama-bench on the file (pp512, pp2048, tg128, one repetition each): its
+    own view of the same model without a server, or None if not built."""
+    import subprocess
+    from real_model_peer import llama_binary
+    binary = llama_binary("llama-bench")
+    if not binary.exists():
+        return None
+    proc = subprocess.run([str(binary), "-m", gguf, "-p", "512,2048", "-n", "128", "-r", "1",
+                           "-t", str(threads), "-o", "json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip()[-300:]}
+    return {("tg" if r["n_gen"] else "pp") + str(r["n_gen"] or r["n_prompt"]): r["avg_ts"]
+            for r in json.loads(proc.stdout)}
+
+
+def run_servers(args) -> int:
+    """The ``--servers`` mode (see the module docstring)."""
+    import asyncio
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    import httpx
+    import real_model_peer as peer
+    gguf = Path(args.gguf or default_model_path())
+    ours = [str(Path(sys.executable).parent / "tokenfactory"), "serve", "--model", str(gguf),
+            "--host", "127.0.0.1"]
+    servers = {}
+    for name in args.servers.split(","):
+        port = peer.free_port()
+        if name in ("ours-gguf", "ours-none"):
+            cmd = ours + ["--port", str(port), "--quantization", name.removeprefix("ours-")]
+            server = peer.Server(name, cmd)
+        elif name == "llama":
+            server = peer.Server(name, [str(peer.PEERS / "run_llama_server.sh"), str(gguf), str(port),
+                                        "4", "2560"], env={"THREADS": str(os.cpu_count())})
+        else:
+            raise SystemExit(f"unknown server {name!r} (ours-gguf, ours-none, llama)")
+        server.port = port
+        servers[name] = server
+    ids = peer.prompt_ids(gguf, 2100)
+    sizes = args.prefill_sizes
+    heads = peer.distinct_heads(ids, len(servers) * args.repeats * (len(sizes) + 1) + 2)
+    res = {name: {"decode_tok_s": [], "ttft_s": [], **{f"prefill_{n}_tok_s": [] for n in sizes}}
+           for name in servers}
+    head = iter(heads)
+
+    async def measure() -> None:
+        timeout = httpx.Timeout(600.0, connect=10.0)
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as c:
+            models = {n: await peer.model_name(c, s.url) for n, s in servers.items()}
+            for n, s in servers.items():   # warm-up: thread pools, graphs, the system turn
+                await peer.prefill(c, s.url, models[n], [next(head)] + ids[1000:1015])
+                await chat_ttft(c, s.url, models[n], "Hello")
+            for rep in range(args.repeats):
+                for n, s in servers.items():                     # interleaved A/B
+                    r = res[n]
+                    d = await peer.decode_b1(c, s.url, models[n], [next(head)] + ids[:31], 256)
+                    r["decode_tok_s"].append(d["decode_tok_s"])
+                    for size in sizes:
+                        p = await peer.prefill(c, s.url, models[n], [next(head)] + ids[1:size])
+                        r[f"prefill_{size}_tok_s"].append(p["prefill_tok_s"])
+                    for q in range(args.ttft_requests):
+                        question = QUESTIONS[(rep * args.ttft_requests + q) % len(QUESTIONS)]
+                        t = await chat_ttft(c, s.url, models[n], question)
+                        r["ttft_s"].append(t["ttft_s"])
+                        r["ttft_prompt_tokens"] = t["prompt_tokens"]
+                    print(f"  {n} repeat {rep + 1}: decode {r['decode_tok_s'][-1]:.1f} tok/s, "
+                          f"prefill {[round(r[f'prefill_{n}_tok_s'][-1]) for n in sizes]}, ttft "
+                          f"{statistics.median(r['ttft_s'][-args.ttft_requests:]) * 1e3:.0f} ms "
+                          f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+
+    try:
+        for s in servers.values():
+            s.start()
+        asyncio.run(measure())
+    finally:
+        for s in servers.values():
+            s.stop()
+    out = {"gguf": str(gguf), "load_average": os.getloadavg(), "servers": {}}
+    for n, r in res.items():
+        out["servers"][n] = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list)}
+        out["servers"][n]["raw"] = r
+    if args.llama_bench:
+        out["llama_bench"] = llama_bench(str(gguf), os.cpu_count())
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--servers", help="comma list of ours-gguf, ours-none, llama: measure "
+                                      "servers instead (see the module docstring)")
+    ap.add_argument("--prefill-sizes", type=lambda v: [int(x) for x in v.split(",")],
+                    default=[512, 2048], help="--servers: prompt sizes")
+    ap.add_argument("--ttft-requests", type=int, default=3, help="--servers: chat requests a repeat")
+    ap.add_argument("--llama-bench", action="store_true", help="--servers: also run llama-bench")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
@@ -157,10 +313,12 @@ def main() -> int:
                          "OMP_NUM_THREADS=1 a proxy for work done on a host others share")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.servers:
+        return run_servers(args)
     global CLOCK
     if args.clock == "cpu":
         CLOCK = time.process_time
-    path = default_model_path()
+    path = args.gguf or default_model_path()
     quant = load_model(path, quantization="gguf")
     bf16 = load_model(path, quantization="none")
     use_cpu_linears(bf16)   # the native bf16 small-batch kernel, oneDNN above (as served)
@@ -179,6 +337,8 @@ def main() -> int:
         bandwidth.append(read_bandwidth())
         for name, model in models.items():   # interleaved A/B
             res[name]["linears_ms"].append(time_linears(model, 10) * 1e3)
+            for g, mods in linear_groups(model).items():
+                res[name].setdefault(f"{g}_ms", []).append(time_linears(model, 10, mods) * 1e3)
             res[name]["decode_tok_s"].append(time_decode(model, args.decode_steps))
             res[name]["native_decode_tok_s"].append(time_native_decode(model, args.decode_steps))
             res[name]["prefill_tok_s"].append(time_prefill(model, args.prefill))
@@ -195,6 +355,10 @@ def main() -> int:
             "native_decode_tok_s": (statistics.median(res[name]["native_decode_tok_s"])
                                     if None not in res[name]["native_decode_tok_s"] else None),
             "prefill_tok_s": statistics.median(res[name]["prefill_tok_s"]),
+            "by_kind": {g: {"ms": statistics.median(res[name][f"{g}_ms"]),
+                            "MB": weight_bytes(mods) / 1e6,
+                            "GB_s": weight_bytes(mods) / statistics.median(res[name][f"{g}_ms"]) / 1e6}
+                        for g, mods in linear_groups(model).items()},
             "raw": res[name]}
     out["load_average"] = os.getloadavg()
     print(json.dumps({k: v for k, v in out.items()}, indent=1))

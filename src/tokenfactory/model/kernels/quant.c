@@ -11,26 +11,37 @@
  *     nibbles: value j < 16 is the low nibble of qs[j], value j + 16 its high nibble;
  *   int8: int8 (out, in) row-major with one float scale per output row (w = scale[n] * q).
  *
- * Method: activations stay bfloat16 (no activation quantization: the result is the
- * dequantized weights' product up to float32 summation order, so quality equals the
- * dequantized model's). Each block's codes become bfloat16 numbers exactly -- a Q4 nibble
- * through a 16-entry table (vpermw: nibble for Q4_1, nibble - 8 for Q4_0), int8 values by
- * conversion -- and meet the activations in AVX-512 BF16 dot products (vdpbf16ps: products
- * exact, float32 sums), scaled by the block's d. Q4_1's offset adds m * sum(x) per block (the
- * activations' block sums are computed once per call). int8 rows have one scale, applied at
- * the end. Tried and dropped: codes 128 + nibble by OR-ing nibbles into the bits of 128.0
- * (one op cheaper) lose float32 precision to the 128x larger partial sums (relative error of
- * a SmolLM2 layer 5e-6 instead of 3e-7); int8-quantized activations with VNNI (llama.cpp's
- * approach, 2 blocks an instruction) moved bf16 perplexity over 1,024 tokens +0.33% from the
- * dequantized weights' (this kernel: +0.17%, within bf16 noise) and cannot be made equal.
+ * Two kernels share the block layouts:
+ *
+ * Decode (tf_qlinear_<kind>, run by the native decode step and by QuantLinear for bfloat16
+ * activations): llama.cpp's method. Each activation row is rounded once per call to int8
+ * codes per block of 32 (float32 scale amax / 127; llama.cpp's Q8_0/Q8_1 store it as fp16),
+ * and a block's dot product is an integer one -- Q4 nibbles (unsigned) or |int8| (with the
+ * activation's sign flipped where the weight is negative) times the codes through AVX-512
+ * VNNI's vpdpbusd on 256-bit vectors (on Zen 4 a 512-bit op costs two 256-bit ones) --
+ * converted to float once and scaled by d * dx: one float multiply-add a block and row.
+ * Q4_1's offset m (and Q4_0's -8 d) meets dx * sum(codes), computed with the codes. Result:
+ * the dequantized weights times activations each moved by at most amax / 254 of their
+ * block, to float32 rounding (tests/model/test_quant_kernels.py checks both). Measured
+ * cost of that rounding on SmolLM2 (docs/quantization.md): KL divergence to the dequantized
+ * float32 model 0.0036 (llama.cpp's own, same file: 0.0027), perplexity -0.1%.
+ *
+ * Exact (tf_qlinear_exact, float32 models): activations stay bfloat16. Each block's codes
+ * become bfloat16 numbers exactly -- a Q4 nibble through a 16-entry table (vpermw: nibble for
+ * Q4_1, nibble - 8 for Q4_0), int8 values by conversion -- and meet the activations in AVX-512
+ * BF16 dot products (vdpbf16ps: products exact, float32 sums), scaled by the block's d. Q4_1's
+ * offset adds m * sum(x) per block. int8 rows have one scale, applied at the end. It is ~1.5-2x
+ * slower a block than the decode kernel (per-block code tables, bf16 dots of 2x the width).
  *
  * Parallelism: OpenMP over output rows. Called outside a parallel region, a function opens
  * one; called from inside one (a whole decode step in one region), every thread of the team
  * must call it and the rows are shared out by an orphaned `omp for`. Each thread computes the
  * activation block sums itself (rows * in additions) so no barrier or shared buffer is
- * needed. Up to 4 activation rows share one pass over a weight row (each block is decoded
- * once per group of 4); more rows come back to it from L1. A portable scalar version of the
- * same arithmetic is compiled where AVX-512 BF16 is absent.
+ * needed (the decode kernel likewise rounds the activations in each thread). Up to 4
+ * activation rows share one pass over a weight row (each block is decoded once per group of
+ * 4); more rows come back to it from L1. Portable scalar versions of the same arithmetic are
+ * compiled where AVX-512 BF16 / VNNI are absent (the build is -march=native, so what the
+ * compiler sees is this CPU; tf_qlinear_isa says which).
  */
 #include <math.h>
 #include <stdlib.h>
