@@ -44,6 +44,8 @@ def cache_server(demo_tokenizer_dir, tmp_path_factory):
 
     def script(state):
         text = tok.decode(state.prompt_token_ids, skip_special_tokens=False)
+        if "[[plain]]" in text:   # a conversation without tools: the text answer
+            return encoded[-1]
         return encoded[min(text.count("<tool_response>"), len(encoded) - 1)]
 
     with live_server(tok, engine=make_engine(tok, script=script)) as srv:
@@ -79,4 +81,28 @@ def test_three_turns_with_thinking_read_the_previous_turn_from_cache(cache_serve
     print("turns (prompt tokens, cache reads, output tokens):", turns,
           "read / previous prompt:", [round(r / p, 3) for (p, _, _), (_, r, _)
                                       in zip(turns, turns[1:])])
+    cache_server.assert_no_leaks()
+
+
+def test_three_user_turns_with_thinking_read_the_previous_prompt(cache_server):
+    """With a new user message each turn, the Qwen3-style template drops earlier turns'
+    reasoning (as Qwen3 does): turn N's prompt is still a prefix of turn N+1's, so the whole
+    of it (but its last partial page) is read from cache."""
+    client = anthropic.Anthropic(base_url=cache_server.base_url, api_key="x", max_retries=0)
+    messages, turns = [], []
+    for question in ("Is it raining in Oslo? [[plain]]", "And in Bergen?", "Which is wetter?"):
+        messages.append({"role": "user", "content": question})
+        msg = client.messages.create(model="tf-test", max_tokens=2048, system=SYSTEM,
+                                     messages=messages,
+                                     thinking={"type": "enabled", "budget_tokens": 1024})
+        u = msg.usage
+        turns.append((u.input_tokens + u.cache_read_input_tokens
+                      + u.cache_creation_input_tokens, u.cache_read_input_tokens))
+        assert [b.type for b in msg.content] == ["thinking", "text"]
+        messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                                          for b in msg.content]})
+    for (prev_prompt, _), (_, read) in zip(turns, turns[1:]):
+        assert read >= 0.9 * prev_prompt and read >= prev_prompt - 16
+    print("turns (prompt tokens, cache reads):", turns, "read / previous prompt:",
+          [round(r / p, 3) for (p, _), (_, r) in zip(turns, turns[1:])])
     cache_server.assert_no_leaks()
