@@ -45,6 +45,11 @@ def test_thinking_display_omitted_hides_the_text_and_comes_back(think_server):  
     forged = block.model_copy(update={"signature": block.signature[:-6] + "AAAAA="})
     with pytest.raises(anthropic.BadRequestError, match="signature"):
         client.messages.count_tokens(model="tf-test", messages=turn(forged))
+    redacted = {"type": "redacted_thinking", "data": "opaque"}
+    with pytest.raises(anthropic.BadRequestError, match="redacted_thinking"):
+        client.messages.count_tokens(model="tf-test", messages=[
+            *HI, {"role": "assistant", "content": [redacted, {"type": "text", "text": "x"}]},
+            {"role": "user", "content": "More?"}])
     with pytest.raises(anthropic.BadRequestError, match="display"):
         client.messages.create(model="tf-test", max_tokens=8, messages=HI,
                                thinking={"type": "adaptive", "display": "verbose"})

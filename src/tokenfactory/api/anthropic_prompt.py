@@ -16,8 +16,8 @@ from typing import Any
 
 from tokenfactory.api import caching
 from tokenfactory.api.anthropic_models import (DocumentBlock, ImageBlock, MessagesRequest,
-                                               TextBlock, ThinkingBlock, ToolResultBlock,
-                                               ToolUseBlock)
+                                               RedactedThinkingBlock, TextBlock, ThinkingBlock,
+                                               ToolResultBlock, ToolUseBlock)
 from tokenfactory.api.errors import APIError
 from tokenfactory.api.serving import ServingContext
 from tokenfactory.engine.request import CacheBreakpoint
@@ -268,6 +268,9 @@ class PromptBuilder:
                         and not thinking_signature_ok(b.thinking, b.signature)):
                     raise APIError(400, f"messages.{i}.content.{k}: invalid signature in "
                                         "thinking block (changed, or not issued by this server)")
+                if self.reasoning and isinstance(b, RedactedThinkingBlock):
+                    raise APIError(400, f"messages.{i}.content.{k}: redacted_thinking blocks "
+                                        "were not issued by this server (it cannot read them)")
                 if isinstance(b, TextBlock) and not b.text:
                     raise APIError(400, f"messages.{i}.content.{k}: text content blocks must "
                                         "be non-empty")
