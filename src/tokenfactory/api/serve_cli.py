@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from tokenfactory.api.trace_otel import otlp_endpoint_arg   # cheap: urllib only at import
+from tokenfactory.text.tool_parsers import TOOL_PARSERS
 
 log = logging.getLogger("tokenfactory.serve")
 DEMO_MAX_OUTPUT_TOKENS = 256  # random weights rarely emit EOS: keep one turn short on a CPU
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. '^x-anthropic-billing-header:.*\\n?'")
     p.add_argument("--min-cache-tokens", type=int, default=1024,
                    help="shortest cache_control prefix that is written (default 1024)")
-    p.add_argument("--tool-parser", choices=["hermes", "llama3_json"], default=None,
+    p.add_argument("--tool-parser", choices=sorted(TOOL_PARSERS), default=None,
                    help="tool-call format (default: detected from the chat template)")
     p.add_argument("--ping-interval", type=float, default=10.0, help="SSE keepalive seconds")
     p.add_argument("--enable-cors", action="store_true", help="allow cross-origin requests")
