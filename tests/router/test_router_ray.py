@@ -45,13 +45,26 @@ def view(fleet, actors_idx, policy, **kw):
     """Another router over (a subset of) the same actors: no new processes. Only one router
     may poll a replica at a time (a poll drains its KV events): shut it down before the next."""
     infos = [fleet.info] * len(actors_idx)
-    # an actor Ray is still restarting (after a fault test) must not look hung to a new router
-    ray.get([fleet.actors[i].pid.remote() for i in actors_idx], timeout=300)
+    wait_ready([fleet.actors[i] for i in actors_idx])
     r = RouterEngine([fleet.actors[i] for i in actors_idx], infos, policy=policy,
                      tokenizer=fleet.core.tokenizer, owns_replicas=False, **kw)
     r.poll_once()
     r.start()
     return r
+
+
+def wait_ready(actors) -> list[int]:
+    """The actors' pids once they answer: one Ray is still restarting (after a fault test)
+    must not look hung to a new router."""
+    from ray.exceptions import ActorUnavailableError
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            return ray.get([a.pid.remote() for a in actors], timeout=300)
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 async def collect(engine, rid, prompt, params, **kw):
@@ -356,6 +369,41 @@ def test_replicas_share_a_kv_warehouse(fleet, spec, tmp_path):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
+def test_hung_prefill_replica_leaves_the_prompt_to_the_decode_replica(fleet, spec):
+    """Disaggregated, with the prefill replica stopped (SIGSTOP): after the prefill time limit
+    the decode replica computes the prompt itself; the output is one replica's."""
+    import os
+    import signal
+
+    from tokenfactory.engine.llm import LLM
+
+    p = prompts(1, seed=41, lo=80, hi=80)[0]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    wait_ready(fleet.actors)
+    router = RouterEngine([fleet.actors[1]], [fleet.info], prefill_actors=[fleet.actors[0]],
+                          tokenizer=fleet.core.tokenizer, owns_replicas=False,
+                          hang_timeout=2.0, prefill_timeout_per_block=0.0)
+    router.poll_once()
+    router.start()
+    pid = ray.get(fleet.actors[0].pid.remote())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        out = asyncio.run(asyncio.wait_for(collect(router, "pd-hung", p, params), 60))[-1]
+        waited = time.monotonic() - t0
+    finally:
+        router.shutdown()
+        ray.kill(fleet.actors[0], no_restart=False)     # Ray restarts it for the next tests
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    local = LLM(spec.model, dtype="float32", kernels="torch", **ENGINE_ARGS).generate(
+        [p], params, use_tqdm=False)
+    assert out.outputs[0].token_ids == local[0].outputs[0].token_ids
+    assert out.num_cached_tokens == 0 and not router.transfers and 2.0 <= waited < 30
+
+
 def test_hung_replica_is_detected_in_bounded_time_and_handled_as_dead(fleet):
     """A replica whose process stops (SIGSTOP: alive, not answering) while it runs streams and
     holds a queued request: within the hang timeout the router ends its streams with
@@ -368,7 +416,7 @@ def test_hung_replica_is_detected_in_bounded_time_and_handled_as_dead(fleet):
                   bound=LoadBound(extra_requests=20, ratio=4, blocks_per_request=0))
     long_params = SamplingParams(max_tokens=900, ignore_eos=True, **GREEDY)
     shared = prompts(1, seed=21, lo=64, hi=64)[0]
-    pids = ray.get([a.pid.remote() for a in fleet.actors])
+    pids = wait_ready(fleet.actors)
     stopped: list[int] = []
 
     async def main():

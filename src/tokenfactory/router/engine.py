@@ -84,6 +84,7 @@ class RouterEngine:
     def __init__(self, actors: list, infos: list[ReplicaInfo], *, policy: str = "prefix",
                  tokenizer=None, bound: LoadBound = LoadBound(), poll_interval: float = 0.02,
                  recent_half_life: float = 5.0, hang_timeout: float = 30.0,
+                 prefill_timeout_per_block: float = 1.0,
                  prefill_actors: Sequence = (),
                  owns_replicas: bool = True, owns_ray: bool = False):
         if policy not in POLICIES:
@@ -100,6 +101,8 @@ class RouterEngine:
         # A replica that does not answer a poll, or has requests and takes no step, for this
         # long is hung: handled as dead and restarted (router/health.py).
         self.hang_timeout = hang_timeout
+        # a prefill replica gets hang_timeout + this per block of the prompt to answer
+        self.prefill_timeout_per_block = prefill_timeout_per_block
         self.owns_replicas = owns_replicas
         # Disaggregated prefill/decode: prompts are computed on these replicas and their pages
         # moved to the decode replica (``actors``) chosen by the policy (router/disagg.py).
@@ -352,13 +355,18 @@ class RouterEngine:
         # the pages go prefill -> decode through Ray's object store, not through this process
         count_ref, pages_ref = prefill.prefill.options(num_returns=2).remote(
             f"{request_id}-prefill", ids, cache_salt, usable)
+        # Prefill replicas are not polled: a hung one is bounded here instead (generously: a
+        # long prompt takes many steps), and the decode replica computes the prompt itself.
+        limit = self.prefill_timeout_per_block * max(1, usable) + self.hang_timeout
         try:
-            count, charges = await count_ref
+            count, charges = await asyncio.wait_for(count_ref, limit)
             self.core.charge(request_id, charges)   # the prefill's machine time is this request's
             if not count:
                 return
-        except RayActorError as exc:   # the decode replica computes the whole prompt instead
-            log.warning("prefill replica failed (%s); decoding replica computes the prompt", exc)
+        except (RayActorError, asyncio.TimeoutError) as exc:
+            log.warning("prefill replica failed (%s); decoding replica computes the prompt",
+                        exc or f"no answer in {limit:.0f} s")
+            prefill.abort.remote(f"{request_id}-prefill")
             return
         n, export_s, hop_s = await self.actors[decode].receive.remote(pages_ref)
         record = TransferRecord(n * self.info.block_size, export_s, hop_s)
