@@ -261,14 +261,22 @@ def test_disaggregated_prefill_decode_matches_one_replica(fleet, spec):
             return [await collect(router, f"pd{i}", p, params, cache_salt="pd")
                     for i, p in enumerate(ps)]
         outs = asyncio.run(main())
+        # the same prompt again: the decode replica holds it now, nothing moves, a true hit
+        again = asyncio.run(collect(router, "pd-again", ps[0], params, cache_salt="pd"))[-1]
+        router.poll_once()
+        decode_stats = router.replicas[0].stats
     finally:
         router.shutdown()
     local = LLM(spec.model, dtype="float32", kernels="torch", **ENGINE_ARGS).generate(
         ps, params, use_tqdm=False)
     assert [o[-1].outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in local]
-    for p, o in zip(ps, outs):
-        assert o[-1].num_cached_tokens == (len(p) - 1) // 16 * 16
-    assert [t.tokens for t in router.transfers] == [(len(p) - 1) // 16 * 16 for p in ps]
+    moved = [(len(p) - 1) // 16 * 16 for p in ps]
+    assert [t.tokens for t in router.transfers] == moved
+    assert decode_stats.connector_hits == sum(moved)   # loaded on the decode replica, and
+    # billed as computed, not as cache reads: the prefill replica had never seen them
+    assert [o[-1].num_cached_tokens for o in outs] == [0, 0, 0]
+    assert again.num_cached_tokens == moved[0] and len(router.transfers) == 3
+    assert again.outputs[0].token_ids == outs[0][-1].outputs[0].token_ids
     assert all(t.seconds >= 0 and t.export_seconds > 0 for t in router.transfers)
     assert router.transfer_totals.tokens == sum(t.tokens for t in router.transfers)
     # the ledger is charged for both halves: the whole prompt on the prefill replica, then the

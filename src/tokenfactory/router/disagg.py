@@ -87,18 +87,37 @@ class TransferConnector:
         self._transfers: OrderedDict[int, list[bytes]] = OrderedDict()
         self._next_id = 0
         self.loaded_blocks = 0
+        # Usage must not bill transferred pages as cache reads: blocks loaded per request id
+        # (the tag a transfer was received with), until ``take_loaded``.
+        self._tags: dict[int, str] = {}
+        self._loaded_for: dict[str, int] = {}
 
-    def receive(self, prefix: PrefixPages) -> None:
+    def receive(self, prefix: PrefixPages, tag: str | None = None) -> None:
+        """Keep ``prefix``'s pages for a request to load; ``tag`` (its request id) lets
+        ``loaded_for`` say how many of them that request took."""
         with self._lock:
             tid = self._next_id
             self._next_id += 1
             self._transfers[tid] = list(prefix.block_hashes)
+            if tag is not None:
+                self._tags[tid] = tag
             for i, (h, toks) in enumerate(zip(prefix.block_hashes, prefix.token_ids)):
                 self._pages[h] = (toks, prefix.pages[:, :, :, i], prefix.dtype, tid)
             while len(self._transfers) > self.max_transfers:
                 self._drop(next(iter(self._transfers)))
 
+    def loaded_for(self, tag: str) -> int:
+        """Blocks the request tagged ``tag`` loaded from its transfer so far."""
+        with self._lock:
+            return self._loaded_for.get(tag, 0)
+
+    def forget(self, tag: str) -> None:
+        """The request is over: drop its count."""
+        with self._lock:
+            self._loaded_for.pop(tag, None)
+
     def _drop(self, tid: int) -> None:
+        self._tags.pop(tid, None)
         for h in self._transfers.pop(tid, ()):
             entry = self._pages.get(h)
             if entry is not None and entry[3] == tid:
@@ -134,6 +153,9 @@ class TransferConnector:
                 found.append(entry[1])
                 dtype = entry[2]
                 used.add(entry[3])
+                tag = self._tags.get(entry[3])
+                if tag is not None:
+                    self._loaded_for[tag] = self._loaded_for.get(tag, 0) + 1
             for tid in used:     # the request has its pages: the rest of them is not needed
                 self._drop(tid)
         if not found or self.kv_io is None:

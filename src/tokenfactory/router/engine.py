@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Sequence
 
 from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStats
@@ -283,8 +283,10 @@ class RouterEngine:
                     view.in_flight += 1
                     view.routed += 1
                 try:
+                    prefill_cached = 0
                     if self.prefill_actors:
-                        await self._prefill_elsewhere(request_id, ids, cache_salt, ri)
+                        prefill_cached = await self._prefill_elsewhere(request_id, ids,
+                                                                       cache_salt, ri)
                     gen = self.actors[ri].generate.options(num_returns="streaming").remote(
                         request_id, ids, sampling_params, prompt, cache_salt,
                         tuple(cache_breakpoints), tenant)
@@ -296,8 +298,11 @@ class RouterEngine:
                         assert isinstance(item, ReplicaItem)
                         stream.started = True
                         self.core.charge(request_id, item.charges)
-                        stream.finished = item.output.finished
-                        yield item.output
+                        out = item.output
+                        if item.transferred_tokens:
+                            out = _bill_transfer(out, item.transferred_tokens, prefill_cached)
+                        stream.finished = out.finished
+                        yield out
                         if stream.finished:
                             return
                     raise EngineDeadError(f"replica {ri} ended request {request_id} early")
@@ -341,13 +346,14 @@ class RouterEngine:
             yield item
 
     async def _prefill_elsewhere(self, request_id: str, ids: list[int], cache_salt: str | None,
-                                 decode: int) -> None:
+                                 decode: int) -> int:
         """Compute the prompt on a prefill replica and move its pages to replica ``decode``,
-        unless that replica already holds them."""
+        unless that replica already holds them. Returns the prompt tokens the prefill replica
+        found in its own cache (0 if none ran)."""
         hashes = request_block_hashes(ids, self.info.block_size, cache_salt)
         usable = (len(ids) - 1) // self.info.block_size   # the last token is always recomputed
         if matched_blocks(hashes, self.index[decode]) >= usable:
-            return
+            return 0
         prefill = self.prefill_actors[self._next_prefill % len(self.prefill_actors)]
         self._next_prefill += 1
         from ray.exceptions import RayActorError
@@ -359,19 +365,20 @@ class RouterEngine:
         # long prompt takes many steps), and the decode replica computes the prompt itself.
         limit = self.prefill_timeout_per_block * max(1, usable) + self.hang_timeout
         try:
-            count, charges = await asyncio.wait_for(count_ref, limit)
+            count, charges, cached = await asyncio.wait_for(count_ref, limit)
             self.core.charge(request_id, charges)   # the prefill's machine time is this request's
             if not count:
-                return
+                return 0
         except (RayActorError, asyncio.TimeoutError) as exc:
             log.warning("prefill replica failed (%s); decoding replica computes the prompt",
                         exc or f"no answer in {limit:.0f} s")
             prefill.abort.remote(f"{request_id}-prefill")
-            return
-        n, export_s, hop_s = await self.actors[decode].receive.remote(pages_ref)
+            return 0
+        n, export_s, hop_s = await self.actors[decode].receive.remote(pages_ref, request_id)
         record = TransferRecord(n * self.info.block_size, export_s, hop_s)
         self.transfers.append(record)
         self.transfer_totals.add(record)
+        return cached
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -466,6 +473,17 @@ class RouterEngine:
 
 class _ReplicaGone(RuntimeError):
     """The replica's engine is dead though its actor answers (handled like a dead actor)."""
+
+
+def _bill_transfer(out: RequestOutput, transferred: int, prefill_cached: int) -> RequestOutput:
+    """The decode replica counts pages a prefill replica handed over as cached; for usage
+    they were computed for this request, except where the prefill replica itself reused its
+    cache. Both caches hold prefixes: the decode replica's RAM hits are the first
+    ``reported - transferred`` tokens, the transfer the next ones, and the prefill replica's
+    own hits its first ``prefill_cached``; a token was truly reused if either cache had it."""
+    reported = out.num_cached_tokens
+    cached = max(reported - transferred, min(prefill_cached, reported))
+    return replace(out, num_cached_tokens=cached)
 
 
 def _refusal_error(r: ReplicaRefusal) -> BaseException:

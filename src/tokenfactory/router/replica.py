@@ -66,6 +66,9 @@ class ReplicaItem:
     # (seconds, tokens) of every forward pass that computed tokens of this request since the
     # previous item; seconds already scaled to this request's share of the step.
     charges: list[tuple[float, int]]
+    # prompt tokens whose pages came from a prefill replica (counted in
+    # output.num_cached_tokens by the engine, though computed for this request)
+    transferred_tokens: int = 0
 
 
 @dataclass
@@ -181,9 +184,11 @@ class EngineReplica:
                                         cache_breakpoints=cache_breakpoints, tenant=tenant)
             started = False
             try:
+                bs = self.core.kv.block_size
                 async for out in agen:
                     started = True
-                    yield ReplicaItem(out, self._take_charges(request_id))
+                    yield ReplicaItem(out, self._take_charges(request_id),
+                                      self.connector.loaded_for(request_id) * bs)
             except (AdmissionError, EngineOverloadedError, EngineDeadError, ValueError) as exc:
                 if started and not isinstance(exc, EngineDeadError):
                     raise
@@ -195,6 +200,7 @@ class EngineReplica:
             finally:
                 await agen.aclose()     # aborts the engine request if it did not finish
         finally:
+            self.connector.forget(request_id)
             with self._lock:
                 self._charges.pop(request_id, None)
 
@@ -205,8 +211,9 @@ class EngineReplica:
                       cache_salt: str | None = None, max_blocks: int | None = None):
         """Compute the prompt's KV here (one sampled token, discarded) and export the pages of
         its full blocks (the first ``max_blocks``) for a decode replica. Two returns (call
-        with ``num_returns=2``): (number of blocks, the forward-pass charges of this prefill,
-        as ``ReplicaItem.charges``), which the router awaits and books to the request, and
+        with ``num_returns=2``): (number of blocks, the forward-pass charges of this prefill
+        as ``ReplicaItem.charges``, the prompt tokens this replica found in its own cache),
+        which the router awaits and books to the request, and
         the ``disagg.PrefixPages``, which it hands on to the decode replica without fetching
         them."""
         from tokenfactory.router.disagg import PrefixPages, export_prefix
@@ -214,27 +221,30 @@ class EngineReplica:
 
         with self._lock:
             self._charges[request_id] = []
+        cached = 0
         try:
             async for out in self.engine.generate(request_id, prompt_token_ids,
                                                   SamplingParams(max_tokens=1),
                                                   cache_salt=cache_salt):
                 if out.finished and out.outputs[0].finish_reason in ("error", "abort"):
-                    return (0, self._take_charges(request_id)), PrefixPages([], [], None)
+                    return (0, self._take_charges(request_id), 0), PrefixPages([], [], None)
+                cached = max(out.num_cached_tokens, 0)
             hashes = request_block_hashes(list(prompt_token_ids), self.core.kv.block_size,
                                           cache_salt)[:max_blocks]
             pages = export_prefix(self.core, hashes, self.kv_io)
-            return (len(pages.block_hashes), self._take_charges(request_id)), pages
+            return (len(pages.block_hashes), self._take_charges(request_id), cached), pages
         finally:
             with self._lock:
                 self._charges.pop(request_id, None)
 
-    def receive(self, prefix) -> tuple[int, float, float]:
-        """Take in pages a prefill replica exported. Returns (blocks, seconds the export took,
-        seconds from the export to here: the object store hop, on one host's clock)."""
+    def receive(self, prefix, request_id: str | None = None) -> tuple[int, float, float]:
+        """Take in pages a prefill replica exported for ``request_id``. Returns (blocks,
+        seconds the export took, seconds from the export to here: the object store hop, on
+        one host's clock)."""
         import time
 
         arrived = time.time() - prefix.exported_at
-        self.connector.receive(prefix)
+        self.connector.receive(prefix, tag=request_id)
         return len(prefix.block_hashes), prefix.seconds, arrived
 
     def poll(self) -> ReplicaPoll:
