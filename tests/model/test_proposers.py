@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenfactory.model.proposers import (NgramProposer, Proposer, SuffixProposer, TokenView,
+from tokenfactory.model.proposers import (Acceptance, NgramProposer, Proposer, SuffixProposer, TokenView,
                                           make_proposer)
 
 
@@ -28,7 +28,7 @@ def brute_ngram(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
 @given(tokens=st.lists(st.integers(0, 4), min_size=1, max_size=60), k=st.integers(1, 6),
        min_n=st.integers(1, 3), extra=st.integers(0, 3))
 def test_ngram_equals_brute_force(tokens, k, min_n, extra):
-    p = NgramProposer(min_n=min_n, max_n=min_n + extra)
+    p = NgramProposer(min_n=min_n, max_n=min_n + extra, row_cost=0.0)   # free rows: all k
     for L in range(1, len(tokens) + 1):          # the context grows one token per step
         assert p.propose("r", tokens[:L], k) == brute_ngram(tokens[:L], k, min_n, min_n + extra)
 
@@ -65,7 +65,7 @@ def test_finds_repeated_span(name):
     span = [rng.randrange(1000) for _ in range(40)]
     noise = [rng.randrange(1000, 2000) for _ in range(30)]
     ctx = noise + span + noise[:5] + span[:6]      # re-emitting the span: expect its next tokens
-    p = make_proposer(name)
+    p = make_proposer(name, row_cost=0.0)          # free rows: the lookup alone sets the length
     assert isinstance(p, Proposer)
     draft = p.propose("r", ctx, 5)
     assert draft and draft == span[6:6 + len(draft)]
@@ -83,7 +83,7 @@ def test_ngram_prefers_longer_match_and_rebuilds_on_new_context():
 
 def test_suffix_uses_other_requests_outputs_within_budget():
     rng = random.Random(2)
-    p = SuffixProposer(max_global_tokens=400, max_output_tokens=200)
+    p = SuffixProposer(max_global_tokens=400, max_output_tokens=200, row_cost=0.0)
     answer = [rng.randrange(500) for _ in range(60)]
     p.propose("a", [1, 2, 3], 4)                     # prompt of request a: 3 tokens
     p.propose("a", [1, 2, 3] + answer, 4)
@@ -100,7 +100,7 @@ def test_suffix_uses_other_requests_outputs_within_budget():
 
 def test_suffix_request_memory_is_bounded():
     rng = random.Random(3)
-    p = SuffixProposer(max_request_tokens=500)
+    p = SuffixProposer(max_request_tokens=500, row_cost=0.0)
     ctx = []
     for _ in range(40):
         ctx += [rng.randrange(5000) for _ in range(100)]
@@ -173,3 +173,38 @@ def test_token_view_grows_with_the_output(name):
     for _ in range(100):
         assert a.propose("r", view, 4) == b.propose("r", prompt + output, 4)
         output.append(rng.randrange(20))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.7, 0.9, 0.97])
+@pytest.mark.parametrize("cost", [0.0, 0.2, 0.4, 0.8])
+def test_draft_length_maximizes_tokens_per_step_time(p, cost):
+    a = Acceptance(row_cost=cost, prior_hits=p, prior_misses=1 - p)
+    rate = [sum(p ** i for i in range(j + 1)) / (1 + cost * j) for j in range(9)]
+    assert a.best_length(8) == max(range(9), key=lambda j: (rate[j], -j))
+    if p < cost:
+        assert a.best_length(8) == 0          # even one draft token would lose time
+    if cost == 0:
+        assert a.best_length(8) == 8
+
+
+def test_acceptance_pauses_then_probes_and_recovers():
+    a = Acceptance(row_cost=0.4)
+    trace = []
+    for _ in range(40):                       # every draft rejected outright
+        k = a.limit(4)
+        trace.append(k)
+        if k:
+            a.update(0, k)
+    assert a.p < 0.4
+    first_pause = trace.index(0)
+    assert 1 <= first_pause <= 4              # a few rejected drafts, then a pause
+    probes = [i for i in range(first_pause, 40) if trace[i]]
+    assert probes and all(trace[i] == 1 for i in probes)     # after a pause: one-token probes
+    gaps = [b - a_ - 1 for a_, b in zip(probes, probes[1:])]
+    assert gaps and gaps == sorted(gaps) and gaps[-1] > gaps[0]   # pauses grow
+    assert sum(trace) < 15
+    for _ in range(80):                       # the text starts repeating: drafts get long again
+        k = a.limit(6)
+        if k:
+            a.update(k, k)
+    assert a.limit(6) >= 4 and a.next_cooldown == 0

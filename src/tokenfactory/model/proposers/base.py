@@ -1,7 +1,6 @@
 """The proposer interface and the per-request acceptance policy every proposer shares."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -22,49 +21,87 @@ class Proposer(Protocol):
 
 @dataclass
 class Acceptance:
-    """Per-request acceptance history deciding how many tokens to propose.
+    """Per-request acceptance history deciding how many tokens to propose: the draft length
+    that makes the most tokens per unit of step time.
 
-    ``mean_accepted`` is an exponential moving average of tokens accepted per draft, starting
-    optimistic (at k). The next draft is at most ``2 * mean_accepted + 1`` long: drafts a bit
-    longer than what usually gets through, so a rising acceptance can grow them again. When the
-    average acceptance *rate* falls below ``min_rate``, the request stops proposing for
-    ``cooldown`` steps; each further failure doubles the cooldown (up to ``max_cooldown``), a
-    success resets it. Drafts are never free (the target computes every proposed position), so
-    on text that never repeats this keeps the proposed tokens to a small fraction of steps.
+    Why a cost model: verifying a draft is not free. Measured on SmolLM2 (bfloat16, native
+    decode step, one core of this Zen 4 host, ``benchmarks/spec_decode.py --step-cost``): a
+    decode step with 1 row costs 10 ms at a 128-token context and 14 ms at 2K; each further
+    row (a drafted position) adds 3.5 ms and 5.6 ms, 0.35-0.4 of a whole step, because
+    the small-batch kernels are compute-bound per row once the weights are read, and each row
+    attends over the whole context. So a draft of k tokens costs ``1 + row_cost * k`` steps,
+    and yields ``E(k) = 1 + p + ... + p^k`` tokens when each draft token is accepted with
+    probability p (given the ones before it). ``limit`` proposes the k in 0..K that maximizes
+    ``E(k) / (1 + row_cost * k)``: long drafts only when acceptance is high, none when
+    p < row_cost (then even one draft token loses time).
+
+    p is estimated per request from decayed counts of accepted draft tokens (``hits``) and
+    rejections (``misses``: a draft cut short by a wrong token), starting from an optimistic
+    prior. When the best k is 0 the request pauses for ``cooldown`` steps and then probes with
+    one token; each further failure doubles the pause (up to ``max_cooldown``), a success
+    resets it. On text that never repeats this keeps drafts to a small fraction of steps.
     """
 
-    decay: float = 0.5                # weight of the newest observation
-    min_rate: float = 0.2
+    row_cost: float = 0.4             # one drafted row, in units of a 1-row decode step
+    decay: float = 0.8                # weight kept by the old counts per observation
+    prior_hits: float = 3.0           # optimistic start: p = 0.75
+    prior_misses: float = 1.0
     base_cooldown: int = 4
     max_cooldown: int = 256
-    mean_accepted: float | None = None
-    rate: float = 1.0
+    hits: float = -1.0                # decayed accepted draft tokens (-1: use the prior)
+    misses: float = 0.0               # decayed rejections
     cooldown: int = 0                 # steps left without proposals
     next_cooldown: int = 0
+    probing: bool = False             # the pause is over: propose at least one token
+
+    @property
+    def p(self) -> float:
+        """Estimated probability that the next draft token is accepted."""
+        if self.hits < 0:
+            return self.prior_hits / (self.prior_hits + self.prior_misses)
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses > 0 else 0.0
+
+    def best_length(self, k: int) -> int:
+        """The draft length in 0..k with the most expected tokens per unit of step time."""
+        p, best, best_rate = self.p, 0, 1.0
+        expected, term = 1.0, 1.0
+        for j in range(1, k + 1):
+            term *= p
+            expected += term
+            rate = expected / (1.0 + self.row_cost * j)
+            if rate > best_rate * (1.0 + 1e-9):
+                best, best_rate = j, rate
+        return best
 
     def limit(self, k: int) -> int:
         """How many tokens to propose this step (0: pausing). Counts one step of any pause."""
         if self.cooldown > 0:
             self.cooldown -= 1
+            if self.cooldown == 0:
+                self.probing = True
             return 0
-        if self.mean_accepted is None:
-            return k
-        return max(1, min(k, math.floor(2 * self.mean_accepted) + 1))
+        best = self.best_length(k)
+        if best > 0:
+            return best
+        if self.probing:
+            return min(1, k)
+        self.next_cooldown = min(self.max_cooldown, max(self.base_cooldown,
+                                                        2 * self.next_cooldown))
+        self.cooldown = self.next_cooldown - 1
+        self.probing = self.cooldown == 0
+        return 0
 
     def update(self, accepted: int, proposed: int) -> None:
         if proposed <= 0:
             return
         accepted = max(0, min(accepted, proposed))
-        a = self.decay
-        prev = proposed if self.mean_accepted is None else self.mean_accepted
-        self.mean_accepted = (1 - a) * prev + a * accepted
-        self.rate = (1 - a) * self.rate + a * (accepted / proposed)
-        if self.rate < self.min_rate:
-            self.next_cooldown = min(self.max_cooldown, max(self.base_cooldown,
-                                                            2 * self.next_cooldown))
-            self.cooldown = self.next_cooldown
-            self.rate = self.min_rate          # one good draft after the pause lifts it again
-        elif accepted > 0:
+        if self.hits < 0:
+            self.hits, self.misses = self.prior_hits, self.prior_misses
+        d = self.decay
+        self.hits = d * self.hits + accepted
+        self.misses = d * self.misses + (1.0 if accepted < proposed else 0.0)
+        self.probing = False
+        if accepted > 0:
             self.next_cooldown = 0
 
 

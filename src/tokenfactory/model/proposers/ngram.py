@@ -26,11 +26,12 @@ class NgramProposer:
     so a match is always an earlier occurrence with a continuation.
     """
 
-    def __init__(self, min_n: int = 2, max_n: int = 4):
+    def __init__(self, min_n: int = 2, max_n: int = 4, row_cost: float = Acceptance.row_cost):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram proposer: need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.name = "ngram"
         self.min_n, self.max_n = min_n, max_n
+        self.row_cost = row_cost          # a drafted row's cost in 1-row steps (Acceptance)
         self._states: dict[str, _NgramState] = {}
 
     def _index(self, state: _NgramState, token_ids: Sequence[int]) -> None:
@@ -48,7 +49,8 @@ class NgramProposer:
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
         state = self._states.get(request_id)
         if state is None:
-            state = self._states[request_id] = _NgramState()
+            state = self._states[request_id] = _NgramState(
+                acceptance=Acceptance(row_cost=self.row_cost))
         self._index(state, token_ids)
         k = state.acceptance.limit(k) if k > 0 else 0
         if k <= 0:

@@ -125,7 +125,8 @@ class SuffixProposer:
 
     def __init__(self, max_depth: int = 16, max_match: int = 8, alpha: float = 1.0,
                  min_prob: float = 0.1, max_request_tokens: int = 16384,
-                 max_global_tokens: int = 16384, max_output_tokens: int = 4096):
+                 max_global_tokens: int = 16384, max_output_tokens: int = 4096,
+                 row_cost: float = Acceptance.row_cost):
         if not 1 <= max_match < max_depth:
             raise ValueError(f"suffix proposer: need 1 <= max_match < max_depth, got "
                              f"{max_match}, {max_depth}")
@@ -134,6 +135,7 @@ class SuffixProposer:
         self.name = "suffix"
         self.max_depth, self.max_match = max_depth, max_match
         self.alpha, self.min_prob = alpha, min_prob
+        self.row_cost = row_cost          # a drafted row's cost in 1-row steps (Acceptance)
         self.max_request_tokens = max(2 * max_depth, max_request_tokens)
         self.max_global_tokens, self.max_output_tokens = max_global_tokens, max_output_tokens
         self._states: dict[str, _RequestState] = {}
@@ -189,8 +191,9 @@ class SuffixProposer:
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
         state = self._states.get(request_id)
         if state is None:
-            state = self._states[request_id] = _RequestState(SuffixTrie(self.max_depth),
-                                                             prompt_len=len(token_ids))
+            state = self._states[request_id] = _RequestState(
+                SuffixTrie(self.max_depth), prompt_len=len(token_ids),
+                acceptance=Acceptance(row_cost=self.row_cost))
         self._sync(state, token_ids)
         limit = state.acceptance.limit(k) if k > 0 else 0
         if limit <= 0 or not state.tokens:
