@@ -24,7 +24,7 @@ class TableProposer:
         self.observed: list[tuple[str, int, int]] = []
         self.done: list[str] = []
 
-    def propose(self, request_id, token_ids, k):
+    def propose(self, request_id, token_ids, k, batch=1):
         prompt_len = len(self.table[request_id + ":prompt"])
         want = self.table[request_id][len(token_ids) - prompt_len:][:k]
         return [t + 1 if self.rng.random() < self.wrong else t for t in want]

@@ -208,3 +208,13 @@ def test_acceptance_pauses_then_probes_and_recovers():
         if k:
             a.update(k, k)
     assert a.limit(6) >= 4 and a.next_cooldown == 0
+
+
+def test_drafts_shrink_in_larger_decode_batches():
+    a = Acceptance(row_cost=0.4, prior_hits=0.9, prior_misses=0.1)
+    lengths = [a.best_length(7, batch=b) for b in (1, 2, 4, 8)]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1] >= 0
+    assert a.row_cost_in(1) == pytest.approx(0.4)
+    assert a.row_cost_in(8) == pytest.approx(8 * 0.4 / (1 + 7 * 0.4))
+    low = Acceptance(row_cost=0.4, prior_hits=0.6, prior_misses=0.4)
+    assert low.best_length(7, batch=1) > 0 and low.best_length(7, batch=8) == 0

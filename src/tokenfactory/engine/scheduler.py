@@ -232,6 +232,9 @@ class Scheduler:
         preempted = False
 
         # 1. Running requests, oldest first.
+        # decoding requests (one new token each) share the step: drafts cost more among many
+        num_decodes = (sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+                       if self.proposer is not None else 0)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -239,7 +242,7 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            drafts = self._drafts(req, budget) if num_new == 1 else []
+            drafts = self._drafts(req, budget, num_decodes) if num_new == 1 else []
             if drafts and self.kv.allocate_slots(req, 1 + len(drafts)):
                 chunks.append(self._chunk(req, 1, drafts=drafts))
                 budget -= 1 + len(drafts)
@@ -293,10 +296,11 @@ class Scheduler:
             plan.finished_ids, self._finished_ids = self._finished_ids, []
         return plan
 
-    def _drafts(self, req: Request, budget: int) -> list[int]:
+    def _drafts(self, req: Request, budget: int, num_decodes: int = 1) -> list[int]:
         """Draft tokens for a decoding request: at most K, within the budget, and no more than
         the request may still produce (accepted drafts plus the target's own token) within
-        ``max_tokens`` and the context length. [] when it does not speculate."""
+        ``max_tokens`` and the context length; the proposer picks the length that pays in a
+        step of ``num_decodes`` decoding requests. [] when it does not speculate."""
         if self.proposer is None:
             return []
         params = req.sampling_params
@@ -308,7 +312,8 @@ class Scheduler:
         if k <= 0:
             return []
         context = TokenView(req.prompt_token_ids, req.output_token_ids)
-        return [int(t) for t in self.proposer.propose(req.request_id, context, k)[:k]]
+        draft = self.proposer.propose(req.request_id, context, k, batch=max(1, num_decodes))
+        return [int(t) for t in draft[:k]]
 
     def trim_blocks(self, req: Request) -> None:
         """Give back the pages past the request's known tokens: after a speculative step they

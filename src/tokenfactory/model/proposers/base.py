@@ -9,8 +9,11 @@ from typing import Protocol, Sequence, runtime_checkable
 class Proposer(Protocol):
     name: str
 
-    def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
-        """Up to ``k`` draft ids to follow ``token_ids`` (prompt + output so far); [] for none."""
+    def propose(self, request_id: str, token_ids: Sequence[int], k: int,
+                batch: int = 1) -> list[int]:
+        """Up to ``k`` draft ids to follow ``token_ids`` (prompt + output so far); [] for none.
+        ``batch``: decoding requests sharing the step (a drafted row costs more against a
+        request's share of a larger step, see ``Acceptance.step_cost``)."""
 
     def observe(self, request_id: str, accepted: int, proposed: int) -> None:
         """Verification kept ``accepted`` of the ``proposed`` draft tokens."""
@@ -33,7 +36,8 @@ class Acceptance:
     and yields ``E(k) = 1 + p + ... + p^k`` tokens when each draft token is accepted with
     probability p (given the ones before it). ``limit`` proposes the k in 0..K that maximizes
     ``E(k) / (1 + row_cost * k)``: long drafts only when acceptance is high, none when
-    p < row_cost (then even one draft token loses time).
+    p < row_cost (then even one draft token loses time). In a step shared by several decoding
+    requests a row costs more against each one's share (``row_cost_in``).
 
     p is estimated per request from decayed counts of accepted draft tokens (``hits``) and
     rejections (``misses``: a draft cut short by a wrong token), starting from an optimistic
@@ -61,26 +65,35 @@ class Acceptance:
             return self.prior_hits / (self.prior_hits + self.prior_misses)
         return self.hits / (self.hits + self.misses) if self.hits + self.misses > 0 else 0.0
 
-    def best_length(self, k: int) -> int:
+    def row_cost_in(self, batch: int) -> float:
+        """A drafted row's cost against one request's share of a decode step of ``batch``
+        requests: the step costs about ``1 + (batch - 1) * row_cost`` 1-row steps (each further
+        row, drafted or another request's, costs ``row_cost``), a request's share is that over
+        ``batch``. Batch 1: ``row_cost``; batch 8 at 0.4: 0.84, so only very likely drafts pay."""
+        b = max(1, batch)
+        return b * self.row_cost / (1.0 + (b - 1) * self.row_cost)
+
+    def best_length(self, k: int, batch: int = 1) -> int:
         """The draft length in 0..k with the most expected tokens per unit of step time."""
+        cost = self.row_cost_in(batch)
         p, best, best_rate = self.p, 0, 1.0
         expected, term = 1.0, 1.0
         for j in range(1, k + 1):
             term *= p
             expected += term
-            rate = expected / (1.0 + self.row_cost * j)
+            rate = expected / (1.0 + cost * j)
             if rate > best_rate * (1.0 + 1e-9):
                 best, best_rate = j, rate
         return best
 
-    def limit(self, k: int) -> int:
+    def limit(self, k: int, batch: int = 1) -> int:
         """How many tokens to propose this step (0: pausing). Counts one step of any pause."""
         if self.cooldown > 0:
             self.cooldown -= 1
             if self.cooldown == 0:
                 self.probing = True
             return 0
-        best = self.best_length(k)
+        best = self.best_length(k, batch)
         if best > 0:
             return best
         if self.probing:

@@ -46,13 +46,14 @@ class NgramProposer:
         state.length = n_tokens
         state.last = token_ids[-1] if n_tokens else None
 
-    def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
+    def propose(self, request_id: str, token_ids: Sequence[int], k: int,
+                batch: int = 1) -> list[int]:
         state = self._states.get(request_id)
         if state is None:
             state = self._states[request_id] = _NgramState(
                 acceptance=Acceptance(row_cost=self.row_cost))
         self._index(state, token_ids)
-        k = state.acceptance.limit(k) if k > 0 else 0
+        k = state.acceptance.limit(k, batch) if k > 0 else 0
         if k <= 0:
             return []
         n_tokens = len(token_ids)

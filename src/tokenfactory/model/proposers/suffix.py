@@ -188,14 +188,15 @@ class SuffixProposer:
                 best, best_score = draft, score
         return best
 
-    def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
+    def propose(self, request_id: str, token_ids: Sequence[int], k: int,
+                batch: int = 1) -> list[int]:
         state = self._states.get(request_id)
         if state is None:
             state = self._states[request_id] = _RequestState(
                 SuffixTrie(self.max_depth), prompt_len=len(token_ids),
                 acceptance=Acceptance(row_cost=self.row_cost))
         self._sync(state, token_ids)
-        limit = state.acceptance.limit(k) if k > 0 else 0
+        limit = state.acceptance.limit(k, batch) if k > 0 else 0
         if limit <= 0 or not state.tokens:
             return []
         return self._best_draft(state, limit)
