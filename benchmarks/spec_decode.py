@@ -11,13 +11,24 @@ the target's own token; ``observe`` feeds the adaptivity. Reports tokens per ste
 accepted length, the ceiling on the speed-up), the acceptance rate and the proposer's own time
 per call. Greedy answers are cached in ``--cache`` (JSON) so replays are cheap.
 
-default (needs the engine's speculative decoding, H1's phase 2): ``LLM(default_model_path(),
-speculative=NAME, num_speculative_tokens=K)`` against the same engine without, at batch 1 and
-at concurrency 8, edit + chat, interleaved A/B rounds; reports output tokens/s, the ratio, the
-engine's ``spec_stats`` and whether the outputs are identical (they must be, at temperature 0).
+default (online): ``LLM(default_model_path(), speculative=NAME, num_speculative_tokens=K)``
+against the same engine without, edit + chat, at concurrency 1 (``--requests`` one at a time)
+and 8, interleaved A/B rounds, through the engine's step loop: reports output tokens/s over
+the whole request and in the decode phase (steps with no prompt left to compute), the seconds
+of each phase, the ratios, the engine's ``spec_stats`` (acceptance, mean accepted length, drafted
+tokens per step) and whether the outputs are identical (they must be, at temperature 0). The
+edit workload asks for the whole file back (``max_tokens`` = the file + 64, as a real edit).
+
+``--step-cost``: one native decode step with 1..8 rows of one request (the cost of verifying
+1..7 drafted positions) at each ``--contexts`` length.
+
+``--clock cpu`` times with the process's CPU time: on a shared host, run with one thread
+(``taskset -c 1``) so the figure is the work done, not the share of the cores obtained.
 
     .venv/bin/python benchmarks/spec_decode.py --offline
-    .venv/bin/python benchmarks/spec_decode.py --rounds 2 --proposers ngram,suffix
+    taskset -c 1 .venv/bin/python benchmarks/spec_decode.py --clock cpu --step-cost
+    taskset -c 1 .venv/bin/python benchmarks/spec_decode.py --clock cpu --k 7 --rounds 1 \
+        --requests 2 --workloads edit,chat --concurrency 1,8 --proposers ngram,suffix
 
 Shared 2-core host: keep runs short and compare only ratios measured in the same run.
 
@@ -41,6 +52,7 @@ ceiling on the speed-up; the real one also pays for the k extra positions per st
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -50,6 +62,8 @@ from tokenfactory.bench import workloads as W
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.model.default import default_model_path
 from tokenfactory.model.proposers import make_proposer
+
+_IDS = itertools.count()
 
 
 def build_prompts(tokenizer, name: str, n: int, seed: int) -> list[tuple[list[int], int]]:
@@ -165,47 +179,128 @@ def offline(args) -> None:
                       f"{1e6 * tot['seconds'] / tot['steps']:.0f} |")
 
 
+def _build_params(args, name: str, n: int, tokenizer) -> tuple[list[list[int]], list[SamplingParams]]:
+    prompts = build_prompts(tokenizer, name, n, args.seed)
+    return ([p for p, _ in prompts],
+            [SamplingParams(temperature=0.0, max_tokens=min(m, args.max_tokens)) for _, m in prompts])
+
+
+def _run(llm, prompts, params, clock) -> dict:
+    """Generate ``prompts`` together through the engine's step loop, timing each step with
+    ``clock``. A step is "prefill" while any request still has prompt tokens to compute, else
+    "decode". Returns token lists, seconds per phase and output tokens made in decode steps."""
+    engine = llm.engine
+    engine.reset_prefix_cache()                 # every round pays its prefill (rounds repeat prompts)
+    ids = [f"spec-{next(_IDS)}" for _ in prompts]
+    for rid, p, sp in zip(ids, prompts, params):
+        engine.add_request(rid, p, sp)
+    out = {rid: [] for rid in ids}
+    t = {"prefill": 0.0, "decode": 0.0}
+    decode_tokens = steps = 0
+    sched = engine.scheduler
+    while engine.has_unfinished_requests():
+        phase = "prefill" if (len(sched.waiting) or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in sched.running)) else "decode"
+        t0 = clock()
+        outs = engine.step()
+        t[phase] += clock() - t0
+        steps += 1
+        for o in outs:
+            if o.request_id in out:
+                new = list(o.outputs[0].token_ids)
+                if phase == "decode":
+                    decode_tokens += len(new) - len(out[o.request_id])
+                out[o.request_id] = new
+    return dict(ids=[out[r] for r in ids], steps=steps, decode_tokens=decode_tokens, **t)
+
+
 def online(args) -> None:
+    """Interleaved A/B rounds of the real engine with and without each proposer."""
+    import torch
     from tokenfactory.engine.llm import LLM
-    engines = {"off": LLM(default_model_path(), kv_cache_memory=512 << 20, max_num_seqs=8)}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    kw = dict(kv_cache_memory=512 << 20, max_num_seqs=8)
+    engines = {"off": LLM(default_model_path(), **kw)}
     for spec in args.proposers.split(","):
-        try:
-            engines[spec] = LLM(default_model_path(), kv_cache_memory=512 << 20, max_num_seqs=8,
-                                speculative=spec, num_speculative_tokens=int(args.k.split(",")[0]))
-        except TypeError as exc:
-            raise SystemExit(f"the engine does not take speculative= yet ({exc}); "
-                             f"run with --offline") from None
+        engines[spec] = LLM(default_model_path(), speculative=spec,
+                            num_speculative_tokens=int(args.k.split(",")[0]), **kw)
     tokenizer = engines["off"].tokenizer
-    print("| workload | concurrency | engine | out tok/s (median) | vs off | identical | speculation |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"clock: {args.clock}; torch threads {torch.get_num_threads()}; K <= {args.k.split(',')[0]}")
+    print("| workload | concurrency | engine | out tok/s whole request | vs off | decode-phase "
+          "tok/s | vs off | prefill s | decode s | identical | speculation |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
         for conc in [int(c) for c in args.concurrency.split(",")]:
-            prompts = build_prompts(tokenizer, name, conc if conc > 1 else 2, args.seed)
-            params = [SamplingParams(temperature=0.0, max_tokens=min(m, args.max_tokens))
-                      for _, m in prompts]
-            rates: dict[str, list[float]] = {key: [] for key in engines}
-            texts: dict[str, list] = {}
+            prompts, params = _build_params(args, name, max(conc, args.requests if conc == 1 else conc),
+                                            tokenizer)
+            groups = ([[i] for i in range(len(prompts))] if conc == 1
+                      else [list(range(len(prompts)))])
+            agg = {key: {"tokens": 0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0,
+                         "rates": [], "ids": None} for key in engines}
             before = {key: _counts(llm) for key, llm in engines.items()}
             for _ in range(args.rounds):              # interleaved A/B: drift hits both alike
-                for key, llm in engines.items():
-                    t0 = time.perf_counter()
-                    if conc == 1:
-                        outs = [llm.generate([p], [sp], use_tqdm=False)[0]
-                                for (p, _), sp in zip(prompts, params)]
-                    else:
-                        outs = llm.generate([p for p, _ in prompts], params, use_tqdm=False)
-                    dt = time.perf_counter() - t0
-                    ids = [list(o.outputs[0].token_ids) for o in outs]
-                    rates[key].append(sum(map(len, ids)) / dt)
-                    texts[key] = ids
-            base = statistics.median(rates["off"])
+                for group in groups:
+                    for key, llm in engines.items():
+                        r = _run(llm, [prompts[i] for i in group], [params[i] for i in group],
+                                 clock)
+                        a = agg[key]
+                        n = sum(map(len, r["ids"]))
+                        a["tokens"] += n
+                        a["prefill"] += r["prefill"]
+                        a["decode"] += r["decode"]
+                        a["decode_tokens"] += r["decode_tokens"]
+                        a["ids"] = (a["ids"] or {}) | {i: ids for i, ids in zip(group, r["ids"])}
+            base = agg["off"]
             for key, llm in engines.items():
-                med = statistics.median(rates[key])
-                drafts, proposed, accepted = (a - b for a, b in zip(_counts(llm), before[key]))
+                a = agg[key]
+                whole = a["tokens"] / (a["prefill"] + a["decode"])
+                dec = a["decode_tokens"] / a["decode"] if a["decode"] else 0.0
+                bw = base["tokens"] / (base["prefill"] + base["decode"])
+                bd = base["decode_tokens"] / base["decode"] if base["decode"] else 0.0
+                drafts, proposed, accepted = (x - y for x, y in zip(_counts(llm), before[key]))
                 spec = (f"acceptance {accepted / proposed:.1%}, mean accepted length "
-                        f"{1 + accepted / drafts:.2f}" if drafts and proposed else "")
-                print(f"| {name} | {conc} | {key} | {med:.1f} | {med / base:.2f}x | "
-                      f"{texts[key] == texts['off']} | {spec} |", flush=True)
+                        f"{1 + accepted / drafts:.2f}, {proposed / drafts:.2f} drafted/step"
+                        if drafts and proposed else "")
+                print(f"| {name} | {conc} | {key} | {whole:.1f} | {whole / bw:.2f}x | {dec:.1f} | "
+                      f"{dec / bd if bd else 0:.2f}x | {a['prefill']:.1f} | {a['decode']:.1f} | "
+                      f"{a['ids'] == base['ids']} | {spec} |", flush=True)
+
+
+def step_cost(args) -> None:
+    """Time of one native decode step with R rows of one request (R - 1 drafted positions)
+    at each context length, against 1 row; interleaved, ``--clock``, median of ``--rounds``."""
+    import torch
+    from tokenfactory.engine.llm import LLM
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    ex = LLM(default_model_path(), kv_cache_memory=512 << 20, max_num_seqs=8).engine.executor
+    if ex._native is None:
+        raise SystemExit("no native decode step on this host/model")
+    bs = ex.block_size
+    rows = [1, 2, 3, 4, 5, 6, 8]
+    print(f"clock: {args.clock}; torch threads {torch.get_num_threads()}")
+    print("| context | " + " | ".join(f"{r} rows" for r in rows) + " | ms per extra row |")
+    print("|---|" + "---|" * (len(rows) + 1))
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        pages = list(range(ctx // bs + 2))
+
+        def step(r):
+            pos = [ctx + i for i in range(r)]
+            return lambda: ex._native([100 + i for i in range(r)], pos,
+                                      [pages[p // bs] * bs + p % bs for p in pos], [pages] * r)
+        calls = {r: step(r) for r in rows}
+        times = {r: [] for r in rows}
+        with torch.inference_mode():
+            for f in calls.values():
+                f()
+            for _ in range(max(3, args.rounds)):
+                for r, f in calls.items():
+                    t0 = clock()
+                    f()
+                    times[r].append(clock() - t0)
+        med = {r: 1000 * statistics.median(v) for r, v in times.items()}
+        slope = (med[rows[-1]] - med[1]) / (rows[-1] - 1)
+        print(f"| {ctx} | " + " | ".join(f"{med[r]:.1f} ms ({med[r] / med[1]:.2f}x)" for r in rows)
+              + f" | {slope:.2f} ({slope / med[1]:.2f} of a 1-row step) |", flush=True)
 
 
 def _counts(llm) -> tuple[int, int, int]:
@@ -219,9 +314,16 @@ def _counts(llm) -> tuple[int, int, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--offline", action="store_true", help="replay greedy outputs through the proposers")
+    p.add_argument("--step-cost", action="store_true",
+                   help="time native decode steps of 1..8 rows (the cost of verifying drafts)")
+    p.add_argument("--contexts", default="128,2000", help="--step-cost: context lengths")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time, robust on a shared host with one thread "
+                        "(run under `taskset -c N`)")
     p.add_argument("--proposers", default="ngram,suffix")
     p.add_argument("--k", default="4,8", help="draft lengths (online: the first)")
-    p.add_argument("--requests", type=int, default=4, help="offline: answers per workload")
+    p.add_argument("--requests", type=int, default=4,
+                   help="offline: answers per workload; online at concurrency 1: requests, one at a time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", default="edit,chat", help="online: which workloads")
     p.add_argument("--concurrency", default="1,8", help="online: batch sizes (1: one at a time)")
@@ -231,7 +333,12 @@ def main() -> None:
                    help="offline: who generates the greedy answers")
     p.add_argument("--cache", default="/tmp/tokenfactory_spec_greedy.json")
     args = p.parse_args()
-    offline(args) if args.offline else online(args)
+    if args.offline:
+        offline(args)
+    elif args.step_cost:
+        step_cost(args)
+    else:
+        online(args)
 
 
 if __name__ == "__main__":
