@@ -1,11 +1,18 @@
 """The real SmolLM2 with its linears run as stored (QuantLinear) against the same weights
-dequantized (``quantization="none"``): greedy tokens and perplexity on real text.
+dequantized (``quantization="none"``): greedy tokens, perplexity and KL divergence on real text.
 
-Both models run the same paged attention and differ in the linears only: the native kernels
-multiply the blocks as stored, the dequantized model dense weights. QuantLinear is forced onto its native kernel for every row count
-(prefill chunks otherwise run the dequantized weight through oneDNN: same numbers as the
-reference, nothing tested). Q8_0 and Q4_0 files are written here from the Q4_1 file's
-weights with the ``gguf`` package's quantizer.
+Both models run the same paged attention and differ in the linears only. QuantLinear is forced
+onto its native kernel for every row count (prefill chunks otherwise run the dequantized weight
+through oneDNN: same numbers as the reference, nothing tested). Served in bfloat16 that is the
+decode kernel, which rounds activations to int8 per block of 32 as llama.cpp does; in float32
+the exact kernel. The reference is the dequantized model in float32 (the bfloat16 dense model is
+itself a rounding of it). Q8_0 and Q4_0 files are written here from the Q4_1 file's weights
+with the ``gguf`` package's quantizer.
+
+llama.cpp's own numbers for the same rounding (llama-perplexity on textwrap.py, 9 chunks of
+512, the Q4_1 file against an F32 file dequantized from it by llama-quantize, see
+docs/quantization.md): perplexity +0.034% +- 0.16%, mean KL divergence 0.0027, same top token
+97.0%.
 """
 from __future__ import annotations
 
@@ -97,19 +104,22 @@ def requantized_file(src: Path, dst: Path, qtype) -> Path:
     return dst
 
 
+HELD = 512   # held-text tokens; the second half is scored, as llama-perplexity scores a chunk
+
+
 @pytest.fixture(scope="module")
 def texts() -> list[list[int]]:
-    """Token ids: 256 tokens of textwrap.py (held text, perplexity), then the prompts."""
+    """Token ids: 512 tokens of textwrap.py (held text, perplexity), then the prompts."""
     tok = read_gguf_tokenizer(default_model_path()).backend
     held = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
-    return [tok.encode(held).ids[:256]] + [tok.encode(p).ids for p in PROMPTS]
+    return [tok.encode(held).ids[:HELD]] + [tok.encode(p).ids for p in PROMPTS]
 
 
 @pytest.fixture(scope="module", params=["Q4_1", "Q8_0", "Q4_0"])
 def runs(request, texts, tmp_path_factory):
-    """For the real Q4_1 file and Q8_0 / Q4_0 files requantized from it: (name, {"bf16":
-    (logits as stored, logits dequantized) per text, "float32": the same for the held text
-    in float32 (QuantLinear takes float32 activations as two bfloat16 halves)})."""
+    """For the real Q4_1 file and Q8_0 / Q4_0 files requantized from it: (name, {dtype:
+    (logits as stored, logits dequantized) per text}) for bfloat16 and float32 (QuantLinear
+    takes float32 activations as two bfloat16 halves through the exact kernel)."""
     path = default_model_path()
     if request.param != "Q4_1":
         path = requantized_file(path, tmp_path_factory.mktemp("q") / f"{request.param}.gguf",
@@ -120,26 +130,33 @@ def runs(request, texts, tmp_path_factory):
         assert force_native(quantized) == 1 + 4 * quantized.config.num_layers
         kinds = {m.kind for m in quantized.modules() if isinstance(m, QuantLinear)}
         assert kinds == ({"q4_1", "q8_0"} if request.param == "Q4_1" else {request.param.lower()})
-        which = texts if dtype == "bfloat16" else texts[:1]
-        ours = [logits(quantized, ids) for ids in which]
+        ours = [logits(quantized, ids) for ids in texts]
         del quantized
-        dense = load_model(path, quantization="none", dtype=dtype)
-        assert not any(isinstance(m, QuantLinear) for m in dense.modules())
-        out[dtype] = (ours, [logits(dense, ids) for ids in which])
-        del dense
+        if dtype == "float32":
+            dense = load_model(path, quantization="none", dtype=dtype)
+            assert not any(isinstance(m, QuantLinear) for m in dense.modules())
+            out["reference"] = [logits(dense, ids) for ids in texts]
+            del dense
+        out[dtype] = ours
     return request.param, out
 
 
+def scored(lg: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (HELD / 2 - 1, vocab) of the held text's second half."""
+    return torch.log_softmax(lg[HELD // 2 - 1:HELD - 1].float(), -1)
+
+
 def perplexity(lg: torch.Tensor, ids: list[int]) -> float:
-    return math.exp(torch.nn.functional.cross_entropy(lg[:-1].float(),
-                                                      torch.tensor(ids[1:])).item())
+    return math.exp(torch.nn.functional.cross_entropy(
+        scored(lg), torch.tensor(ids[HELD // 2:HELD])).item())
 
 
 def test_greedy_tokens_match_dequantized(runs):
-    """Served in bfloat16: at every position of the texts, the next token greedy decoding
-    would pick is the same as with the dequantized weights on >= 95% of positions."""
+    """Served in bfloat16 (int8 activations): at every position of the texts, the next token
+    greedy decoding would pick is the dequantized float32 model's on >= 95% of positions
+    (llama.cpp's own Q4_1 execution: 97.0%; the dense bfloat16 model itself ~98%)."""
     name, out = runs
-    ours, ref = out["bfloat16"]
+    ours, ref = out["bfloat16"], out["reference"]
     agree = sum(int((o.argmax(-1) == r.argmax(-1)).sum()) for o, r in zip(ours, ref))
     total = sum(len(r) for r in ref)
     print(f"{name}: greedy agreement {agree}/{total}")
@@ -147,19 +164,28 @@ def test_greedy_tokens_match_dequantized(runs):
 
 
 def test_perplexity_matches_dequantized(runs, texts):
-    """Perplexity of 256 tokens of textwrap.py. Same numbers, different kernel: in float32,
-    within 0.01% of the dequantized weights' (the issue's bound is 0.1%). In bfloat16, rounding noise alone moves
-    perplexity by a few tenths of a percent either way (any difference below bf16 resolution
-    -- a float32 summation order -- flips roundings that grow ~10x a layer; the dense bf16
-    model is 0.4% off its float32 self here): bounded at 1%."""
+    """Perplexity of the second 256 of 512 tokens of textwrap.py against the dequantized
+    float32 model. float32 (exact kernel): same numbers, different kernel -- within 0.01%
+    (the issue's bound is 0.1%; measured ~1e-6). bfloat16 (int8 activations): a real
+    rounding of every activation, measured as llama.cpp measures its own (see the module
+    docstring): mean KL divergence <= 0.006 (about twice llama.cpp's 0.0027: the bfloat16
+    residual stream adds its own), and the log perplexity ratio within 0.1% or three standard
+    errors of the per-token log-probability differences, whichever is larger (256 tokens: a
+    standard error of ~0.4%, so a bound of ~1.2%; measured +0.04% on Q4_1, +1.2% on Q8_0)."""
     name, out = runs
-    (q32,), (d32,) = out["float32"]
-    p_q, p_d = perplexity(q32, texts[0]), perplexity(d32, texts[0])
-    b_q, b_d = perplexity(out["bfloat16"][0][0], texts[0]), perplexity(out["bfloat16"][1][0], texts[0])
-    print(f"{name}: perplexity as stored {p_q:.5f}, dequantized {p_d:.5f} (float32); "
-          f"bf16: {b_q:.4f} vs {b_d:.4f}")
+    ids, ref = texts[0], out["reference"][0]
+    p_q, p_d = perplexity(out["float32"][0], ids), perplexity(ref, ids)
+    base, ours = scored(ref), scored(out["bfloat16"][0])
+    kld = float((base.exp() * (base - ours)).sum(-1).mean())
+    target = torch.tensor(ids[HELD // 2:HELD])[:, None]
+    diff = (base.gather(1, target) - ours.gather(1, target)).double().flatten()  # nll_q - nll_d
+    se = float(diff.std() / math.sqrt(diff.numel()))
+    print(f"{name}: perplexity as stored {p_q:.5f} (float32), {math.exp(float(diff.mean())) * p_d:.4f} "
+          f"(bfloat16, int8 activations); dequantized float32 {p_d:.5f}; bfloat16 log ratio "
+          f"{float(diff.mean()):+.5f} +- {se:.5f}; KL divergence {kld:.5f}")
     assert abs(p_q - p_d) <= 1e-4 * p_d   # the issue asks 0.1%; measured ~1e-6
-    assert abs(b_q - b_d) <= 0.01 * b_d
+    assert abs(float(diff.mean())) <= max(1e-3, 3 * se)
+    assert kld <= 0.006
     assert p_d < 25   # the model reads the text (a uniform guess: 49,152)
 
 
