@@ -6,10 +6,12 @@
 Issue 19 asks for "ITL with constraints <= 1.1x without, at batch 1 and batch 16". For each batch
 size B: B identical chat prompts, greedy, generated once unconstrained (A) and once constrained
 to ``SCHEMA`` (B), in alternating rounds (A B A B ...) so that load changes on a shared machine
-hit both alike. Like is compared with like: ``min_tokens = max_tokens = --tokens`` and
-``ignore_eos`` in both, and the schema's last field is a string of at least ``MIN_NOTES``
-characters, so the JSON value cannot complete within the run and every constrained row decodes
-exactly ``--tokens`` tokens with the grammar working on every step (the script checks both).
+hit both alike. Like is compared with like: ``ignore_eos`` in both (``max_tokens = --tokens``),
+and the schema's last field is a string of at least ``MIN_NOTES`` characters, so the JSON value
+cannot complete within the run and every constrained row decodes exactly ``--tokens`` tokens
+with the grammar working on every step (the script checks it). Not ``min_tokens``: it sends
+every row of the batch through the sampler's per-row penalty path (a logits copy and a
+non-finite check), which would add the same cost to both sides and flatter the ratio.
 
 How ITL is measured, without touching the engine: a step listener
 (``EngineCore.add_step_listener``) timestamps the end of every forward pass; the ITL of a run is
@@ -17,7 +19,9 @@ the median gap between consecutive decode steps (every row one token), which cov
 the engine does between two tokens: scheduling, filling the grammar masks, the forward pass with
 the masked sampling, and advancing the matchers. The listener also reports each step's own
 duration (masks + forward + sampling); the gap minus the step is the time outside the forward
-pass (scheduling and matcher updates). Per batch size the table gives the median over rounds of
+pass (scheduling and matcher updates). The process CPU time between decode steps (all threads)
+is reported too: on a busy host a step's wall time is mostly waiting for a core, while its CPU
+time still says how much work it was. Per batch size the table gives the median over rounds of
 each, and the ratio constrained / unconstrained.
 
 ``--engines`` instead compares xgrammar and llguidance alone (no model): tokenizer setup,
@@ -63,19 +67,22 @@ PROMPT = ("Describe a person as JSON with a name, an age, some colour tags and l
 
 @dataclass
 class StepClock:
-    """Step listener: the end time and the duration of every forward pass, and how many
-    tokens each request processed in it."""
+    """Step listener: the end time (wall and process CPU) and the duration of every forward
+    pass, and how many tokens each request processed in it."""
     ends: list[float] = field(default_factory=list)
+    cpu_ends: list[float] = field(default_factory=list)
     durations: list[float] = field(default_factory=list)
     tokens: list[dict[str, int]] = field(default_factory=list)
 
     def __call__(self, seconds: float, done: dict[str, int]) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
         self.durations.append(seconds)
         self.tokens.append(dict(done))
 
     def clear(self) -> None:
         self.ends.clear()
+        self.cpu_ends.clear()
         self.durations.clear()
         self.tokens.clear()
 
@@ -90,13 +97,14 @@ class StepClock:
 class RunResult:
     itl: float          # median gap between consecutive decode steps, seconds
     step: float         # median duration of those steps (masks + forward + sampling)
+    cpu: float          # median process CPU seconds (all threads) between decode steps
     lengths: list[int]  # generated tokens per row
 
 
 def run(llm: LLM, clock: StepClock, prompt: str, batch: int, tokens: int,
         spec: StructuredOutput | None) -> RunResult:
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens,
-                            ignore_eos=True, structured_output=spec)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True,
+                            structured_output=spec)
     clock.clear()
     outs = llm.generate([prompt] * batch, params, use_tqdm=False)
     for o in outs:
@@ -104,14 +112,16 @@ def run(llm: LLM, clock: StepClock, prompt: str, batch: int, tokens: int,
             raise RuntimeError(f"generation failed: {o.error}")
     steps = clock.decode_steps(batch)
     gaps = [clock.ends[i] - clock.ends[i - 1] for i in steps]
+    cpu = [clock.cpu_ends[i] - clock.cpu_ends[i - 1] for i in steps]
     return RunResult(statistics.median(gaps), statistics.median(clock.durations[i] for i in steps),
-                     [len(o.outputs[0].token_ids) for o in outs])
+                     statistics.median(cpu), [len(o.outputs[0].token_ids) for o in outs])
 
 
 def bench(llm: LLM, clock: StepClock, prompt: str, args) -> None:
     schema = StructuredOutput(json_schema=SCHEMA)
     print(f"{'batch':>5} {'ITL plain':>10} {'ITL json':>10} {'ratio':>6} | {'step plain':>10} "
-          f"{'step json':>10} {'ratio':>6} | {'outside plain':>13} {'outside json':>12}")
+          f"{'step json':>10} {'ratio':>6} | {'outside plain':>13} {'outside json':>12} | "
+          f"{'CPU plain':>9} {'CPU json':>9} {'ratio':>6}")
     for batch in args.batches:
         plain, cons = [], []
         for _ in range(args.rounds):   # alternating: A B A B ...
@@ -127,9 +137,11 @@ def bench(llm: LLM, clock: StepClock, prompt: str, args) -> None:
         ip, ic, sp, sc = med(plain, "itl"), med(cons, "itl"), med(plain, "step"), med(cons, "step")
         op = statistics.median(r.itl - r.step for r in plain)
         oc = statistics.median(r.itl - r.step for r in cons)
+        cp, cc = med(plain, "cpu"), med(cons, "cpu")
         print(f"{batch:5d} {ip * 1e3:8.2f}ms {ic * 1e3:8.2f}ms {ic / ip:6.3f} | "
               f"{sp * 1e3:8.2f}ms {sc * 1e3:8.2f}ms {sc / sp:6.3f} | "
-              f"{op * 1e3:11.2f}ms {oc * 1e3:10.2f}ms")
+              f"{op * 1e3:11.2f}ms {oc * 1e3:10.2f}ms | "
+              f"{cp * 1e3:7.2f}ms {cc * 1e3:7.2f}ms {cc / cp:6.3f}")
         print("      per round, ITL ratio: " + " ".join(
             f"{c.itl / p.itl:.3f}" for p, c in zip(plain, cons)), flush=True)
 
@@ -142,22 +154,24 @@ PROFILED = [
     (("text/grammar.py", "mask_logits"), "apply the bitmask to the logits"),
     (("text/grammar.py", "accept"), "advance the matchers"),
     (("text/grammar.py", "is_terminated"), "ask the matchers if complete"),
-    (("model/sampler.py", "unsampleable_rows"), "sampler: non-finite check (min_tokens path)"),
 ]
 
 
 def profile(llm: LLM, prompt: str, args) -> None:
     """cProfile one constrained and one unconstrained run at the largest batch and print the
     per-step cumulative time of the functions in ``PROFILED``, then the constrained run's
-    top functions by own time."""
+    top functions by own time. The clock is the engine thread's CPU time: the grammar work runs
+    on that thread alone, and CPU time stays meaningful when a busy host keeps the thread
+    waiting for a core (wall time then measures the queue, not the work)."""
     batch = max(args.batches)
-    print(f"--- cProfile, batch {batch}, {args.tokens} tokens: ms per engine step ---")
+    print(f"--- cProfile, batch {batch}, {args.tokens} tokens: engine-thread CPU ms per step ---")
     print(f"{'':46s} {'plain':>9} {'json':>9}")
     per_step, profiles = {}, {}
     for name, spec in (("plain", None), ("json", StructuredOutput(json_schema=SCHEMA))):
-        params = SamplingParams(temperature=0.0, max_tokens=args.tokens,
-                                min_tokens=args.tokens, ignore_eos=True, structured_output=spec)
-        prof = cProfile.Profile()
+        params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True,
+                                structured_output=spec)
+        llm.generate([prompt] * batch, params, use_tqdm=False)   # warm: buffers at this size
+        prof = cProfile.Profile(time.thread_time)   # CPU time of this (the engine's) thread
         prof.enable()
         llm.generate([prompt] * batch, params, use_tqdm=False)
         prof.disable()
@@ -263,7 +277,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="the serving default is bfloat16")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--tokens", type=int, default=64, help="tokens per row (forced)")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds per batch")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds per batch (0: none, e.g. with --profile)")
     ap.add_argument("--profile", action="store_true", help="cProfile a constrained run too")
     ap.add_argument("--engines", action="store_true",
                     help="instead: xgrammar vs llguidance alone, no model (needs both)")
@@ -280,14 +294,15 @@ def main() -> None:
     # warm-up: kernels, the tokenizer's grammar data, the compiled schema (then cached)
     run(llm, clock, prompt, 2, 8, StructuredOutput(json_schema=SCHEMA))
     sample = llm.generate([prompt], SamplingParams(
-        temperature=0.0, max_tokens=args.tokens, min_tokens=args.tokens, ignore_eos=True,
+        temperature=0.0, max_tokens=args.tokens, ignore_eos=True,
         structured_output=StructuredOutput(json_schema=SCHEMA)), use_tqdm=False)[0]
     print(f"host: {os.cpu_count()} cores, shared with other work; uptime: "
           f"{os.popen('uptime').read().strip()}")
     print(f"dtype={args.dtype} tokens={args.tokens} rounds={args.rounds} "
           f"schema={json.dumps(SCHEMA, separators=(',', ':'))[:80]}...")
     print(f"constrained output (first {args.tokens} tokens): {sample.outputs[0].text!r}")
-    bench(llm, clock, prompt, args)
+    if args.rounds:
+        bench(llm, clock, prompt, args)
     if args.profile:
         profile(llm, prompt, args)
     print(f"uptime after: {os.popen('uptime').read().strip()}")
