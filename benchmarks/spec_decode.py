@@ -67,7 +67,23 @@ _IDS = itertools.count()
 
 
 def build_prompts(tokenizer, name: str, n: int, seed: int) -> list[tuple[list[int], int]]:
-    """(prompt ids, max_tokens) for n requests of workload ``name`` ("edit" | "chat")."""
+    """(prompt ids, max_tokens) for n requests of workload ``name`` ("edit" | "chat" |
+    "agentic": turn t of a session is its conversation so far, scripted replies and tool
+    results included, with a 1.5K-token shared prefix and 128-token answers)."""
+    if name == "agentic":
+        wl = W.agentic(seed=seed, sessions=max(1, (n + 2) // 3), turns=4, prefix_tokens=1536,
+                       tool_max=600, output_tokens=128)
+        out = []
+        for s in wl.sessions:
+            messages = [{"role": "system", "content": s.system}]
+            for t, turn in enumerate(s.turns):
+                if turn.assistant is not None:
+                    messages.append({"role": "assistant", "content": turn.assistant})
+                messages.append({"role": "user", "content": turn.user})
+                if t >= 1:
+                    text = tokenizer.apply_chat_template(messages)
+                    out.append((tokenizer.encode(text), turn.max_tokens))
+        return out[:n]
     if name == "edit":
         wl = W.edit(seed=seed, requests=n)
     else:
