@@ -98,9 +98,6 @@ def test_lm_eval_local_completions_matches_transformers(runner, server, tokenize
     assert len({round(v, 3) for v in scores.values()}) > len(scores) // 2
 
 
-@pytest.mark.xfail(strict=True, reason="lm-eval's default request shape prompt: [[ids...]] is "
-                   "a 400 today (api/openai_models.py CompletionRequest.prompt takes "
-                   "list[int] only); strict: remove this mark when the server accepts it")
 def test_lm_eval_tokenized_requests(runner, server, tokenizer_dir, reference):
     """lm-eval's default: prompts sent as token ids, batched as a list of lists."""
     result = runner.run_server_backend(server, tokenizer_dir, 3, tokenized=True)

@@ -203,3 +203,101 @@ def test_logit_bias_bans_and_forces_tokens(lp_server, hf, client):
     assert _ids_of(lp_server, forced.choices[0].logprobs.content) == [forced_id]
     assert math.isfinite(forced.choices[0].logprobs.content[0].logprob)
     lp_server.assert_no_leaks()
+
+
+# ------------------------------------------------------------- several prompts per request
+PROMPTS = ["The quick brown fox", "Once upon a time there was"]
+
+
+def test_completion_several_prompts_each_scored_and_numbered(lp_server, hf, client):
+    """prompt as a list of strings and as a list of token-id lists (lm-eval's default shape):
+    choice p * n + j belongs to prompt p, each echoes its own prompt with transformers'
+    log-probabilities, and usage counts every prompt once."""
+    ctx = lp_server.app.state.ctx
+    ids = [ctx.encode(p, add_special_tokens=True) for p in PROMPTS]
+    kw = dict(model="demo", max_tokens=2, n=2, temperature=0, echo=True, logprobs=1,
+              extra_body={"ignore_eos": True})
+    by_text = client.completions.create(prompt=PROMPTS, **kw)
+    by_ids = client.completions.create(prompt=ids, **kw)
+    for r in (by_text, by_ids):
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        assert r.usage.prompt_tokens == sum(map(len, ids))
+        assert r.usage.completion_tokens == 8
+        for c in r.choices:
+            p = c.index // 2
+            assert c.text.startswith(PROMPTS[p])
+            lp = c.logprobs
+            assert len(lp.tokens) == len(ids[p]) + 2 and lp.token_logprobs[0] is None
+            ref = _ref_logprobs(hf, ids[p])
+            for pos in range(1, len(ids[p])):
+                assert abs(lp.token_logprobs[pos] - float(ref[pos - 1, ids[p][pos]])) < TOL
+            # greedy: the first new token is the argmax after the whole prompt
+            assert lp.token_logprobs[len(ids[p])] == pytest.approx(float(ref[-1].max()),
+                                                                   abs=TOL)
+    assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
+    assert by_text.choices[0].text != by_text.choices[2].text
+    # one prompt alone gives what its choices in the batch gave
+    alone = client.completions.create(prompt=PROMPTS[1], **kw)
+    assert [c.text for c in alone.choices] == [c.text for c in by_text.choices[2:]]
+    # streamed: each index reassembles its choice; the usage chunk sums the prompts
+    parts: dict[int, str] = {}
+    usage = None
+    for chunk in client.completions.create(prompt=ids, stream=True,
+                                           stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + c.text
+        usage = chunk.usage or usage
+    assert [parts[i] for i in range(4)] == [c.text for c in by_text.choices]
+    assert usage.prompt_tokens == sum(map(len, ids)) and usage.completion_tokens == 8
+    lp_server.assert_no_leaks()
+
+
+@pytest.mark.parametrize("prompt, fragment", [
+    ([[1, 2, 3], [4, 10**6]], "prompt[1]: token ids must be in [0, "),
+    ([[1, 2, 3], [-1]], "prompt[1]: token ids must be in [0, "),
+    ([[1, 2], []], "prompt[1] is empty"),
+    ([], "empty"),
+    (["a", 1], "prompt"),
+    ([[1]] * 257, "at most 256 prompts"),
+])
+def test_completion_bad_prompts_are_openai_400s(lp_server, client, prompt, fragment):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="demo", prompt=prompt, max_tokens=1)
+    assert fragment in str(err.value)
+    assert err.value.body["type"] == "invalid_request_error"
+    lp_server.assert_no_leaks()
+
+
+def test_too_many_choices_is_400(lp_server, client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="demo", prompt=["a"] * 17, n=16, max_tokens=1)
+    assert "choices per request" in str(err.value)
+
+
+# ------------------------------------------------------- n choices share the prompt's pages
+def test_n_choices_compute_the_prompt_once(lp_server, client):
+    """n=4 on a 200-token prompt: the first choice prefills it, the other three read every
+    full page of it from the prefix cache (engine counters), and still sample differently."""
+    ctx = lp_server.app.state.ctx
+    bs = ctx.block_size
+    for api in ("completions", "chat"):
+        before = ctx.engine.stats()
+        if api == "completions":   # token ids nobody sent before: nothing cached yet
+            prompt = [(i * 7919) % 4000 + 100 for i in range(200)]
+            r = client.completions.create(model="demo", prompt=prompt, max_tokens=3, n=4,
+                                          seed=3, extra_body={"ignore_eos": True})
+            texts = [c.text for c in r.choices]
+            num_prompt = 200
+        else:
+            content = " ".join(f"w{i}" for i in range(120))
+            r = client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": content}], max_tokens=3,
+                n=4, seed=3, extra_body={"ignore_eos": True})
+            texts = [c.message.content for c in r.choices]
+            num_prompt = r.usage.prompt_tokens
+        after = ctx.engine.stats()
+        assert num_prompt >= 200
+        hits = after.prefix_cache_hits - before.prefix_cache_hits
+        assert hits == 3 * ((num_prompt - 1) // bs) * bs, (api, hits, num_prompt)
+        assert len(set(texts)) > 1
+    lp_server.assert_no_leaks()

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from tokenfactory.api import structured
 from tokenfactory.api.errors import APIError, openai_error_body
 from tokenfactory.api.limits import check_nesting
-from tokenfactory.api.openai_models import ChatCompletionRequest, CompletionRequest
+from tokenfactory.api.openai_models import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       cost_headers, Started, TextEvent, make_sampling_params)
 from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_disconnected,
@@ -201,23 +201,51 @@ class _Tracked(Generation):
         self.last_output = out
         return out
 
+    async def prefilled(self) -> None:
+        """Wait for the first engine output (the prompt is then in the KV cache and its full
+        pages in the prefix cache) or the end of the request, without consuming anything."""
+        while not self._pending and not self._pump_done:
+            self._ready.clear()
+            await self._ready.wait()
 
-async def _start_all(ctx: ServingContext, cid: str, ids: list[int], params_list: list,
-                     tenant: str | None, trace, parser=None) -> list[Generation]:
-    """Submit one engine request per choice (each with its own tool parser); if one cannot
-    start, those already submitted are aborted."""
-    gens: list[Generation] = []
+
+async def _start_all(ctx: ServingContext, cid: str, jobs: list[tuple[list[int], Any]],
+                     tenant: str | None, trace, parser=None, *, n: int = 1) -> list[Generation]:
+    """Submit one engine request per (prompt ids, params) job (each with its own tool parser);
+    jobs come in groups of ``n`` choices of one prompt. If one cannot start, those already
+    submitted are aborted.
+
+    The n choices of a prompt share its KV pages: the engine's prefix cache only knows a
+    page once it is computed, so choices admitted together would each prefill the prompt.
+    The first choice of each prompt goes first; the others are submitted once its first
+    output arrived (its prompt pages are then cached) and read those pages from cache."""
+    slots: list[Generation | None] = [None] * len(jobs)
+
+    async def submit(i: int) -> None:
+        ids, params = jobs[i]
+        slots[i] = _Tracked(ctx, cid if i == 0 else f"{cid}-{i}", ids, params,
+                            cache_salt=tenant, breakpoints=[], overload_status=429,
+                            trace=trace if i == 0 else None,
+                            parser=parser() if parser is not None else None)
+        await slots[i].start()
+
+    share = n > 1 and ctx.prefix_caching
     try:
-        for i, params in enumerate(params_list):
-            gen = _Tracked(ctx, cid if i == 0 else f"{cid}-{i}", ids, params, cache_salt=tenant,
-                           breakpoints=[], overload_status=429, trace=trace if i == 0 else None,
-                           parser=parser() if parser is not None else None)
-            gens.append(gen)
-            await gen.start()
+        for i in range(len(jobs)):
+            if not share or i % n == 0:
+                await submit(i)
+        if share:
+            await asyncio.gather(*(slots[i].prefilled() for i in range(0, len(jobs), n)
+                                   if len(jobs[i][0]) >= ctx.block_size))
+            for i in range(len(jobs)):
+                if i % n:
+                    await submit(i)
     except BaseException:
-        for gen in gens:
-            await gen.close()
+        for gen in slots:
+            if gen is not None:
+                await gen.close()
         raise
+    gens: list[Generation] = slots   # type: ignore[assignment] - every slot is filled
     return gens
 
 
@@ -332,13 +360,16 @@ class _CompletionLogprobs:
         return out
 
 
-def _usage(outs) -> dict:
-    """One usage for all choices: the prompt counted once, completion tokens summed (as
-    OpenAI reports ``n`` > 1)."""
+def _usage(outs, n: int | None = None) -> dict:
+    """One usage for all choices: each prompt counted once (with the cached tokens of its
+    first choice), completion tokens summed (as OpenAI reports ``n`` > 1 and several
+    prompts). ``outs`` come in groups of ``n`` choices per prompt (default: one prompt)."""
     outs = outs if isinstance(outs, list) else [outs]
-    p, c = len(outs[0].prompt_token_ids), max(outs[0].num_cached_tokens, 0)
-    n = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
+    firsts = outs[::n or len(outs)]
+    p = sum(len(o.prompt_token_ids) for o in firsts)
+    c = sum(max(o.num_cached_tokens, 0) for o in firsts)
+    done = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done,
             "prompt_tokens_details": {"cached_tokens": c}}
 
 
@@ -446,8 +477,9 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
     if reasoning and (not constrained or reasons_by_grammar):
         # a reasoning template: a leading <think> section becomes reasoning_content
         parser = functools.partial(_reasoning_parser, parser, text.rstrip().endswith("<think>"))
-    gens = await _start_all(ctx, cid, ids, _choice_params(params, body.n or 1), tenant, trace,
-                            parser)
+    n = body.n or 1
+    gens = await _start_all(ctx, cid, [(ids, p) for p in _choice_params(params, n)], tenant,
+                            trace, parser, n=n)
     headers = _headers(max_tokens, clamped, requested)
     created = int(time.time())
     if body.stream:
@@ -609,50 +641,88 @@ async def _chat_stream(ctx, gens: list[Generation], model: str, cid: str, create
 
 
 # ------------------------------------------------------------------------ completions
+def _prompt_list(prompt) -> list[str | list[int]]:
+    """The completions API's ``prompt`` as a list of prompts: a string, a list of strings, a
+    list of token ids (one prompt) or a list of token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], (str, list)):
+        return list(prompt)
+    return [prompt]
+
+
+def _check_prompts(ctx: ServingContext, prompts: list[str | list[int]]) -> None:
+    """Cheap rejections before tokenizing: each prompt's size (its bytes, or its token count
+    when given as ids) and its ids in the vocabulary."""
+    many = len(prompts) > 1
+    for i, prompt in enumerate(prompts):
+        where = f"prompt[{i}]" if many else "prompt"
+        if isinstance(prompt, str):
+            ctx.check_prompt_bytes(_utf8_len(prompt), param="prompt")
+        elif not prompt:
+            raise APIError(400, f"{where} is empty", param="prompt")
+        elif len(prompt) >= ctx.context_limit:
+            ctx.effective_max_tokens(len(prompt), 1)   # the "prompt is too long" 400
+    vocab = getattr(ctx.tokenizer, "vocab_size", None)
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, list) and vocab and any(not 0 <= t < vocab for t in prompt):
+            where = f"prompt[{i}]" if many else "prompt"
+            raise APIError(400, f"{where}: token ids must be in [0, {vocab})", param="prompt")
+
+
+async def _prompt_ids(ctx: ServingContext, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Each prompt's token ids, strings tokenized off the event loop in one go."""
+    many = len(prompts) > 1
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(await ctx.off_loop(
+        lambda: [ctx.encode(t, add_special_tokens=True) for t in texts]) if texts else [])
+    out = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+    for i, ids in enumerate(out):
+        if not ids:
+            raise APIError(400, f"prompt[{i}] is empty" if many else "the prompt is empty",
+                           param="prompt")
+    return out
+
+
 async def create_completion(ctx: ServingContext, request: Request, body: CompletionRequest,
                             tenant: str | None):
+    """Several prompts give ``n`` choices each, numbered ``prompt_index * n + j`` (as OpenAI
+    and vLLM number them); usage is summed over the prompts."""
     trace = trace_of(request)   # None unless tracing is installed (api/trace.py)
     ctx.resolve_model(body.model)
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
-    # Cheap rejections before tokenizing: the prompt's size (its bytes, or its token count
-    # when given as ids), a full queue. Tokenizing then runs off the event loop.
-    if isinstance(prompt, str):
-        ctx.check_prompt_bytes(_utf8_len(prompt), param="prompt")
-    elif len(prompt) >= ctx.context_limit:
-        ctx.effective_max_tokens(len(prompt), 1)   # the "prompt is too long" 400
+    prompts = _prompt_list(body.prompt)
+    n = body.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} "
+                            "choices per request", param="prompt")
+    _check_prompts(ctx, prompts)
     ctx.check_capacity(tenant, 429)
-    if isinstance(prompt, str):
-        text, ids = prompt, await ctx.off_loop(ctx.encode, prompt, add_special_tokens=True)
-    else:
-        text, ids = None, list(prompt)
-        vocab = getattr(ctx.tokenizer, "vocab_size", None)
-        if vocab and any(not 0 <= i < vocab for i in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
+    all_ids = await _prompt_ids(ctx, prompts)
     if trace is not None:
-        trace.mark_tokenized(len(ids))
+        trace.mark_tokenized(sum(map(len, all_ids)))
     requested = body.max_tokens or 16   # the completions API's documented default
     k = body.logprobs
-    params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, logprobs=k,
-                                            prompt_logprobs=k if body.echo else None)
+    jobs, limits = [], []
+    for ids in all_ids:
+        params, max_tokens, clamped = _sampling(ctx, body, len(ids), requested, logprobs=k,
+                                                prompt_logprobs=k if body.echo else None)
+        jobs += [(ids, p) for p in _choice_params(params, n)]
+        limits.append((max_tokens, clamped))
     cid = ctx.new_request_id("cmpl-")
-    gens = await _start_all(ctx, cid, ids, _choice_params(params, body.n or 1), tenant, trace)
-    headers = _headers(max_tokens, clamped, requested)
+    gens = await _start_all(ctx, cid, jobs, tenant, trace, n=n)
+    headers = _headers(min(m for m, _ in limits), any(c for _, c in limits), requested)
     created = int(time.time())
-    echo = (text if text is not None else ctx.tokenizer.decode(ids)) if body.echo else ""
+    echoes = [((p if isinstance(p, str) else ctx.tokenizer.decode(ids)) if body.echo else "")
+              for p, ids in zip(prompts, all_ids) for _ in range(n)]   # one per choice
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _completion_stream(ctx, gens, body.model, cid, created, echo, include_usage, k)
+        frames = _completion_stream(ctx, gens, body.model, cid, created, echoes, include_usage,
+                                    k, n)
         return StreamingResponse(with_keepalive(frames, ctx.options.ping_interval, OPENAI_KEEPALIVE),
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     async def collect():
-        parts: list[list[str]] = [[echo] for _ in gens]
+        parts: list[list[str]] = [[echo] for echo in echoes]
         finals: list[Any] = [None] * len(gens)
         try:
             async for i, ev in _merged(gens):
@@ -668,12 +738,13 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
             if k is not None:
                 lp = _CompletionLogprobs(ctx, k)
                 logprobs = _join_logprobs(
-                    lp.build(final.prompt_token_ids, final.prompt_logprobs or []) if echo else None,
+                    lp.build(final.prompt_token_ids, final.prompt_logprobs or [])
+                    if body.echo else None,
                     lp.build(final.outputs[0].token_ids, final.outputs[0].logprobs or []))
             choices.append({"index": i, "text": "".join(parts[i]), "logprobs": logprobs,
                             "finish_reason": _finish_reason(final, 0)})
         return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": choices, "usage": _usage(finals)}
+                "choices": choices, "usage": _usage(finals, n)}
 
     result = await collect_unless_disconnected(request, collect())
     return JSONResponse(result, headers={**headers, **_cost_headers(gens)})
@@ -684,7 +755,8 @@ def _join_logprobs(a: dict | None, b: dict) -> dict:
 
 
 async def _completion_stream(ctx, gens: list[Generation], model: str, cid: str, created: int,
-                             echo: str, include_usage: bool, k: int | None) -> AsyncIterator[str]:
+                             echoes: list[str], include_usage: bool, k: int | None,
+                             n: int) -> AsyncIterator[str]:
     lps = [_CompletionLogprobs(ctx, k) if k is not None else None for _ in gens]
     sent = [0] * len(gens)
     finals: list[Any] = [None] * len(gens)
@@ -706,8 +778,8 @@ async def _completion_stream(ctx, gens: list[Generation], model: str, cid: str, 
                                                           "finish_reason": finish}]})
     try:
         async for i, ev in _merged(gens):
-            if isinstance(ev, Started) and echo:
-                yield chunk(i, echo, out=ev.output, prompt=True)
+            if isinstance(ev, Started) and echoes[i]:
+                yield chunk(i, echoes[i], out=ev.output, prompt=True)
             elif isinstance(ev, TextEvent):
                 yield chunk(i, ev.text, out=gens[i].last_output)
             elif isinstance(ev, Finished):
@@ -716,7 +788,7 @@ async def _completion_stream(ctx, gens: list[Generation], model: str, cid: str, 
                 if include_usage and all(f is not None for f in finals):
                     yield openai_frame({"id": cid, "object": "text_completion",
                                         "created": created, "model": model, "choices": [],
-                                        "usage": _usage(finals)})
+                                        "usage": _usage(finals, n)})
     except APIError as exc:
         yield openai_frame(openai_error_body(exc.status, exc.message))
     except GenerationFailed as exc:

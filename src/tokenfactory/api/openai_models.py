@@ -18,6 +18,10 @@ from tokenfactory.api.limits import check_nesting
 MAX_STOP_TOKEN_IDS = 1024
 # n choices per request: each is its own engine request (they share the prompt's cached pages).
 MAX_N = 16
+# Prompts per /v1/completions request, and choices (prompts x n) per request: each choice is
+# an engine request, submitted and scheduled together.
+MAX_PROMPTS = 256
+MAX_CHOICES = 256
 MAX_TOP_LOGPROBS = 20      # the engine's bound (SamplingParams.MAX_LOGPROBS); OpenAI's is 20
 
 
@@ -159,7 +163,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[StrictInt]
+    # a string, several strings, token ids, or several token-id lists (lm-eval's default)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool | None = False
     # the completions API's logprobs: how many top alternatives per position (0: the chosen only)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -170,6 +175,13 @@ class CompletionRequest(_SamplingFields):
     @classmethod
     def _unsupported(cls, data):
         return refuse_unsupported(data, UNSUPPORTED_COMPLETION)
+
+    @field_validator("prompt")
+    @classmethod
+    def _num_prompts(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        return v
 
     @model_validator(mode="after")
     def _best_of(self):
