@@ -113,13 +113,13 @@ def test_transferred_pages_are_billed_as_computed_unless_a_cache_held_them():
     """usage.cached = tokens the decode replica's RAM held, or the prefill replica's own cache
     held: both are prefixes of the prompt, the transfer follows the decode replica's hits."""
     from tokenfactory.engine.request import CompletionOutput, RequestOutput
-    from tokenfactory.router.engine import _bill_transfer
+    from tokenfactory.router.disagg import bill_transfer
 
     def out(cached):
         return RequestOutput("r", None, list(range(200)), cached,
                              [CompletionOutput(0, "", [1])], finished=False)
 
-    assert _bill_transfer(out(192), 192, 0).num_cached_tokens == 0      # all computed fresh
-    assert _bill_transfer(out(192), 128, 0).num_cached_tokens == 64     # decode RAM: 64
-    assert _bill_transfer(out(192), 128, 160).num_cached_tokens == 160  # prefill cache: 160
-    assert _bill_transfer(out(192), 192, 400).num_cached_tokens == 192  # never above reported
+    assert bill_transfer(out(192), 192, 0).num_cached_tokens == 0      # all computed fresh
+    assert bill_transfer(out(192), 128, 0).num_cached_tokens == 64     # decode RAM: 64
+    assert bill_transfer(out(192), 128, 160).num_cached_tokens == 160  # prefill cache: 160
+    assert bill_transfer(out(192), 192, 400).num_cached_tokens == 192  # never above reported

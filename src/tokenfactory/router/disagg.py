@@ -11,14 +11,18 @@ to its prefix cache when the request is admitted there.
   manager allocated and verifies their token ids; each received page is used once.
 
 The decode replica recomputes the prompt's last (partial) block and samples the first token,
-so greedy outputs equal a single replica's.
+so greedy outputs equal a single replica's. The router records each hand-over
+(``TransferRecord`` / ``TransferTotals``) and corrects usage (``bill_transfer``): the decode
+replica counts loaded pages as cached, but they were computed for this request.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
+
+from tokenfactory.engine.request import RequestOutput
 
 
 @dataclass
@@ -172,3 +176,39 @@ class TransferConnector:
 
     def retain(self, block_hashes, ttl_seconds: float) -> None:
         return None
+
+
+@dataclass
+class TransferRecord:
+    """One prefill -> decode hand-over (disaggregated mode)."""
+
+    tokens: int                 # prompt tokens whose pages moved
+    export_seconds: float       # copying them out of the prefill replica's cache
+    seconds: float              # export done -> pages in the decode replica (object store hop)
+
+
+@dataclass
+class TransferTotals:
+    """Running sums over every hand-over (``tokenfactory_kv_transfer_*`` in /metrics)."""
+
+    count: int = 0
+    tokens: int = 0
+    export_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, r: TransferRecord) -> None:
+        self.count += 1
+        self.tokens += r.tokens
+        self.export_seconds += r.export_seconds
+        self.seconds += r.seconds
+
+
+def bill_transfer(out: RequestOutput, transferred: int, prefill_cached: int) -> RequestOutput:
+    """The decode replica counts pages a prefill replica handed over as cached; for usage
+    they were computed for this request, except where the prefill replica itself reused its
+    cache. Both caches hold prefixes: the decode replica's RAM hits are the first
+    ``reported - transferred`` tokens, the transfer the next ones, and the prefill replica's
+    own hits its first ``prefill_cached``; a token was truly reused if either cache had it."""
+    reported = out.num_cached_tokens
+    cached = max(reported - transferred, min(prefill_cached, reported))
+    return replace(out, num_cached_tokens=cached)

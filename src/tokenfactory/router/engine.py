@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
 from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStats
@@ -38,6 +38,7 @@ from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.engine.scheduler import AdmissionError, check_admission
 from tokenfactory.router.core_view import RouterCoreView
+from tokenfactory.router.disagg import TransferRecord, TransferTotals, bill_transfer
 from tokenfactory.router.health import ReplicaMetrics, ReplicaView, StallWatch
 from tokenfactory.router.index import PrefixIndex
 from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
@@ -46,31 +47,6 @@ from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaErr
 from tokenfactory.router.replica import ReplicaInfo, ReplicaItem, ReplicaRefusal, ReplicaSpec
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class TransferRecord:
-    """One prefill -> decode hand-over (disaggregated mode)."""
-
-    tokens: int                 # prompt tokens whose pages moved
-    export_seconds: float       # copying them out of the prefill replica's cache
-    seconds: float              # export done -> pages in the decode replica (object store hop)
-
-
-@dataclass
-class TransferTotals:
-    """Running sums over every hand-over (``tokenfactory_kv_transfer_*`` in /metrics)."""
-
-    count: int = 0
-    tokens: int = 0
-    export_seconds: float = 0.0
-    seconds: float = 0.0
-
-    def add(self, r: TransferRecord) -> None:
-        self.count += 1
-        self.tokens += r.tokens
-        self.export_seconds += r.export_seconds
-        self.seconds += r.seconds
-
 
 @dataclass
 class _Stream:
@@ -300,7 +276,7 @@ class RouterEngine:
                         self.core.charge(request_id, item.charges)
                         out = item.output
                         if item.transferred_tokens:
-                            out = _bill_transfer(out, item.transferred_tokens, prefill_cached)
+                            out = bill_transfer(out, item.transferred_tokens, prefill_cached)
                         stream.finished = out.finished
                         yield out
                         if stream.finished:
@@ -473,17 +449,6 @@ class RouterEngine:
 
 class _ReplicaGone(RuntimeError):
     """The replica's engine is dead though its actor answers (handled like a dead actor)."""
-
-
-def _bill_transfer(out: RequestOutput, transferred: int, prefill_cached: int) -> RequestOutput:
-    """The decode replica counts pages a prefill replica handed over as cached; for usage
-    they were computed for this request, except where the prefill replica itself reused its
-    cache. Both caches hold prefixes: the decode replica's RAM hits are the first
-    ``reported - transferred`` tokens, the transfer the next ones, and the prefill replica's
-    own hits its first ``prefill_cached``; a token was truly reused if either cache had it."""
-    reported = out.num_cached_tokens
-    cached = max(reported - transferred, min(prefill_cached, reported))
-    return replace(out, num_cached_tokens=cached)
 
 
 def _refusal_error(r: ReplicaRefusal) -> BaseException:
