@@ -313,6 +313,8 @@ def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fl
                                                SamplingParams(max_tokens=4, **GREEDY)))
         await asyncio.sleep(0.3)
         assert victim.in_flight == 5                # placed behind the full batch on replica 0
+        router.poll_once()
+        queries = router.stats().prefix_cache_queries
         ray.kill(fleet.actors[0], no_restart=False)
         t0 = time.monotonic()
         errors = 0
@@ -327,6 +329,10 @@ def test_killed_replica_ends_its_streams_reroutes_queued_and_the_other_serves(fl
         assert time.monotonic() - t0 < 60
         assert not victim.healthy and len(router.index[0]) == 0
         assert router.health()["status"] == "degraded"
+        # fleet counters keep the dead replica's counts (a Prometheus counter must not drop)
+        assert router.stats().prefix_cache_queries >= queries > 0
+        down = router.replica_metrics()[0]
+        assert not down.up and down.num_running == 0 and down.kv_pages_total == 0
         outs = await asyncio.wait_for(queued, 60)   # re-routed to replica 1
         assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
         more = await asyncio.wait_for(collect(router, "after", prompts(1, seed=4)[0],

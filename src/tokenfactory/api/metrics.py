@@ -68,7 +68,7 @@ REPLICA_SERIES = (
      "KV cache pages held by requests or pinned by cache_control TTLs", True),
     ("kv_usage", "tokenfactory_replica_kv_usage", "KV pages in use / total (0..1)", True),
     ("prefix_cache_hit_rate", "tokenfactory_replica_prefix_cache_hit_rate",
-     "Prompt tokens found cached / looked up, since the replica (re)started", True),
+     "Prompt tokens found cached / looked up by the replica since the router started", True),
     ("prefix_cache_queries", "tokenfactory_replica_prefix_cache_queries",
      "Prompt tokens looked up in the replica's prefix cache", False),
     ("prefix_cache_hits", "tokenfactory_replica_prefix_cache_hits",

@@ -39,7 +39,7 @@ from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.engine.scheduler import AdmissionError, check_admission
 from tokenfactory.router.core_view import RouterCoreView
 from tokenfactory.router.disagg import TransferRecord, TransferTotals, bill_transfer
-from tokenfactory.router.health import ReplicaMetrics, ReplicaView, StallWatch
+from tokenfactory.router.health import ReplicaMetrics, ReplicaView, StallWatch, add_stats
 from tokenfactory.router.index import PrefixIndex
 from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
                                         ReplicaState, RoundRobin, choose_replica,
@@ -188,12 +188,12 @@ class RouterEngine:
             return sum(1 for s in self._streams.values() if s.tenant == tenant and not s.started)
 
     def stats(self) -> EngineStats:
+        """Fleet totals: gauges over the replicas that are up, counters over every engine
+        each replica ran (they never drop when a replica dies or restarts)."""
         total = EngineStats(0, 0, 0, 0, 0, 0, 0, 0)
-        for r in self.replicas:
-            if r.healthy and r.stats is not None:
-                total = EngineStats(*(a + b for a, b in zip(
-                    (getattr(total, f) for f in total.__dataclass_fields__),
-                    (getattr(r.stats, f) for f in r.stats.__dataclass_fields__))))
+        with self._lock:
+            for r in self.replicas:
+                total = add_stats(total, r.lifetime_stats(self.info.num_blocks))
         return total
 
     def replica_metrics(self) -> list[ReplicaMetrics]:
@@ -368,7 +368,9 @@ class RouterEngine:
                 pass
 
     # ---------------------------------------------------------------- health
-    def _mark_dead(self, ri: int, exc: BaseException | str) -> None:
+    def _mark_dead(self, ri: int, exc: BaseException | str, retire: bool = False) -> None:
+        """``retire``: the engine is being killed (hung): a late answer from it must not
+        revive the replica (a real death needs no such guard: Ray starts a new one)."""
         view = self.replicas[ri]
         with self._lock:
             if view.healthy:
@@ -376,9 +378,10 @@ class RouterEngine:
                 log.warning("replica %d is down: %s", ri, exc)
             view.healthy = False
             view.error = str(exc)[:200]
-            if view.incarnation is not None:     # a late answer from it must not revive it
+            if retire and view.incarnation is not None:
                 view.retired.add(view.incarnation)
-            view.incarnation = None
+            # the incarnation is kept: the poll tells a restarted engine (a new one) from this
+            # one answering after all (then only its index entries, dropped here, are missing)
             self.index.drop_replica(ri)
 
     def _mark_hung(self, ri: int, reason: str) -> None:
@@ -388,7 +391,7 @@ class RouterEngine:
 
         if not self.replicas[ri].healthy:
             return
-        self._mark_dead(ri, f"hung: {reason}")
+        self._mark_dead(ri, f"hung: {reason}", retire=True)
         try:
             ray.kill(self.actors[ri], no_restart=False)
         except Exception as exc:  # noqa: BLE001 - gone already; Ray restarts it or not
@@ -430,6 +433,7 @@ class RouterEngine:
                     self.index.drop_replica(ri)
                     view.incarnation = p.incarnation
                     view.watch.reset()
+                    view.new_engine()
                 self.index.apply(ri, p.events)
                 view.stats = p.stats
                 view.healthy = p.alive

@@ -16,9 +16,15 @@ Plain Python, no Ray: the rules are unit-testable (tests/router/test_policy.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from tokenfactory.engine.async_engine import EngineStats
+
+# EngineStats fields that only grow while one engine lives; the router keeps them growing
+# across a replica's restarts (Prometheus counters must not drop when a replica dies)
+COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_steps", "connector_queries",
+            "connector_hits")
+GAUGES = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free", "kv_blocks_pinned")
 
 
 @dataclass
@@ -55,14 +61,34 @@ class ReplicaView:
     stats: EngineStats | None = None    # as last polled
     error: str | None = None
     watch: StallWatch = field(default_factory=lambda: StallWatch(30.0))
-    retired: set[str] = field(default_factory=set)   # incarnations found dead or hung
+    retired: set[str] = field(default_factory=set)   # incarnations found hung (killed)
+    # counters of the engines this replica ran before the current one
+    counter_base: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+
+    def new_engine(self) -> None:
+        """Ray restarted the actor: keep the old engine's counters, forget its gauges."""
+        if self.stats is not None:
+            for k in COUNTERS:
+                self.counter_base[k] += getattr(self.stats, k)
+        self.stats = None
+
+    def lifetime_stats(self, num_blocks: int) -> EngineStats:
+        """Its last polled stats with the counters summed over every engine it ran; gauges
+        of a replica that is down are zero (nothing runs there, its pages are gone)."""
+        s = self.stats or EngineStats(0, 0, num_blocks, num_blocks, 0, 0, 0, 0)
+        s = replace(s, **{k: getattr(s, k) + self.counter_base[k] for k in COUNTERS})
+        return s if self.healthy else replace(s, **dict.fromkeys(GAUGES, 0))
+
+
+def add_stats(a: EngineStats, b: EngineStats) -> EngineStats:
+    return EngineStats(*(getattr(a, f.name) + getattr(b, f.name) for f in fields(EngineStats)))
 
 
 @dataclass
 class ReplicaMetrics:
-    """One replica's figures for /metrics (``replica`` label): plain data, read at scrape time.
-    Engine counters come from the replica's last poll and restart from 0 with a new
-    incarnation (Prometheus treats that as a counter reset)."""
+    """One replica's figures for /metrics (``replica`` label): plain data, read at scrape time
+    from the replica's last poll; counters keep growing across its restarts, gauges of a
+    replica that is down are zero."""
 
     replica: str                 # the label value: the replica's index
     up: bool
@@ -73,8 +99,8 @@ class ReplicaMetrics:
     num_waiting: int
     kv_pages_total: int
     kv_pages_used: int           # held by requests or pinned by cache_control TTLs
-    prefix_cache_queries: int    # prompt tokens looked up (counter)
-    prefix_cache_hits: int       # prompt tokens found cached (counter)
+    prefix_cache_queries: int    # prompt tokens looked up (counter, across restarts)
+    prefix_cache_hits: int       # prompt tokens found cached (counter, across restarts)
 
     @property
     def kv_usage(self) -> float:
@@ -87,7 +113,7 @@ class ReplicaMetrics:
 
     @classmethod
     def of(cls, view: ReplicaView, num_blocks: int) -> "ReplicaMetrics":
-        s = view.stats or EngineStats(0, 0, num_blocks, num_blocks, 0, 0, 0, 0)
+        s = view.lifetime_stats(num_blocks)
         return cls(str(view.index), view.healthy, view.in_flight, view.routed, view.deaths,
                    s.num_running, s.num_waiting, s.kv_blocks_total,
                    s.kv_blocks_total - s.kv_blocks_free + s.kv_blocks_pinned,
