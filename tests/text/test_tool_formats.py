@@ -185,7 +185,70 @@ def test_mistral_grammars(demo_tokenizer, fmt) -> None:
         assert _accepts(demo_tokenizer, lark, "Sure." + one + one) is ok
     assert not _accepts(demo_tokenizer, tool_call_grammar(tools, fmt, choice="required"),
                         render_tool_call_text("weather", {"town": "Oslo"}, fmt))
-    assert tool_call_grammar(tools, "qwen3_coder", choice="required") is None
+
+
+
+QWEN_SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f"]},
+    "opts": {"type": "object", "properties": {"a": {"type": "boolean"}},
+             "additionalProperties": False}},
+    "required": ["city"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("args, ok", [
+    ({"city": "Oslo"}, True),
+    ({"city": "Oslo\n  Norway <b>", "days": 3, "unit": "f", "opts": {"a": True}}, True),
+    ({"days": 3}, False),                              # required city missing
+    ({"city": "x", "days": "three"}, False),           # not an integer
+    ({"city": "x", "unit": "k"}, False),               # not in the enum
+    ({"city": "x", "extra": 1}, False),                # not a parameter of the tool
+    ({"city": "x", "opts": {"a": 1}}, False),          # nested schema held too
+    ({"city": "a</parameter>b"}, False),               # a raw value cannot end early
+])
+def test_qwen3_coder_grammar_holds_calls_to_the_schema(demo_tokenizer, args, ok) -> None:
+    """The grammar admits exactly the rendered calls whose values fit the schema, and what it
+    admits parses back (the same parser as a free call) to those arguments."""
+    from tokenfactory.text.grammar import special_tokens
+    from tokenfactory.text.tool_parsers import tool_call_grammar
+    tools = [("weather", QWEN_SCHEMA, True), ("anything", None, False)]
+    text = render_tool_call_text("weather", args, "qwen3_coder")
+    specials = special_tokens(demo_tokenizer)
+    for choice, name in (("required", None), ("named", "weather"), ("auto", None)):
+        lark = tool_call_grammar(tools, "qwen3_coder", choice=choice, name=name,
+                                 special_tokens=specials)
+        assert _accepts(demo_tokenizer, lark, text) is ok, choice
+    if ok:
+        text_out, calls = summarize(run(Qwen3CoderToolParser(
+            stream_arguments=True, tools={"weather": QWEN_SCHEMA}), [text]))
+        assert calls == [("weather", args)] and text_out == ""
+
+
+def test_qwen3_coder_grammar_choices(demo_tokenizer) -> None:
+    from tokenfactory.text.grammar import special_tokens
+    from tokenfactory.text.tool_parsers import tool_call_grammar
+    tools = [("weather", QWEN_SCHEMA, False), ("anything", None, False)]
+    specials = special_tokens(demo_tokenizer)
+    one = render_tool_call_text("weather", {"city": "a"}, "qwen3_coder")
+    free = render_tool_call_text("anything", {"z": "any <b> text", "n": "1"}, "qwen3_coder")
+
+    def lark(**kw):
+        return tool_call_grammar(tools, "qwen3_coder", special_tokens=specials, **kw)
+    assert _accepts(demo_tokenizer, lark(choice="required"), free)   # any parameters
+    assert not _accepts(demo_tokenizer, lark(choice="named", name="weather"), free)
+    assert not _accepts(demo_tokenizer, lark(choice="required"), "Sure. " + one)
+    assert not _accepts(demo_tokenizer, lark(choice="required"), one + "\n" + one)
+    auto = lark(choice="auto")
+    assert _accepts(demo_tokenizer, auto, "plain text")
+    assert _accepts(demo_tokenizer, auto, "Sure.\n" + one + "\n" + free)
+    assert not _accepts(demo_tokenizer, lark(choice="auto", parallel=False), one + "\n" + one)
+
+
+def test_qwen3_coder_strict_refuses_what_a_raw_value_cannot_hold() -> None:
+    from tokenfactory.text.tool_parsers import tool_call_grammar
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^a+$"}}}
+    with pytest.raises(ValueError, match="pattern cannot be enforced"):
+        tool_call_grammar([("f", schema, True)], "qwen3_coder", choice="required")
+    assert tool_call_grammar([("f", schema, False)], "qwen3_coder", choice="required")
 
 
 @settings(max_examples=200, deadline=None)

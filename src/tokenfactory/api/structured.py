@@ -138,8 +138,11 @@ def tool_constraint(tokenizer: Any, tools: list[tuple[str, dict | None, bool]],
     from tokenfactory.text.grammar import special_tokens
     from tokenfactory.text.tool_parsers import tool_call_grammar
     specials = special_tokens(tokenizer) if getattr(tokenizer, "backend", None) else None
-    lark = tool_call_grammar(tools, parser_name, choice=choice, name=name, parallel=parallel,
-                             special_tokens=specials)
+    try:
+        lark = tool_call_grammar(tools, parser_name, choice=choice, name=name,
+                                 parallel=parallel, special_tokens=specials)
+    except ValueError as exc:   # a schema the format's grammar cannot hold a call to
+        raise APIError(400, f"{param}: {exc}", param=param) from None
     if lark is None:
         return None
     return compile_or_400(tokenizer, _spec(param, lark=lark), param)

@@ -15,6 +15,7 @@ never raises on model output; a malformed call held back comes out as text, byte
   arguments go out as the JSON object those values make, laid out as ``json.dumps`` lays it
   out, one fragment per key and value as each is read (string values piece by piece when
   ``stream_arguments``), so the fragments concatenate to exactly ``json.dumps(arguments)``.
+  ``qwen3_coder_call_grammar`` constrains such a call (forced calls, strict tools).
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ import json
 import re
 from typing import Any
 
-from tokenfactory.text.tool_parser_base import (_HERMES_HEAD, ParserEvent, ToolCallArgsDelta,
-                                               ToolCallEnd, ToolCallParser, ToolCallStart,
-                                               _ObjectScanner, _partial_marker_len,
-                                               _validate_call)
+from tokenfactory.text.tool_parser_base import (_HERMES_HEAD, _JSON_LAYOUT, ParserEvent,
+                                               ToolCallArgsDelta, ToolCallEnd, ToolCallParser,
+                                               ToolCallStart, _lit, _ObjectScanner,
+                                               _partial_marker_len, _validate_call)
 
-__all__ = ["MistralToolParser", "MistralArgsToolParser", "Qwen3CoderToolParser"]
+__all__ = ["MistralToolParser", "MistralArgsToolParser", "Qwen3CoderToolParser",
+           "qwen3_coder_call_grammar"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 _MAX_HEAD = 512   # a call head (name, markers) longer than this is not a call
@@ -441,3 +443,79 @@ class Qwen3CoderToolParser(ToolCallParser):
         self._buf = self._raw = ""
         self._flush_text(out)
         return out
+
+
+# ------------------------------------------------------------ Qwen3-Coder XML call grammar
+_PARAM_NAME = re.compile(r"[^<>\n]{1,128}")
+# A raw value ends at the layout newline before </parameter>; it may not hold the markers the
+# parser ends a value at (</parameter>, and <parameter= / </function> while streaming).
+_RAW_VALUE = (r'[suffix="\n</parameter>\n"]: /(.|\n)*/ '
+              r'& ~/(.|\n)*(<\/parameter>|<parameter=|<\/function>)(.|\n)*/')
+_PARAM_TAIL = "\n</parameter>\n"
+# string keywords a raw (unquoted) value cannot be held to by the grammar
+_RAW_UNENFORCED = ("pattern", "format", "minLength", "maxLength")
+
+
+def qwen3_coder_call_grammar(i: int, name: str, schema: dict | None, strict: bool,
+                             special_tokens: dict[str, int] | None) -> tuple[str, list[str]]:
+    """(Lark for one call of tool ``name`` after its ``<tool_call>`` marker, the rules it
+    uses; names are suffixed with ``i``), in exactly the layout ``render_tool_call_text``
+    gives. Parameters come in the schema's order, required ones always, the others optional;
+    a schema without ``properties`` takes any parameters. A value is JSON of its schema
+    (``%json``: integers, numbers, booleans, objects, arrays, null), one of a string
+    ``enum``/``const``, or raw text for strings. Raw text cannot be held to ``pattern``,
+    ``format`` or lengths: a strict tool using them is a ValueError, a lenient one skips them.
+    """
+    schema = schema if isinstance(schema, dict) else {}
+    defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = set(schema.get("required") or ())
+    raw = f"xraw{i}"
+    rules = [raw + _RAW_VALUE]
+    parts = []
+    for j, (key, sub) in enumerate(props.items()):
+        if not _PARAM_NAME.fullmatch(key):
+            raise ValueError(f"tool {name!r}: parameter name {key[:40]!r} cannot be written "
+                             "as <parameter=NAME>")
+        rule = f"xp{i}_{j}"
+        head = _lit(f"<parameter={key}>\n")
+        rules.append(f"{rule}: {head} {_value(sub, defs, strict, raw, f'{name}.{key}')}")
+        parts.append(rule if key in required else f"{rule}?")
+    if not props:   # any parameters, any values
+        rules.append(f'xany{i}: "<parameter=" /[^<>\\n]{{1,128}}/ ">\\n" {raw}')
+        parts.append(f"xany{i}*")
+    empty = render_qwen3_coder_call(name, {})
+    cut = empty.index("</function>")
+    before, after = empty[:cut], empty[cut:]
+    before = before[len(Qwen3CoderToolParser.START):]   # the caller writes the marker
+    body = " ".join([_lit(before, special_tokens), *parts, _lit(after, special_tokens)])
+    return body, rules
+
+
+def render_qwen3_coder_call(name: str, arguments: dict) -> str:
+    """The exact text of one call (strings raw, other values as JSON), as templates render
+    it and the grammar above admits it."""
+    params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}"
+                     "\n</parameter>\n" for k, v in arguments.items())
+    return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+
+
+def _value(sub: Any, defs: dict, strict: bool, raw: str, where: str) -> str:
+    """Lark for one parameter's value and the layout after it."""
+    sub = sub if isinstance(sub, dict) else {}
+    types = _schema_types(sub)
+    tail = _lit(_PARAM_TAIL)
+    choices = sub.get("enum") if "enum" in sub else [sub["const"]] if "const" in sub else None
+    if choices and all(isinstance(c, str) for c in choices) and types <= {"string"}:
+        return "(" + " | ".join(_lit(c) for c in choices) + ") " + tail
+    if types and "string" not in types or choices and not all(isinstance(c, str)
+                                                               for c in choices):
+        # JSON, as the parser reads it back (typed_value)
+        held = dict(sub, **defs, **{"x-guidance": dict(_JSON_LAYOUT, lenient=not strict)})
+        return "%json " + json.dumps(held, ensure_ascii=False, separators=(",", ":")) + " " + tail
+    if strict:
+        bad = [k for k in _RAW_UNENFORCED if k in sub]
+        if bad:
+            raise ValueError(f"{where}: {', '.join(bad)} cannot be enforced on a raw "
+                             "Qwen3-Coder parameter value; drop strict or the keyword")
+    return raw

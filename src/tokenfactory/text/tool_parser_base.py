@@ -36,6 +36,29 @@ class ToolCallEnd:
 
 ParserEvent = Union[TextDelta, ToolCallStart, ToolCallArgsDelta, ToolCallEnd]
 
+# JSON in a call grammar laid out as json.dumps lays it out (the templates render earlier calls
+# that way), with no free whitespace
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _lit(text: str, specials: dict[str, int] | None = None) -> str:
+    """Lark for the literal ``text``: string literals, with each special token of the
+    tokenizer in it (``<tool_call>`` is one in some vocabularies) as a token reference
+    ``<[id]>`` (a special token never matches its text byte by byte)."""
+    found = [t for t in specials or {} if t and t in text]
+    if not found:
+        return json.dumps(text, ensure_ascii=False)
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)))
+    parts, pos = [], 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            parts.append(json.dumps(text[pos:m.start()], ensure_ascii=False))
+        parts.append(f"<[{specials[m.group(0)]}]>")
+        pos = m.end()
+    if pos < len(text):
+        parts.append(json.dumps(text[pos:], ensure_ascii=False))
+    return " ".join(parts)
+
 
 def _partial_marker_len(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker`."""

@@ -51,9 +51,11 @@ __all__ = [
 from tokenfactory.text.tool_parser_base import (_HERMES_HEAD, ParserEvent,  # noqa: F401
                                                TextDelta, ToolCallArgsDelta, ToolCallEnd,
                                                ToolCallParser, ToolCallStart, _ObjectScanner,
-                                               _partial_marker_len, _validate_call)
+                                               _JSON_LAYOUT, _lit, _partial_marker_len,
+                                               _validate_call)
 from tokenfactory.text.tool_formats import (MistralArgsToolParser, MistralToolParser,
-                                            Qwen3CoderToolParser)
+                                            Qwen3CoderToolParser, qwen3_coder_call_grammar,
+                                            render_qwen3_coder_call)
 
 
 class HermesToolParser(ToolCallParser):
@@ -363,35 +365,13 @@ def render_tool_call_text(name: str, arguments: dict, parser_name: str) -> str:
     if parser_name == "mistral_args":
         return "[TOOL_CALLS]" + name + "[ARGS]" + json.dumps(arguments, ensure_ascii=False)
     if parser_name == "qwen3_coder":
-        params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}"
-                         "\n</parameter>\n" for k, v in arguments.items())
-        return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+        return render_qwen3_coder_call(name, arguments)
     raise ValueError(f"unknown tool parser {parser_name!r}; available: {sorted(TOOL_PARSERS)}")
 
 
 # ------------------------------------------------------------------------ grammars
 _PLACEHOLDER = {"__tf_args__": 0}
 _ANY_OBJECT = {"type": "object"}
-_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-def _lit(text: str, specials: dict[str, int] | None = None) -> str:
-    """Lark for the literal ``text``: string literals, with each special token of the
-    tokenizer in it (``<tool_call>`` is one in some vocabularies) as a token reference
-    ``<[id]>`` (a special token never matches its text byte by byte)."""
-    found = [t for t in specials or {} if t and t in text]
-    if not found:
-        return json.dumps(text, ensure_ascii=False)
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)))
-    parts, pos = [], 0
-    for m in pattern.finditer(text):
-        if m.start() > pos:
-            parts.append(json.dumps(text[pos:m.start()], ensure_ascii=False))
-        parts.append(f"<[{specials[m.group(0)]}]>")
-        pos = m.end()
-    if pos < len(text):
-        parts.append(json.dumps(text[pos:], ensure_ascii=False))
-    return " ".join(parts)
 
 
 def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: str, *,
@@ -413,11 +393,18 @@ def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: s
     """
     parser_cls = TOOL_PARSERS[parser_name]
     marker = getattr(parser_cls, "START", None)
-    if parser_name == "qwen3_coder" or (choice == "auto" and marker is None):
-        return None   # (Qwen3-Coder's arguments are not JSON: no %json to constrain them)
+    if choice == "auto" and marker is None:
+        return None
     rules, alts = [], []
     for i, (tool_name, schema, strict) in enumerate(tools):
         if choice == "named" and tool_name != name:
+            continue
+        if parser_name == "qwen3_coder":   # XML whose values are raw text (tool_formats.py)
+            call, call_rules = qwen3_coder_call_grammar(i, tool_name, schema, strict,
+                                                        special_tokens)
+            rules += call_rules
+            alts.append(call if choice == "auto"
+                        else f"{_lit(marker, special_tokens)} {call}")
             continue
         text = render_tool_call_text(tool_name, _PLACEHOLDER, parser_name)
         cut = text.index(json.dumps(_PLACEHOLDER))
