@@ -138,14 +138,22 @@ def run_prefetched(core: EngineCore, rid: str, prompt, *, wait: bool):
     return out, asked
 
 
-@pytest.mark.parametrize("wait", [True, False], ids=["read ahead", "racing the load"])
-def test_prefetched_pages_are_loaded_without_reading_again(warm, cold, wait):
+@pytest.mark.parametrize("wait,buffer_pages", [(True, None), (False, None), (True, 3)],
+                         ids=["read ahead", "racing the load", "buffer of 3 pages"])
+def test_prefetched_pages_are_loaded_without_reading_again(warm, cold, wait, buffer_pages):
     core, wh = warm
     run(core, f"seed-{core.num_steps}", PROMPT)
     wh.flush()
     evict_prompt(core)
-    before = (wh.prefetch_hits, wh.store.stats.reads, core.kv.stats().connector_hits)
-    out, asked = run_prefetched(core, f"prefetched-{core.num_steps}", PROMPT, wait=wait)
+    before = (wh.prefetch_hits, wh.store.stats.reads, core.kv.stats().connector_hits,
+              wh.prefetch_skipped)
+    default_buffer = wh.prefetch_bytes
+    if buffer_pages:
+        wh.prefetch_bytes = buffer_pages * wh.page_bytes
+    try:
+        out, asked = run_prefetched(core, f"prefetched-{core.num_steps}", PROMPT, wait=wait)
+    finally:
+        wh.prefetch_bytes = default_buffer
     assert asked == MAX_BLOCKS
     assert out.outputs[0].token_ids == cold
     assert out.usage["cached_tokens"] == MAX_BLOCKS * BS
@@ -153,7 +161,9 @@ def test_prefetched_pages_are_loaded_without_reading_again(warm, cold, wait):
     # each page file was read once, by the reader or by the load, never by both
     assert wh.store.stats.reads - before[1] == MAX_BLOCKS
     if wait:
-        assert wh.prefetch_hits - before[0] == MAX_BLOCKS
+        read_ahead = buffer_pages or MAX_BLOCKS      # a full buffer: the rest read at admission
+        assert wh.prefetch_hits - before[0] == read_ahead
+        assert wh.prefetch_skipped - before[3] == MAX_BLOCKS - read_ahead
     # pages already in RAM are not asked for
     assert core.kv.prefetch(core.add_request("again", PROMPT, GREEDY)) == 0
     core.abort("again")
@@ -180,6 +190,8 @@ def test_damaged_pages_are_recomputed_never_served(warm, cold, damage, prefetch)
         if kind == "swap" and not paths[(idx + 1) % MAX_BLOCKS].exists():
             kind = "delete"
         data = bytearray(p.read_bytes())
+        if len(data) < 68 + 8 * BS and kind != "delete":
+            continue                     # emptied or truncated by an earlier operation
         if kind == "delete":
             p.unlink()
             continue

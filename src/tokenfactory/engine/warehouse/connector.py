@@ -12,7 +12,9 @@
   the pages just saved.
 - ``prefetch`` (a request was queued and its prefix misses RAM): a reader thread reads and
   verifies those pages ahead of time into a bounded read-ahead buffer, so the ``load`` at
-  admission only copies them into the KV cache instead of waiting for the files. A ``load``
+  admission only copies them into the KV cache instead of waiting for the files. A full
+  buffer stops the read-ahead (pages for requests queued earlier are needed sooner) unless
+  it holds pages nobody loaded for a minute. A ``load``
   that reaches a page the reader is working on waits for it; one the reader has not started
   is read by ``load`` itself (and dropped from the reader's list).
 
@@ -25,6 +27,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict
 from typing import Sequence
@@ -37,6 +40,8 @@ from tokenfactory.engine.warehouse.store import PageRecord, PageStore
 from tokenfactory.model.kv_pages import as_numpy_bits
 
 log = logging.getLogger(__name__)
+
+PREFETCH_MAX_AGE = 60.0   # seconds a read-ahead page waits for its load before it may be dropped
 
 
 class WarehouseConnector:
@@ -59,8 +64,10 @@ class WarehouseConnector:
         self.prefetch_bytes = prefetch_bytes
         self.pages_prefetched = 0     # pages the reader read and verified
         self.prefetch_hits = 0        # loaded pages the reader had already read
-        self.prefetch_dropped = 0     # read-ahead pages dropped unused (buffer full)
-        self._ready: OrderedDict[bytes, PageRecord] = OrderedDict()
+        self.prefetch_dropped = 0     # read-ahead pages dropped unused (stale)
+        self.prefetch_skipped = 0     # pages not read ahead: the buffer was full
+        # hash -> (page, monotonic time read), oldest first
+        self._ready: OrderedDict[bytes, tuple[PageRecord, float]] = OrderedDict()
         self._ready_bytes = 0
         self._reading: set[bytes] = set()
         self._asked: set[bytes] = set()
@@ -122,10 +129,11 @@ class WarehouseConnector:
                 return rec
             while h in self._reading:
                 self._read_done.wait()
-            rec = self._ready.pop(h, None)
-            if rec is None:
+            entry = self._ready.pop(h, None)
+            if entry is None:
                 self._asked.discard(h)      # read here: the reader need not
                 return None
+            rec = entry[0]
             self._ready_bytes -= len(rec.payload)
             self.prefetch_hits += 1
             return rec
@@ -163,6 +171,19 @@ class WarehouseConnector:
             finally:
                 self._reads.task_done()
 
+    def _make_room(self) -> bool:
+        """Room for one more page in the read-ahead buffer (under the lock), dropping pages
+        nobody loaded within ``PREFETCH_MAX_AGE`` seconds (their request was aborted, or
+        another request brought them into RAM)."""
+        if self._ready_bytes + self.page_bytes <= self.prefetch_bytes:
+            return True
+        stale = time.monotonic() - PREFETCH_MAX_AGE
+        while self._ready and next(iter(self._ready.values()))[1] < stale:
+            _, (old, _) = self._ready.popitem(last=False)
+            self._ready_bytes -= len(old.payload)
+            self.prefetch_dropped += 1
+        return self._ready_bytes + self.page_bytes <= self.prefetch_bytes
+
     def reading(self, block_hashes: Sequence[bytes]) -> bool:
         """Whether the reader still has any of these pages to read (a scheduler may admit
         other requests first, so the read overlaps their step)."""
@@ -182,6 +203,13 @@ class WarehouseConnector:
                 if h not in self._asked:     # loaded, being loaded, or read by another job
                     prev = h
                     continue
+                if not self._make_room():
+                    # full of pages queued requests will load soon: the rest of this chain
+                    # is read at its admission instead (never evict what is needed sooner)
+                    left = self._asked.intersection(hashes)
+                    self.prefetch_skipped += len(left)
+                    self._asked.difference_update(left)
+                    return
                 self._asked.discard(h)
                 self._reading.add(h)
             rec = None
@@ -193,13 +221,9 @@ class WarehouseConnector:
                 with self._lock:
                     self._reading.discard(h)
                     if rec is not None:
-                        self._ready[h] = rec
+                        self._ready[h] = (rec, time.monotonic())
                         self._ready_bytes += len(rec.payload)
                         self.pages_prefetched += 1
-                        while self._ready_bytes > self.prefetch_bytes and len(self._ready) > 1:
-                            _, old = self._ready.popitem(last=False)
-                            self._ready_bytes -= len(old.payload)
-                            self.prefetch_dropped += 1
                     self._read_done.notify_all()
             if rec is None:                  # the chain ends here: later pages are unusable
                 with self._lock:
@@ -290,5 +314,6 @@ class WarehouseConnector:
         s = asdict(self.store.stats)
         s.update(pages_loaded=self.pages_loaded, dropped_saves=self.dropped_saves,
                  pending=len(self._pending), pages_prefetched=self.pages_prefetched,
-                 prefetch_hits=self.prefetch_hits, prefetch_dropped=self.prefetch_dropped)
+                 prefetch_hits=self.prefetch_hits, prefetch_dropped=self.prefetch_dropped,
+                 prefetch_skipped=self.prefetch_skipped)
         return s
