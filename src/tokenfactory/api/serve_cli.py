@@ -195,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode replicas with --prefill-replicas (default 1)")
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join an existing Ray cluster instead of starting a local runtime")
+    r.add_argument("--router-load-blocks", type=float, default=32.0, metavar="X",
+                   help="prefix routing: one request of extra load on a replica is worth X "
+                        "blocks of cached prefix (default 32; larger keeps sessions on their "
+                        "replica under more imbalance)")
+    r.add_argument("--replica-hang-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a replica that answers no poll, or takes no engine step while it has "
+                        "requests, for this long is restarted and its streams end with an "
+                        "error (default 30)")
     g.add_argument("--kernels", choices=["auto", "native", "torch"], default="auto",
                    help="bfloat16 CPU kernels: measured per CPU and cached (auto), or forced")
     p.add_argument("--log-level", default="info")
@@ -259,6 +267,7 @@ def _launch_replicas(args, model_dir, engine_args: dict, num_replicas: int, num_
     a router with AsyncEngine's interface (router/engine.py); the cores and the default KV
     budget are split between the replicas."""
     from tokenfactory.router.engine import RouterEngine
+    from tokenfactory.router.policy import LoadBound
     from tokenfactory.router.replica import ReplicaSpec
     total = num_replicas + num_prefill
     per = dict(engine_args)
@@ -269,11 +278,14 @@ def _launch_replicas(args, model_dir, engine_args: dict, num_replicas: int, num_
                        kernels=args.kernels,
                        threads=max(1, len(os.sched_getaffinity(0)) // total),
                        max_queued_requests=args.max_queued_requests,
-                       max_queued_per_tenant=args.max_queued_requests_per_tenant)
+                       max_queued_per_tenant=args.max_queued_requests_per_tenant,
+                       kv_warehouse=args.kv_warehouse, kv_warehouse_bytes=args.kv_warehouse_bytes)
     log.info("starting %d replica(s)%s on Ray (router: %s)", num_replicas,
              f" + {num_prefill} prefill replica(s)" if num_prefill else "", args.router)
     return RouterEngine.launch(spec, num_replicas, policy=args.router,
-                               num_prefill_replicas=num_prefill, ray_address=args.ray_address)
+                               num_prefill_replicas=num_prefill, ray_address=args.ray_address,
+                               bound=LoadBound(blocks_per_request=args.router_load_blocks),
+                               hang_timeout=args.replica_hang_timeout)
 
 
 def generation_defaults(tokenizer, model_path: str) -> dict:
@@ -336,9 +348,6 @@ def serve_main(argv: list[str]) -> int:
     num_prefill = args.prefill_replicas or 0
     num_replicas = (args.decode_replicas or 1) if num_prefill else args.replicas
     if num_replicas is not None or num_prefill:
-        if args.kv_warehouse:
-            print("error: --kv-warehouse is not supported with replicas yet", file=sys.stderr)
-            return 2
         if (num_replicas or 0) < 1 or num_prefill < 0:
             print("error: --replicas / --decode-replicas must be >= 1 and --prefill-replicas "
                   ">= 0", file=sys.stderr)
