@@ -135,6 +135,54 @@ def restore_vs_prefill(model: str, rounds: int, prefix_tokens: int) -> None:
               f"{med(cold) / med(xs):.1f}x the prefill  {[round(x, 3) for x in xs]}")
 
 
+def admission_load(model: str, rounds: int, prefix_tokens: int) -> None:
+    """What read-ahead takes off the engine thread: the time ``load`` spends at admission for a
+    ``prefix_tokens`` prefix whose pages are only on disk (read, verified and copied into the
+    pool), against the same ``load`` after ``prefetch`` read them in the background (only the
+    copy left). Interleaved rounds; the files are in the OS page cache in both."""
+    core = build_engine_core(model, kernels=None, block_size=BS,
+                             num_kv_blocks=prefix_tokens // BS + 16, max_model_len=8192)
+    rng = random.Random(1)
+    prompt = [rng.randrange(100, 49000) for _ in range(prefix_tokens + 1)]
+    n_blocks = prefix_tokens // BS
+    toks = [prompt[i * BS:(i + 1) * BS] for i in range(n_blocks)]
+    hashes, parent = [], None
+    for block in toks:
+        parent = hash_block(parent, block)
+        hashes.append(parent)
+    sync, ahead, background = [], [], []
+    with tempfile.TemporaryDirectory(prefix="tf-warehouse-") as d:
+        wh = open_warehouse(core.executor, d, max_bytes=8 << 30, prefetch_bytes=1 << 30)
+        core.kv.attach_connector(wh)
+        run(core, "fill", prompt)
+        wh.flush()
+        pool = core.kv.pool
+        for _ in range(rounds):
+            for label in ("sync", "read ahead"):
+                core.reset_prefix_cache()
+                if label == "read ahead":
+                    t = time.perf_counter()
+                    wh.prefetch(hashes, toks)
+                    wh.wait_prefetched()
+                    background.append(time.perf_counter() - t)
+                blocks = pool.allocate(n_blocks)
+                t = time.perf_counter()
+                got = wh.load(hashes, blocks, toks)
+                (sync if label == "sync" else ahead).append(time.perf_counter() - t)
+                pool.free_blocks(blocks)
+                assert got == n_blocks, got
+        wh.close()
+    med = statistics.median
+    print(f"\n## admission load of a {prefix_tokens}-token prefix from the warehouse, {rounds} "
+          f"interleaved rounds (median [runs])")
+    print(f"synchronous (read + verify + copy on the engine thread): {med(sync):.3f} s "
+          f"{[round(x, 3) for x in sync]}")
+    print(f"after read-ahead (copy only):                            {med(ahead):.3f} s "
+          f"{[round(x, 3) for x in ahead]}  -> {med(sync) / med(ahead):.1f}x less")
+    print(f"the read-ahead itself (background thread):               {med(background):.3f} s "
+          f"{[round(x, 3) for x in background]}")
+
+
 @dataclass(frozen=True)
 class AgentShape:
     """Parameters of ``bench.workloads.agentic`` for one agentic run."""
@@ -352,6 +400,8 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=0, metavar="MAX_NUM_SEQS",
                     help="also run every session at once with this max_num_seqs, read-ahead "
                          "off and on")
+    ap.add_argument("--admission-load", action="store_true",
+                    help="only the admission load with and without read-ahead")
     ap.add_argument("--skip-sequential", action="store_true",
                     help="agentic: only the --concurrent runs")
     ap.add_argument("--skip-restore", action="store_true")
@@ -361,6 +411,9 @@ def main() -> None:
     shape = replace(shape, sessions=args.sessions or shape.sessions,
                     turns=args.turns or shape.turns)
     print(f"model {args.model}; host shared with other work (2 cores): read ratios, not seconds")
+    if args.admission_load:
+        admission_load(args.model, args.rounds, args.prefix_tokens)
+        return
     if not args.skip_restore and not args.scripted:
         restore_vs_prefill(args.model, args.rounds, args.prefix_tokens)
     if not args.skip_agentic:

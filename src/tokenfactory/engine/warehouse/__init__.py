@@ -26,14 +26,15 @@ DEFAULT_MAX_BYTES = 10 << 30
 
 def open_warehouse(executor, directory: str | os.PathLike, *,
                    max_bytes: int = DEFAULT_MAX_BYTES, async_writes: bool = True,
-                   fsync: bool = False) -> WarehouseConnector:
+                   fsync: bool = False, prefetch_bytes: int = 256 << 20) -> WarehouseConnector:
     """A warehouse connector for the model a (Torch) executor runs, once its KV cache is
     allocated (after ``EngineCore`` is built). Pages move through the executor's
     ``read_kv_blocks``/``write_kv_blocks`` when it has them, else through
     ``model/kv_pages.py`` over ``executor.model``; they are keyed by the model's fingerprint
-    (weights, KV dtype, layout, block size)."""
+    (weights, KV dtype, layout, block size). ``prefetch_bytes`` bounds the read-ahead buffer."""
     model = executor.model
     kv_io = executor if hasattr(executor, "read_kv_blocks") else ModelKVPageIO(model)
     shape, dtype = page_layout(model)
     store = PageStore(directory, model_fingerprint(model), max_bytes=max_bytes, fsync=fsync)
-    return WarehouseConnector(store, kv_io, shape, dtype, async_writes=async_writes)
+    return WarehouseConnector(store, kv_io, shape, dtype, async_writes=async_writes,
+                              prefetch_bytes=prefetch_bytes)
