@@ -45,12 +45,27 @@ def scripts(n: int, seed: int) -> dict[str, list[int]]:
     return table
 
 
-def run(table, proposer=None, k=4, **cfg) -> tuple[dict, EngineCore]:
-    ex = ScriptedExecutor(lambda v: table[v.request_id], EOS)
+class RecordingExecutor(ScriptedExecutor):
+    """The scripted executor, keeping every plan it ran."""
+
+    def __init__(self, *args, plans: list):
+        super().__init__(*args)
+        self.plans = plans
+
+    def execute(self, plan):
+        self.plans.append(plan)
+        return super().execute(plan)
+
+
+def run(table, proposer=None, k=4, rows=0, plans=None, **cfg) -> tuple[dict, EngineCore]:
+    ex = (ScriptedExecutor(lambda v: table[v.request_id], EOS) if plans is None
+          else RecordingExecutor(lambda v: table[v.request_id], EOS, plans=plans))
     core = EngineCore(ex, EngineConfig(block_size=BS, num_speculative_tokens=k,
                                        num_kv_blocks=cfg.pop("num_kv_blocks", 256), **cfg),
                       model_max_len=cfg.pop("model_len", 512), eos_token_ids=[EOS],
                       proposer=proposer)
+    # the scripted executor has no native-step row limit: every step may carry drafts
+    core.scheduler.config.max_speculative_rows = rows
     n = sum(1 for key in table if ":" not in key)
     for i in range(n):
         core.add_request(f"r{i}", table[f"r{i}:prompt"],
@@ -89,6 +104,22 @@ def test_outputs_identical_with_and_without_drafts(wrong, cfg):
     assert set(proposer.done) == set(plain)
     if "num_kv_blocks" in cfg:   # a pool this small forces preemptions, drafting or not
         assert core.preemptions > 0
+
+
+def test_drafts_only_in_decode_steps_within_the_row_cap():
+    """With the default cap (the native decode step's 8 rows) drafts ride only in decode-only
+    steps of at most 8 rows, so they are verified by the decode kernels; outputs unchanged."""
+    table = scripts(5, seed=3)
+    plain, _ = run(table)
+    plans = []
+    proposer = TableProposer(table, 0.3)
+    spec, core = run(table, proposer, k=6, rows=8, plans=plans)
+    assert spec == plain
+    drafted = [p for p in plans if any(r.draft_token_ids for r in p.requests)]
+    assert drafted and len(drafted) < len(plans)
+    for p in drafted:
+        assert all(len(r.token_ids) == 1 for r in p.requests)     # decode-only
+        assert p.num_tokens <= 8
 
 
 def test_drafts_count_against_the_budget_and_limits():
@@ -130,6 +161,8 @@ def run_model(ex, prompts, params, speculative=None, proposer=None,
     core = EngineCore(ex, EngineConfig(block_size=BS, speculative=speculative,
                                        num_kv_blocks=cfg.pop("num_kv_blocks", 128), **cfg),
                       model_max_len=ex.max_model_len, eos_token_ids=[], proposer=proposer)
+    # float32 verifies identically on every path: let drafts share prefill steps too
+    core.scheduler.config.max_speculative_rows = 0
     for i, p in enumerate(prompts):
         core.add_request(str(i), p, params[i])
     done, core.preemptions = {}, 0

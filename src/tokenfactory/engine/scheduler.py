@@ -37,6 +37,12 @@ class SchedulerConfig:
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
     num_speculative_tokens: int = 0    # K: draft tokens per decoding request (with a proposer)
+    # Drafts only in decode-only steps of at most this many rows (decoding requests plus their
+    # drafts; 0: no cap, drafts share any step within the token budget). 8 is the native decode step's row limit (kernels.LINEAR_MAX_ROWS):
+    # verification then runs the very kernels plain decoding runs, so greedy output stays
+    # identical in bfloat16 (drafts verified as a prefill chunk flipped near ties: measured on
+    # SmolLM2 at concurrency 8), and past 8 rows every row costs its full compute anyway.
+    max_speculative_rows: int = 8
 
 
 class AdmissionError(ValueError):
@@ -232,9 +238,8 @@ class Scheduler:
         preempted = False
 
         # 1. Running requests, oldest first.
-        # decoding requests (one new token each) share the step: drafts cost more among many
-        num_decodes = (sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
-                       if self.proposer is not None else 0)
+        num_decodes, spare_rows = self._speculative_rows()
+        decodes_left = num_decodes
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -242,7 +247,12 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            drafts = self._drafts(req, budget, num_decodes) if num_new == 1 else []
+            drafts = []
+            if num_new == 1 and spare_rows > 0:   # a fair share of the rows left for drafts
+                drafts = self._drafts(req, min(budget, 1 + spare_rows // max(1, decodes_left)),
+                                      num_decodes)
+                spare_rows -= len(drafts)
+                decodes_left -= 1
             if drafts and self.kv.allocate_slots(req, 1 + len(drafts)):
                 chunks.append(self._chunk(req, 1, drafts=drafts))
                 budget -= 1 + len(drafts)
@@ -295,6 +305,22 @@ class Scheduler:
         if chunks:   # delivered with the next plan that reaches the executor
             plan.finished_ids, self._finished_ids = self._finished_ids, []
         return plan
+
+    def _speculative_rows(self) -> tuple[int, int]:
+        """(decoding requests, rows left for their drafts) for the next step. No drafts when the
+        step will not be decode-only (a running request still prefilling, or room to admit a
+        waiting one): verification would leave the decode kernels (``max_speculative_rows``)."""
+        if self.proposer is None:
+            return 0, 0
+        cap = self.config.max_speculative_rows
+        lefts = [r.num_tokens - r.num_computed_tokens for r in self.running]
+        num_decodes = lefts.count(1)
+        if cap <= 0:       # no cap: drafts share any step, within the token budget
+            return num_decodes, self.config.max_num_batched_tokens
+        if any(n > 1 for n in lefts) or (self.waiting
+                                         and len(self.running) < self.config.max_num_seqs):
+            return num_decodes, 0
+        return num_decodes, max(0, cap - num_decodes)
 
     def _drafts(self, req: Request, budget: int, num_decodes: int = 1) -> list[int]:
         """Draft tokens for a decoding request: at most K, within the budget, and no more than
