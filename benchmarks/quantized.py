@@ -28,20 +28,24 @@ each a different question, median). ``llama-bench`` numbers (the same model outs
 short on a shared host and say so when quoting numbers (this 2-core machine is shared); there,
 ``OMP_NUM_THREADS=1 ... --clock cpu`` counts CPU seconds of one thread instead of wall time.
 
-Measured 2026-11-29 15:15 UTC, SmolLM2-135M Q4_1, AMD EPYC Zen 4 (2 cores, AVX-512 BF16),
-host shared by 8 sessions (load average 5-12): ``OMP_NUM_THREADS=1 .venv/bin/python
-benchmarks/quantized.py --repeats 3 --decode-steps 24 --clock cpu``, medians, one thread:
+Measured 2026-11-29 17:16 UTC (int8-activation VNNI decode kernel), SmolLM2-135M Q4_1, AMD
+EPYC Zen 4 (2 cores, AVX-512 VNNI + BF16), host shared by 7 sessions (load average 15-19):
+``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quantized.py --repeats 3 --decode-steps 24
+--clock cpu``, medians, one thread, CPU time:
 
     linear weights read per token   Q4_1+Q8_0 96.4 MB   bf16 269.0 MB
-    all linears once, batch 1       13.8 ms (7.0 GB/s)  11.9 ms (22.6 GB/s)
-    decode b1, native decode step   78.0 tok/s          91.7 tok/s
-    decode b1, torch forward        48.3 tok/s          53.2 tok/s
-    prefill 512                     689 tok/s           725 tok/s
+    all linears once, batch 1       10.2 ms (9.4 GB/s)  12.5 ms (21.6 GB/s; host read 21.3)
+      qkv / o / gate_up / down      1.56/1.13/3.79/2.27 1.96/1.52/4.87/2.74 ms (30 layers)
+      lm_head (Q8_0 vs bf16)        1.65 ms (18.2 GB/s) 2.34 ms (24.2 GB/s)
+    decode b1, native decode step   117.3 tok/s         94.8 tok/s   (1.24x; before: 78 vs 92)
+    decode b1, torch forward        49.3 tok/s          46.0 tok/s
+    prefill 512                     633 tok/s           676 tok/s    (both oneDNN bf16 GEMM)
 
-One thread reads bf16 at its bandwidth while the quantized kernel is bound by instructions
-(~10 cycles a Q4_1 block), so per core it is ~15% slower; with both cores the bf16 path stays
-at the memory's bandwidth and the quantized one should scale with cores -- not measurable
-here while the host was loaded (2-thread wall-clock rounds varied 10x).
+The per-kind times above go through QuantLinear.forward (a Python call each: the 30 small
+o_proj calls are mostly overhead); the native decode step runs the same kernels without it.
+The quantized kernel is bound by instructions (~6 cycles a Q4_1 block, ~12 GB/s a core), bf16
+by memory: per core the quantized path now wins by the bytes it skips; with both cores bf16
+stays at the memory's bandwidth while the quantized kernels scale with cores.
 """
 from __future__ import annotations
 
@@ -158,6 +162,61 @@ def time_prefill(model, n: int) -> float:
     return n / (CLOCK() - t)
 
 
+def llama_cpu(gguf: str, repeats: int, prefill_sizes: list[int], ttft_tokens: int) -> dict:
+    """llama.cpp on one thread, in CPU seconds (a shared host's fair clock, as ``--clock cpu``
+    is for ours): llama-bench runs as a child process and the children's CPU time is
+    read around each run; a run with a 1-token prompt and nothing generated (model load,
+    graph setup) is subtracted. Returns tok/s for batch-1 decode (128 tokens), each prefill
+    size, and the CPU ms of a ``ttft_tokens`` prompt plus one generated token."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from real_model_peer import llama_binary
+    binary = llama_binary("llama-bench")
+    if not binary.exists():
+        return {"error": f"no {binary}"}
+
+    def cpu(p: int, n: int) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([str(binary), "-m", gguf, "-p", str(p), "-n", str(n), "-r", str(repeats),
+                        "-t", "1", "--no-warmup", "-o", "json"], check=True,
+                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    base = cpu(1, 0)
+    out = {"decode_tok_s": repeats * 128 / (cpu(0, 128) - base)}
+    for n in prefill_sizes:
+        out[f"prefill_{n}_tok_s"] = repeats * n / (cpu(n, 0) - base)
+    # -p N -n 1 runs the prompt and the generation as separate tests: add their parts
+    t_prompt = (cpu(ttft_tokens, 0) - base) / repeats
+    t_token = 1.0 / out["decode_tok_s"]
+    out["ttft_cpu_ms"] = (t_prompt + t_token) * 1e3
+    return out
+
+
+def time_ttft(model, n: int) -> float:
+    """Seconds of a ``n``-token prefill plus one decode step (torch forward): the compute in
+    a short chat request's time to first token, without the server around it."""
+    pages = (n + 8) // BS + 2
+    bind_cache(model, pages)
+    ids = torch.randint(0, 40000, (n,), generator=torch.Generator().manual_seed(1))
+    table = torch.arange(pages)
+    with torch.no_grad():
+        t = CLOCK()
+        meta = AttentionMetadata(block_size=BS, slot_mapping=torch.arange(n),
+                                 prefills=[PrefillSeq(0, n, 0, table)])
+        h = model(ids, torch.arange(n), meta)
+        model.compute_logits(h[-1:])
+        pos = torch.tensor([n])
+        meta = AttentionMetadata(block_size=BS, slot_mapping=pos, num_decodes=1,
+                                 decode_groups=[DecodeGroup(0, 1, table[None], pos)])
+        model.compute_logits(model(torch.tensor([5]), pos, meta))
+    return CLOCK() - t
+
+
 def read_bandwidth() -> float:
     """GB/s of a plain read (sum) of 256 MB: the host's streaming bandwidth, roughly."""
     buf = torch.ones(64 << 20, dtype=torch.float32)
@@ -229,22 +288,24 @@ def run_servers(args) -> int:
     gguf = Path(args.gguf or default_model_path())
     ours = [str(Path(sys.executable).parent / "tokenfactory"), "serve", "--model", str(gguf),
             "--host", "127.0.0.1"]
+    threads = args.threads or os.cpu_count()   # both sides the same number of cores
+    ours_env = {"OMP_NUM_THREADS": str(threads)} if args.threads else {}
     servers = {}
     for name in args.servers.split(","):
         port = peer.free_port()
         if name in ("ours-gguf", "ours-none"):
             cmd = ours + ["--port", str(port), "--quantization", name.removeprefix("ours-")]
-            server = peer.Server(name, cmd)
+            server = peer.Server(name, cmd, env=ours_env)
         elif name == "llama":
             server = peer.Server(name, [str(peer.PEERS / "run_llama_server.sh"), str(gguf), str(port),
-                                        "4", "2560"], env={"THREADS": str(os.cpu_count())})
+                                        "4", "2560"], env={"THREADS": str(threads)})
         else:
             raise SystemExit(f"unknown server {name!r} (ours-gguf, ours-none, llama)")
         server.port = port
         servers[name] = server
     ids = peer.prompt_ids(gguf, 2100)
     sizes = args.prefill_sizes
-    heads = peer.distinct_heads(ids, len(servers) * args.repeats * (len(sizes) + 1) + 2)
+    heads = peer.distinct_heads(ids, len(servers) * (args.repeats * (len(sizes) + 1) + 1))
     res = {name: {"decode_tok_s": [], "ttft_s": [], **{f"prefill_{n}_tok_s": [] for n in sizes}}
            for name in servers}
     head = iter(heads)
@@ -281,12 +342,12 @@ def run_servers(args) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    out = {"gguf": str(gguf), "load_average": os.getloadavg(), "servers": {}}
+    out = {"gguf": str(gguf), "threads": threads, "load_average": os.getloadavg(), "servers": {}}
     for n, r in res.items():
         out["servers"][n] = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list)}
         out["servers"][n]["raw"] = r
     if args.llama_bench:
-        out["llama_bench"] = llama_bench(str(gguf), os.cpu_count())
+        out["llama_bench"] = llama_bench(str(gguf), threads)
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
@@ -303,9 +364,18 @@ def main() -> int:
                     default=[512, 2048], help="--servers: prompt sizes")
     ap.add_argument("--ttft-requests", type=int, default=3, help="--servers: chat requests a repeat")
     ap.add_argument("--llama-bench", action="store_true", help="--servers: also run llama-bench")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="--servers: threads for every server (default: all cores). On a shared "
+                         "host 1 each: llama.cpp's thread pool stalls at every barrier when a "
+                         "core is taken (benchmarks/peers/README.md)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--prefill-2048", action="store_true", help="also a 2,048-token prefill")
+    ap.add_argument("--ttft-tokens", type=int, default=60,
+                    help="prompt tokens of the short-request TTFT compute (prefill + 1 step)")
+    ap.add_argument("--llama-cpu", action="store_true",
+                    help="also llama-bench on the same file, one thread, in CPU seconds")
     ap.add_argument("--force-native", action="store_true",
                     help="QuantLinear's native kernel for every row count")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -331,7 +401,9 @@ def main() -> int:
             m.native_max_rows = 1 << 30
     models = {"quant": quant, "bf16": bf16}
     res: dict[str, dict[str, list[float]]] = {k: {"linears_ms": [], "decode_tok_s": [],
-                                                  "native_decode_tok_s": [], "prefill_tok_s": []} for k in models}
+                                                  "native_decode_tok_s": [], "prefill_tok_s": [],
+                                                  "prefill_2048_tok_s": [], "ttft_ms": []}
+                                              for k in models}
     bandwidth = []
     for _ in range(args.repeats):
         bandwidth.append(read_bandwidth())
@@ -342,6 +414,9 @@ def main() -> int:
             res[name]["decode_tok_s"].append(time_decode(model, args.decode_steps))
             res[name]["native_decode_tok_s"].append(time_native_decode(model, args.decode_steps))
             res[name]["prefill_tok_s"].append(time_prefill(model, args.prefill))
+            if args.prefill_2048:
+                res[name]["prefill_2048_tok_s"].append(time_prefill(model, 2048))
+            res[name]["ttft_ms"].append(time_ttft(model, args.ttft_tokens) * 1e3)
     bw = statistics.median(bandwidth)
     out = {"host_read_GB_s": bw, "threads": torch.get_num_threads(), "clock": args.clock,
            "models": {}}
@@ -355,11 +430,18 @@ def main() -> int:
             "native_decode_tok_s": (statistics.median(res[name]["native_decode_tok_s"])
                                     if None not in res[name]["native_decode_tok_s"] else None),
             "prefill_tok_s": statistics.median(res[name]["prefill_tok_s"]),
+            "prefill_2048_tok_s": (statistics.median(res[name]["prefill_2048_tok_s"])
+                                   if res[name]["prefill_2048_tok_s"] else None),
+            "ttft_ms": statistics.median(res[name]["ttft_ms"]),
             "by_kind": {g: {"ms": statistics.median(res[name][f"{g}_ms"]),
                             "MB": weight_bytes(mods) / 1e6,
                             "GB_s": weight_bytes(mods) / statistics.median(res[name][f"{g}_ms"]) / 1e6}
                         for g, mods in linear_groups(model).items()},
             "raw": res[name]}
+    if args.llama_cpu:
+        out["llama_cpp_one_thread_cpu"] = llama_cpu(
+            str(path), args.repeats, [args.prefill] + ([2048] if args.prefill_2048 else []),
+            args.ttft_tokens)
     out["load_average"] = os.getloadavg()
     print(json.dumps({k: v for k, v in out.items()}, indent=1))
     if args.json:
