@@ -16,9 +16,10 @@ GGUF's, exported once by transformers and handed to both lm-eval models):
 Why the comparison is per item and not only the accuracy: two backends can agree on argmax while
 disagreeing on every number; the issue asks for each choice's log-likelihood within 1e-3.
 
-``--prompts``: lm-eval sends token ids by default, as a batch ``[[ids...]]``. A server that
-rejects that shape (a 400) gets the text instead (``tokenized_requests=False``: lm-eval decodes
-the ids and the server tokenizes them again); ``auto`` probes once and says which it used.
+``--prompts``: lm-eval sends token ids by default, as a batch ``[[ids...]]`` (``--batch-size``
+prompts per request). ``text`` sends text instead (``tokenized_requests=False``: lm-eval decodes
+the ids and the server tokenizes them again); ``auto`` probes whether the server takes token-id
+batches (it did not before 2026-11-29 17:40) and falls back to text with a note.
 """
 from __future__ import annotations
 
@@ -159,12 +160,15 @@ def run_lm_eval(name: str, model: str, model_args: dict, limit: int | None,
 
 
 def run_server_backend(base: str, tokenizer_dir: Path, limit: int | None, tokenized: bool,
-                       num_concurrent: int = 1) -> BackendResult:
+                       num_concurrent: int = 1, batch_size: int = 1) -> BackendResult:
+    """lm-eval's ``local-completions`` against ``base``; ``batch_size`` prompts per request
+    (several prompts in one request need token-id prompts or a server taking lists of
+    strings)."""
     args = {"model": MODEL_NAME, "base_url": base + "/v1/completions",
             "tokenizer": str(tokenizer_dir), "tokenizer_backend": "huggingface",
             "tokenized_requests": tokenized, "num_concurrent": num_concurrent,
             "max_retries": 1}
-    return run_lm_eval("local-completions", "local-completions", args, limit)
+    return run_lm_eval("local-completions", "local-completions", args, limit, batch_size)
 
 
 def run_hf_backend(gguf: Path, tokenizer_dir: Path, limit: int | None,
@@ -207,6 +211,8 @@ def main() -> int:
     ap.add_argument("--prompts", choices=["auto", "tokens", "text"], default="auto")
     ap.add_argument("--num-concurrent", type=int, default=1,
                     help="lm-eval's concurrent requests to the server")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="prompts per request from lm-eval (its batch_size)")
     ap.add_argument("--json", type=Path, default=None, help="write per-item results here")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -220,7 +226,8 @@ def main() -> int:
                 if not tokens:
                     print("note: the server answers 400 to prompt: [[ids...]] (lm-eval's "
                           "tokenized requests); sending text prompts instead", file=sys.stderr)
-            server = run_server_backend(base, tok_dir, args.limit, tokens, args.num_concurrent)
+            server = run_server_backend(base, tok_dir, args.limit, tokens, args.num_concurrent,
+                                        args.batch_size)
         hf = run_hf_backend(gguf, tok_dir, args.limit)
     rows = compare(server, hf)
     print_report(server, hf, rows, "token ids" if tokens else "text")
