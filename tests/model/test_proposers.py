@@ -75,7 +75,7 @@ def test_finds_repeated_span(name):
 
 
 def test_ngram_prefers_longer_match_and_rebuilds_on_new_context():
-    p = NgramProposer(min_n=1, max_n=3)
+    p = NgramProposer(min_n=1, max_n=3, row_cost=0.0)   # free rows: the lookup alone
     ctx = [7, 1, 2, 3, 9, 2, 3, 8, 1, 2, 3]           # "1 2 3" -> 9 beats the later "2 3" -> 8
     assert p.propose("r", ctx, 2) == [9, 2]
     assert p.propose("r", [5, 6, 5], 2) == [6, 5]      # same id, unrelated text: no stale index

@@ -40,16 +40,15 @@ class Acceptance:
     requests a row costs more against each one's share (``row_cost_in``).
 
     p is estimated per request from decayed counts of accepted draft tokens (``hits``) and
-    rejections (``misses``: a draft cut short by a wrong token), starting from an optimistic
-    prior. When the best k is 0 the request pauses for ``cooldown`` steps and then probes with
+    rejections (``misses``: a draft cut short by a wrong token), starting from a weak prior. When the best k is 0 the request pauses for ``cooldown`` steps and then probes with
     one token; each further failure doubles the pause (up to ``max_cooldown``), a success
     resets it. On text that never repeats this keeps drafts to a small fraction of steps.
     """
 
     row_cost: float = 0.4             # one drafted row, in units of a 1-row decode step
     decay: float = 0.8                # weight kept by the old counts per observation
-    prior_hits: float = 3.0           # optimistic start: p = 0.75
-    prior_misses: float = 1.0
+    prior_hits: float = 1.5           # start: p = 0.6, worth 2.5 drafts (one-token drafts
+    prior_misses: float = 1.0         # at first; a run of accepted ones grows them fast)
     base_cooldown: int = 4
     max_cooldown: int = 256
     hits: float = -1.0                # decayed accepted draft tokens (-1: use the prior)
