@@ -68,8 +68,11 @@ def test_mixed_types_stay_dense(tmp_path):
 
 
 def test_bf16_paths_agree(tmp_path):
-    """bfloat16 activations: the native kernel (exact weights), and the dequantize + oneDNN
-    path above native_max_rows (weights rounded to bfloat16), agree up to that rounding."""
+    """bfloat16 activations: the native kernel (exact weights, activations rounded to int8
+    per block of 32: each moved by at most amax / 254 of its block) and the dequantize +
+    oneDNN path above native_max_rows (weights rounded to bfloat16) agree up to those
+    roundings (measured: mean 1.4e-3, max ~6e-3 of the largest output; with exact
+    activations the mean was < 1e-3)."""
     path = write_gguf(tmp_path / "m.gguf", build_hf_model("llama_gqa"), "llama",
                       qtype=lambda n, s: Q.Q4_1)
     model = load_model(path, quantization="gguf")
@@ -80,8 +83,10 @@ def test_bf16_paths_agree(tmp_path):
     lin.native_max_rows = 0
     onednn = lin(x).float()
     scale = onednn.abs().max().item()
+    print(f"max {(native.float() - onednn).abs().max().item() / scale:.2e}, "
+          f"mean {(native.float() - onednn).abs().mean().item() / scale:.2e}")
     assert (native.float() - onednn).abs().max().item() <= 1e-2 * scale
-    assert (native.float() - onednn).abs().mean().item() <= 1e-3 * scale
+    assert (native.float() - onednn).abs().mean().item() <= 3e-3 * scale
 
 
 def test_int8_and_errors(checkpoint, tmp_path):
