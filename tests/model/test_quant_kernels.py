@@ -10,8 +10,8 @@ Blocks are made by the ``gguf`` package's quantizer from random floats. Two kern
   in numpy float32) up to float32 error, and so stay within the bound the rounding implies
   against the unrounded activations: sum_j |w_j| * step_j / 2.
 
-The AVX-512 build (VNNI on this CPU) and the portable scalar build (compiled here with
--march=x86-64) are both checked.
+The AVX-512 build (VNNI on this CPU), the portable scalar build (compiled here with
+-march=x86-64) and an AVX-512 BF16 build without VNNI are all checked.
 """
 from __future__ import annotations
 
@@ -27,11 +27,17 @@ GGUF_TYPES = {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1}
 pytestmark = pytest.mark.skipif(quant.library() is None, reason="native kernels unavailable")
 
 
-@pytest.fixture(scope="module", params=["native", "scalar"])
+@pytest.fixture(scope="module", params=["native", "scalar", "no-vnni"])
 def lib(request, tmp_path_factory):
     if request.param == "native":
         return quant.library()
-    return quant.build_standalone(["-O2", "-march=x86-64"], tmp_path_factory.mktemp("scalar"))
+    if request.param == "scalar":
+        return quant.build_standalone(["-O2", "-march=x86-64"], tmp_path_factory.mktemp("scalar"))
+    # AVX-512 BF16 without VNNI: vectorized activation rounding, portable integer dots
+    built = quant.build_standalone(["-O2", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                                    "-mavx512vl", "-mavx512bf16"], tmp_path_factory.mktemp("nv"))
+    assert quant.isa(built) == quant.ISA_NAMES[1]
+    return built
 
 
 def make_weight(kind: str, out: int, inp: int, seed: int):
