@@ -1,6 +1,6 @@
 """Speculative decoding on the real model (SmolLM2-135M-Instruct, Q4_1 GGUF), in process.
 
-Two modes:
+Three modes:
 
 ``--offline`` (works without engine support): the model's greedy answers to the "edit a file"
 and chat workloads (``tokenfactory.bench.workloads``) are generated once without speculation,
@@ -31,6 +31,33 @@ edit workload asks for the whole file back (``max_tokens`` = the file + 64, as a
         --requests 2 --workloads edit,chat --concurrency 1,8 --proposers ngram,suffix
 
 Shared 2-core host: keep runs short and compare only ratios measured in the same run.
+
+Measured 2026-11-29, online, host shared by 7 engineers (load 12-25), so: one thread
+(``taskset -c 1``), CPU-time clock, one interleaved round; SmolLM2 Q4_1 dequantized to
+bfloat16, native decode step; K <= 7, the draft length chosen per request by the cost model
+(``model/proposers/base.py``: row cost 0.4 of a 1-row step).
+
+``--clock cpu --step-cost`` (one thread): a 1-row decode step costs 10.2 ms at a 128-token
+context and 14.0 ms at 2K; 2 / 5 / 8 rows cost 1.27x / 1.94x / 3.45x (128) and 1.44x / 2.60x /
+4.37x (2K) of it: each verified position adds 3.5-6 ms (the small-batch kernels are
+compute-bound per row once the weights are read; at 2K each row's attention adds ~2.5 ms).
+That, not acceptance, is what bounds the speed-up: 6 accepted tokens per step at 2K cost ~3.5
+steps.
+
+``--clock cpu --k 7 --rounds 1 --requests 2 --workloads edit,chat --concurrency 1``
+(edit: 2 files of 1.5-2K tokens, the whole file asked back, ~2K output tokens each)::
+
+    workload conc proposer  whole request  decode phase  mean accepted  acceptance
+    edit     1    ngram     1.35x          1.40x         4.24           85.1%
+    edit     1    suffix    1.41x          1.48x         6.11           89.7%
+    chat     1    ngram     1.68x          1.92x         6.17           94.6%   (6 requests)
+    chat     1    suffix    1.68x          1.91x         5.62           95.2%   (6 requests)
+    chat     8    ngram     0.96x          0.94x         2.26           99.2%   (--max-tokens 600)
+
+Edit: 56 -> 79 output tok/s over the whole request (prefill 6.7 s of 77 s CPU), 61 -> 90 in
+the decode phase; outputs identical. Chat's high acceptance is SmolLM2 looping in its own
+answers (see below). At concurrency 8 the 8 decode rows fill the native step: drafts ride only
+when fewer requests remain (``SchedulerConfig.max_speculative_rows``).
 
 Measured 2026-11-29 (offline replay; host shared by 8 engineers, load ~14, so the us/call are
 inflated): ``--offline --requests 3 --max-tokens 700``, engine greedy answers (3 edits of
