@@ -53,6 +53,14 @@ steps.
     chat     1    ngram     1.68x          1.92x         6.17           94.6%   (6 requests)
     chat     1    suffix    1.68x          1.91x         5.62           95.2%   (6 requests)
     chat     8    ngram     0.96x          0.94x         2.26           99.2%   (--max-tokens 600)
+    edit     8    ngram     0.99x          0.99x         -              (no drafts: 8 rows)
+    agentic  1    ngram     1.09x          1.32x         3.06           77.1%   (6 requests)
+    agentic  1    suffix    1.09x          1.30x         3.04           82.3%
+    agentic  8    ngram     1.00x          1.01x         -              (no drafts: 8 rows)
+
+(concurrency 8: ``--concurrency 8 --proposers ngram --max-tokens 600 --workloads
+chat,edit,agentic``; agentic: 128-token answers after 1.3-4K-token prompts, prefill ~2/3 of
+the CPU time since every run resets the prefix cache.)
 
 Edit: 56 -> 79 output tok/s over the whole request (prefill 6.7 s of 77 s CPU), 61 -> 90 in
 the decode phase; outputs identical. Chat's high acceptance is SmolLM2 looping in its own
