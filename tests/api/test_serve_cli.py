@@ -70,11 +70,13 @@ def test_serve_starts_says_random_and_stops_cleanly(tmp_path):
     assert "RANDOM" in text and "sekrit" not in text
 
 
-def _ask(base: str, text: str) -> dict:
+def _ask(base: str, text: str, response: list | None = None) -> dict:
     r = httpx.post(base + "/v1/messages", timeout=120, json={
         "model": "tokenfactory-demo", "max_tokens": 8, "temperature": 0,
         "messages": [{"role": "user", "content": text}]})
     assert r.status_code == 200, r.text
+    if response is not None:
+        response.append(r)
     return r.json()
 
 
@@ -90,9 +92,21 @@ def test_kv_warehouse_flag_serves_a_prefix_after_restart(tmp_path):
                               "--speculative", "ngram")
         try:
             server.wait_healthy()
-            body = _ask(server.base_url, prompt)
+            responses: list = []
+            body = _ask(server.base_url, prompt, responses)
             answers.append(body["content"])
             metrics = httpx.get(server.base_url + "/metrics", timeout=10).text
+            # the one request's drafts, in its headers and (the server's only request) /metrics
+            head = responses[0].headers
+            proposed = int(head["x-tokenfactory-spec-proposed"])
+            accepted = int(head["x-tokenfactory-spec-accepted"])
+            assert 0 <= accepted <= proposed
+            for counter, value in (("num_draft_tokens", proposed),
+                                   ("num_accepted_tokens", accepted)):
+                line = next((ln for ln in metrics.splitlines() if ln.startswith(
+                    f'tokenfactory_spec_decode_{counter}_total{{proposer="ngram"}}')), None)
+                # (no series until the engine has drafted at all)
+                assert (0.0 if line is None else float(line.split()[-1])) == value, line
         finally:
             assert server.terminate() == 0, server.log()
             server.close()

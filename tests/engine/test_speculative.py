@@ -72,6 +72,7 @@ def run(table, proposer=None, k=4, rows=0, plans=None, **cfg) -> tuple[dict, Eng
                          SamplingParams(max_tokens=40 if i % 3 else 12, ignore_eos=i % 2 == 0))
     out = {}
     core.preemptions = 0
+    core.spec_by_request = {}   # request id -> (proposed, accepted) from its final output
     for _ in range(2000):
         if not core.has_unfinished_requests():
             break
@@ -79,6 +80,8 @@ def run(table, proposer=None, k=4, rows=0, plans=None, **cfg) -> tuple[dict, Eng
             if o.finished:
                 out[o.request_id] = o.outputs[0].token_ids
                 core.preemptions += o.metrics.num_preemptions
+                core.spec_by_request[o.request_id] = (o.metrics.num_spec_proposed_tokens,
+                                                      o.metrics.num_spec_accepted_tokens)
     assert not core.has_unfinished_requests()
     assert core.num_free_blocks() == core.kv.num_blocks    # no page leaks
     return out, core
@@ -101,6 +104,10 @@ def test_outputs_identical_with_and_without_drafts(wrong, cfg):
     if wrong == 1.0:
         assert stats.num_accepted_tokens == 0
     assert sum(a for _, a, _ in proposer.observed) == stats.num_accepted_tokens
+    # per request (the x-tokenfactory-spec-* headers): the engine's totals, split exactly
+    per = core.spec_by_request.values()
+    assert sum(p for p, _ in per) == stats.num_draft_tokens
+    assert sum(a for _, a in per) == stats.num_accepted_tokens
     assert set(proposer.done) == set(plain)
     if "num_kv_blocks" in cfg:   # a pool this small forces preemptions, drafting or not
         assert core.preemptions > 0

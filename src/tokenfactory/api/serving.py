@@ -76,7 +76,11 @@ class Finished:
 def cost_headers(gen: "Generation") -> dict[str, str]:
     """x-tokenfactory-* headers with the request's machine time, $, joules and API price
     (non-streaming responses; a stream's headers leave before its cost is known)."""
-    return gen.cost.headers() if gen.cost is not None else {}
+    heads = gen.cost.headers() if gen.cost is not None else {}
+    if gen.spec_tokens is not None:   # a speculating engine: this request's drafts
+        heads["x-tokenfactory-spec-proposed"] = str(gen.spec_tokens[0])
+        heads["x-tokenfactory-spec-accepted"] = str(gen.spec_tokens[1])
+    return heads
 
 
 class GenerationFailed(RuntimeError):
@@ -98,6 +102,10 @@ class ServingContext:
                          if options.strip_system_prefix else None)
         self._ids = itertools.count()
         self.encoded_chars = 0   # characters handed to the tokenizer (tests read it)
+        # drafts proposed from the context (--speculative): responses count them per request
+        core = getattr(engine, "core", None)
+        self.speculative = bool(getattr(core, "proposer", None)
+                                or getattr(getattr(core, "config", None), "speculative", None))
         self.activity = 0   # bumped when a generation starts or ends (memory.trim_periodically)
         from tokenfactory.economics.ledger import ApiPrices, CostLedger
         self.ledger = CostLedger(options.cost_per_hour, options.watts,
@@ -363,6 +371,8 @@ class Generation:
         self.breakpoints = breakpoints
         self.billed = False
         self.cost = None  # economics.ledger.RequestCost once finished
+        # (draft tokens proposed, accepted) once finished, when the engine speculates
+        self.spec_tokens: tuple[int, int] | None = None
         # The tenant (the API key's, which is also the cache salt) drives fair admission and
         # the per-tenant queue limit in the engine.
         self._agen = ctx.engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
@@ -504,6 +514,9 @@ class Generation:
                     m.observe_finished(out, now - self.t_start)
                     self.billed = True
                     self.cost = self.ctx.bill(self.request_id, out, self.breakpoints)
+                    if self.ctx.speculative and out.metrics is not None:
+                        self.spec_tokens = (out.metrics.num_spec_proposed_tokens,
+                                            out.metrics.num_spec_accepted_tokens)
                     yield Finished(out, self.cost)
                     return
         finally:

@@ -273,7 +273,7 @@ class EngineCore:
             # K/V is kept for the accepted drafts: every returned token but the last was a
             # draft the target agreed with (the last is its own, computed next step)
             num_computed += max(0, len(res.token_ids) - 1)
-            self._count_drafts(req.request_id, sched.draft_token_ids, res.token_ids)
+            self._count_drafts(req, sched.draft_token_ids, res.token_ids)
         req.num_computed_tokens += num_computed
         req.num_processed_tokens += sched.num_tokens
         if res.prompt_logprobs and sched.compute_prompt_logprobs:
@@ -309,7 +309,7 @@ class EngineCore:
             self.scheduler.trim_blocks(req)   # pages holding only rejected drafts' K/V
         outputs.append(self._make_output(req, new_ids, new_text))
 
-    def _count_drafts(self, request_id: str, drafts: list[int], tokens: list[int]) -> None:
+    def _count_drafts(self, req: Request, drafts: list[int], tokens: list[int]) -> None:
         """Count one verified draft, and tell the proposer how much of it was kept."""
         accepted = 0   # leading tokens equal to the drafts (a correction always differs)
         while accepted < min(len(drafts), len(tokens)) and tokens[accepted] == drafts[accepted]:
@@ -321,8 +321,10 @@ class EngineCore:
         stats.num_drafts += 1
         stats.num_draft_tokens += len(drafts)
         stats.num_accepted_tokens += accepted
+        req.num_spec_proposed_tokens += len(drafts)
+        req.num_spec_accepted_tokens += accepted
         if self.proposer is not None:
-            self.proposer.observe(request_id, accepted, len(drafts))
+            self.proposer.observe(req.request_id, accepted, len(drafts))
 
     def _fill_grammar_masks(self, plan: StepPlan, reqs: list[Request]) -> dict[str, str]:
         """Put the allowed-token bitmask of every sampling request with a grammar into the
@@ -427,7 +429,8 @@ class EngineCore:
             outputs=[comp], finished=req.is_finished,
             prompt_logprobs=list(req.prompt_logprobs) if params.prompt_logprobs is not None else None,
             metrics=RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
-                                   req.finished_time, req.num_preemptions),
+                                   req.finished_time, req.num_preemptions,
+                                   req.num_spec_proposed_tokens, req.num_spec_accepted_tokens),
             error=req.error)
 
     # ------------------------------------------------------------------- stats

@@ -69,6 +69,9 @@ class Request:
     # Chained content hashes of this request's full blocks, in order (grows as tokens are added).
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    # speculative decoding: draft tokens proposed for this request, and those the target kept
+    num_spec_proposed_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
     finish_reason: str | None = None      # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # matched stop string or stop token id
     error: str | None = None
@@ -147,6 +150,8 @@ class RequestMetrics:
     first_token_time: float | None
     finished_time: float | None
     num_preemptions: int = 0
+    num_spec_proposed_tokens: int = 0     # draft tokens proposed (speculative decoding)
+    num_spec_accepted_tokens: int = 0     # of them, kept by the target
 
 
 @dataclass
