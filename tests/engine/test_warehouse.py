@@ -145,8 +145,6 @@ def test_prefetched_pages_are_loaded_without_reading_again(warm, cold, wait, buf
     run(core, f"seed-{core.num_steps}", PROMPT)
     wh.flush()
     evict_prompt(core)
-    wh.wait_prefetched()      # read-ahead of the requests above (queued before they ran)
-    wh.discard_prefetched()   # that nobody loaded: the counts below start from an empty buffer
     before = (wh.prefetch_hits, wh.store.stats.reads, core.kv.stats().connector_hits,
               wh.prefetch_skipped)
     default_buffer = wh.prefetch_bytes
@@ -178,8 +176,6 @@ def test_the_engine_reads_a_queued_request_ahead(warm, cold):
     run(core, f"seed-{core.num_steps}", PROMPT)
     wh.flush()
     evict_prompt(core)
-    wh.wait_prefetched()      # read-ahead of the requests above (queued before they ran)
-    wh.discard_prefetched()   # that nobody loaded: the counts below start from an empty buffer
     before_hits, before_reads = wh.prefetch_hits, wh.store.stats.reads
     core.add_request(f"queued-{core.num_steps}", PROMPT, GREEDY)    # nothing else asked
     wh.wait_prefetched()
@@ -210,11 +206,6 @@ def test_damaged_pages_are_recomputed_never_served(warm, cold, damage, prefetch)
     run(core, f"fill-{core.num_steps}", PROMPT)      # recomputes and writes every page
     wh.flush()
     assert all(p.is_file() for p in paths)
-    # the fill request's own read-ahead (started when it was queued) may have raced the
-    # writes and buffered good copies of these pages: drop them, so the run below meets the
-    # damage on disk
-    wh.wait_prefetched()
-    wh.discard_prefetched()
     for idx, kind in damage:
         p = paths[idx]
         if not p.exists():           # already deleted by an earlier operation

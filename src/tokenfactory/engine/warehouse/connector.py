@@ -190,17 +190,6 @@ class WarehouseConnector:
         with self._lock:
             return any(h in self._asked or h in self._reading for h in block_hashes)
 
-    def discard_prefetched(self) -> int:
-        """Drop every read-ahead page not loaded yet (counted as dropped); returns how many.
-        Pages are verified when read, so a buffered page stays valid if its file changes
-        later: this only makes the next load read the files again (tests of damaged files)."""
-        with self._lock:
-            n = len(self._ready)
-            self._ready.clear()
-            self._ready_bytes = 0
-            self.prefetch_dropped += n
-            return n
-
     def wait_prefetched(self) -> None:
         """Wait until every ``prefetch`` asked so far has been read (tests, benchmarks)."""
         if self._reads is not None:
