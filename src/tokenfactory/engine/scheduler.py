@@ -276,9 +276,6 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < cfg.max_num_seqs):
             req = self.waiting.peek()
-            if (self.running or chunks) and self.kv.loading(req):
-                break   # its pages are still being read ahead (a KV connector): admit it next
-                        # step rather than wait for the reads inside this one
             # Prompt logprobs need every prompt position computed, so they bypass the cache.
             cached = ([] if req.sampling_params.prompt_logprobs is not None
                       else self.kv.find_cached_prefix(req))
