@@ -169,29 +169,6 @@ def test_prefetched_pages_are_loaded_without_reading_again(warm, cold, wait, buf
     core.abort("again")
 
 
-def test_the_engine_reads_a_queued_request_ahead(warm, cold):
-    """EngineCore.add_request starts the read-ahead itself: by the time the request is
-    admitted its pages come from the reader's buffer, not from reads inside the step."""
-    core, wh = warm
-    run(core, f"seed-{core.num_steps}", PROMPT)
-    wh.flush()
-    evict_prompt(core)
-    before_hits, before_reads = wh.prefetch_hits, wh.store.stats.reads
-    core.add_request(f"queued-{core.num_steps}", PROMPT, GREEDY)    # nothing else asked
-    wh.wait_prefetched()
-    assert wh.store.stats.reads - before_reads == MAX_BLOCKS       # read before any step
-    out = None
-    while core.has_unfinished_requests():
-        for o in core.step():
-            if o.finished:
-                out = o
-    assert out is not None and out.outputs[0].token_ids == cold
-    assert out.usage["cached_tokens"] == MAX_BLOCKS * BS
-    assert wh.prefetch_hits - before_hits == MAX_BLOCKS
-    assert wh.store.stats.reads - before_reads == MAX_BLOCKS       # none read twice
-    assert core.num_free_blocks() == core.kv.num_blocks
-
-
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damage=DAMAGE, prefetch=st.booleans())
 def test_damaged_pages_are_recomputed_never_served(warm, cold, damage, prefetch):
@@ -233,12 +210,8 @@ def test_damaged_pages_are_recomputed_never_served(warm, cold, damage, prefetch)
     before = core.kv.stats().connector_hits
     if prefetch:
         out, _ = run_prefetched(core, f"damaged-{core.num_steps}", PROMPT, wait=True)
-    else:   # no read-ahead buffer: every page is read inside the admission
-        default_buffer, wh.prefetch_bytes = wh.prefetch_bytes, 0
-        try:
-            out = run(core, f"damaged-{core.num_steps}", PROMPT)
-        finally:
-            wh.prefetch_bytes = default_buffer
+    else:
+        out = run(core, f"damaged-{core.num_steps}", PROMPT)
     assert out.outputs[0].token_ids == cold
     first_bad = min(idx for idx, _ in damage)
     assert core.kv.stats().connector_hits - before == first_bad * BS

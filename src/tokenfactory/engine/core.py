@@ -193,9 +193,6 @@ class EngineCore:
         elif params.stop:
             raise ValueError("stop strings need a tokenizer")
         self.scheduler.add(req)
-        # a connector that reads ahead (the disk warehouse) starts on the pages past the RAM
-        # hits now, so the step that admits the request finds them read (no-op otherwise)
-        self.kv.prefetch(req)
         return req
 
     def abort(self, request_id: str) -> bool:
