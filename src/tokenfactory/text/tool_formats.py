@@ -25,7 +25,7 @@ from typing import Any
 
 from tokenfactory.text.tool_parser_base import (_HERMES_HEAD, _JSON_LAYOUT, ParserEvent,
                                                ToolCallArgsDelta, ToolCallEnd, ToolCallParser,
-                                               ToolCallStart, _lit, _ObjectScanner,
+                                               StepParser, ToolCallStart, _lit, _ObjectScanner,
                                                _partial_marker_len, _validate_call)
 
 __all__ = ["MistralToolParser", "MistralArgsToolParser", "Qwen3CoderToolParser",
@@ -35,7 +35,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 _MAX_HEAD = 512   # a call head (name, markers) longer than this is not a call
 
 
-class MistralToolParser(ToolCallParser):
+class MistralToolParser(StepParser):
     """``[TOOL_CALLS]`` calls, in the JSON-list form or the ``name[ARGS]{...}`` form."""
 
     name = "mistral"
@@ -54,28 +54,11 @@ class MistralToolParser(ToolCallParser):
         self._call_name: str | None = None
         self._started = False   # the current call's ToolCallStart went out
 
-    def feed(self, text_delta: str) -> list[ParserEvent]:
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        out: list[ParserEvent] = []
-        self._buf += text_delta
-        while self._step(out):
-            pass
-        return out
-
     # -- the state machine: each step consumes from _buf; False when more text is needed
     def _step(self, out: list[ParserEvent]) -> bool:
         st, buf = self._state, self._buf
         if st == "text":
-            pos = buf.find(self.START)
-            if pos == -1:
-                keep = _partial_marker_len(buf, self.START)
-                self._text(buf[:len(buf) - keep], out)
-                self._buf = buf[len(buf) - keep:]
-                return False
-            self._text(buf[:pos], out)
-            self._raw, self._buf, self._state = self.START, buf[pos + len(self.START):], "open"
-            return True
+            return self._text_until(self.START, "open", out)
         if st == "open":
             body = buf.lstrip()
             if not body:
@@ -268,7 +251,7 @@ def typed_value(raw: str, schema: Any) -> Any:
     return raw
 
 
-class Qwen3CoderToolParser(ToolCallParser):
+class Qwen3CoderToolParser(StepParser):
     """``<tool_call><function=f><parameter=x>v</parameter>…</function></tool_call>`` calls."""
 
     name = "qwen3_coder"
@@ -293,30 +276,13 @@ class Qwen3CoderToolParser(ToolCallParser):
         self._value_started = False
         self._streaming_str = False   # the current value streams as a JSON string
 
-    def feed(self, text_delta: str) -> list[ParserEvent]:
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        out: list[ParserEvent] = []
-        self._buf += text_delta
-        while self._step(out):
-            pass
-        return out
-
     def _frag(self, text: str, out: list[ParserEvent]) -> None:
         out.append(ToolCallArgsDelta(self._next_index - 1, text))
 
     def _step(self, out: list[ParserEvent]) -> bool:
         st, buf = self._state, self._buf
         if st == "text":
-            pos = buf.find(self.START)
-            if pos == -1:
-                keep = _partial_marker_len(buf, self.START)
-                self._text(buf[:len(buf) - keep], out)
-                self._buf = buf[len(buf) - keep:]
-                return False
-            self._text(buf[:pos], out)
-            self._raw, self._buf, self._state = self.START, buf[pos + len(self.START):], "func"
-            return True
+            return self._text_until(self.START, "func", out)
         if st == "func":
             m = self._FUNC.match(buf)
             if m is None:

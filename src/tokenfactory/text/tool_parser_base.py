@@ -147,6 +147,42 @@ _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*'
                           r'"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
+class StepParser(ToolCallParser):
+    """A format parsed by a state machine over a text buffer: ``feed`` appends to ``_buf``
+    and runs ``_step`` until it needs more text. Subclasses set ``_buf``, ``_state`` and
+    implement ``_step(out) -> bool`` (False: wait for more text)."""
+
+    _buf: str
+    _state: str
+
+    def feed(self, text_delta: str) -> list[ParserEvent]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        out: list[ParserEvent] = []
+        self._buf += text_delta
+        while self._step(out):
+            pass
+        return out
+
+    @abstractmethod
+    def _step(self, out: list[ParserEvent]) -> bool:
+        """Advance the state machine once; False when more text is needed."""
+
+    def _text_until(self, marker: str, next_state: str, out: list[ParserEvent]) -> bool:
+        """The text state: emit text up to ``marker`` (holding back a partial marker at the
+        end of the buffer), then consume the marker into ``_raw`` and go to ``next_state``."""
+        buf = self._buf
+        pos = buf.find(marker)
+        if pos == -1:
+            keep = _partial_marker_len(buf, marker)
+            self._text(buf[:len(buf) - keep], out)
+            self._buf = buf[len(buf) - keep:]
+            return False
+        self._text(buf[:pos], out)
+        self._raw, self._buf, self._state = marker, buf[pos + len(marker):], next_state
+        return True
+
+
 class _ObjectScanner:
     """Finds where a JSON object ends, one character at a time (strings and escapes aware)."""
 

@@ -50,7 +50,7 @@ __all__ = [
 
 from tokenfactory.text.tool_parser_base import (_HERMES_HEAD, ParserEvent,  # noqa: F401
                                                TextDelta, ToolCallArgsDelta, ToolCallEnd,
-                                               ToolCallParser, ToolCallStart, _ObjectScanner,
+                                               StepParser, ToolCallParser, ToolCallStart, _ObjectScanner,
                                                _JSON_LAYOUT, _lit, _partial_marker_len,
                                                _validate_call)
 from tokenfactory.text.tool_formats import (MistralArgsToolParser, MistralToolParser,
@@ -172,7 +172,7 @@ class HermesToolParser(ToolCallParser):
         return out
 
 
-class Llama3JsonToolParser(ToolCallParser):
+class Llama3JsonToolParser(StepParser):
     """The whole message is one or more JSON calls (`;`-separated), optionally after <|python_tag|>."""
 
     name = "llama3_json"
@@ -191,15 +191,6 @@ class Llama3JsonToolParser(ToolCallParser):
         self._depth = 0
         self._in_str = False
         self._escape = False
-
-    def feed(self, text_delta: str) -> list[ParserEvent]:
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        out: list[ParserEvent] = []
-        self._buf += text_delta
-        while self._step(out):
-            pass
-        return out
 
     def _step(self, out: list[ParserEvent]) -> bool:
         """Advance the state machine once; False when more text is needed."""
