@@ -7,19 +7,130 @@ warehouse, prefill->decode transfer) moves pages as one tensor
 
 Pages are only meaningful to the same weights, KV dtype, layout and block size that wrote
 them: :func:`model_fingerprint` condenses all of that into 16 bytes for connectors to key on.
+
+KV cache dtypes (:func:`kv_cache_spec`): "auto" stores K/V in the model's dtype; "int8" stores
+each token's K (and V) row of one KV head as D int8 codes followed by that row's float32 scale
+(4 bytes), so the caches are int8 tensors (Hkv, num_blocks + 1, block_size, D + 4) and a page
+carries its own scales. Everything that copies pages (prefix cache, warehouse, P/D transfer)
+therefore moves quantized pages unchanged, and the fingerprint (which covers the page shape
+and dtype) keeps int8 pages apart from bfloat16 ones.
+
+Why a scale per (token slot, head) rather than one per (page, head): a page is filled token by
+token, so a per-page absmax scale would have to grow -- requantizing the earlier slots, which
+rounds them a second time -- whenever a new token is larger; a page's bytes would then depend
+on how its tokens were chunked into steps (a prefix-cache hit would not reproduce a cold run's
+pages), and rejected speculative drafts would leave their inflated scale behind. A per-slot
+scale makes a slot's bytes a function of that token's K/V alone. It costs 4 bytes per D codes:
+1.0625 bytes per element at D = 64 (the same as llama.cpp's q8_0 KV), against 2 for bfloat16.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 FINGERPRINT_VERSION = b"tokenfactory-kv-pages-1"
+KV_CACHE_DTYPES = ("auto", "int8")
+INT8_SCALE_BYTES = 4          # one float32 scale after each row's int8 codes
 _SAMPLE_WINDOWS = 16          # evenly spaced windows of each weight tensor hashed ...
 _WINDOW_ELEMENTS = 1024       # ... of this many elements each
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How KV pages are stored: ``dtype`` of the k_cache/v_cache tensors (the model's float
+    dtype, or int8 rows of codes + scale, see the module docstring)."""
+    dtype: torch.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == torch.int8
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def row_width(self, head_dim: int) -> int:
+        """Elements per (token, head) row of a page: D, or D codes + 4 scale bytes."""
+        return head_dim + INT8_SCALE_BYTES if self.quantized else head_dim
+
+    def cache_shape(self, num_kv_heads: int, num_pages: int, block_size: int,
+                    head_dim: int) -> tuple[int, int, int, int]:
+        """(Hkv, num_pages, block_size, row_width) of one layer's K (or V) cache."""
+        return (num_kv_heads, num_pages, block_size, self.row_width(head_dim))
+
+    def bytes_per_block(self, num_layers: int, num_kv_heads: int, block_size: int,
+                        head_dim: int) -> int:
+        """Bytes of one page across every layer, K and V."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * num_layers * num_kv_heads * block_size * self.row_width(head_dim) * elem
+
+    def describe(self) -> str:
+        """One start-up log line: what the pages hold and what attention runs on them."""
+        if not self.quantized:
+            return f"KV cache {self.name}"
+        from tokenfactory.model.kernels import kv_int8
+        where = ("native int8 decode kernel (attention_int8.c), prefill dequantizes pages "
+                 "in torch" if kv_int8.library() is not None
+                 else "torch, dequantizing each gathered page")
+        return (f"KV cache int8 (per token and head float32 scale): attention runs as {where}; "
+                "the whole-layer native decode step is off (bfloat16 pages only)")
+
+
+def kv_cache_spec(kv_cache_dtype: str | None, model_dtype: torch.dtype) -> KVCacheSpec:
+    """``--kv-cache-dtype``: "auto" (or None) = the model's dtype, "int8" = quantized rows."""
+    if kv_cache_dtype in (None, "auto"):
+        return KVCacheSpec(model_dtype)
+    if kv_cache_dtype == "int8":
+        return KVCacheSpec(torch.int8)
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                     f"not {kv_cache_dtype!r}")
+
+
+def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, spec: KVCacheSpec,
+                      empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
+                      ) -> None:
+    """Bind zeroed K and V pages (Hkv, num_blocks + 1, block_size, row_width) to every
+    attention layer (the last page is the executor's scratch page). ``empty(shape, dtype)``
+    allocates zero-filled memory (e.g. fresh huge-page mappings); default ``torch.zeros`` on
+    the model's device. Zeros matter for int8 too: a zero row dequantizes to zeros (scale 0),
+    never NaN."""
+    cfg = model.config
+    shape = spec.cache_shape(cfg.num_kv_heads, num_blocks + 1, block_size, cfg.head_dim)
+    device = model.norm.weight.device
+    for layer in model.layers:
+        attn = layer.self_attn
+        attn.k_cache = attn.v_cache = None   # free the old pages before allocating new ones
+        if empty is None:
+            attn.k_cache = torch.zeros(shape, dtype=spec.dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=spec.dtype, device=device)
+        else:
+            attn.k_cache, attn.v_cache = empty(shape, spec.dtype), empty(shape, spec.dtype)
+    log.info("%s", spec.describe())
+
+
+def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) float -> (..., D + 4) int8 rows: symmetric codes round(x / s) with
+    s = absmax(row) / 127, then s as float32 bytes. An all-zero row stores scale 0."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True) / 127.0                    # (..., 1)
+    codes = torch.round(xf / scale.clamp_min(torch.finfo(torch.float32).tiny))
+    codes = codes.clamp_(-127, 127).to(torch.int8)                     # (..., D)
+    return torch.cat([codes, scale.view(torch.int8)], dim=-1)          # (..., D + 4)
+
+
+def dequantize_int8_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., D + 4) int8 rows -> (..., D) ``dtype``: codes * scale, in float32 then rounded."""
+    d = rows.shape[-1] - INT8_SCALE_BYTES
+    scale = rows[..., d:].contiguous().view(torch.float32)             # (..., 1)
+    return (rows[..., :d].float() * scale).to(dtype)
 
 
 def _caches(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -101,7 +212,8 @@ class ModelKVPageIO:
 
 
 def page_layout(model: nn.Module) -> tuple[tuple[int, ...], torch.dtype]:
-    """Shape (num_layers, 2, Hkv, block_size, D) and dtype of one page."""
+    """Shape (num_layers, 2, Hkv, block_size, row_width) and dtype of one page (row_width is
+    D, or D + 4 for int8 pages, whose rows carry their scales)."""
     k0 = _caches(model)[0][0]
     Hkv, _, bs, D = k0.shape
     return (len(model.layers), 2, Hkv, bs, D), k0.dtype

@@ -10,6 +10,13 @@ sequence lives in page ``block_ids[p // block_size]`` at slot ``p % block_size``
 turns that into one flat slot index per token (``page * block_size + slot``), so new K/V are
 written with a single ``index_copy_`` along the (num_blocks * block_size) axis.
 
+int8 KV pages (``kv_cache_dtype="int8"``, see ``kv_pages.py``) hold (Hkv, num_blocks + 1,
+block_size, D + 4) int8 rows: D codes and the row's float32 scale. New K/V are quantized as
+they are written; decodes read the pages in the native int8 kernel (``kernels/kv_int8.py``)
+or gather and dequantize them, prefill chunks always attend through the dequantized pages
+(their own fresh K/V included), so a token's output does not depend on how the prompt was
+chunked or which pages came from the prefix cache.
+
 Why head-major: gathering a batch's pages with ``index_select`` then yields (Hkv, B, L, D)
 directly, which is already the (Hkv * B, L, D) batch of matrices that ``bmm`` wants; with a
 (num_blocks, block_size, Hkv, D) layout every gather would need another transposing copy.
@@ -23,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenfactory.model import kernels
+from tokenfactory.model.kernels import kv_int8
+from tokenfactory.model.kv_pages import dequantize_int8_rows, quantize_int8_rows
 from tokenfactory.model.linear_kernels import NativeLinear
 
 
@@ -241,15 +250,27 @@ def _gather_pages(cache: torch.Tensor, index: torch.Tensor, meta: AttentionMetad
     return torch.index_select(flat, 0, index, out=out).view(hkv, -1, bs, d)
 
 
+def _read_pages(cache: torch.Tensor, index: torch.Tensor, meta: AttentionMetadata, name: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_gather_pages` as (Hkv, n, bs, D) ``dtype``: int8 pages are gathered (into their
+    own workspace buffers) and dequantized."""
+    if cache.dtype != torch.int8:
+        return _gather_pages(cache, index, meta, name)
+    return dequantize_int8_rows(_gather_pages(cache, index, meta, name + "8"), dtype)
+
+
 _native_ok: dict[tuple[torch.dtype, int], bool] = {}
 
 
 def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
-    """Store the step's K/V (T, Hkv, D) at their flat slots of the (Hkv, N, bs, D) caches."""
-    num_kv, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    """Store the step's K/V (T, Hkv, D) at their flat slots of the (Hkv, N, bs, D) caches;
+    int8 caches get quantized rows (T, Hkv, D + 4)."""
+    if k_cache.dtype == torch.int8:
+        k, v = quantize_int8_rows(k), quantize_int8_rows(v)
+    num_kv, row = k.shape[1], k.shape[2]
+    k_cache.view(num_kv, -1, row).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv, -1, row).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def _native_attention(q: torch.Tensor) -> bool:
@@ -265,7 +286,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     window: int | None, scale: float) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. q: (T, H, D); k, v: (T, Hkv, D);
-    caches (Hkv, num_blocks, block_size, D). Returns (T, H, D).
+    caches (Hkv, num_blocks, block_size, D), or int8 (.., D + 4) (see the module docstring).
+    Returns (T, H, D).
 
     Grouped-query attention folds the G query heads that share a KV head into the query axis
     ([Hkv, .., G, D]) instead of repeating K/V (or SDPA's enable_gqa, ~10x slower in bfloat16).
@@ -279,8 +301,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     group = num_heads // num_kv
     bs = meta.block_size
     single = len(meta.decode_groups) == 1 and meta.num_decodes == num_tokens
-    native_ok = _native_attention(q)
+    quantized = k_cache.dtype == torch.int8
+    native_ok = not quantized and _native_attention(q)   # the bfloat16 kernels
     native = native_ok and meta.native_decode          # for the decode groups
+    native8 = quantized and kv_int8.supports(q)         # int8 pages, read as they are
     _write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = None if single else q.new_empty(q.shape)
 
@@ -294,12 +318,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if out is None:
                 return od
             continue
+        if native8:
+            qd = q[dg.start:dg.end]
+            od = q.new_empty(qd.shape) if out is None else out[dg.start:dg.end]
+            kv_int8.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
+                                     window, scale, od)
+            if out is None:
+                return od
+            continue
         b, tables = dg.end - dg.start, dg.block_tables                       # (b, P)
         length = tables.shape[1] * bs
         if dg.gather_index is None:
             dg.gather_index = _flat_page_index(tables.flatten(), num_kv, k_cache.shape[1])
-        kd = _gather_pages(k_cache, dg.gather_index, meta, "k").view(num_kv * b, length, head_dim)
-        vd = _gather_pages(v_cache, dg.gather_index, meta, "v").view(num_kv * b, length, head_dim)
+        kd = _read_pages(k_cache, dg.gather_index, meta, "k", q.dtype).view(num_kv * b, length,
+                                                                            head_dim)
+        vd = _read_pages(v_cache, dg.gather_index, meta, "v", q.dtype).view(num_kv * b, length,
+                                                                            head_dim)
         qd = q[dg.start:dg.end].reshape(b, num_kv, group, head_dim).transpose(0, 1)
         qd = qd.reshape(num_kv * b, group, head_dim)                        # (Hkv*b, G, D)
         scores = torch.bmm(qd, kd.transpose(1, 2)).view(num_kv, b, group, length)
@@ -322,13 +356,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             kernels.prefill_attention(q[rows], k_cache, v_cache, seq.block_ids, seq.start,
                                       window, scale, out[rows], ws)
             continue
-        if seq.start == 0:   # nothing cached before the chunk: attend to the fresh K/V
+        if seq.start == 0 and not quantized:   # nothing cached before: the fresh K/V
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)        # (Hkv, n, D)
         else:                # read positions [0, end) through the block table
             if seq.gather_index is None:
                 seq.gather_index = _flat_page_index(seq.block_ids, num_kv, k_cache.shape[1])
-            ks = _gather_pages(k_cache, seq.gather_index, meta, "k").view(num_kv, -1, head_dim)
-            vs = _gather_pages(v_cache, seq.gather_index, meta, "v").view(num_kv, -1, head_dim)
+            ks = _read_pages(k_cache, seq.gather_index, meta, "k", q.dtype).view(num_kv, -1,
+                                                                                 head_dim)
+            vs = _read_pages(v_cache, seq.gather_index, meta, "v", q.dtype).view(num_kv, -1,
+                                                                                 head_dim)
             ks, vs = ks[:, :seq.end], vs[:, :seq.end]                        # (Hkv, end, D)
         if group > 1:  # many query rows: repeating K/V per query head is cheap, and keeps
             ks = ks.repeat_interleave(group, dim=0)    # SDPA on its fast flash path
