@@ -124,13 +124,21 @@ class DraftModelProposer:
 
     # ------------------------------------------------------------------ cost
     @property
+    def measured_draft_cost(self) -> float | None:
+        """The draft's measured seconds per drafted token over the target's 1-row decode step
+        (None until both were timed)."""
+        if self._draft_s_per_token is None or not self._target_step_s:
+            return None
+        return self._draft_s_per_token / self._target_step_s
+
+    @property
     def draft_cost(self) -> float:
-        """A drafted token's draft forward in target 1-row decode steps."""
+        """A drafted token's draft forward in target 1-row decode steps, as the cost model
+        uses it: the fixed ``draft_cost`` if one was given, else measured, else the prior."""
         if self._fixed_cost is not None:
             return self._fixed_cost
-        if self._draft_s_per_token is None or not self._target_step_s:
-            return DRAFT_COST_PRIOR
-        return self._draft_s_per_token / self._target_step_s
+        measured = self.measured_draft_cost
+        return DRAFT_COST_PRIOR if measured is None else measured
 
     def on_target_step(self, seconds: float, tokens: dict[str, int]) -> None:
         """Engine step listener: learn a target 1-row decode step's time from small steps
