@@ -163,13 +163,14 @@ def torch_executor(tiny_llama_dir):
     return TorchExecutor(tiny_llama_dir, dtype="float32", seed=0)
 
 
-def run_model(ex, prompts, params, speculative=None, proposer=None,
+def run_model(ex, prompts, params, speculative=None, proposer=None, rows=0,
               **cfg) -> tuple[list[list[int]], EngineCore]:
     core = EngineCore(ex, EngineConfig(block_size=BS, speculative=speculative,
                                        num_kv_blocks=cfg.pop("num_kv_blocks", 128), **cfg),
                       model_max_len=ex.max_model_len, eos_token_ids=[], proposer=proposer)
-    # float32 verifies identically on every path: let drafts share prefill steps too
-    core.scheduler.config.max_speculative_rows = 0
+    # float32 verifies identically on every path: let drafts share prefill steps too (rows=0);
+    # bfloat16 needs the decode step's row cap (8)
+    core.scheduler.config.max_speculative_rows = rows
     for i, p in enumerate(prompts):
         core.add_request(str(i), p, params[i])
     done, core.preemptions = {}, 0
@@ -233,6 +234,50 @@ def test_greedy_identical_with_speculation_on_a_model(torch_executor, proposer, 
         assert core.preemptions > 0 and base.preemptions > 0
     alone, _ = run_model(torch_executor, prompts[:1], params[:1], **kwargs, **cfg)
     assert alone[0] == plain[0]
+
+
+@pytest.fixture(scope="module")
+def native_bf16_executor(tmp_path_factory):
+    """A random Llama with 64-wide heads in bfloat16: decode steps (and verification) run in
+    the native decode step where the kernels are available."""
+    import torch
+    import transformers
+
+    from tokenfactory.model import kernels
+    from tokenfactory.model.runner import TorchExecutor
+    if kernels.library() is None:
+        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason}")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=64,
+                                   max_position_embeddings=512, initializer_range=0.3)
+    path = tmp_path_factory.mktemp("native-bf16")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    ex = TorchExecutor(path, dtype="bfloat16")
+    assert ex.native_decode
+    return ex
+
+
+def test_greedy_identical_with_speculation_in_bfloat16(native_bf16_executor):
+    """bfloat16 on the native decode step: a token and its drafts are rows of one step that
+    attend together (one pass over their pages) and share the linear tiles, and the greedy
+    text is still token for token plain decoding's -- batched (drafts ride in the rows the
+    step has to spare) and alone (up to 7 drafts a step), with pages of 4 positions so drafts
+    cross page boundaries. The oracle's drafts are 30% wrong: kept and rejected ones both."""
+    ex = native_bf16_executor
+    prompts = repetitive_prompts(5, seed=4)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain, _ = run_model(ex, prompts, [greedy] * 5, rows=8)
+    table = {str(i): out for i, out in enumerate(plain)}
+    table.update({f"{i}:prompt": p for i, p in enumerate(prompts)})
+    for group in (range(5), range(1)):
+        proposer = TableProposer(table, wrong=0.3, seed=2)
+        spec, core = run_model(ex, [prompts[i] for i in group], [greedy] * len(group),
+                               proposer=proposer, rows=8, num_speculative_tokens=7)
+        assert spec == [plain[i] for i in group]
+        stats = core.spec_stats["table"]
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(torch_executor):

@@ -112,6 +112,45 @@ def test_decode_kernel_matches_float32_attention(b, heads, kv_heads, head_dim, w
         torch.testing.assert_close(out[i:i + 1].float(), ref, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window,bs", [
+    (9, 3, 64, None, 16),      # SmolLM2's heads
+    (8, 2, 128, 21, 4),        # head_dim 128, a window, drafts across several small pages
+    (2, 2, 192, None, 8),
+    (16, 1, 64, None, 16),     # G = 16: pass 3 in several passes per row
+])
+def test_rows_of_one_sequence_equal_each_row_alone(heads, kv_heads, head_dim, window, bs):
+    """A token and its drafts (consecutive positions, one block table) attend together, one
+    pass over the K/V pages for all of them; each row must still be bit for bit what it is
+    alone, which greedy speculation relies on. Groups of 1-8 rows starting anywhere in a page
+    (so drafts cross page boundaries), beside a sequence of other pages in the same call."""
+    torch.manual_seed(heads * head_dim)
+    pages = 12
+    k_cache = torch.randn(kv_heads, 40, bs, head_dim).to(torch.bfloat16)
+    v_cache = torch.randn(kv_heads, 40, bs, head_dim).to(torch.bfloat16)
+    table = torch.randperm(40)[:pages]
+    other = torch.randperm(40)[:pages]
+    scale = head_dim ** -0.5
+
+    def attend(tables, positions):
+        q = (2 * torch.randn(len(positions), heads, head_dim, generator=torch.Generator()
+                             .manual_seed(7))).to(torch.bfloat16)
+        out = torch.empty(len(positions), heads, head_dim, dtype=torch.bfloat16)
+        kernels.decode_attention(q, k_cache, v_cache, torch.stack(tables),
+                                 torch.tensor(positions), window, scale, out)
+        return q, out
+
+    for rows in range(1, 9):
+        start = (rows * 13) % (pages * bs - 8 - bs) + (bs - 2 if rows % 2 else 0)
+        positions = [start + i for i in range(rows)] + [5 * bs + 3]
+        q, together = attend([table] * rows + [other], positions)
+        for i, pos in enumerate(positions):
+            alone = torch.empty(1, heads, head_dim, dtype=torch.bfloat16)
+            kernels.decode_attention(q[i:i + 1], k_cache, v_cache,
+                                     (table if i < rows else other)[None],
+                                     torch.tensor([pos]), window, scale, alone)
+            assert torch.equal(together[i:i + 1], alone), (rows, i)
+
+
 def test_kernel_rejects_unsupported_shapes():
     q = torch.zeros(4, 4, 32, dtype=torch.bfloat16)
     cache = torch.zeros(2, 4, 16, 32, dtype=torch.bfloat16)

@@ -123,3 +123,20 @@ def test_fused_prefill_glue_matches_torch_ops(rows):
     torch.testing.assert_close(qkv[:, :12 * 64].float().view(rows, 12, 64), want,
                                atol=0.03, rtol=0.01)
     assert torch.equal(qkv[:, 12 * 64:], v_before)
+
+
+@pytest.mark.parametrize("in_features", [96, 576])
+def test_each_row_is_the_same_with_any_number_of_rows(in_features):
+    """A row's outputs do not depend on how many rows share the call (1 row streams each weight
+    row alone, 2+ rows run register tiles of 12 weight rows): bit for bit, for every row count
+    the native decode step runs (a token and its drafts), with the float32 (logits) and the
+    bfloat16 outputs, across whole tiles and the leftover weight rows (out 12 * 5 + 7)."""
+    gen = torch.Generator().manual_seed(in_features)
+    w = torch.randn(67, in_features, generator=gen).bfloat16()
+    b = torch.randn(67, generator=gen).bfloat16()
+    x = torch.randn(16, in_features, generator=gen).bfloat16()
+    alone = torch.cat([kernels.linear(x[i:i + 1], w, b) for i in range(16)])
+    alone32 = torch.cat([kernels.linear_f32(x[i:i + 1], w) for i in range(16)])
+    for rows in (2, 3, 4, 5, 6, 7, 8, 9, 13):
+        assert torch.equal(kernels.linear(x[:rows], w, b), alone[:rows]), rows
+        assert torch.equal(kernels.linear_f32(x[3:3 + rows], w), alone32[3:3 + rows]), rows

@@ -135,3 +135,37 @@ def test_native_decode_refused_where_unsupported(checkpoint):
     assert not TorchExecutor(path, dtype="bfloat16").native_decode
     with pytest.raises(ValueError, match="native decode"):
         TorchExecutor(path, dtype="bfloat16", native_decode=True)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_tied", "mistral_window"])
+def test_rows_of_one_sequence_equal_plain_decode_steps(models, name):
+    """What greedy speculation relies on: a token and its drafts verified as rows of one native
+    step (consecutive positions over one block table, beside another sequence's row) give the
+    logits plain one-row decode steps give at those positions, bit for bit. The K/V of the
+    rows' positions are poisoned (NaN) first, so each row must attend to the K/V the same call
+    wrote for the rows before it. Pages of 4 positions: drafts cross page boundaries; the
+    Mistral variant's 24-position window slides within a draft."""
+    ex = TorchExecutor(models(name), dtype="bfloat16")
+    ex.initialize_cache(num_blocks=32, block_size=4)
+    step = ex._native
+    gen = random.Random(5)
+    tokens = [gen.randrange(512) for _ in range(48)]
+    mine, theirs = list(range(12)), list(range(12, 24))
+    slot = lambda p, pages: pages[p // 4] * 4 + p % 4  # noqa: E731
+    with torch.inference_mode():
+        plain, plain_other = [], []
+        for p in range(40):      # one row per step: each row alone (the 1-row linear path)
+            plain.append(step([tokens[p]], [p], [slot(p, mine)], [mine])[0])
+            plain_other.append(step([tokens[-1 - p]], [p], [slot(p, theirs)], [theirs])[0])
+        for start, rows in [(24, 7), (26, 3), (29, 5), (34, 2), (36, 1), (30, 7)]:   # prefix valid
+            for layer in ex.model.layers:
+                for cache in (layer.self_attn.k_cache, layer.self_attn.v_cache):
+                    for p in range(start, 48):
+                        cache[:, mine[p // 4], p % 4] = float("nan")
+            pos = list(range(start, start + rows))
+            logits = step([tokens[p] for p in pos] + [tokens[-1 - 20]], pos + [20],
+                          [slot(p, mine) for p in pos] + [slot(20, theirs)],
+                          [mine] * rows + [theirs])
+            for i, p in enumerate(pos):
+                assert torch.equal(logits[i], plain[p]), (start, rows, i)
+            assert torch.equal(logits[rows], plain_other[20])

@@ -18,6 +18,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -249,100 +250,288 @@ int tf_prefill_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, c
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Decode attention: one new token per sequence, b sequences, read through their block tables
- * (tables: b rows of num_pages page ids, table_stride apart; positions: the new token's position, whose K/V are
- * already in the cache). Memory-bound, so the plan is to touch each K and V row exactly once:
- * pass 1 scores every key for the G query heads of a KV head (bf16 dot products), pass 2
+ * Decode attention: one new token per row, read through the rows' block tables (tables: rows
+ * of num_pages page ids, table_stride apart; positions: each row's position, whose K/V are
+ * already in the cache). Memory-bound at one row, so the plan is to touch each K and V row
+ * once: pass 1 scores every key for the G query heads of a KV head (bf16 dot products), pass 2
  * takes the softmax in float32, pass 3 accumulates V rows weighted by float32 probabilities.
- * One task per (sequence, KV head).
+ *
+ * Rows of one sequence (a token and the drafts verified with it: consecutive positions, one
+ * block table) run as one task per KV head, so that pass 1 and pass 3 read each K and V row
+ * once for all of them, each row over its own causal range. Each row's arithmetic is what it
+ * would be alone: a score is the same chain of vdpbf16ps, summed by reduce16 (the tree of
+ * _mm512_reduce_add_ps), then scaled; the softmax runs on the row's own slice; V rows are
+ * added in key order into the row's own accumulators. So a verified draft's attention equals
+ * plain decoding's for that position bit for bit (greedy speculation depends on it).
  */
 
-/* One (sequence, KV head) task of decode attention. ``s`` / ``s_cap``: the calling thread's
- * float scratch, grown as needed (freed by the caller). Returns 0, or -2 when out of memory. */
-int tf_decode_task(int task, const bf16 *q, int64_t q_stride, const bf16 *k_cache,
-                   const bf16 *v_cache, int64_t num_blocks, int bs, const int64_t *tables,
-                   int64_t table_stride, const int64_t *positions, int H, int Hkv, int D,
-                   int window, float scale, bf16 *out, int64_t out_stride, float **s_buf,
-                   int64_t *s_cap) {
-    const int G = H / Hkv;
-    const int DV = D / 16;                      /* float32 vectors per row */
+/* Scores of the 16 keys ``kr`` (n16 of them live) for one query head: the dot products as
+ * DC chunks of 32 (DC = D / 32, a constant so everything stays in registers), reduced 16 at
+ * a time. Stores n16 floats of scale * q.k. */
+#define SCORE_BLOCK(DC)                                                                      \
+    static inline void score_block_##DC(const bf16 *qu, const bf16 *const *kr, int n16,     \
+                                        float scale, float *dst) {                           \
+        __m512bh qv[DC];                                                                     \
+        for (int c = 0; c < DC; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qu + c * 32);       \
+        __m512 v[16];                                                                        \
+        for (int t = 0; t < 16; t++) {                                                       \
+            __m512 a = _mm512_setzero_ps();                                                  \
+            if (t < n16)                                                                     \
+                for (int c = 0; c < DC; c++)                                                 \
+                    a = _mm512_dpbf16_ps(a, qv[c],                                           \
+                                         (__m512bh)_mm512_loadu_si512(kr[t] + c * 32));      \
+            v[t] = a;                                                                        \
+        }                                                                                    \
+        const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(scale), reduce16(v));                 \
+        _mm512_mask_storeu_ps(dst, (__mmask16)((1u << n16) - 1u), sc);                       \
+    }
+SCORE_BLOCK(2)
+SCORE_BLOCK(4)
+SCORE_BLOCK(6)
+SCORE_BLOCK(8)
+
+/* Pass 3 for up to UB query heads (units) at once, DVC = D / 16 accumulators each (constants:
+ * registers): out_i = sum over keys j in [lo[i], hi[i]], ascending, of p_i[j] v_j, where
+ * p_i = s + i * nk - jlo. Each V row is read and widened once for all units. Keys every unit
+ * attends to run in a loop without conditions (so the accumulators stay in registers; units
+ * past ``un`` repeat the last one, their sums dropped); the few keys only some units attend
+ * to (the ends of a draft's causal ranges, of windows) run before and after, in key order. */
+#define PV_PASS(DVC, UB)                                                                     \
+    static void pv_pass_##DVC(const float *s, int64_t nk, int64_t jlo, const int64_t *lo,   \
+                              const int64_t *hi, int un, const bf16 *vh, const int64_t *table, \
+                              int bs, int64_t page_elems, bf16 *const *dst) {                \
+        __m512 acc[UB][DVC];                                                                 \
+        int64_t a = lo[0], b = hi[0], ca = lo[0], cb = hi[0];                                \
+        for (int i = 0; i < UB; i++) {                                                       \
+            for (int c = 0; c < DVC; c++) acc[i][c] = _mm512_setzero_ps();                   \
+            if (i < un) {                                                                    \
+                a = lo[i] < a ? lo[i] : a;                                                   \
+                b = hi[i] > b ? hi[i] : b;                                                   \
+                ca = lo[i] > ca ? lo[i] : ca;                                                \
+                cb = hi[i] < cb ? hi[i] : cb;                                                \
+            }                                                                                \
+        }                                                                                    \
+        /* ragged keys before the common ones, the common ones, ragged keys after */         \
+        const int common = ca <= cb;                                                         \
+        const int64_t seg_lo[2] = {a, common ? cb + 1 : 1}, seg_hi[2] = {common ? ca - 1 : b, common ? b : 0}; \
+        for (int sg = 0; sg < 2; sg++) {                                                     \
+            for (int64_t j = seg_lo[sg]; j <= seg_hi[sg]; j++) {                             \
+                const bf16 *vr = vh + table[j / bs] * page_elems + (j % bs) * (DVC * 16);    \
+                for (int i = 0; i < un; i++) {                                               \
+                    if (j < lo[i] || j > hi[i]) continue;                                    \
+                    const __m512 p = _mm512_set1_ps(s[i * nk + (j - jlo)]);                  \
+                    for (int c = 0; c < DVC; c++)                                            \
+                        acc[i][c] = _mm512_fmadd_ps(p, _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256( \
+                            (const __m256i *)(vr + c * 16))), acc[i][c]);                    \
+                }                                                                            \
+            }                                                                                \
+            if (sg == 0 && common)                                                           \
+                pv_common_##DVC(s, nk, jlo, ca, cb, un, vh, table, bs, page_elems, acc);     \
+        }                                                                                    \
+        for (int i = 0; i < UB && i < un; i++)                                               \
+            for (int c = 0; c < DVC; c++) {                                                  \
+                float tmp[16];                                                               \
+                _mm512_storeu_ps(tmp, acc[i][c]);                                            \
+                for (int e = 0; e < 16; e++) dst[i][c * 16 + e] = to_bf16(tmp[e]);           \
+            }                                                                                \
+    }
+/* The keys [ca, cb] that every unit attends to, accumulated into ``acc`` (UB x DVC). */
+#define PV_COMMON(DVC, UB)                                                                   \
+    static inline void pv_common_##DVC(const float *s, int64_t nk, int64_t jlo, int64_t ca, \
+                                       int64_t cb, int un, const bf16 *vh,                   \
+                                       const int64_t *table, int bs, int64_t page_elems,     \
+                                       __m512 (*acc)[DVC]) {                                 \
+        __m512 r[UB][DVC];                                                                   \
+        const float *p[UB];                                                                  \
+        for (int i = 0; i < UB; i++) {                                                       \
+            const int u = i < un ? i : un - 1;                                               \
+            p[i] = s + u * nk - jlo;                                                         \
+            for (int c = 0; c < DVC; c++) r[i][c] = acc[i][c];                               \
+        }                                                                                    \
+        int64_t j = ca;                                                                      \
+        while (j <= cb) {                                                                    \
+            const bf16 *page = vh + table[j / bs] * page_elems;                              \
+            const int t0 = (int)(j % bs);                                                    \
+            const int t1 = cb - j + 1 < bs - t0 ? (int)(cb - j + 1) + t0 : bs;               \
+            for (int t = t0; t < t1; t++, j++) {                                             \
+                const bf16 *vr = page + (int64_t)t * (DVC * 16);                             \
+                __m512 vf[DVC];                                                              \
+                for (int c = 0; c < DVC; c++)                                                \
+                    vf[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16))); \
+                for (int i = 0; i < UB; i++) {                                               \
+                    const __m512 pv = _mm512_set1_ps(p[i][j]);                               \
+                    for (int c = 0; c < DVC; c++) r[i][c] = _mm512_fmadd_ps(pv, vf[c], r[i][c]); \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        for (int i = 0; i < UB; i++)                                                         \
+            for (int c = 0; c < DVC; c++) acc[i][c] = r[i][c];                               \
+    }
+PV_COMMON(4, 6)
+PV_COMMON(8, 3)
+PV_COMMON(12, 2)
+PV_COMMON(16, 1)
+PV_PASS(4, 6)
+PV_PASS(8, 3)
+PV_PASS(12, 2)
+PV_PASS(16, 1)
+#define PV_UNITS(DV) ((DV) == 4 ? 6 : (DV) == 8 ? 3 : (DV) == 12 ? 2 : 1)
+
+/* Rows r0 .. r0 + R - 1 of one sequence (``table`` its block table; ``positions`` their R
+ * positions) for KV head h. ``s`` / ``s_cap``: the calling thread's float scratch, grown as
+ * needed (freed by the caller). Returns 0, or -2 when out of memory. */
+int tf_decode_rows(int r0, int R, int h, const bf16 *q, int64_t q_stride, const bf16 *k_cache,
+                   const bf16 *v_cache, int64_t num_blocks, int bs, const int64_t *table,
+                   const int64_t *positions, int H, int Hkv, int D, int window, float scale,
+                   bf16 *out, int64_t out_stride, float **s_buf, int64_t *s_cap) {
+    const int G = H / Hkv, U = R * G, DV = D / 16, DC = D / 32;
     const int64_t head_stride = num_blocks * bs * D, page_elems = (int64_t)bs * D;
-    __m512 acc[16];                              /* DV <= 16 */
-    const int seq = task / Hkv, h = task % Hkv;
-    const int64_t pos = positions[seq];
-    const int64_t lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
-    const int64_t nk = pos - lo + 1;
-    if (nk * G > *s_cap) {
+    int64_t lo_buf[64], hi_buf[64];               /* per unit (query head of a row) */
+    const bf16 *qu_buf[64];
+    int64_t *lo = lo_buf, *hi = hi_buf;
+    const bf16 **qu = qu_buf;
+    if (U > 64) {                                 /* more than 64 query heads per KV head */
+        lo = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)U);
+        qu = (const bf16 **)malloc(sizeof(const bf16 *) * (size_t)U);
+        if (!lo || !qu) { free(lo); free(qu); return -2; }
+        hi = lo + U;
+    }
+    int64_t jlo = INT64_MAX, jhi = -1;
+    for (int u = 0; u < U; u++) {
+        const int64_t pos = positions[u / G];
+        lo[u] = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+        hi[u] = pos;
+        jlo = lo[u] < jlo ? lo[u] : jlo;
+        jhi = pos > jhi ? pos : jhi;
+    }
+    const int64_t nk = jhi - jlo + 1;
+    if (nk * U > *s_cap) {
         free(*s_buf);
-        *s_cap = nk * G * 2;
+        *s_cap = nk * U * 2;
         *s_buf = (float *)malloc(sizeof(float) * *s_cap);
-        if (!*s_buf) { *s_cap = 0; return -2; }
+        if (!*s_buf) {
+            *s_cap = 0;
+            if (U > 64) { free(lo); free(qu); }
+            return -2;
+        }
     }
     float *s = *s_buf;
-    const int64_t *table = tables + seq * table_stride;
     const bf16 *kh = k_cache + h * head_stride, *vh = v_cache + h * head_stride;
-    const bf16 *qs = q + seq * q_stride + (int64_t)h * G * D;
-    /* pass 1: s[g][j] = scale * q_g . k_j */
-    for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {   /* page by page: no division per key */
-        const bf16 *page = kh + table[pg] * page_elems;
-        const int64_t j0 = pg * bs;
-        const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
-        for (int t = t0; t < t1; t++) {
-            const bf16 *kr = page + (int64_t)t * D;
-            for (int g = 0; g < G; g++) {
-                __m512 a = _mm512_setzero_ps();
-                for (int c = 0; c < D / 32; c++)
-                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qs + g * D + c * 32),
-                                         (__m512bh)_mm512_loadu_si512(kr + c * 32));
-                s[g * nk + (j0 + t - lo)] = scale * _mm512_reduce_add_ps(a);
+    for (int u = 0; u < U; u++)
+        qu[u] = q + (int64_t)(r0 + u / G) * q_stride + (int64_t)(h * G + u % G) * D;
+    /* pass 1: s[u][j - jlo] = scale * q_u . k_j for every key any row attends to (a row's
+     * slice is what it alone would score: keys past a row's position are scored, not used) */
+    for (int64_t jb = jlo; jb <= jhi; jb += 16) {
+        const int n16 = jhi - jb + 1 < 16 ? (int)(jhi - jb + 1) : 16;
+        const bf16 *kr[16];
+        int64_t pg = jb / bs;
+        int t = (int)(jb % bs);
+        for (int i = 0; i < n16; i++) {
+            kr[i] = kh + table[pg] * page_elems + (int64_t)t * D;
+            if (++t == bs) { t = 0; pg++; }
+        }
+        for (int u = 0; u < U; u++) {
+            float *dst = s + u * nk + (jb - jlo);
+            switch (DC) {
+                case 2: score_block_2(qu[u], kr, n16, scale, dst); break;
+                case 4: score_block_4(qu[u], kr, n16, scale, dst); break;
+                case 6: score_block_6(qu[u], kr, n16, scale, dst); break;
+                default: score_block_8(qu[u], kr, n16, scale, dst); break;
             }
         }
     }
-    /* pass 2: softmax per query head, in float32 */
-    for (int g = 0; g < G; g++) {
-        float *sg = s + g * nk;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < nk; j++) mx = sg[j] > mx ? sg[j] : mx;
-        __m512 sum = _mm512_setzero_ps();
+    /* pass 2: softmax per unit over its own keys, in float32 */
+    for (int u = 0; u < U; u++) {
+        float *sg = s + u * nk + (lo[u] - jlo);
+        const int64_t nu = hi[u] - lo[u] + 1;
+        /* the maximum, 16 lanes at a time (exact in any order; NaN skipped, as the scalar
+         * ``x > mx ? x : mx`` does: max_ps returns its second operand when one is NaN) */
+        __m512 mv = _mm512_set1_ps(-INFINITY);
         int64_t j = 0;
-        for (; j + 16 <= nk; j += 16) {
+        for (; j + 16 <= nu; j += 16) mv = _mm512_max_ps(_mm512_loadu_ps(sg + j), mv);
+        float mx = _mm512_reduce_max_ps(mv);
+        for (; j < nu; j++) mx = sg[j] > mx ? sg[j] : mx;
+        __m512 sum = _mm512_setzero_ps();
+        j = 0;
+        for (; j + 16 <= nu; j += 16) {
             const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + j), _mm512_set1_ps(mx)));
             _mm512_storeu_ps(sg + j, e);
             sum = _mm512_add_ps(sum, e);
         }
         float tail = 0.f;
-        for (; j < nk; j++) { sg[j] = expf(sg[j] - mx); tail += sg[j]; }
+        for (; j < nu; j++) { sg[j] = expf(sg[j] - mx); tail += sg[j]; }
         const float inv = 1.0f / (_mm512_reduce_add_ps(sum) + tail);
-        for (j = 0; j < nk; j++) sg[j] *= inv;
+        for (j = 0; j < nu; j++) sg[j] *= inv;
     }
-    /* pass 3: out_g = sum_j p[g][j] v_j, walking V once for (up to 16 / DV) heads */
-    for (int g0 = 0; g0 < G; g0 += 16 / DV) {
-        const int gn = G - g0 < 16 / DV ? G - g0 : 16 / DV;
-        for (int i = 0; i < gn * DV; i++) acc[i] = _mm512_setzero_ps();
-        for (int64_t pg = lo / bs; pg <= pos / bs; pg++) {
-            const bf16 *page = vh + table[pg] * page_elems;
-            const int64_t j0 = pg * bs;
-            const int t0 = j0 < lo ? (int)(lo - j0) : 0, t1 = pos - j0 + 1 < bs ? (int)(pos - j0 + 1) : bs;
-            for (int t = t0; t < t1; t++) {
-                const bf16 *vr = page + (int64_t)t * D;
-                const float *pj = s + g0 * nk + (j0 + t - lo);
-                for (int c = 0; c < DV; c++) {
-                    const __m512 vf = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16)));
-                    for (int g = 0; g < gn; g++)
-                        acc[g * DV + c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[g * nk]), vf, acc[g * DV + c]);
-                }
-            }
+    /* pass 3: out_u = sum_j p[u][j] v_j, walking V once for PV_UNITS units */
+    const int ub = PV_UNITS(DV);
+    for (int u0 = 0; u0 < U; u0 += ub) {
+        const int un = U - u0 < ub ? U - u0 : ub;
+        bf16 *dst[6];
+        for (int i = 0; i < un; i++) {
+            const int u = u0 + i;
+            dst[i] = out + (int64_t)(r0 + u / G) * out_stride + (int64_t)(h * G + u % G) * D;
         }
-        for (int g = 0; g < gn; g++) {
-            bf16 *dst = out + seq * out_stride + (int64_t)(h * G + g0 + g) * D;
-            for (int c = 0; c < DV; c++) {
-                float tmp[16];
-                _mm512_storeu_ps(tmp, acc[g * DV + c]);
-                for (int t = 0; t < 16; t++) dst[c * 16 + t] = to_bf16(tmp[t]);
-            }
+        const float *su = s + u0 * nk;
+        switch (DV) {
+            case 4: pv_pass_4(su, nk, jlo, lo + u0, hi + u0, un, vh, table, bs, page_elems, dst); break;
+            case 8: pv_pass_8(su, nk, jlo, lo + u0, hi + u0, un, vh, table, bs, page_elems, dst); break;
+            case 12: pv_pass_12(su, nk, jlo, lo + u0, hi + u0, un, vh, table, bs, page_elems, dst); break;
+            default: pv_pass_16(su, nk, jlo, lo + u0, hi + u0, un, vh, table, bs, page_elems, dst); break;
         }
     }
+    if (U > 64) { free(lo); free(qu); }
     return 0;
+}
+
+/* One (sequence, KV head) task of decode attention: tf_decode_rows for one row. */
+int tf_decode_task(int task, const bf16 *q, int64_t q_stride, const bf16 *k_cache,
+                   const bf16 *v_cache, int64_t num_blocks, int bs, const int64_t *tables,
+                   int64_t table_stride, const int64_t *positions, int H, int Hkv, int D,
+                   int window, float scale, bf16 *out, int64_t out_stride, float **s_buf,
+                   int64_t *s_cap) {
+    const int seq = task / Hkv, h = task % Hkv;
+    return tf_decode_rows(seq, 1, h, q, q_stride, k_cache, v_cache, num_blocks, bs,
+                          tables + seq * table_stride, positions + seq, H, Hkv, D, window, scale,
+                          out, out_stride, s_buf, s_cap);
+}
+
+/* Which rows attend together (tf_decode_rows): a row that continues the one before it -- the
+ * next position, the same pages up to its own -- joins its group (a token and the drafts
+ * verified with it), so that each K/V row is read once per group instead of once per row.
+ * Any grouping gives the same numbers (each row's arithmetic is its own), so this is a
+ * matter of speed only. With more threads than tasks to share out, groups are halved (a K/V
+ * row then read twice) so that no thread idles. Writes (first row, rows) pairs into
+ * ``pieces`` (room for 2 B ints); returns how many. */
+int tf_decode_pieces(int B, int G, int Hkv, int bs, const int64_t *tables,
+                            int64_t table_stride, const int64_t *positions, int *pieces) {
+    const int max_rows = 64 / G < 8 ? (64 / G > 1 ? 64 / G : 1) : 8;   /* rows x G <= 64 */
+    int n = 0;
+    for (int b = 0; b < B;) {
+        int e = b + 1;
+        while (e < B && e - b < max_rows && positions[e] == positions[e - 1] + 1
+               && memcmp(tables + (int64_t)b * table_stride, tables + (int64_t)e * table_stride,
+                         sizeof(int64_t) * (size_t)(positions[e] / bs + 1)) == 0)
+            e++;
+        pieces[2 * n] = b;
+        pieces[2 * n + 1] = e - b;
+        n++;
+        b = e;
+    }
+    const int threads = omp_get_max_threads();
+    if (threads > 1 && n * Hkv < 2 * threads) {
+        int m = n;
+        for (int i = 0; i < n; i++) {
+            const int rows = pieces[2 * i + 1];
+            if (rows < 2) continue;
+            pieces[2 * i + 1] = rows / 2;
+            pieces[2 * m] = pieces[2 * i] + rows / 2;
+            pieces[2 * m + 1] = rows - rows / 2;
+            m++;
+        }
+        n = m;
+    }
+    return n;
 }
 
 /* Checks shared by the decode entry points: 0, -1 (shapes), -3 (a position past its table). */
@@ -360,18 +549,25 @@ int tf_decode_attention(const bf16 *q, int64_t q_stride, const bf16 *k_cache, co
                         int D, int window, float scale, bf16 *out, int64_t out_stride) {
     const int check = tf_decode_check(b, H, Hkv, D, bs, num_pages, positions);
     if (check != 0) return check;
+    int *pieces = (int *)malloc(sizeof(int) * 2 * (size_t)b);
+    if (!pieces) return -2;
+    const int npieces = tf_decode_pieces(b, H / Hkv, Hkv, bs, tables, table_stride, positions,
+                                         pieces);
     int status = 0;
 #pragma omp parallel
     {
         float *s = NULL;
         int64_t s_cap = 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < b * Hkv; task++)
-            if (tf_decode_task(task, q, q_stride, k_cache, v_cache, num_blocks, bs, tables,
-                               table_stride, positions, H, Hkv, D, window, scale, out,
-                               out_stride, &s, &s_cap) != 0)
+        for (int task = 0; task < npieces * Hkv; task++) {
+            const int r0 = pieces[2 * (task / Hkv)], rows = pieces[2 * (task / Hkv) + 1];
+            if (tf_decode_rows(r0, rows, task % Hkv, q, q_stride, k_cache, v_cache, num_blocks,
+                               bs, tables + r0 * table_stride, positions + r0, H, Hkv, D,
+                               window, scale, out, out_stride, &s, &s_cap) != 0)
                 status = -2;
+        }
         free(s);
     }
+    free(pieces);
     return status;
 }

@@ -13,6 +13,13 @@
  *
  * Rounding follows the torch path op for op: every op's result is rounded to bfloat16 once
  * (RoPE once for x * cos + rotate(x) * sin, as tf_rope_rows does in prefill steps).
+ *
+ * Rows are independent computations: a row's numbers never depend on which other rows share
+ * the step (linear.c's tiles and attention.c's row groups keep each row's arithmetic its
+ * own). So a speculative step -- a token and its drafts as consecutive rows of one sequence,
+ * every layer's K/V written for all rows before any row attends -- yields at each position
+ * exactly the logits plain decoding yields there, while the weights are read once for all
+ * rows and each group of rows reads its K/V pages once.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -70,12 +77,14 @@ static int linear_ok(const tf_linear_desc *L, int64_t out, int64_t in) {
  * cache slots (page * block_size + offset) of the new tokens; tables (B, num_pages) with a
  * row stride; positions (B,). work: B * (2 hidden + (heads + 2 kv_heads) D + heads D +
  * 3 intermediate) bfloat16 scratch; fwork: B * (largest out of a quantized linear) floats.
+ * pieces: npieces (first row, rows) pairs of rows attending together (attention_pieces).
  * Returns 0, -1 (unsupported shapes), -2 (out of memory),
  * -3 (a position past its block table). */
 static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, const bf16 *cos,
                         const bf16 *sin, const int64_t *rope_rows, const int64_t *slots,
                         const int64_t *tables, int64_t table_stride, int64_t num_pages,
-                        const int64_t *positions, bf16 *work, float *fwork) {
+                        const int64_t *positions, const int *pieces, int npieces, bf16 *work,
+                        float *fwork) {
     const int H = (int)d->hidden, NH = (int)d->heads, NKV = (int)d->kv_heads, D = (int)d->head_dim;
     const int I = (int)d->intermediate, NQ = NH * D, NQKV = (NH + 2 * NKV) * D;
     const int check = tf_decode_check(B, NH, NKV, D, (int)d->block_size, num_pages, positions);
@@ -112,11 +121,14 @@ static int decode_layer(const tf_layer *L, const tf_dims *d, int B, bf16 *x, con
         }
 
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < B * NKV; task++)
-            if (tf_decode_task(task, qkv, NQKV, L->k_cache, L->v_cache, d->num_blocks,
-                               (int)d->block_size, tables, table_stride, positions, NH, NKV, D,
-                               (int)L->window, d->scale, att, NQ, &s, &s_cap) != 0)
+        for (int task = 0; task < npieces * NKV; task++) {
+            const int r0 = pieces[2 * (task / NKV)], rows = pieces[2 * (task / NKV) + 1];
+            if (tf_decode_rows(r0, rows, task % NKV, qkv, NQKV, L->k_cache, L->v_cache,
+                               d->num_blocks, (int)d->block_size, tables + r0 * table_stride,
+                               positions + r0, NH, NKV, D, (int)L->window, d->scale, att, NQ,
+                               &s, &s_cap) != 0)
                 status = -2;
+        }
 
         tf_linear_any(&L->o, att, NQ, B, tmp, NULL, H, fwork);
 
@@ -164,15 +176,28 @@ int tf_decode_step(const tf_layer *layers, int num_layers, const tf_dims *d, int
              || embed->kind == TF_KIND_Q4_0 || embed->kind == TF_KIND_Q4_1
              || (embed->kind == TF_KIND_INT8 && embed->scales)))
         return -1;
+    const int check = tf_decode_check(B, (int)d->heads, (int)d->kv_heads, (int)d->head_dim,
+                                      (int)d->block_size, num_pages, positions);
+    if (check != 0) return check;
     for (int b = 0; b < B; b++) {
         if (ids[b] < 0 || ids[b] >= embed->out) return -1;
         tf_table_row(embed, ids[b], x + (int64_t)b * H);
     }
+    int *pieces = (int *)malloc(sizeof(int) * 2 * (size_t)B);
+    if (!pieces) return -2;
+    const int npieces = tf_decode_pieces(B, (int)(d->heads / d->kv_heads), (int)d->kv_heads,
+                                         (int)d->block_size, tables, table_stride, positions,
+                                         pieces);
     for (int i = 0; i < num_layers; i++) {
         const int rc = decode_layer(layers + i, d, B, x, cos, sin, rope_rows, slots, tables,
-                                    table_stride, num_pages, positions, work, fwork);
-        if (rc != 0) return rc;
+                                    table_stride, num_pages, positions, pieces, npieces, work,
+                                    fwork);
+        if (rc != 0) {
+            free(pieces);
+            return rc;
+        }
     }
+    free(pieces);
     for (int b = 0; b < B; b++)
         rms_norm(x + (int64_t)b * H, H, final_norm, d->eps, work + (int64_t)b * H);
 #pragma omp parallel
