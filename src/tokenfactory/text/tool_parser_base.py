@@ -1,7 +1,7 @@
 """The pieces every tool-call parser shares: the events a parser emits, the parser base class,
 and small scanners (a call marker arriving in pieces, the end of a JSON object, the head of a
-``{"name": ..., "arguments": ...}`` call). tool_parsers.py (Hermes, Llama 3 JSON) and
-tool_formats.py (Mistral, Qwen3-Coder) build on them."""
+``{"name": ..., "arguments": ...}`` call). The formats in tool_formats/ build on them;
+tool_parsers.py is their registry."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ ParserEvent = Union[TextDelta, ToolCallStart, ToolCallArgsDelta, ToolCallEnd]
 # JSON in a call grammar laid out as json.dumps lays it out (the templates render earlier calls
 # that way), with no free whitespace
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# a call head (name, markers) longer than this is not a call (Mistral, Qwen3-Coder)
+_MAX_HEAD = 512
 
 
 def _lit(text: str, specials: dict[str, int] | None = None) -> str:

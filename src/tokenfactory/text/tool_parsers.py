@@ -1,4 +1,6 @@
-"""Streaming tool-call extraction from model text (station 11: text back into tool calls).
+"""Streaming tool-call extraction from model text (station 11: text back into tool calls): the
+registry of formats, which one a chat template teaches, the exact text of a call in each, and
+the grammar that constrains a reply's calls.
 
 A parser is fed the detokenizer's text deltas and turns them into events: plain text, and for
 each tool call a start (name known), the arguments as JSON fragments, and an end (arguments
@@ -9,23 +11,15 @@ in the chat template, so it is dropped; at the end of a message without calls it
 A malformed call (JSON that does not parse, no name, arguments not an object) is returned as
 text, byte for byte; a parser never raises on model output.
 
-Formats:
-- hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, repeated for
-  several calls (Hermes, Qwen2.5, the demo model).
-- llama3_json: Llama 3.1/3.2/3.3 custom tools: the whole message is `{"name": ..., "parameters":
-  {...}}` (or "arguments"), optionally after `<|python_tag|>`, several separated by `;`.
-
-Arguments stream as they are generated (``stream_arguments=True``, Hermes format) when a grammar
-guarantees the call is well formed (``tool_call_grammar``): the call starts once its name is
-complete and every argument byte is passed on as a fragment as soon as it arrives. Without a
-grammar a call is held until it is complete, because a malformed one must come back as text.
+The formats, one module each under text/tool_formats/: hermes, llama3_json, mistral (and
+mistral_args), qwen3_coder. A leading ``<think>`` section is split off by
+text/reasoning_parser.py. The names those modules define are importable from here too.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 
 __all__ = [
     "TextDelta",
@@ -48,266 +42,16 @@ __all__ = [
 ]
 
 
-from tokenfactory.text.tool_parser_base import (_HERMES_HEAD, ParserEvent,  # noqa: F401
-                                               TextDelta, ToolCallArgsDelta, ToolCallEnd,
-                                               StepParser, ToolCallParser, ToolCallStart, _ObjectScanner,
-                                               _JSON_LAYOUT, _lit, _partial_marker_len,
-                                               _validate_call)
-from tokenfactory.text.tool_formats import (MistralArgsToolParser, MistralToolParser,
+from tokenfactory.text.reasoning_parser import (THINK_END, THINK_START,  # noqa: F401
+                                                ReasoningParser, ThinkingDelta, ThinkingEnd,
+                                                template_has_reasoning)
+from tokenfactory.text.tool_formats import (HermesToolParser, Llama3JsonToolParser,
+                                            MistralArgsToolParser, MistralToolParser,
                                             Qwen3CoderToolParser, qwen3_coder_call_grammar,
                                             render_qwen3_coder_call)
-
-
-class HermesToolParser(ToolCallParser):
-    """`<tool_call>{json}</tool_call>` blocks, anywhere in the message."""
-
-    name = "hermes"
-    START = "<tool_call>"
-    END = "</tool_call>"
-
-    def __init__(self, stream_arguments: bool = False, tools: dict | None = None) -> None:
-        super().__init__(stream_arguments)
-        self._buf = ""
-        self._in_call = False
-        # streaming the current call's arguments: the text passed on so far, the scanner
-        self._args: str | None = None
-        self._args_done = False
-        self._scanner: _ObjectScanner | None = None
-
-    def feed(self, text_delta: str) -> list[ParserEvent]:
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        out: list[ParserEvent] = []
-        self._buf += text_delta
-        while True:
-            if not self._in_call:
-                pos = self._buf.find(self.START)
-                if pos == -1:
-                    keep = _partial_marker_len(self._buf, self.START)
-                    self._text(self._buf[: len(self._buf) - keep], out)
-                    self._buf = self._buf[len(self._buf) - keep :]
-                    return out
-                self._text(self._buf[:pos], out)
-                self._buf = self._buf[pos + len(self.START) :]
-                self._in_call = True
-            elif self.stream_arguments and self._stream_call(out):
-                continue
-            elif self._args is not None:
-                return out
-            else:
-                pos = self._buf.find(self.END)
-                if pos == -1:
-                    return out
-                body = self._buf[:pos]
-                self._buf = self._buf[pos + len(self.END) :]
-                self._in_call = False
-                self._close(body, self.START + body + self.END, out)
-
-    def _stream_call(self, out: list[ParserEvent]) -> bool:
-        """Advance a call whose arguments stream; True when the call ended (continue with the
-        text after it). Called only while ``_in_call``."""
-        if self._args is None:
-            m = _HERMES_HEAD.match(self._buf)
-            if m is None:
-                return False   # the head is still arriving (or malformed: handled at END)
-            self._held_ws = ""
-            index = self._next_index
-            self._next_index += 1
-            out.append(ToolCallStart(index, json.loads(m.group(1))))
-            self._args, self._args_done, self._scanner = "", False, _ObjectScanner()
-            self._buf = self._buf[m.end():]
-        if not self._args_done:
-            end = self._scanner.feed(self._buf)
-            piece = self._buf if end is None else self._buf[:end]
-            if piece:
-                self._args += piece
-                out.append(ToolCallArgsDelta(self._next_index - 1, piece))
-            self._buf = "" if end is None else self._buf[end:]
-            self._args_done = end is not None
-            if not self._args_done:
-                return False
-        pos = self._buf.find(self.END)
-        if pos == -1:
-            return False
-        self._buf = self._buf[pos + len(self.END):]
-        self._end_streamed(out)
-        return True
-
-    def _end_streamed(self, out: list[ParserEvent]) -> None:
-        try:
-            args = json.loads(self._args)
-        except (json.JSONDecodeError, RecursionError):
-            args = None
-        # (under a grammar the arguments always parse; cut short by max_tokens they may not)
-        out.append(ToolCallEnd(self._next_index - 1, args if isinstance(args, dict) else {}))
-        self._args, self._scanner, self._in_call = None, None, False
-
-    def _close(self, body: str, raw: str, out: list[ParserEvent]) -> None:
-        try:
-            parsed = _validate_call(json.loads(body), ("arguments", "parameters"))
-        except (json.JSONDecodeError, RecursionError):
-            parsed = None
-        if parsed is None:
-            self._text(raw, out)
-        else:
-            self._call(parsed[0], parsed[1], out)
-
-    def finish(self) -> list[ParserEvent]:
-        if self._finished:
-            return []
-        self._finished = True
-        out: list[ParserEvent] = []
-        if self._in_call and self._args is not None:   # a streamed call cut short
-            if not self._args_done and self._buf:
-                self._args += self._buf
-                out.append(ToolCallArgsDelta(self._next_index - 1, self._buf))
-            self._buf = ""
-            self._end_streamed(out)
-        elif self._in_call:  # unclosed: accept it if the JSON is complete (the stop came first)
-            self._close(self._buf, self.START + self._buf, out)
-        else:
-            self._text(self._buf, out)
-        self._buf = ""
-        self._flush_text(out)
-        return out
-
-
-class Llama3JsonToolParser(StepParser):
-    """The whole message is one or more JSON calls (`;`-separated), optionally after <|python_tag|>."""
-
-    name = "llama3_json"
-    PYTHON_TAG = "<|python_tag|>"
-
-    # states
-    _START, _TEXT, _CALL, _BETWEEN = range(4)
-
-    def __init__(self, stream_arguments: bool = False, tools: dict | None = None) -> None:
-        super().__init__(stream_arguments)   # (calls are released whole in this format)
-        self._state = self._START
-        self._buf = ""  # unconsumed text
-        self._raw = ""  # text consumed for the current call region, emitted as text if it fails
-        # incremental JSON object scanner over self._buf
-        self._scan = 0
-        self._depth = 0
-        self._in_str = False
-        self._escape = False
-
-    def _step(self, out: list[ParserEvent]) -> bool:
-        """Advance the state machine once; False when more text is needed."""
-        buf = self._buf
-        if self._state in (self._START, self._BETWEEN):
-            stripped = buf.lstrip()
-            if not stripped:
-                return False
-            lead = buf[: len(buf) - len(stripped)]
-            if stripped.startswith(self.PYTHON_TAG):
-                self._raw += lead + self.PYTHON_TAG
-                self._buf = stripped[len(self.PYTHON_TAG) :]
-                self._begin_object()
-                return True
-            if self.PYTHON_TAG.startswith(stripped):
-                return False  # maybe the tag, still arriving
-            if self._state == self._BETWEEN:
-                if stripped.startswith(";"):
-                    self._raw += lead + ";"
-                    self._buf = stripped[1:]
-                    self._begin_object()
-                    return True
-                # text after the calls: plain text from here on
-                self._state = self._TEXT
-                return True
-            if stripped.startswith("{"):
-                self._raw += lead
-                self._buf = stripped
-                self._begin_object()
-                return True
-            self._state = self._TEXT
-            return True
-        if self._state == self._TEXT:
-            pos = buf.find(self.PYTHON_TAG)
-            if pos == -1:
-                keep = _partial_marker_len(buf, self.PYTHON_TAG)
-                self._text(buf[: len(buf) - keep], out)
-                self._buf = buf[len(buf) - keep :]
-                return False
-            self._text(buf[:pos], out)
-            self._raw = self.PYTHON_TAG
-            self._buf = buf[pos + len(self.PYTHON_TAG) :]
-            self._begin_object()
-            return True
-        # _CALL: scan for the end of the JSON object
-        end = self._scan_object()
-        if end is None:
-            return False
-        self._close(self._buf[:end], out)
-        self._buf = self._buf[end:]
-        return True
-
-    def _begin_object(self) -> None:
-        self._state = self._CALL
-        self._scan = 0
-        self._depth = 0
-        self._in_str = False
-        self._escape = False
-
-    def _scan_object(self) -> int | None:
-        """End offset of the first complete top-level JSON value in the buffer, scanning each char once."""
-        buf = self._buf
-        i = self._scan
-        while i < len(buf):
-            ch = buf[i]
-            i += 1
-            if self._in_str:
-                if self._escape:
-                    self._escape = False
-                elif ch == "\\":
-                    self._escape = True
-                elif ch == '"':
-                    self._in_str = False
-            elif ch == '"':
-                self._in_str = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth <= 0:
-                    self._scan = i
-                    return i
-            elif self._depth == 0 and not ch.isspace():
-                # not an object at all (e.g. "<|python_tag|>print(1)"): fail at once
-                self._scan = i
-                return i
-        self._scan = i
-        return None
-
-    def _close(self, obj_text: str, out: list[ParserEvent]) -> None:
-        try:
-            parsed = _validate_call(json.loads(obj_text), ("parameters", "arguments"))
-        except (json.JSONDecodeError, RecursionError):
-            parsed = None
-        if parsed is None:
-            self._text(self._raw + obj_text, out)
-            self._raw = ""
-            self._state = self._TEXT
-            return
-        self._raw = ""
-        self._call(parsed[0], parsed[1], out)
-        self._state = self._BETWEEN
-
-    def finish(self) -> list[ParserEvent]:
-        if self._finished:
-            return []
-        self._finished = True
-        out: list[ParserEvent] = []
-        if self._state == self._CALL:
-            self._close(self._buf, out)  # incomplete JSON: becomes text (unless it parses after all)
-        elif self._state == self._BETWEEN and self._buf.strip():
-            self._text(self._buf, out)
-        elif self._state != self._BETWEEN:
-            self._text(self._raw + self._buf, out)
-        self._buf = self._raw = ""
-        self._flush_text(out)
-        return out
+from tokenfactory.text.tool_parser_base import (_JSON_LAYOUT, ParserEvent,  # noqa: F401
+                                               TextDelta, ToolCallArgsDelta, ToolCallEnd,
+                                               ToolCallParser, ToolCallStart, _lit)
 
 
 TOOL_PARSERS: dict[str, type[ToolCallParser]] = {
@@ -429,99 +173,3 @@ def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: s
     else:   # a forced choice is one call (small models, allowed more, never stop calling)
         start = "start: call"
     return "\n".join([start, *lines, *rules]) + "\n"
-
-
-# ------------------------------------------------------------------------ reasoning
-@dataclass
-class ThinkingDelta:
-    text: str
-
-
-@dataclass
-class ThinkingEnd:
-    """The reasoning section closed (its text is everything the ThinkingDeltas carried)."""
-
-
-THINK_START, THINK_END = "<think>", "</think>"
-
-
-def template_has_reasoning(chat_template: str | None) -> bool:
-    """Whether a chat template knows a ``<think>`` reasoning section (Qwen3, DeepSeek-R1
-    distills): then a reply may open with one, returned as thinking, not as text."""
-    return bool(chat_template) and THINK_START in chat_template
-
-
-class ReasoningParser:
-    """Splits a leading ``<think>…</think>`` section off a reply: ThinkingDelta events (then
-    ThinkingEnd) for it, and the rest to ``inner`` (a tool-call parser) or as TextDelta.
-    ``inside``: the prompt already opened the section (templates that end the generation
-    prompt with ``<think>``). Anything but whitespace before ``<think>`` means no reasoning.
-    """
-
-    def __init__(self, inner: ToolCallParser | None = None, inside: bool = False) -> None:
-        self.inner = inner
-        self._state = "inside" if inside else "before"
-        self._buf = ""
-        self._lead = True   # inside: whitespace right after <think> is not shown
-
-    @property
-    def num_tool_calls(self) -> int:
-        return self.inner.num_tool_calls if self.inner is not None else 0
-
-    def _rest(self, text: str) -> list:
-        if not text:
-            return []
-        return self.inner.feed(text) if self.inner is not None else [TextDelta(text)]
-
-    def feed(self, text_delta: str) -> list:
-        out: list = []
-        self._buf += text_delta
-        if self._state == "before":
-            body = self._buf.lstrip()
-            if not body or (THINK_START.startswith(body) and body != THINK_START):
-                return out   # maybe the marker, still arriving
-            if body.startswith(THINK_START):
-                self._state, self._buf = "inside", body[len(THINK_START):]
-            else:
-                self._state = "after"
-        if self._state == "inside":
-            if self._lead:
-                self._buf = self._buf.lstrip()
-                self._lead = not self._buf
-            pos = self._buf.find(THINK_END)
-            if pos == -1:
-                # hold back a possible end marker and trailing whitespace (it may end the
-                # section: the template's "\n</think>" is not part of the reasoning)
-                keep = _partial_marker_len(self._buf, THINK_END)
-                head = self._buf[:len(self._buf) - keep]
-                text = head.rstrip()
-                self._buf = self._buf[len(text):]
-                if text:
-                    out.append(ThinkingDelta(text))
-                return out
-            text = self._buf[:pos].rstrip()
-            if text:
-                out.append(ThinkingDelta(text))
-            out.append(ThinkingEnd())
-            self._state, self._buf = "after", self._buf[pos + len(THINK_END):]
-            self._lead = True
-        if self._state == "after":
-            if self._lead:   # whitespace between </think> and the answer is the template's
-                self._buf = self._buf.lstrip()
-                self._lead = not self._buf
-            text, self._buf = self._buf, ""
-            out += self._rest(text)
-        return out
-
-    def finish(self) -> list:
-        out: list = []
-        if self._state == "inside":   # cut short while reasoning
-            if self._buf.strip():
-                out.append(ThinkingDelta(self._buf.rstrip()))
-            out.append(ThinkingEnd())
-        elif self._buf:
-            out += self._rest(self._buf)
-        self._buf = ""
-        if self.inner is not None:
-            out += self.inner.finish()
-        return out
