@@ -12,17 +12,18 @@ from starlette.requests import Request
 
 from tokenfactory.api import caching, structured
 from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesRequest
-from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder, sign_thinking
+from tokenfactory.api.anthropic_prompt import AnthropicPrompt, PromptBuilder
+from tokenfactory.api.anthropic_thinking import sign_thinking
 from tokenfactory.api.errors import APIError, anthropic_error_body
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
                                       cost_headers, Started, TextEvent, make_sampling_params)
 from tokenfactory.api.sse import (ANTHROPIC_PING, SSE_COMMENT, SSE_HEADERS, anthropic_frame,
                                   collect_unless_disconnected, with_keepalive)
 from tokenfactory.api.trace import trace_of
-from tokenfactory.text.tool_parser_base import FirstCallOnly
-from tokenfactory.text.tool_parsers import (ReasoningParser, TextDelta, ThinkingDelta,
-                                            ThinkingEnd, ToolCallArgsDelta, ToolCallEnd,
-                                            ToolCallStart, get_tool_parser)
+from tokenfactory.text.reasoning_parser import ReasoningParser, ThinkingDelta, ThinkingEnd
+from tokenfactory.text.tool_parser_base import (FirstCallOnly, TextDelta, ToolCallArgsDelta,
+                                               ToolCallEnd, ToolCallStart)
+from tokenfactory.text.tool_parsers import get_tool_parser
 
 log = logging.getLogger("tokenfactory.api")
 
@@ -199,7 +200,7 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
                      breakpoints=prompt.engine_breakpoints, parser=parser,
-                     parser_prefill=prompt.parser_prefill, overload_status=529, trace=trace)
+                     overload_status=529, trace=trace)
     await gen.start()
     headers = {"request-id": request_id, "x-request-id": request_id,
                "x-tokenfactory-max-tokens": str(max_tokens)}

@@ -1,72 +1,25 @@
 """Anthropic request -> the prompt the model sees, and where its cache breakpoints fall.
 
-Blocks become chat-template messages (OpenAI-style dicts, what HF templates read); the prompt is
-rendered with the model's own template; each ``cache_control`` block is mapped to a token position
-(see caching.py for how, and for the usage arithmetic).
+Blocks become chat-template messages (anthropic_messages.py); the prompt is rendered with the
+model's own template; each ``cache_control`` block is mapped to a token position (see
+caching.py for how, and for the usage arithmetic).
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import os
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenfactory.api import caching
-from tokenfactory.api.anthropic_models import (DocumentBlock, ImageBlock, MessagesRequest,
-                                               RedactedThinkingBlock, TextBlock, ThinkingBlock,
-                                               ToolResultBlock, ToolUseBlock)
+from tokenfactory.api.anthropic_messages import TEXT_JOIN, convert_message, reject_unsupported
+from tokenfactory.api.anthropic_models import (MessagesRequest, RedactedThinkingBlock, TextBlock,
+                                               ThinkingBlock, ToolResultBlock, ToolUseBlock)
+from tokenfactory.api.anthropic_thinking import thinking_signature_ok
 from tokenfactory.api.errors import APIError
 from tokenfactory.api.serving import ServingContext
 from tokenfactory.engine.request import CacheBreakpoint
 from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
 from tokenfactory.text.reasoning import ReasoningPlan, plan_reasoning
-from tokenfactory.text.tool_parsers import THINK_START, template_has_reasoning
-
-TEXT_JOIN = "\n\n"   # between text blocks of one turn, and between system blocks
-
-# Thinking blocks are signed so that one coming back in a later turn can be checked: an
-# HMAC-SHA256 of its text. The key comes from TOKENFACTORY_THINKING_KEY (so signatures survive
-# a restart and hold across replicas), else it is drawn once per process.
-_THINKING_KEY = (os.environ.get("TOKENFACTORY_THINKING_KEY", "").encode()
-                 or secrets.token_bytes(32))
-
-
-# thinking.display "omitted": the block goes out without its text and the signature carries
-# it (base64, readable: omitted is about display, not secrecy), so it can be rendered back.
-_OMITTED = "tfo1."
-
-
-def sign_thinking(text: str, omitted: bool = False) -> str:
-    mac = hmac.new(_THINKING_KEY, text.encode("utf-8", "surrogatepass"), hashlib.sha256)
-    sig = base64.b64encode(mac.digest()).decode()
-    if not omitted:
-        return sig
-    body = base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode()
-    return f"{_OMITTED}{body}.{sig}"
-
-
-def thinking_signature_ok(text: str, signature: str | None) -> bool:
-    return verified_thinking(text, signature) is not None
-
-
-def verified_thinking(text: str, signature: str | None) -> str | None:
-    """The reasoning a returned thinking block stands for (its text, or for an omitted one
-    the text its signature carries), or None when this server did not sign it."""
-    if not signature:
-        return None
-    if signature.startswith(_OMITTED):
-        try:
-            body, mac = signature[len(_OMITTED):].rsplit(".", 1)
-            inner = base64.urlsafe_b64decode(body.encode()).decode("utf-8", "surrogatepass")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        ok = (not text or text == inner) and hmac.compare_digest(sign_thinking(inner), mac)
-        return inner if ok else None
-    return text if hmac.compare_digest(sign_thinking(text), signature) else None
-
+from tokenfactory.text.reasoning_parser import THINK_START, template_has_reasoning
 
 # Anthropic's output_config.effort levels (ascending)
 EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")
@@ -84,110 +37,12 @@ def _effort(req: MessagesRequest) -> str | None:
     return effort
 
 
-# ---------------------------------------------------------------- request -> chat messages
-def _unsupported(block) -> None:
-    if isinstance(block, ImageBlock):
-        raise APIError(400, "this model does not accept image input")
-    if isinstance(block, DocumentBlock):
-        raise APIError(400, "this model does not accept document input")
-
-
-def _tool_result_text(block: ToolResultBlock) -> str:
-    if block.content is None:
-        return ""
-    if isinstance(block.content, str):
-        return block.content
-    parts = []
-    for b in block.content:
-        _unsupported(b)
-        parts.append(b.text)
-    return "\n".join(parts)
-
-
-def _text_of(content) -> str:
-    if isinstance(content, str):
-        return content
-    return TEXT_JOIN.join(b.text for b in content if isinstance(b, TextBlock))
-
-
-def _merge(chat: list[dict], msg: dict) -> None:
-    """Append, merging consecutive same-role turns (never tool results)."""
-    prev = chat[-1] if chat else None
-    if prev is not None and prev["role"] == msg["role"] and msg["role"] != "tool":
-        texts = [t for t in (prev.get("content", ""), msg.get("content", "")) if t]
-        prev["content"] = TEXT_JOIN.join(texts)
-        thoughts = [t for t in (prev.get("reasoning_content"), msg.get("reasoning_content")) if t]
-        if thoughts:
-            prev["reasoning_content"] = TEXT_JOIN.join(thoughts)
-        if msg.get("tool_calls"):
-            prev["tool_calls"] = prev.get("tool_calls", []) + msg["tool_calls"]
-        return
-    chat.append(msg)
-
-
-def _convert_message(msg, content, chat: list[dict], system_role: str,
-                     reasoning: bool = False) -> None:
-    """Append ``msg`` (its ``content`` cut as the caller wants) to ``chat``. ``reasoning``: the
-    template renders reasoning back, so an assistant turn's thinking blocks become its
-    ``reasoning_content`` (what Qwen3-style templates read), byte for byte as they were
-    returned, which keeps the next turn's prompt a continuation of this one."""
-    if isinstance(content, str):
-        role = system_role if msg.role == "system" else msg.role
-        _merge(chat, {"role": role, "content": content})
-        return
-    if msg.role == "assistant":
-        texts, calls, thoughts = [], [], []
-        for b in content:
-            _unsupported(b)
-            if isinstance(b, TextBlock):
-                texts.append(b.text)
-            elif isinstance(b, ToolUseBlock):
-                calls.append({"id": b.id, "type": "function",
-                              "function": {"name": b.name, "arguments": b.input}})
-            elif isinstance(b, ThinkingBlock) and reasoning:
-                thought = verified_thinking(b.thinking, b.signature) or b.thinking
-                if thought:
-                    thoughts.append(thought)
-            # redacted_thinking (and thinking for a model without reasoning): not shown
-        out: dict[str, Any] = {"role": "assistant", "content": TEXT_JOIN.join(texts)}
-        if thoughts:
-            out["reasoning_content"] = TEXT_JOIN.join(thoughts)
-        if calls:
-            out["tool_calls"] = calls
-        _merge(chat, out)
-        return
-    role = system_role if msg.role == "system" else "user"
-    pending: list[str] = []
-
-    def flush():
-        if pending:
-            _merge(chat, {"role": role, "content": TEXT_JOIN.join(pending)})
-            pending.clear()
-
-    for b in content:
-        _unsupported(b)
-        if isinstance(b, TextBlock):
-            pending.append(b.text)
-        elif isinstance(b, ToolResultBlock):
-            flush()
-            text = _tool_result_text(b)
-            if b.is_error and not text.lower().startswith("error"):
-                text = f"Error: {text}"   # templates have no error flag: the text says it
-            chat.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": text})
-        elif isinstance(b, ToolUseBlock):
-            raise APIError(400, f"tool_use blocks may only appear in assistant messages "
-                                f"(found one in a {msg.role} message)")
-    flush()
-
-
 @dataclass
 class AnthropicPrompt:
     text: str
     ids: list[int]
     tools: list[dict] | None
-    resolved: list[caching.ResolvedBreakpoint] = field(default_factory=list)
     engine_breakpoints: list[CacheBreakpoint] = field(default_factory=list)
-    parser_prefill: str = ""
     use_parser: bool = False
     parser_name: str | None = None
     # keyword arguments of structured.tool_constraint when the reply's tool calls are
@@ -261,7 +116,7 @@ class PromptBuilder:
             if isinstance(m.content, str):
                 continue
             for k, b in enumerate(m.content):
-                _unsupported(b)
+                reject_unsupported(b)
                 # a model that reasons gets its thinking back only as this server signed it
                 # (a model without reasoning never sees thinking blocks: they are ignored)
                 if (self.reasoning and isinstance(b, ThinkingBlock)
@@ -286,7 +141,7 @@ class PromptBuilder:
                                             "tool_use block has")
                     if not isinstance(b.content, str):
                         for inner in b.content or []:
-                            _unsupported(inner)
+                            reject_unsupported(inner)
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
             raise APIError(400, "tools: tool names must be unique")
@@ -347,7 +202,7 @@ class PromptBuilder:
         for i, msg in enumerate(messages):
             content = last_content if (last_content is not None and i == len(messages) - 1) \
                 else msg.content
-            _convert_message(msg, content, chat, self.system_role, self.reasoning)
+            convert_message(msg, content, chat, self.system_role, self.reasoning)
         tool_dicts = [{"type": "function",
                        "function": {"name": t.name, "description": t.description or "",
                                     "parameters": t.input_schema}} for t in tools]
@@ -450,7 +305,8 @@ class PromptBuilder:
         resolved = caching.resolve_breakpoints(specs, full, self.render_truncated, self.ctx.encode,
                                                self.ctx.split_tokens)
         bps = caching.engine_breakpoints(resolved, self.ctx.options.min_cache_tokens)
-        return AnthropicPrompt(text, ids, tools, resolved, bps, "", use_parser,
-                               self.parser_name, constraint, self.reasoning,
-                               self.reasoning_plan, continuing,
-                               bool(self.req.thinking and self.req.thinking.display == "omitted"))
+        return AnthropicPrompt(
+            text, ids, tools, engine_breakpoints=bps, use_parser=use_parser,
+            parser_name=self.parser_name, tool_constraint=constraint, reasoning=self.reasoning,
+            reasoning_plan=self.reasoning_plan, continuing=continuing,
+            omit_thinking=bool(self.req.thinking and self.req.thinking.display == "omitted"))
