@@ -9,14 +9,12 @@ step listeners; see ``core_view.RouterCoreView``).
 Each request is hashed into the block pool's chained block hashes (tenant salt included) and
 placed by ``policy.choose_replica`` over the replicas' states: the prefix index built from
 their KV events, the requests the router has in flight on each plus those it sent recently
-(``policy.RecentLoad``), and their free pages as last polled. A poller thread drains every
-replica's KV events and stats every ``poll_interval``.
+(``policy.RecentLoad``), and their free pages as last polled. The replicas themselves, their
+polling and health, are ``fleet.ReplicaFleet``, which this class extends.
 
-Faults: a replica whose actor dies is marked unhealthy and its index entries are dropped at
-once. Its requests that had produced no output yet are re-routed to another replica; the ones
-already streaming end with ``EngineDeadError`` (the API turns it into a protocol error event).
-Ray restarts the actor; when the poller reaches the new incarnation (a fresh engine with an
-empty cache) the replica is healthy again.
+Faults: when the replica serving a request dies or hangs, the request is re-routed to another
+replica if it had produced no output yet; one already streaming ends with ``EngineDeadError``
+(the API turns it into a protocol error event).
 
 Disaggregated prefill/decode (``prefill_actors``): the policy picks the decode replica; unless
 it already holds the prompt's blocks, a prefill replica (in turn) computes them and the pages
@@ -27,26 +25,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
-from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStats
+from tokenfactory.engine.async_engine import EngineDeadError, EngineOverloadedError
 from tokenfactory.engine.request import CacheBreakpoint, RequestOutput
 from tokenfactory.engine.sampling_params import SamplingParams
 from tokenfactory.engine.scheduler import AdmissionError, check_admission
 from tokenfactory.router.core_view import RouterCoreView
 from tokenfactory.router.disagg import TransferRecord, TransferTotals, bill_transfer
-from tokenfactory.router.health import ReplicaMetrics, ReplicaView, StallWatch, add_stats
-from tokenfactory.router.index import PrefixIndex
+from tokenfactory.router.fleet import ReplicaFleet
 from tokenfactory.router.policy import (POLICIES, LoadBound, NoHealthyReplicaError, RecentLoad,
-                                        ReplicaState, RoundRobin, choose_replica,
-                                        matched_blocks, request_block_hashes)
+                                        RoundRobin, choose_replica, matched_blocks,
+                                        request_block_hashes)
 from tokenfactory.router.replica import ReplicaInfo, ReplicaItem, ReplicaRefusal, ReplicaSpec
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Stream:
@@ -56,7 +53,7 @@ class _Stream:
     finished: bool = False
 
 
-class RouterEngine:
+class RouterEngine(ReplicaFleet):
     def __init__(self, actors: list, infos: list[ReplicaInfo], *, policy: str = "prefix",
                  tokenizer=None, bound: LoadBound = LoadBound(), poll_interval: float = 0.02,
                  recent_half_life: float = 5.0, hang_timeout: float = 30.0,
@@ -66,42 +63,19 @@ class RouterEngine:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of "
                              f"{', '.join(POLICIES)}")
-        if not actors:
-            raise ValueError("a router needs at least one replica")
-        self.actors = actors
-        # the smallest replica: a request it admits, every replica can (their page counts differ)
-        self.info = min(infos, key=lambda i: i.num_blocks)
+        super().__init__(actors, infos, poll_interval=poll_interval, hang_timeout=hang_timeout,
+                         prefill_actors=prefill_actors, owns_replicas=owns_replicas,
+                         owns_ray=owns_ray)
         self.policy = policy
         self.bound = bound
-        self.poll_interval = poll_interval
-        # A replica that does not answer a poll, or has requests and takes no step, for this
-        # long is hung: handled as dead and restarted (router/health.py).
-        self.hang_timeout = hang_timeout
         # a prefill replica gets hang_timeout + this per block of the prompt to answer
         self.prefill_timeout_per_block = prefill_timeout_per_block
-        self.owns_replicas = owns_replicas
-        # Disaggregated prefill/decode: prompts are computed on these replicas and their pages
-        # moved to the decode replica (``actors``) chosen by the policy (router/disagg.py).
-        self.prefill_actors = list(prefill_actors)
         self._next_prefill = 0
         self.transfers: deque[TransferRecord] = deque(maxlen=1000)   # the latest ones
         self.transfer_totals = TransferTotals()
-        self.owns_ray = owns_ray
-        self.index = PrefixIndex(len(actors))
-        self.replicas = [ReplicaView(i, watch=StallWatch(hang_timeout))
-                         for i in range(len(actors))]
-        self._polls: list[tuple | None] = [None] * len(actors)   # (ref, sent at) pending
-        self._poll_lock = threading.Lock()     # one poll round at a time (a poll drains events)
-        self._states = [ReplicaState(self.index[i], total_pages=self.info.num_blocks,
-                                     free_pages=self.info.num_blocks)
-                        for i in range(len(actors))]
         self._rr = RoundRobin()
         self._recent = RecentLoad(len(actors), recent_half_life)
-        self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll_loop, name="tokenfactory-router",
-                                        daemon=True)
         self.core = RouterCoreView(self.info, self.stats, tokenizer)
         self.max_queued_requests: int | None = None   # queue limits live in the replicas
 
@@ -129,55 +103,7 @@ class RouterEngine:
                    tokenizer=tokenizer, prefill_actors=actors[:num_prefill_replicas],
                    owns_ray=owns, **kwargs)
 
-    # --------------------------------------------------------------- control
-    def start(self) -> None:
-        if not self._poller.is_alive() and not self._stop.is_set():
-            self._poller.start()
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop polling; kill the replica actors if this router owns them (``launch`` does),
-        and the Ray runtime if it started it."""
-        import ray
-
-        self._stop.set()
-        if self._poller.is_alive():
-            self._poller.join(timeout)
-        if not self.owns_replicas:
-            return
-        actors = self.actors + self.prefill_actors
-        try:        # a clean stop first: warehouse writes still queued reach the disk
-            ray.get([a.shutdown.remote() for a in actors], timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - dead or stuck replicas are killed anyway
-            log.warning("replica shutdown: %s", exc)
-        for actor in actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-        if self.owns_ray:
-            ray.shutdown()
-
-    @property
-    def has_kv_connector(self) -> bool:
-        """The replicas share a disk warehouse (/metrics shows hits by tier)."""
-        return bool(self.info.has_warehouse)
-
-    @property
-    def is_alive(self) -> bool:
-        return any(r.healthy for r in self.replicas)
-
-    @property
-    def dead_error(self) -> str | None:
-        if self.is_alive:
-            return None
-        return "; ".join(f"replica {r.index}: {r.error or 'down'}" for r in self.replicas)
-
-    def health(self) -> dict:
-        """``ok`` (all replicas up), ``degraded`` (some down) or ``unhealthy`` (none up)."""
-        up = sum(r.healthy for r in self.replicas)
-        status = "ok" if up == len(self.replicas) else "degraded" if up else "unhealthy"
-        return {"status": status, "replicas_healthy": up, "replicas": len(self.replicas)}
-
+    # -------------------------------------------------------------- requests
     def num_in_flight(self) -> int:
         with self._lock:
             return len(self._streams)
@@ -187,22 +113,6 @@ class RouterEngine:
         with self._lock:
             return sum(1 for s in self._streams.values() if s.tenant == tenant and not s.started)
 
-    def stats(self) -> EngineStats:
-        """Fleet totals: gauges over the replicas that are up, counters over every engine
-        each replica ran (they never drop when a replica dies or restarts)."""
-        total = EngineStats(0, 0, 0, 0, 0, 0, 0, 0)
-        with self._lock:
-            for r in self.replicas:
-                total = add_stats(total, r.lifetime_stats(self.info.num_blocks))
-        return total
-
-    def replica_metrics(self) -> list[ReplicaMetrics]:
-        """Per-replica figures for /metrics (api/metrics.py labels them ``replica``). A replica
-        that is down reports ``up`` false and the engine figures of its last poll."""
-        with self._lock:
-            return [ReplicaMetrics.of(r, self.info.num_blocks) for r in self.replicas]
-
-    # -------------------------------------------------------------- requests
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
         """The replicas' admission rule (engine.scheduler.Scheduler.check_admissible), checked
         here so a request that no replica could ever serve is refused before it is placed."""
@@ -366,89 +276,6 @@ class RouterEngine:
                 self.actors[i].abort.remote(request_id)
             except Exception:  # noqa: BLE001 - a dead replica has nothing to abort
                 pass
-
-    # ---------------------------------------------------------------- health
-    def _mark_dead(self, ri: int, exc: BaseException | str, retire: bool = False) -> None:
-        """``retire``: the engine is being killed (hung): a late answer from it must not
-        revive the replica (a real death needs no such guard: Ray starts a new one)."""
-        view = self.replicas[ri]
-        with self._lock:
-            if view.healthy:
-                view.deaths += 1
-                log.warning("replica %d is down: %s", ri, exc)
-            view.healthy = False
-            view.error = str(exc)[:200]
-            if retire and view.incarnation is not None:
-                view.retired.add(view.incarnation)
-            # the incarnation is kept: the poll tells a restarted engine (a new one) from this
-            # one answering after all (then only its index entries, dropped here, are missing)
-            self.index.drop_replica(ri)
-
-    def _mark_hung(self, ri: int, reason: str) -> None:
-        """A replica alive but not working: handled as dead (its streams end or re-route), and
-        its actor killed so that Ray restarts it."""
-        import ray
-
-        if not self.replicas[ri].healthy:
-            return
-        self._mark_dead(ri, f"hung: {reason}", retire=True)
-        try:
-            ray.kill(self.actors[ri], no_restart=False)
-        except Exception as exc:  # noqa: BLE001 - gone already; Ray restarts it or not
-            log.warning("could not kill hung replica %d: %s", ri, exc)
-
-    def poll_once(self) -> None:
-        """Drain every replica's KV events and stats (the poller thread's one round). Waits up
-        to ``hang_timeout`` for a healthy replica's answer (none: it is hung); a replica
-        already down is only checked, its poll left pending until it is back."""
-        with self._poll_lock:
-            self._poll_round()
-
-    def _poll_round(self) -> None:
-        import ray
-        from ray.exceptions import RayActorError
-
-        now = time.monotonic()
-        for ri, actor in enumerate(self.actors):
-            if self._polls[ri] is None:
-                self._polls[ri] = (actor.poll.remote(), now)
-        for ri, (ref, sent) in enumerate(self._polls):
-            view = self.replicas[ri]
-            wait = max(0.0, sent + self.hang_timeout - time.monotonic()) if view.healthy else 0
-            if not ray.wait([ref], timeout=wait)[0]:
-                if view.healthy:
-                    self._mark_hung(ri, f"no answer to a poll within {self.hang_timeout:g} s")
-                continue
-            self._polls[ri] = None
-            try:
-                p = ray.get(ref)
-            except RayActorError as exc:
-                self._mark_dead(ri, exc)
-                continue
-            with self._lock:
-                if p.incarnation in view.retired:
-                    continue                   # the engine found down answered after all
-                if p.incarnation != view.incarnation:
-                    # a new engine (first poll, or Ray restarted the actor): nothing cached
-                    self.index.drop_replica(ri)
-                    view.incarnation = p.incarnation
-                    view.watch.reset()
-                    view.new_engine()
-                self.index.apply(ri, p.events)
-                view.stats = p.stats
-                view.healthy = p.alive
-                view.error = p.error
-                self._states[ri].free_pages = p.stats.kv_blocks_free
-            if p.alive and view.watch.stalled(p.stats, time.monotonic()):
-                self._mark_hung(ri, f"no engine step for {self.hang_timeout:g} s with "
-                                    f"{p.stats.num_running + p.stats.num_waiting} requests")
-
-    def _poll_loop(self) -> None:
-        while not self._stop.wait(self.poll_interval):
-            try:
-                self.poll_once()
-            except Exception:  # noqa: BLE001 - keep polling; a replica error is handled above
-                log.exception("router poll failed")
 
 
 class _ReplicaGone(RuntimeError):
