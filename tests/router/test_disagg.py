@@ -9,19 +9,18 @@ from tokenfactory.router.policy import request_block_hashes
 BS = 16
 
 
-def test_export_then_load_moves_the_exact_pages_between_two_engines(tmp_path):
+def test_export_then_load_moves_the_exact_pages_between_two_engines(demo_checkpoint):
     """Prefill on one engine, move the pages through the connector into a second engine of
     the same checkpoint: the second reuses them as cached tokens and generates what the first
     would (greedy); the connector keeps nothing afterwards."""
     from tokenfactory.engine.llm import build_engine_core
     from tokenfactory.engine.sampling_params import SamplingParams
-    from tokenfactory.model.demo import build_demo_checkpoint
     from tokenfactory.model.kv_pages import ModelKVPageIO
 
-    build_demo_checkpoint(tmp_path)
     args = dict(dtype="float32", kernels="torch", num_kv_blocks=64, block_size=BS,
                 max_model_len=512)
-    prefill, decode = build_engine_core(tmp_path, **args), build_engine_core(tmp_path, **args)
+    prefill, decode = (build_engine_core(demo_checkpoint, **args),
+                       build_engine_core(demo_checkpoint, **args))
     conn = TransferConnector()
     conn.kv_io = ModelKVPageIO(decode.executor.model)
     decode.kv.attach_connector(conn)

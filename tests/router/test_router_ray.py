@@ -23,11 +23,8 @@ GREEDY = dict(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    from tokenfactory.model.demo import build_demo_checkpoint
-    out = tmp_path_factory.mktemp("router-demo")
-    build_demo_checkpoint(out)
-    return ReplicaSpec(str(out), engine_args=dict(ENGINE_ARGS), dtype="float32",
+def spec(demo_checkpoint):
+    return ReplicaSpec(str(demo_checkpoint), engine_args=dict(ENGINE_ARGS), dtype="float32",
                        kernels="torch", threads=1)
 
 
