@@ -14,7 +14,8 @@ from tokenfactory.api.errors import reject_lone_surrogates
 from tokenfactory.api.limits import check_nesting
 
 # At most this many stop_token_ids (vLLM has no limit; the sampler checks them every step, so
-# a million of them slowed every batch-mate). Each must also be in the vocabulary (openai.py).
+# a million of them slowed every batch-mate). Each must also be in the vocabulary
+# (openai_sampling.py).
 MAX_STOP_TOKEN_IDS = 1024
 # n choices per request: each is its own engine request (they share the prompt's cached pages).
 MAX_N = 16
@@ -133,7 +134,8 @@ class _SamplingFields(_Open):
     min_tokens: StrictInt | None = None
     stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     user: str | None = None
-    # {"token id": bias}: JSON keys are strings; openai.py turns them into ids in the vocabulary
+    # {"token id": bias}: JSON keys are strings; openai_sampling.py turns them into ids in the
+    # vocabulary
     logit_bias: dict[str, StrictFloat] | None = None
 
     @model_validator(mode="before")

@@ -134,7 +134,7 @@ def tool_call_grammar(tools: list[tuple[str, dict | None, bool]], parser_name: s
     for i, (tool_name, schema, strict) in enumerate(tools):
         if choice == "named" and tool_name != name:
             continue
-        if parser_name == "qwen3_coder":   # XML whose values are raw text (tool_formats.py)
+        if parser_name == "qwen3_coder":   # raw-text values (tool_formats/qwen3_coder.py)
             call, call_rules = qwen3_coder_call_grammar(i, tool_name, schema, strict,
                                                         special_tokens)
             rules += call_rules
