@@ -130,3 +130,47 @@ def test_bad_shapes_are_refused():
         quant.qlinear("q4_1", blocks, None, torch.zeros(1, 48, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="unknown quantized kind"):
         quant.qlinear("q5_k", blocks, None, torch.zeros(1, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(quant.library() is None or quant.library().tf_qlinear_isa() != 2,
+                    reason="the prefill GEMM needs AVX-512 VNNI")
+@pytest.mark.parametrize("kind", quant.GEMM_KINDS)
+@pytest.mark.parametrize("shape", [(48, 96), (16, 576)])
+def test_qgemm_matches_decode_kernel(kind, shape):
+    """The packed GEMM (prefill) computes what the decode kernel computes: the dequantized
+    weights (gguf.quants) times the int8-rounded activations, to float32 error; its bias and
+    bfloat16 output are the float32 result plus bias, rounded once."""
+    out, inp = shape
+    blocks, _, dense = make_weight(kind, out, inp, seed=out + inp)
+    packed = quant.pack(kind, blocks, inp)
+    assert packed.numel() == blocks.numel()                   # the same bytes, reordered
+    dscale = block_scale(kind, blocks, None)
+    rng = np.random.default_rng(2)
+    for rows in (1, 7, 9, 33, 300):                           # tails of 8-row tiles, > 256
+        x = torch.from_numpy(rng.standard_normal((rows, inp)).astype(np.float32) * 3)
+        x = x.to(torch.bfloat16)
+        x[-1, 5] = 300                                         # an outlier in one block
+        if rows > 1:
+            x[0] = 0                                           # an all-zero row
+        y = quant.qgemm(kind, packed, x, float_output=True).numpy()
+        xq, _ = int8_activations(x)
+        mag = np.abs(xq) @ (np.abs(dense).T + 16 * dscale.T) + 1e-30
+        err = np.abs(y - xq @ dense.T)
+        assert (err <= 2e-6 * mag).all(), f"{kind} rows={rows}: {(err / mag).max():.3g}"
+        if rows > 1:
+            assert (y[0] == 0).all()
+        decode = quant.qlinear(kind, blocks, None, x).numpy()
+        assert np.allclose(y, decode, rtol=0, atol=4e-6 * mag.max())
+    bias = torch.from_numpy(rng.standard_normal(out).astype(np.float32)).to(torch.bfloat16)
+    y32 = quant.qgemm(kind, packed, x, float_output=True)
+    y16 = quant.qgemm(kind, packed, x, bias)
+    assert y16.dtype == torch.bfloat16
+    assert torch.equal(y16, (y32 + bias.float()).to(torch.bfloat16))
+
+
+def test_pack_refuses_what_the_gemm_cannot_take():
+    blocks, _, _ = make_weight("q4_1", 40, 64, seed=0)       # 40 rows: not groups of 16
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quant.pack("q4_1", blocks, 64)
+    assert not quant.gemm_supported("int8", 64, 64)
+    assert not quant.gemm_supported("q4_1", 40, 64)

@@ -2,10 +2,9 @@
 dequantized (``quantization="none"``): greedy tokens, perplexity and KL divergence on real text.
 
 Both models run the same paged attention and differ in the linears only. QuantLinear is forced
-onto its native kernel for every row count (prefill chunks otherwise run the dequantized weight
-through oneDNN: same numbers as the reference, nothing tested). Served in bfloat16 that is the
-decode kernel, which rounds activations to int8 per block of 32 as llama.cpp does; in float32
-the exact kernel. The reference is the dequantized model in float32 (the bfloat16 dense model is
+onto its native kernels for every row count. Served in bfloat16 that is the GEMM kernel on the
+packed blocks (what the server runs for prefill and decode), which rounds activations to int8
+per block of 32 as llama.cpp does; in float32 the exact kernel. The reference is the dequantized model in float32 (the bfloat16 dense model is
 itself a rounding of it). Q8_0 and Q4_0 files are written here from the Q4_1 file's weights
 with the ``gguf`` package's quantizer.
 

@@ -3,23 +3,31 @@ per output channel.
 
 Why: on a CPU a decode step is a read of every weight byte, so bytes per weight set its speed
 (Q4_1: 0.625 bytes, Q8_0 1.06, int8 1, bf16 2). :class:`QuantLinear` keeps the file's blocks
-(a uint8 tensor, rows of whole blocks) and runs them through ``kernels/quant.c``:
+(a uint8 tensor, rows of whole blocks) and runs them through ``kernels/quant.c``. Activations
+in bfloat16 (the served dtype) are rounded to int8 per block of 32 (scale amax / 127,
+llama.cpp's Q8 activations) and meet the weight codes in integer dot products (AVX-512 VNNI):
+the dequantized weights' product with activations each moved by at most half its block's step
+(amax / 254). Two kernels compute that:
 
-* up to :data:`NATIVE_MAX_ROWS` activation rows (decode steps): the native kernel, which
-  reads each weight byte once. bfloat16 activations (the served dtype) are rounded to int8
-  per block of 32 (scale amax / 127, llama.cpp's Q8 activations) and meet the weight codes in
-  integer dot products (AVX-512 VNNI): the dequantized weights' product with activations
-  each moved by at most half its block's step (amax / 254); the native decode step runs the
-  same kernel. float32 activations take the exact kernel instead (bfloat16 products, float32
-  sums) as two bfloat16 halves (hi + lo: 16 mantissa bits, two passes): a float32 model then
-  matches its dequantized self to ~1e-5 (the reference for what the rounding costs);
-* more rows (prefill chunks): the weight is dequantized to bfloat16 (one C pass, a few MB)
-  and multiplied by oneDNN's GEMM, whose blocked kernels beat the native one once the weight
-  is reused across many rows (SmolLM2's layer linears, one thread, CPU time: native 18 / 37
-  / 66 / 131 / 253 ms at 4 / 8 / 16 / 32 / 64 rows, dequantize + oneDNN 32 / 44 / 46 / 61 /
-  92 ms);
-* no native kernels (another CPU, TOKENFACTORY_NATIVE_KERNELS=0): ``gguf.quants`` dequantizes
-  in numpy and torch multiplies, the same numbers as loading with ``quantization="none"``.
+* the GEMM kernel (``quant.qgemm``, every row count, the native decode step too): on a copy
+  of the blocks packed at load (16 output rows interleaved 4 bytes at a time: the same bytes
+  in another order, see quant.c "Prefill GEMM"), so one ``vpdpbusd`` advances 16 output rows
+  and the per-block float work is shared by them. SmolLM2's layer linears, one thread, CPU
+  time, Q4_1: 2.0 / 6.8 / 46 / 382 ms at 1 / 8 / 60 / 512 rows, against 6.1 / 23 / 171 / - for
+  the stored-layout kernel below and 29 / 36 / 87 / 573 for the old prefill path (dequantize
+  to bfloat16 per call + oneDNN; bf16 weights through oneDNN: 13 / 20 / 83 / 554);
+* the stored-layout kernel (``quant.qlinear``), up to :data:`NATIVE_MAX_ROWS` rows, where
+  there is no packed copy (no AVX-512 VNNI, out_features not a multiple of 16, ``pack=False``).
+
+float32 activations take the exact kernel instead (bfloat16 products, float32 sums) as two
+bfloat16 halves (hi + lo: 16 mantissa bits, two passes): a float32 model then matches its
+dequantized self to ~1e-5 (the reference for what the rounding costs). Above
+``native_max_rows`` without a packed copy, and everywhere without native kernels (another
+CPU, TOKENFACTORY_NATIVE_KERNELS=0), the weight is dequantized per call (``gguf.quants``
+without the kernels) and torch multiplies.
+
+The packed copy doubles the blocks' memory (SmolLM2 Q4_1: +96 MB with the lm_head); the
+stored copy stays for the paths above and for the native step's table lookups.
 
 ``native_linear()`` describes the weight for the native decode step (model/linear_kernels.py,
 H3's), which dispatches on its ``kind``.
@@ -55,11 +63,13 @@ class QuantLinear(nn.Module):
     ``weight``: uint8 (out_features, row bytes), whole blocks per row as in the GGUF file
     (int8: the int8 values' bytes); ``scales``: float32 (out_features,) for int8, else None;
     ``bias``: (out_features,) or None, in the serving dtype. ``float_output``: return float32
-    (logits: summed in float32 and never rounded to bfloat16, as the bf16 path does)."""
+    (logits: summed in float32 and never rounded to bfloat16, as the bf16 path does). ``pack``:
+    also keep the GEMM kernel's packed copy (``packed``, uint8 (out / 16, 16 row bytes)) where
+    that kernel runs here."""
 
     def __init__(self, kind: str, weight: torch.Tensor, in_features: int,
                  scales: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 float_output: bool = False):
+                 float_output: bool = False, pack: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown quantized kind {kind!r} (one of {', '.join(KINDS)})")
@@ -73,6 +83,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
         self.native_max_rows = NATIVE_MAX_ROWS if quant.library() is not None else 0
+        # the prefill GEMM's copy (same bytes as ``weight``), where that kernel runs
+        packed = None
+        if pack and quant.gemm_supported(kind, self.out_features, in_features):
+            packed = quant.pack(kind, weight, in_features)
+        self.register_buffer("packed", packed)
 
     def extra_repr(self) -> str:
         return (f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -91,6 +106,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)                       # (M, K)
+        if self.packed is not None and x2.dtype == torch.bfloat16:
+            y = quant.qgemm(self.kind, self.packed, x2.contiguous(), self.bias,
+                            float_output=self.float_output)         # (M, N)
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
         if rows <= self.native_max_rows:
             if x2.dtype == torch.bfloat16:   # int8 activations, as the native decode step
                 y = quant.qlinear(self.kind, self.weight, self.scales, x2.contiguous())
@@ -119,8 +139,11 @@ class QuantLinear(nn.Module):
         if quant.library() is None or (self.bias is not None
                                        and self.bias.dtype != torch.bfloat16):
             return None
+        # the GGUF kinds hand over their packed copy where int8 hands over its scales
+        # (linear_kernels.py): quant.c then runs the GEMM kernel on it
+        extra = self.scales if self.scales is not None else self.packed
         return NativeLinear(kind=self.kind, weight_ptr=self.weight.data_ptr(),
-                            scales_ptr=0 if self.scales is None else self.scales.data_ptr(),
+                            scales_ptr=0 if extra is None else extra.data_ptr(),
                             bias_ptr=0 if self.bias is None else self.bias.data_ptr(),
                             out_features=self.out_features, in_features=self.in_features,
                             owner=self)

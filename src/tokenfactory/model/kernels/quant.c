@@ -268,7 +268,8 @@ static void qlinear_team(int kind, const void *w, const float *scales, const bf1
  * signed bytes). The result is the dequantized weights' product with the rounded activations
  * (dx * q) up to float32 rounding; each activation moves by at most dx / 2.
  */
-static void quantize_rows(const bf16 *x, int rows, int in, int8_t *q, float *dx, float *sx) {
+static void quantize_rows(const bf16 *x, int rows, int in, int8_t *q, float *dx, float *sx,
+                          int32_t *isum) {
     const int nb = in / QK;
     for (int r = 0; r < rows; r++) {
         for (int b = 0; b < nb; b++) {
@@ -302,6 +303,7 @@ static void quantize_rows(const bf16 *x, int rows, int in, int8_t *q, float *dx,
             const float d = amax / 127.0f;
             dx[(size_t)r * nb + b] = d;
             sx[(size_t)r * nb + b] = d * (float)sum;
+            if (isum) isum[(size_t)r * nb + b] = sum;
         }
     }
 }
@@ -413,7 +415,7 @@ static inline __attribute__((always_inline)) void qlinear_i8_body(
     const int ok = q != NULL;
     float *dx = ok ? (float *)(q + ((size_t)rows * in + 63) / 64 * 64) : NULL;
     float *sx = ok ? dx + (size_t)rows * nb : NULL;
-    if (ok) quantize_rows(x, rows, in, q, dx, sx);
+    if (ok) quantize_rows(x, rows, in, q, dx, sx, NULL);
 #pragma omp for schedule(static)
     for (int n = 0; n < out; n++) {
         if (!ok) continue;
@@ -447,9 +449,18 @@ static void qlinear_i8_team(int kind, const void *w, const float *scales, const 
     }
 }
 
+int tf_qgemm(int kind, const void *packed, const uint16_t *x, int rows, int out, int in,
+             const uint16_t *bias, uint16_t *y_bf16, float *y_f32);
+
 static void qlinear(int kind, int exact, const void *w, const float *scales, const uint16_t *x,
                     float *y, int rows, int out, int in) {
     if (rows <= 0 || out <= 0 || in <= 0 || in % QK) return;   /* checked by the callers */
+    /* GGUF kinds with a packed copy (passed where int8 passes its scales): the GEMM kernel,
+     * same numbers, ~3x fewer instructions a block (see "Prefill GEMM" below). Inside a
+     * parallel region a failure (no memory) cannot fall back: the team is already split. */
+    if (!exact && kind != TF_INT8 && scales
+        && (tf_qgemm(kind, scales, x, rows, out, in, NULL, NULL, y) == 0 || omp_in_parallel()))
+        return;
     if (omp_in_parallel()) {
         if (exact) qlinear_team(kind, w, scales, x, y, rows, out, in);
         else qlinear_i8_team(kind, w, scales, x, y, rows, out, in);
@@ -463,7 +474,9 @@ static void qlinear(int kind, int exact, const void *w, const float *scales, con
 }
 
 /* The fixed interface (y (rows, out) = x (rows, in) @ W^T; ``in`` a multiple of 32): the
- * int8-activation kernels, which the native decode step runs. */
+ * int8-activation kernels, which the native decode step runs. ``scales_or_null``: int8's
+ * per-row scales; for the GGUF kinds NULL (the blocks as stored, the decode kernel) or the
+ * weight's copy packed by tf_qpack (the GEMM kernel, same arithmetic). */
 void tf_qlinear_q8_0(const void *w, const float *scales_or_null, const uint16_t *x_bf16,
                      float *y, int rows, int out, int in) {
     qlinear(TF_Q8_0, 0, w, scales_or_null, x_bf16, y, rows, out, in);
@@ -567,4 +580,233 @@ void tf_qdequant_bf16(int kind, const void *w, const float *scales, const int64_
             for (int j = 0; j < QK; j++) o[b * QK + j] = to_bf16(v[j]);
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Prefill GEMM on a packed copy of the blocks (tf_qpack, tf_qgemm).
+ *
+ * Why: above a few activation rows the decode kernel's layout (one block of one row a vector,
+ * its 8 int32 lanes summed per block and row) spends as many instructions on the per-block
+ * scale as on the products, and the previous path dequantized the whole weight to bfloat16
+ * per call for oneDNN. Here the bytes are reordered once at load so that one 512-bit vector
+ * holds 4 consecutive weights of 16 output rows (lane r = row r): a `vpdpbusd` against 4
+ * activation codes broadcast to every lane advances 16 rows at once, 8 of them finish a block
+ * for 16 rows, and the block's float work (convert, d * dx multiply-add, Q4_1's m * sx) is
+ * once per 16 rows and activation row instead of once per row. The same unpacked weight
+ * vectors serve up to GEMM_MR activation rows from registers; a group of 16 rows (at most a
+ * few KB a block row) stays in L1 while every activation tile passes over it.
+ *
+ * Same arithmetic as the decode kernel: activations rounded to int8 per block of 32 (scale
+ * amax / 127), exact integer sums per block, d * dx (and Q4_1's m * sx) in float32. Q4_0's
+ * -8 and Q8_0's +128 offsets (Q8_0 codes are stored biased to unsigned, as vpdpbusd wants)
+ * are taken out in integer arithmetic (minus offset * sum of the activation codes), so all
+ * three kinds give the same numbers as the decode kernel up to float32 summation order.
+ *
+ * Packed layout, per group of 16 output rows (out % 16 == 0), per block b of 32 values:
+ *   d[16] fp16 | Q4_1 only: m[16] fp16 | quants
+ *   Q4_0/Q4_1 quants: 4 vectors of 64 bytes; vector j, lane r = row r's stored bytes
+ *     qs[4j .. 4j+3] (low nibbles: values 4j.., high nibbles: values 16+4j..);
+ *   Q8_0 quants: 8 vectors; vector j, lane r = row r's q[4j .. 4j+3] + 128 (unsigned).
+ * The same number of bytes as the stored blocks.
+ */
+enum { GEMM_ROWS = 16, GEMM_MR = 8, GEMM_MC = 256 };
+
+static int packed_block_bytes(int kind) {
+    switch (kind) {
+        case TF_Q4_0: return GEMM_ROWS * 18;
+        case TF_Q4_1: return GEMM_ROWS * 20;
+        case TF_Q8_0: return GEMM_ROWS * 34;
+        default: return 0;
+    }
+}
+
+/* Reorder a (out, in) weight of GGUF blocks into the packed layout above (``dst``: as many
+ * bytes as ``w``). Returns 0, or -1 for an unsupported kind or shape. */
+int tf_qpack(int kind, const void *w, int out, int in, void *dst) {
+    const int pb = packed_block_bytes(kind);
+    if (!pb || out <= 0 || out % GEMM_ROWS || in <= 0 || in % QK) return -1;
+    const int nb = in / QK, bb = block_bytes[kind];
+    const int qoff = kind == TF_Q4_1 ? 4 : 2;               /* quants in a stored block */
+    const int poff = kind == TF_Q4_1 ? 64 : 32;             /* quants in a packed block */
+    const int qbytes = kind == TF_Q8_0 ? 32 : 16;
+#pragma omp parallel for schedule(static) if ((int64_t)out * in > 65536)
+    for (int g = 0; g < out / GEMM_ROWS; g++) {
+        for (int b = 0; b < nb; b++) {
+            uint8_t *p = (uint8_t *)dst + ((size_t)g * nb + b) * pb;
+            for (int r = 0; r < GEMM_ROWS; r++) {
+                const uint8_t *blk = (const uint8_t *)w
+                    + ((size_t)(g * GEMM_ROWS + r) * nb + b) * bb;
+                memcpy(p + 2 * r, blk, 2);                                  /* d */
+                if (kind == TF_Q4_1) memcpy(p + 32 + 2 * r, blk + 2, 2);    /* m */
+                for (int j = 0; j < qbytes / 4; j++)
+                    for (int t = 0; t < 4; t++) {
+                        const uint8_t v = blk[qoff + 4 * j + t];
+                        p[poff + 64 * j + 4 * r + t] = kind == TF_Q8_0 ? (uint8_t)(v ^ 0x80u) : v;
+                    }
+            }
+        }
+    }
+    return 0;
+}
+
+#if defined(TF_QUANT_VNNI)
+/* One group of 16 weight rows against MR (<= GEMM_MR, a constant after inlining) activation
+ * rows: acc[m] = the 16 outputs of activation row m. */
+static inline __attribute__((always_inline)) void gemm_tile(
+        const int kind, const uint8_t *pg, int nb, const int8_t *q, int in, const float *dx,
+        const float *sx, const int32_t *isum, const int MR, __m512 *acc) {
+    const int pb = packed_block_bytes(kind);
+    for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = pg + (size_t)b * pb;
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        __m512 mv = _mm512_setzero_ps();
+        __m512i w[8];
+        if (kind == TF_Q8_0) {
+            for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(blk + 32 + 64 * j);
+        } else {
+            const uint8_t *qs = blk + (kind == TF_Q4_1 ? 64 : 32);
+            const __m512i low = _mm512_set1_epi8(0x0F);
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_loadu_si512(qs + 64 * j);
+                w[j] = _mm512_and_si512(v, low);
+                w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            if (kind == TF_Q4_1)
+                mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        }
+        for (int m = 0; m < MR; m++) {
+            const int8_t *xq = q + (size_t)m * in + (size_t)b * QK;
+            __m512i ia = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) {
+                int32_t x4;
+                memcpy(&x4, xq + 4 * j, 4);
+                ia = _mm512_dpbusd_epi32(ia, w[j], _mm512_set1_epi32(x4));
+            }
+            const size_t mb = (size_t)m * nb + b;
+            if (kind == TF_Q8_0) ia = _mm512_sub_epi32(ia, _mm512_set1_epi32(128 * isum[mb]));
+            if (kind == TF_Q4_0) ia = _mm512_sub_epi32(ia, _mm512_set1_epi32(8 * isum[mb]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia),
+                                     _mm512_mul_ps(dv, _mm512_set1_ps(dx[mb])), acc[m]);
+            if (kind == TF_Q4_1) acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[mb]), acc[m]);
+        }
+    }
+}
+
+/* Rows [m0, m0 + mr) of the output for weight group g; bias added, stored as bfloat16 or
+ * float32. */
+static inline __attribute__((always_inline)) void gemm_group(
+        const int kind, const uint8_t *packed, int g, int nb, const int8_t *q, int in,
+        const float *dx, const float *sx, const int32_t *isum, int m0, int mr, int out,
+        const bf16 *bias, bf16 *y16, float *y32) {
+    const uint8_t *pg = packed + (size_t)g * nb * packed_block_bytes(kind);
+    const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_loadu_si256((const __m256i *)(bias + g * GEMM_ROWS))), 16)) : _mm512_setzero_ps();
+    for (int t = m0; t < m0 + mr; t += GEMM_MR) {
+        const int n = m0 + mr - t < GEMM_MR ? m0 + mr - t : GEMM_MR;
+        const int8_t *qt = q + (size_t)t * in;
+        const float *dt = dx + (size_t)t * nb, *st = sx + (size_t)t * nb;
+        const int32_t *it = isum + (size_t)t * nb;
+        __m512 acc[GEMM_MR];
+        switch (n) {
+            case 1: gemm_tile(kind, pg, nb, qt, in, dt, st, it, 1, acc); break;
+            case 2: gemm_tile(kind, pg, nb, qt, in, dt, st, it, 2, acc); break;
+            case 3: gemm_tile(kind, pg, nb, qt, in, dt, st, it, 3, acc); break;
+            case 4: gemm_tile(kind, pg, nb, qt, in, dt, st, it, 4, acc); break;
+            case 5: gemm_tile(kind, pg, nb, qt, in, dt, st, it, 5, acc); break;
+            case 6: gemm_tile(kind, pg, nb, qt, in, dt, st, it, 6, acc); break;
+            case 7: gemm_tile(kind, pg, nb, qt, in, dt, st, it, 7, acc); break;
+            default: gemm_tile(kind, pg, nb, qt, in, dt, st, it, GEMM_MR, acc); break;
+        }
+        for (int m = 0; m < n; m++) {
+            const __m512 v = _mm512_add_ps(acc[m], bv);
+            const size_t o = (size_t)(t + m) * out + (size_t)g * GEMM_ROWS;
+            if (y16) _mm256_storeu_si256((__m256i *)(y16 + o), (__m256i)_mm512_cvtneps_pbh(v));
+            else _mm512_storeu_ps(y32 + o, v);
+        }
+    }
+}
+
+static void gemm_team(const int kind, const uint8_t *packed, const int8_t *q, int rows, int in,
+                      const float *dx, const float *sx, const int32_t *isum, int out,
+                      const bf16 *bias, bf16 *y16, float *y32) {
+    const int nb = in / QK, groups = out / GEMM_ROWS;
+    /* activation rows in chunks that stay in L2 while every weight group passes over them */
+    for (int m0 = 0; m0 < rows; m0 += GEMM_MC) {
+        const int mr = rows - m0 < GEMM_MC ? rows - m0 : GEMM_MC;
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++)
+            if (q) gemm_group(kind, packed, g, nb, q, in, dx, sx, isum, m0, mr, out, bias, y16,
+                              y32);
+    }
+}
+#endif
+
+#if defined(TF_QUANT_VNNI)
+/* The activation codes and per-block terms of ``rows`` rows: one allocation, NULL if none. */
+static int8_t *gemm_quant_alloc(int rows, int in, float **dx, float **sx, int32_t **isum) {
+    const int nb = in / QK;
+    const size_t qbytes = ((size_t)rows * in + 63) / 64 * 64;
+    int8_t *q = malloc(qbytes + (2 * sizeof(float) + sizeof(int32_t)) * (size_t)rows * nb);
+    if (!q) return NULL;
+    *dx = (float *)(q + qbytes);
+    *sx = *dx + (size_t)rows * nb;
+    *isum = (int32_t *)(*sx + (size_t)rows * nb);
+    return q;
+}
+
+static void gemm_kind(int kind, const uint8_t *w, const int8_t *q, int rows, int in,
+                      const float *dx, const float *sx, const int32_t *isum, int out,
+                      const bf16 *bias, bf16 *y16, float *y32) {
+    switch (kind) {   /* the kind a constant in each copy */
+        case TF_Q8_0: gemm_team(TF_Q8_0, w, q, rows, in, dx, sx, isum, out, bias, y16, y32); break;
+        case TF_Q4_0: gemm_team(TF_Q4_0, w, q, rows, in, dx, sx, isum, out, bias, y16, y32); break;
+        default: gemm_team(TF_Q4_1, w, q, rows, in, dx, sx, isum, out, bias, y16, y32); break;
+    }
+}
+#endif
+
+/* y (rows, out) = x (rows, in) @ W^T (+ bias) for W packed by tf_qpack: activations rounded
+ * to int8 per block as the decode kernel rounds them (see above). Output bfloat16 ``y_bf16``
+ * or, when that is NULL, float32 ``y_f32``; ``bias``: bfloat16 (out,) or NULL. Called outside
+ * a parallel region it opens one (the rows are quantized once, shared); from inside one
+ * (the native decode step) every thread of the team must call it, each quantizes the rows
+ * privately and the weight groups are shared out. Returns 0, or -1 where unsupported (a kind
+ * or shape tf_qpack refuses, a build without AVX-512 VNNI, no memory): the caller then takes
+ * another path. */
+int tf_qgemm(int kind, const void *packed, const uint16_t *x, int rows, int out, int in,
+             const uint16_t *bias, uint16_t *y_bf16, float *y_f32) {
+    if (!packed_block_bytes(kind) || rows <= 0 || out <= 0 || out % GEMM_ROWS || in <= 0
+        || in % QK || (!y_bf16 && !y_f32))
+        return -1;
+#if defined(TF_QUANT_VNNI)
+    const int nb = in / QK;
+    float *dx, *sx;
+    int32_t *isum;
+    if (omp_in_parallel()) {
+        int8_t *q = gemm_quant_alloc(rows, in, &dx, &sx, &isum);
+        const int ok = q != NULL;
+        if (ok) quantize_rows(x, rows, in, q, dx, sx, isum);
+        /* a thread without memory still meets every work-sharing loop (the team waits at
+         * their ends), skipping its share, as the decode kernel does */
+        gemm_kind(kind, packed, q, rows, in, dx, sx, isum, out, bias, y_bf16, y_f32);
+        free(q);
+        return ok ? 0 : -1;
+    }
+    int8_t *q = gemm_quant_alloc(rows, in, &dx, &sx, &isum);
+    if (!q) return -1;
+#pragma omp parallel if ((int64_t)rows * out * in > (1 << 20))
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++)
+            quantize_rows(x + (size_t)r * in, 1, in, q + (size_t)r * in, dx + (size_t)r * nb,
+                          sx + (size_t)r * nb, isum + (size_t)r * nb);
+        gemm_kind(kind, packed, q, rows, in, dx, sx, isum, out, bias, y_bf16, y_f32);
+    }
+    free(q);
+    return 0;
+#else
+    (void)x; (void)bias; (void)packed;
+    return -1;
+#endif
 }

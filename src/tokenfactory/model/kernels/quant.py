@@ -43,6 +43,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tf_qlinear_isa.argtypes = []
     lib.tf_qdequant_bf16.restype = None
     lib.tf_qdequant_bf16.argtypes = [i32, ptr, ptr, ptr, i32, i32, ptr]
+    lib.tf_qpack.restype = i32
+    lib.tf_qpack.argtypes = [i32, ptr, i32, i32, ptr]
+    lib.tf_qgemm.restype = i32
+    lib.tf_qgemm.argtypes = [i32, ptr, ptr, i32, i32, i32, ptr, ptr, ptr]
     return lib
 
 
@@ -51,7 +55,7 @@ def library() -> ctypes.CDLL | None:
     """The native library with the quantized kernels bound, or None (see
     ``kernels.unavailable_reason``)."""
     lib = kernels.library()
-    if lib is None or not hasattr(lib, "tf_qlinear_q4_1"):
+    if lib is None or not hasattr(lib, "tf_qgemm"):
         return None
     return _bind(lib)
 
@@ -138,3 +142,59 @@ def dequantize_bf16(kind: str, weight: torch.Tensor, scales: torch.Tensor | None
                              None if ids is None else ids.data_ptr(), n, in_features,
                              out.data_ptr())
     return out
+
+
+GEMM_KINDS = ("q8_0", "q4_0", "q4_1")   # what tf_qpack / tf_qgemm take
+GEMM_ROWS = 16                         # output rows per packed group (out % 16 == 0)
+
+
+def gemm_supported(kind: str, out_features: int, in_features: int,
+                   lib: ctypes.CDLL | None = None) -> bool:
+    """Whether :func:`qgemm` runs for this weight here (AVX-512 VNNI builds only)."""
+    lib = lib or library()
+    return (lib is not None and lib.tf_qlinear_isa() == 2 and kind in GEMM_KINDS
+            and out_features % GEMM_ROWS == 0 and in_features % BLOCK == 0)
+
+
+def pack(kind: str, weight: torch.Tensor, in_features: int,
+         lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The blocks of ``weight`` (uint8 (N, row_bytes) as stored) reordered for :func:`qgemm`:
+    16 output rows interleaved 4 bytes at a time (quant.c, "Prefill GEMM"); the same bytes,
+    uint8 (N / 16, 16 * row_bytes)."""
+    lib = lib or library()
+    assert lib is not None, kernels.unavailable_reason
+    _check(kind, weight, None, in_features)
+    n = weight.shape[0]
+    if kind not in GEMM_KINDS or n % GEMM_ROWS:
+        raise ValueError(f"cannot pack {kind} weight of {n} rows (kinds {GEMM_KINDS}, rows a "
+                         f"multiple of {GEMM_ROWS})")
+    out = torch.empty((n // GEMM_ROWS, GEMM_ROWS * weight.shape[1]), dtype=torch.uint8)
+    rc = lib.tf_qpack(KINDS[kind], weight.data_ptr(), n, in_features, out.data_ptr())
+    assert rc == 0, f"tf_qpack refused {kind} {tuple(weight.shape)}"
+    return out
+
+
+def qgemm(kind: str, packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
+          float_output: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """``x @ W^T (+ bias)`` for bfloat16 x (M, K) and W packed by :func:`pack` (N rows), as
+    bfloat16 (M, N) (float32 with ``float_output``); activations rounded to int8 per block as
+    the decode kernel rounds them. None where the kernel declines (no AVX-512 VNNI build, or
+    out of memory): the caller then takes another path."""
+    lib = lib or library()
+    assert lib is not None, kernels.unavailable_reason
+    m, k = x.shape
+    assert x.dtype == torch.bfloat16 and x.is_contiguous()
+    n = packed.shape[0] * GEMM_ROWS
+    assert packed.dtype == torch.uint8 and packed.is_contiguous()
+    assert packed.shape[1] == GEMM_ROWS * row_bytes(kind, k), "packed for another in_features"
+    if bias is not None:
+        assert bias.shape == (n,)
+        bias = bias.to(torch.bfloat16).contiguous()
+    out = torch.empty((m, n), dtype=torch.float32 if float_output else torch.bfloat16)
+    if m == 0:
+        return out
+    rc = lib.tf_qgemm(KINDS[kind], packed.data_ptr(), x.data_ptr(), m, n, k,
+                      None if bias is None else bias.data_ptr(),
+                      None if float_output else out.data_ptr(),
+                      out.data_ptr() if float_output else None)
+    return out if rc == 0 else None
