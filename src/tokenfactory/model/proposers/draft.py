@@ -44,6 +44,7 @@ _EXECUTOR_ID = "draft"        # the draft executor's one sequence state (rebuilt
 _EMA = 0.9                    # weight kept by the old average per new timing
 _MAX_TIMED_ROWS = 8           # target steps above this many rows do not fit the row-cost model
 _MAX_TIMED_TAIL = 16          # draft calls feeding more new tokens than this are not timed
+_MAX_ROW_RUN = 8              # new tokens fed one row each (the native decode step's row limit)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -249,21 +250,38 @@ class DraftModelProposer:
         return True
 
     def _forward(self, st: _DraftState, tokens: list[int], sample: bool) -> int | None:
-        """Feed ``tokens`` after the cached ones; the greedy next token when ``sample``."""
+        """Feed ``tokens`` after the cached ones; the greedy next token when ``sample``.
+
+        A short run (a decode token, or the kept drafts plus the target's token) goes as one
+        position per row: the first as the step's token, the rest as the chunk's further
+        positions (``draft_token_ids``), which ``forward_logits`` runs as rows of the native
+        decode step where the model has one (the kernels that verify drafts), not as a prefill
+        chunk through the torch path; its few rows of logits are cheap. A longer run (a prompt)
+        goes through ``execute`` with greedy sampling: logits of its last row only."""
         start = len(st.tokens)
-        sched = ScheduledRequest(
-            _EXECUTOR_ID, tokens, start, st.pages, sample=sample, sampling_params=self._greedy,
-            output_index=len(tokens), new=NewRequestData(st.tokens, []))
-        # the executor's sequence state is rebuilt from ``new`` every time (finished first):
-        # the draft's own bookkeeping (rollback) lives here, not there
-        result = self.executor.execute(StepPlan([sched], self.block_size,
-                                                finished_ids=[_EXECUTOR_ID]))
+        if sample and len(tokens) <= _MAX_ROW_RUN:
+            sched = ScheduledRequest(_EXECUTOR_ID, tokens[:1], start, st.pages, sample=True,
+                                     sampling_params=self._greedy, output_index=0,
+                                     draft_token_ids=tokens[1:])
+            logits = self.executor.forward_logits(StepPlan([sched], self.block_size))[0][-1]
+            token = int(logits.argmax())                                   # logits: (V,)
+            if not torch.isfinite(logits[token]):
+                raise RuntimeError("the draft model produced non-finite logits")
+        else:
+            sched = ScheduledRequest(
+                _EXECUTOR_ID, tokens, start, st.pages, sample=sample,
+                sampling_params=self._greedy, output_index=len(tokens),
+                new=NewRequestData(st.tokens, []))
+            # the executor's sequence state is rebuilt from ``new`` every time (finished
+            # first): the draft's own bookkeeping (rollback) lives here, not there
+            out = self.executor.execute(StepPlan([sched], self.block_size,
+                                                 finished_ids=[_EXECUTOR_ID])).outputs[0]
+            if out.error is not None:
+                raise RuntimeError(out.error)
+            token = out.token_ids[0] if sample else None
         st.tokens.extend(tokens)
         self.draft_tokens_computed += len(tokens)
-        out = result.outputs[0]
-        if out.error is not None:
-            raise RuntimeError(out.error)
-        return out.token_ids[0] if sample else None
+        return token
 
     def _run(self, st: _DraftState, token_ids: Sequence[int], k: int) -> list[int]:
         """Prefill the uncached tail (in chunks), then k - 1 one-token decode steps."""
