@@ -17,9 +17,10 @@
  * 1-row pass per extra row: with a load per vdpbf16ps and an 8-instruction reduction per
  * output the kernel ran at ~77 GFLOP/s (this core's vdpbf16ps peak is ~230). They now run
  * register tiles (3 weight rows x 2-4 activation rows) that load less and reduce 16 sums
- * together, with software prefetch in place of the streams the tiles break up: measured on
- * SmolLM2's 30 layers + lm_head, one core, 2-4 rows cost about what 1 row costs (the weight
- * read), 8 rows ~1.5x (old kernel: 1.3x at 2 rows, 2.7x at 8).
+ * together, with software prefetch in place of the stream the tiles break up (2-3 rows: one
+ * weight row at a time, the sums reduced together). Measured on SmolLM2's native decode step
+ * (30 layers + lm_head on huge pages, one core, 128-token context): 1 / 2 / 4 / 8 rows 10.0 /
+ * 10.7 / 13.2 / 19.4 ms, where the old kernel took 2 rows 1.27x and 8 rows 3.45x of 1 row.
  */
 #include <immintrin.h>
 
@@ -66,6 +67,11 @@ ROW_DOT(4)
  * into L2, in address order (into L1 they evicted the tile in use: slower still). Measured on
  * SmolLM2's layers, one core: 8 rows 22 ms vs 28-30 without, 2 rows on par with row_dot. */
 #define PF_TILES 2
+/* Up to this many rows a weight row is read alone (tile_1xM, one stream, as row_dot1): on
+ * SmolLM2 (huge pages, one core) 2 rows 10.7 ms / 3 rows 12.4 ms where the 3-row tiles took
+ * 13.7 / 15.2 (1 row: 10.0); from 4 rows the tiles win (8 rows 19.4 ms vs 33). Two rows side
+ * by side without prefetch were the slowest of all (28 ms at 4 rows). */
+#define ONE_STREAM_MAX 3
 #define PF_HINT _MM_HINT_T1
 
 /* NB weight rows x MB activation rows at once (compile-time constants: the 2 NB MB
@@ -124,6 +130,9 @@ ROW_DOT(4)
 TILE(3, 4)   /* 3 weight rows side by side: more streams read slower (6 rows: 2 rows took */
 TILE(3, 3)   /* 1.3x the time of 1 row, 3 rows x 4 took 1.0x) */
 TILE(3, 2)
+TILE(1, 2)
+TILE(1, 3)
+
 
 int tf_linear_supported(int in_features) { return in_features > 0 && in_features % 32 == 0; }
 
@@ -162,15 +171,27 @@ static inline void one_row(const bf16 *x, int64_t x_stride, int M, const bf16 *w
  * vs "L" for "What is the capital of France?", 0.08 apart in float32).
  *
  * One row (a plain decode step) streams each weight row whole and in order (row_dot1: faster
- * for one row than the tiles, measured); 2+ rows (a verified draft, a batch) run NT-row tiles
- * of 3-row tile_3xMB calls, the activation rows in groups of 4 / 3 / 2, weight rows past the
- * last whole tile one by one. Both give every output the
+ * for one row than the tiles, measured); so do 2-3 rows (tile_1xM, ONE_STREAM_MAX); 4+ rows
+ * (a verified draft, a batch) run NT-row tiles of 3-row tile_3xMB calls, the activation rows
+ * in groups of 4 / 3 / 2, weight rows past the last whole tile one by one. Both give every output the
  * same bits (see TILE), so a row's result never depends on how many rows share the step. */
 void tf_linear_rows_to(const bf16 *x, int64_t x_stride, int M, const bf16 *w, int N, int K,
                        const bf16 *bias, bf16 *out, float *out_f32, int64_t out_stride) {
     if (M == 1) {
 #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) one_row(x, x_stride, 1, w, n, K, bias, out, out_f32, out_stride);
+        return;
+    }
+    if (M <= ONE_STREAM_MAX) {
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const bf16 *wp = w + (int64_t)n * K;
+            float s[16];
+            if (M == 2) tile_1x2(wp, K, x, x_stride, NULL, s);
+            else tile_1x3(wp, K, x, x_stride, NULL, s);
+            const float bn = bias ? from_bf16(bias[n]) : 0.0f;
+            for (int m = 0; m < M; m++) store_out(s[m] + bn, out, out_f32, m * out_stride + n);
+        }
         return;
     }
     const int tiles = N / NT;
