@@ -324,3 +324,24 @@ def test_generic_tools_rewrite_the_conversation() -> None:
     with_system = with_generic_tools([{"role": "system", "content": "Be brief."}, *chat], tools)
     assert with_system[0]["content"].startswith("Be brief.\n\n" + generic_tools_text(tools)[:20])
     assert chat[1]["tool_calls"]   # the input is not modified
+
+
+def test_reply_parser_composes_calls_one_call_and_reasoning() -> None:
+    """reply_parser builds what both APIs feed a reply through: nothing when nothing is
+    parsed; the format's parser; only its first call when one_call; a leading <think>
+    section split off (as thinking, before the calls) when reasoning."""
+    from tokenfactory.text.tool_parsers import ThinkingDelta, ThinkingEnd, reply_parser
+
+    two = (render_tool_call_text("f", {"a": 1}, "hermes") + "\n"
+           + render_tool_call_text("g", {}, "hermes"))
+    assert reply_parser(None) is None
+    assert summarize(run(reply_parser("hermes"), [two])) == ("", [("f", {"a": 1}), ("g", {})])
+    assert summarize(run(reply_parser("hermes", one_call=True), [two])) == ("", [("f", {"a": 1})])
+    events = run(reply_parser("hermes", reasoning=True), ["<think>\nhm\n</think>\n\n", two])
+    thoughts = [e for e in events if isinstance(e, (ThinkingDelta, ThinkingEnd))]
+    assert thoughts == [ThinkingDelta("hm"), ThinkingEnd()]
+    rest = [e for e in events if not isinstance(e, (ThinkingDelta, ThinkingEnd))]
+    assert summarize(rest) == ("", [("f", {"a": 1}), ("g", {})])
+    # the prompt opened the section: the reply starts inside it; no tool parser: text passes
+    events = run(reply_parser(None, reasoning=True, inside=True), ["hm</think>ok"])
+    assert events == [ThinkingDelta("hm"), ThinkingEnd(), TextDelta("ok")]

@@ -20,10 +20,10 @@ from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, Se
 from tokenfactory.api.sse import (ANTHROPIC_PING, SSE_COMMENT, SSE_HEADERS, anthropic_frame,
                                   collect_unless_disconnected, with_keepalive)
 from tokenfactory.api.trace import trace_of
-from tokenfactory.text.reasoning_parser import ReasoningParser, ThinkingDelta, ThinkingEnd
-from tokenfactory.text.tool_parser_base import (FirstCallOnly, TextDelta, ToolCallArgsDelta,
-                                               ToolCallEnd, ToolCallStart)
-from tokenfactory.text.tool_parsers import get_tool_parser
+from tokenfactory.text.reasoning_parser import ThinkingDelta, ThinkingEnd
+from tokenfactory.text.tool_parser_base import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
+                                               ToolCallStart)
+from tokenfactory.text.tool_parsers import reply_parser
 
 log = logging.getLogger("tokenfactory.api")
 
@@ -188,15 +188,16 @@ async def create_message(ctx: ServingContext, request: Request, body: MessagesRe
         ignore_eos=bool(body.ignore_eos), min_tokens=min(body.min_tokens or 0, max_tokens),
         seed=body.seed)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in prompt.tools or []}
-    parser = (get_tool_parser(prompt.parser_name)(stream_arguments=streamed_args, tools=schemas)
-              if prompt.use_parser and (not constrained or streamed_args) else None)
     tc = body.tool_choice
-    if parser is not None and not constrained and tc is not None and (
-            tc.disable_parallel_tool_use or tc.type in ("any", "tool")):
-        parser = FirstCallOnly(parser)   # no grammar for this format: the parser enforces it
-    if prompt.reasoning and (not constrained or reasons_by_grammar):
-        # a reasoning template: a leading <think> section becomes a thinking block
-        parser = ReasoningParser(parser, inside=prompt.thinking_opened)
+    # the format's calls (held to one where no grammar enforces it), behind the splitter of a
+    # leading <think> section (it becomes a thinking block)
+    parser = reply_parser(
+        prompt.parser_name if prompt.use_parser and (not constrained or streamed_args) else None,
+        stream_arguments=streamed_args, tools=schemas,
+        one_call=not constrained and tc is not None and (tc.disable_parallel_tool_use
+                                                         or tc.type in ("any", "tool")),
+        reasoning=prompt.reasoning and (not constrained or reasons_by_grammar),
+        inside=prompt.thinking_opened)
     msg_id = ctx.new_request_id("msg_")
     gen = Generation(ctx, msg_id, prompt.ids, params, cache_salt=tenant,
                      breakpoints=prompt.engine_breakpoints, parser=parser,

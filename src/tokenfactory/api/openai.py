@@ -33,9 +33,8 @@ from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_
 from tokenfactory.api.trace import trace_of
 from tokenfactory.text.chat_template import ChatTemplateError, with_generic_tools
 from tokenfactory.text.reasoning import ReasoningPlan, effort_budget, plan_reasoning
-from tokenfactory.text.reasoning_parser import ReasoningParser, template_has_reasoning
-from tokenfactory.text.tool_parser_base import FirstCallOnly
-from tokenfactory.text.tool_parsers import get_tool_parser
+from tokenfactory.text.reasoning_parser import template_has_reasoning
+from tokenfactory.text.tool_parsers import reply_parser
 
 
 # ------------------------------------------------------------------------ prompt
@@ -204,16 +203,14 @@ async def create_chat_completion(ctx: ServingContext, request: Request,
                                                   structured_output, logprobs=k)
     cid = ctx.new_request_id("chatcmpl-")
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools or []}
-    parser = (functools.partial(get_tool_parser(parser_name), stream_arguments=constrained,
-                                tools=schemas)
-              if use_parser else None)
-    if parser is not None and not constrained and (not parallel or mode in ("named",
-                                                                           "required")):
-        # no grammar for this format: the parser enforces one call
-        parser = functools.partial(_first_call_only, parser)
-    if reasoning and (not constrained or reasons_by_grammar):
-        # a reasoning template: a leading <think> section becomes reasoning_content
-        parser = functools.partial(_reasoning_parser, parser, text.rstrip().endswith("<think>"))
+    # one parser per choice: the format's calls (held to one where no grammar enforces it),
+    # behind the splitter of a leading <think> section (it becomes reasoning_content)
+    parser = functools.partial(
+        reply_parser, parser_name if use_parser else None, stream_arguments=constrained,
+        tools=schemas, one_call=not constrained and (not parallel
+                                                     or mode in ("named", "required")),
+        reasoning=reasoning and (not constrained or reasons_by_grammar),
+        inside=text.rstrip().endswith("<think>"))
     n = body.n or 1
     gens = await start_choices(ctx, cid, [(ids, p) for p in choice_params(params, n)], tenant,
                               trace, parser, n=n)
@@ -246,11 +243,3 @@ def _template_kwargs(kwargs: dict | None) -> dict[str, Any]:
                        param="chat_template_kwargs")
     check_nesting(kwargs, "chat_template_kwargs")
     return dict(kwargs)
-
-
-def _first_call_only(inner) -> FirstCallOnly:
-    return FirstCallOnly(inner())
-
-
-def _reasoning_parser(inner, inside: bool) -> ReasoningParser:
-    return ReasoningParser(inner() if inner is not None else None, inside=inside)

@@ -39,6 +39,7 @@ __all__ = [
     "ReasoningParser",
     "template_has_reasoning",
     "TOOL_PARSERS",
+    "reply_parser",
 ]
 
 
@@ -49,9 +50,9 @@ from tokenfactory.text.tool_formats import (HermesToolParser, Llama3JsonToolPars
                                             MistralArgsToolParser, MistralToolParser,
                                             Qwen3CoderToolParser, qwen3_coder_call_grammar,
                                             render_qwen3_coder_call)
-from tokenfactory.text.tool_parser_base import (_JSON_LAYOUT, ParserEvent,  # noqa: F401
-                                               TextDelta, ToolCallArgsDelta, ToolCallEnd,
-                                               ToolCallParser, ToolCallStart, _lit)
+from tokenfactory.text.tool_parser_base import (_JSON_LAYOUT, FirstCallOnly,  # noqa: F401
+                                               ParserEvent, TextDelta, ToolCallArgsDelta,
+                                               ToolCallEnd, ToolCallParser, ToolCallStart, _lit)
 
 
 TOOL_PARSERS: dict[str, type[ToolCallParser]] = {
@@ -68,6 +69,22 @@ def get_tool_parser(name: str) -> type[ToolCallParser]:
         return TOOL_PARSERS[name]
     except KeyError:
         raise ValueError(f"unknown tool parser {name!r}; available: {sorted(TOOL_PARSERS)}") from None
+
+
+def reply_parser(parser_name: str | None, *, stream_arguments: bool = False,
+                 tools: dict | None = None, one_call: bool = False, reasoning: bool = False,
+                 inside: bool = False):
+    """The parser one reply's text goes through, or None when it needs none: the format's
+    tool-call parser (``parser_name``; None when calls are not parsed), held to its first
+    call when ``one_call`` (no grammar enforces that), behind a splitter of a leading
+    ``<think>`` section when ``reasoning`` (``inside``: the prompt already opened it)."""
+    parser = (get_tool_parser(parser_name)(stream_arguments=stream_arguments, tools=tools)
+              if parser_name is not None else None)
+    if parser is not None and one_call:
+        parser = FirstCallOnly(parser)
+    if reasoning:
+        parser = ReasoningParser(parser, inside=inside)
+    return parser
 
 
 def detect_tool_parser(chat_template: str | None) -> str | None:
