@@ -29,10 +29,12 @@ class Acceptance:
 
     Why a cost model: verifying a draft is not free. Measured on SmolLM2 (bfloat16, native
     decode step, one core of this Zen 4 host, ``benchmarks/spec_decode.py --step-cost``): a
-    decode step with 1 row costs 10 ms at a 128-token context and 14 ms at 2K; each further
-    row (a drafted position) adds 3.5 ms and 5.6 ms, 0.35-0.4 of a whole step, because
-    the small-batch kernels are compute-bound per row once the weights are read, and each row
-    attends over the whole context. So a draft of k tokens costs ``1 + row_cost * k`` steps,
+    decode step with 1 row costs 9.6 ms at a 128-token context and 11.6 ms at 2K; 8 rows (7
+    drafted positions) cost 1.99x and 2.53x of it, so each further row adds 1.4 ms (0.14 of a
+    step) at 128 and 2.5 ms (0.22) at 2K: the weights are read once for all rows, a row's
+    linear work is what remains, and at 2K its attention (the rows of one request read their
+    pages together, but each row computes over the whole context). The edit and agentic
+    workloads decode at 1.5-4K. So a draft of k tokens costs ``1 + row_cost * k`` steps,
     and yields ``E(k) = 1 + p + ... + p^k`` tokens when each draft token is accepted with
     probability p (given the ones before it). ``limit`` proposes the k in 0..K that maximizes
     ``E(k) / (1 + row_cost * k)``: long drafts only when acceptance is high, none when
@@ -45,7 +47,7 @@ class Acceptance:
     resets it. On text that never repeats this keeps drafts to a small fraction of steps.
     """
 
-    row_cost: float = 0.4             # one drafted row, in units of a 1-row decode step
+    row_cost: float = 0.2             # one drafted row, in units of a 1-row decode step
     decay: float = 0.8                # weight kept by the old counts per observation
     prior_hits: float = 1.5           # start: p = 0.6, worth 2.5 drafts (one-token drafts
     prior_misses: float = 1.0         # at first; a run of accepted ones grows them fast)
@@ -68,7 +70,7 @@ class Acceptance:
         """A drafted row's cost against one request's share of a decode step of ``batch``
         requests: the step costs about ``1 + (batch - 1) * row_cost`` 1-row steps (each further
         row, drafted or another request's, costs ``row_cost``), a request's share is that over
-        ``batch``. Batch 1: ``row_cost``; batch 8 at 0.4: 0.84, so only very likely drafts pay."""
+        ``batch``. Batch 1: ``row_cost``; batch 8 at 0.2: 0.67, so only likely drafts pay."""
         b = max(1, batch)
         return b * self.row_cost / (1.0 + (b - 1) * self.row_cost)
 
