@@ -64,9 +64,9 @@ _plain: dict[str, tuple] = {}
 
 
 @pytest.mark.parametrize("kind, cfg, kv_tokens", [
-    ("self", {}, 4096), ("self", TIGHT, 48), ("noisy", TIGHT, 4096), ("other", TIGHT, 4096)])
+    ("self", {}, 4096), ("self", TIGHT, 64), ("noisy", TIGHT, 4096), ("other", TIGHT, 4096)])
 def test_greedy_identical_with_a_draft_model(torch_executor, draft_dirs, kind, cfg, kv_tokens):
-    """48 draft-cache tokens (12 pages) hold about one request: the batched run evicts."""
+    """64 draft-cache tokens (16 pages) hold one or two requests: the batched run evicts."""
     prompts = repetitive_prompts(5, seed=3)
     params = [GREEDY] * 4 + [WITH_LOGPROBS]
     key = repr(cfg)
@@ -86,7 +86,7 @@ def test_greedy_identical_with_a_draft_model(torch_executor, draft_dirs, kind, c
         assert stats.num_accepted_tokens < stats.num_draft_tokens / 2
     if "num_kv_blocks" in cfg:
         assert core.preemptions > 0
-    if kv_tokens < 100:
+    if kv_tokens < 1000:
         assert proposer.num_evictions > 0
     assert proposer.num_requests == 0 and proposer.num_free_pages == proposer.num_pages
     alone, core = run_model(torch_executor, prompts[:1], params[:1], proposer=proposer, **cfg)

@@ -128,6 +128,12 @@ def test_the_drafts_own_cost_limits_the_draft_length(model):
         acc.hits, acc.misses = 19.0, 1.0
     assert free.best_length(4) > 0 and dear.best_length(4) == 0
     assert dear.row_cost_in(8) > dear.row_cost_in(1)
+    # a drafted token dearer than a whole step never pays, even at p = 1: no probes either
+    # (the shared model pauses, then probes with one token)
+    probe = DraftAcceptance(draft_cost=0.5)
+    probe.hits, probe.misses = 1.0, 9.0
+    assert sum(probe.limit(4) for _ in range(20)) > 0
+    assert sum(dear.limit(4) for _ in range(20)) == 0
     path, _ = model
     prop = make(path, draft_cost=None)            # measured; the prior until then
     rng = random.Random(3)

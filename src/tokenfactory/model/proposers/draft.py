@@ -65,6 +65,14 @@ class DraftAcceptance(Acceptance):
         b = max(1, batch)
         return b * (self.row_cost + self.draft_cost) / (1.0 + (b - 1) * self.row_cost)
 
+    def limit(self, k: int, batch: int = 1) -> int:
+        """As ``Acceptance.limit``, except that a drafted token costing a whole step or more
+        is never proposed, not even as a probe: then k drafts cost at least k + 1 steps, more
+        than the k + 1 tokens they can yield at best (and each probe would feed the draft)."""
+        if self.row_cost_in(batch) >= 1.0:
+            return 0
+        return super().limit(k, batch)
+
 
 @dataclass
 class _DraftState:
