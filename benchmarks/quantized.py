@@ -217,6 +217,48 @@ def time_ttft(model, n: int) -> float:
     return CLOCK() - t
 
 
+def run_engines(args) -> int:
+    """The ``--engine`` mode: whole engine steps (EngineCore.step: scheduler, executor,
+    sampler, detokenizer) for ``gguf`` and ``none`` on the same file, interleaved per repeat:
+    a 60-token prompt's first step (its time to first token without HTTP), a 512-token
+    prompt's prefill step, and the median batch-1 decode step of a 40-token generation."""
+    from tokenfactory.engine.llm import build_engine_core
+    from tokenfactory.engine.sampling_params import SamplingParams
+    path = args.gguf or default_model_path()
+    engines = {q: build_engine_core(path, quantization=q, num_kv_blocks=600, kernels=None)
+               for q in ("gguf", "none")}
+    ids = iter(range(1 << 30))
+
+    def step_times(core, prompt: list[int], max_tokens: int) -> list[float]:
+        core.reset_prefix_cache()
+        core.add_request(f"q{next(ids)}", prompt, SamplingParams(temperature=0, ignore_eos=True,
+                                                                max_tokens=max_tokens))
+        times = []
+        while core.has_unfinished_requests():
+            t = CLOCK()
+            core.step()
+            times.append(CLOCK() - t)
+        return times
+
+    gen = torch.Generator().manual_seed(0)
+    res = {q: {"ttft_60_ms": [], "prefill_512_tok_s": [], "decode_tok_s": []} for q in engines}
+    for _ in range(args.repeats):
+        for q, core in engines.items():   # interleaved A/B
+            p60 = torch.randint(100, 40000, (60,), generator=gen).tolist()
+            p512 = torch.randint(100, 40000, (512,), generator=gen).tolist()
+            res[q]["ttft_60_ms"].append(step_times(core, p60, 1)[0] * 1e3)
+            res[q]["prefill_512_tok_s"].append(512 / step_times(core, p512, 1)[0])
+            res[q]["decode_tok_s"].append(1 / statistics.median(step_times(core, p60, 40)[5:]))
+    out = {"gguf": str(path), "clock": args.clock, "threads": torch.get_num_threads(),
+           "engines": {q: {k: statistics.median(v) for k, v in r.items()} for q, r in res.items()},
+           "load_average": os.getloadavg()}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
 def read_bandwidth() -> float:
     """GB/s of a plain read (sum) of 256 MB: the host's streaming bandwidth, roughly."""
     buf = torch.ones(64 << 20, dtype=torch.float32)
@@ -277,6 +319,28 @@ def llama_bench(gguf: str, threads: int) -> dict | None:
             for r in json.loads(proc.stdout)}
 
 
+def chat_concurrency(url: str, model: str, requests: int, concurrency: int = 16,
+                     output_tokens: int = 128) -> dict:
+    """``tokenfactory bench --workload chat`` against a running server (OpenAI API): all
+    ``requests`` at once, at most ``concurrency`` in flight, ``output_tokens`` each (ignore_eos).
+    Returns its output tok/s, TTFT / ITL medians and request counts."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    out = Path(tempfile.mkdtemp(prefix="tf-chat-")) / "chat.json"
+    cmd = [str(Path(sys.executable).parent / "tokenfactory"), "bench", "--workload", "chat",
+           "--target", url, "--api", "openai", "--model-name", model, "--requests", str(requests),
+           "--rate", "0", "--concurrency", str(concurrency), "--output-tokens", str(output_tokens),
+           "--no-roofline", "--no-progress", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        return {"error": proc.stderr.strip()[-300:]}
+    m = json.loads(out.read_text())["runs"][0]["metrics"]
+    return {k: m.get(k) for k in ("output_throughput_tps", "ttft_p50_s", "itl_p50_s",
+                                  "completed_requests", "failed_requests", "duration_s")}
+
+
 def run_servers(args) -> int:
     """The ``--servers`` mode (see the module docstring)."""
     import asyncio
@@ -290,15 +354,19 @@ def run_servers(args) -> int:
             "--host", "127.0.0.1"]
     threads = args.threads or os.cpu_count()   # both sides the same number of cores
     ours_env = {"OMP_NUM_THREADS": str(threads)} if args.threads else {}
+    # --threads: every server pinned to the first `threads` cores (ours sizes its thread pool
+    # from the cores it may run on; llama.cpp takes -t)
+    pin = ["taskset", "-c", f"0-{threads - 1}"] if args.threads else []
     servers = {}
     for name in args.servers.split(","):
         port = peer.free_port()
         if name in ("ours-gguf", "ours-none"):
-            cmd = ours + ["--port", str(port), "--quantization", name.removeprefix("ours-")]
+            cmd = pin + ours + ["--port", str(port), "--quantization", name.removeprefix("ours-")]
             server = peer.Server(name, cmd, env=ours_env)
         elif name == "llama":
-            server = peer.Server(name, [str(peer.PEERS / "run_llama_server.sh"), str(gguf), str(port),
-                                        "4", "2560"], env={"THREADS": str(threads)})
+            # 16 slots: chat at concurrency 16 runs 16 sequences at once on both sides
+            server = peer.Server(name, pin + [str(peer.PEERS / "run_llama_server.sh"), str(gguf),
+                                              str(port), "16", "2560"], env={"THREADS": str(threads)})
         else:
             raise SystemExit(f"unknown server {name!r} (ours-gguf, ours-none, llama)")
         server.port = port
@@ -335,16 +403,27 @@ def run_servers(args) -> int:
                           f"{statistics.median(r['ttft_s'][-args.ttft_requests:]) * 1e3:.0f} ms "
                           f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
 
+    async def model_names() -> dict[str, str]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), trust_env=False) as c:
+            return {n: await peer.model_name(c, s.url) for n, s in servers.items()}
+
     try:
         for s in servers.values():
             s.start()
         asyncio.run(measure())
+        if args.chat_requests:   # one run per server, in turn (each takes the whole host)
+            names = asyncio.run(model_names())
+            for n, s in servers.items():
+                res[n]["chat16"] = chat_concurrency(s.url, names[n], args.chat_requests)
+                print(f"  {n} chat at concurrency 16: {res[n]['chat16']}", file=sys.stderr)
     finally:
         for s in servers.values():
             s.stop()
     out = {"gguf": str(gguf), "threads": threads, "load_average": os.getloadavg(), "servers": {}}
     for n, r in res.items():
         out["servers"][n] = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list)}
+        if "chat16" in r:
+            out["servers"][n]["chat16"] = r["chat16"]
         out["servers"][n]["raw"] = r
     if args.llama_bench:
         out["llama_bench"] = llama_bench(str(gguf), threads)
@@ -364,10 +443,17 @@ def main() -> int:
                     default=[512, 2048], help="--servers: prompt sizes")
     ap.add_argument("--ttft-requests", type=int, default=3, help="--servers: chat requests a repeat")
     ap.add_argument("--llama-bench", action="store_true", help="--servers: also run llama-bench")
+    ap.add_argument("--chat-requests", type=int, default=0,
+                    help="--servers: also chat at concurrency 16 with this many requests (64: "
+                         "issue 20's figure; 128 output tokens each), one run per server")
     ap.add_argument("--threads", type=int, default=0,
                     help="--servers: threads for every server (default: all cores). On a shared "
                          "host 1 each: llama.cpp's thread pool stalls at every barrier when a "
                          "core is taken (benchmarks/peers/README.md)")
+    ap.add_argument("--engine", action="store_true",
+                    help="whole engine steps instead (gguf vs none: TTFT 60, prefill 512, decode "
+                         "b1); one thread: run under `taskset -c N` (the engine uses every core "
+                         "it may run on)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
@@ -388,6 +474,8 @@ def main() -> int:
     global CLOCK
     if args.clock == "cpu":
         CLOCK = time.process_time
+    if args.engine:
+        return run_engines(args)
     path = args.gguf or default_model_path()
     quant = load_model(path, quantization="gguf")
     bf16 = load_model(path, quantization="none")

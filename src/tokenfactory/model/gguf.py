@@ -427,8 +427,10 @@ def load_gguf_weights(model: torch.nn.Module, gf: GGUFFile, quantized: bool = Fa
         dense = 1 + len(model.layers) * len(_QUANT_LINEARS) - len(swapped)
         from tokenfactory.model.kernels import quant
         kernels = quant.isa()
-        how = (f"{kernels} kernels, bfloat16 activations rounded to int8 per block of 32 up to "
-               f"8 rows" if kernels else "no native kernels: dequantized per call")
+        packed = sum(getattr(m, "packed", None) is not None for m in model.modules())
+        how = (f"{kernels} kernels, bfloat16 activations rounded to int8 per block of 32; "
+               f"{packed} of {len(swapped)} packed for the GEMM kernel (every row count), the "
+               f"rest up to 8 rows" if kernels else "no native kernels: dequantized per call")
         log.info("%s: layer linears run as stored: %s; lm_head %s; %d linears dense in %s (%s)",
                  gf.path.name, ", ".join(f"{n} {k}" for k, n in runs.most_common()) or "none",
                  swapped.get("lm_head.weight", dtype), dense, dtype, how)
