@@ -22,30 +22,30 @@ server and repeat: batch-1 decode tok/s (256 streamed tokens), prefill tok/s of 
 uncached prompt tokens (benchmarks/real_model_peer.py's measurements, reused), and the time to
 first token of a streamed chat request of ~60 prompt tokens (``--ttft-requests`` of them,
 each a different question, median). ``llama-bench`` numbers (the same model outside a server:
-``-p 512,2048 -n 128``) are printed too when the binary exists::
+``-p 512,2048 -n 128``) are printed too when the binary exists, and with ``--chat-requests 64``
+chat at concurrency 16 (``tokenfactory bench --workload chat``, 128 output tokens each)::
 
-    .venv/bin/python benchmarks/quantized.py --servers ours-gguf,ours-none,llama --repeats 3 Keep it
-short on a shared host and say so when quoting numbers (this 2-core machine is shared); there,
-``OMP_NUM_THREADS=1 ... --clock cpu`` counts CPU seconds of one thread instead of wall time.
+    .venv/bin/python benchmarks/quantized.py --servers ours-gguf,ours-none,llama --repeats 3 \
+        --chat-requests 64 --llama-bench
 
-Measured 2026-11-29 17:16 UTC (int8-activation VNNI decode kernel), SmolLM2-135M Q4_1, AMD
-EPYC Zen 4 (2 cores, AVX-512 VNNI + BF16), host shared by 7 sessions (load average 15-19):
-``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quantized.py --repeats 3 --decode-steps 24
---clock cpu``, medians, one thread, CPU time:
+``--engine`` measures whole ``EngineCore`` steps (scheduler, executor, sampler, detokenizer;
+no HTTP) for both quantizations instead. Keep it short on a shared host and say so when
+quoting numbers (this 2-core machine is shared); there, ``OMP_NUM_THREADS=1 taskset -c 1 ...
+--clock cpu`` counts CPU seconds of one thread instead of wall time.
+
+Measured 2026-11-29 20:05-20:30 UTC (GEMM kernel on packed blocks at every row count),
+SmolLM2-135M Q4_1, AMD EPYC Zen 4 (2 cores, AVX-512 VNNI + BF16), host shared by 6 sessions
+(load average 9-12): ``OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python
+benchmarks/quantized.py --repeats 3 --decode-steps 24 --clock cpu --prefill-2048
+--llama-cpu``, medians, one thread, CPU time:
 
     linear weights read per token   Q4_1+Q8_0 96.4 MB   bf16 269.0 MB
-    all linears once, batch 1       10.2 ms (9.4 GB/s)  12.5 ms (21.6 GB/s; host read 21.3)
-      qkv / o / gate_up / down      1.56/1.13/3.79/2.27 1.96/1.52/4.87/2.74 ms (30 layers)
-      lm_head (Q8_0 vs bf16)        1.65 ms (18.2 GB/s) 2.34 ms (24.2 GB/s)
-    decode b1, native decode step   117.3 tok/s         94.8 tok/s   (1.24x; before: 78 vs 92)
-    decode b1, torch forward        49.3 tok/s          46.0 tok/s
-    prefill 512                     633 tok/s           676 tok/s    (both oneDNN bf16 GEMM)
+    all linears once, batch 1       5.4 ms (17.8 GB/s)  13.0 ms (20.6 GB/s; host read 23.6)
+    decode b1, native decode step   219 tok/s           105 tok/s    (2.08x; llama.cpp 93)
+    prefill 512 / 2,048             921 / 716 tok/s     693 / 586    (llama.cpp 172 / 139)
+    TTFT compute, 60 tokens         86.7 ms             127 ms       (llama.cpp 336)
 
-The per-kind times above go through QuantLinear.forward (a Python call each: the 30 small
-o_proj calls are mostly overhead); the native decode step runs the same kernels without it.
-The quantized kernel is bound by instructions (~6 cycles a Q4_1 block, ~12 GB/s a core), bf16
-by memory: per core the quantized path now wins by the bytes it skips; with both cores bf16
-stays at the memory's bandwidth while the quantized kernels scale with cores.
+docs/quantization.md has the Q8_0 rows, the engine-level figures and the commands.
 """
 from __future__ import annotations
 
