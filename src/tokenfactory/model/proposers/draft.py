@@ -5,8 +5,8 @@ The draft runs on the engine's own executor (``TorchExecutor``: the same kernels
 decode step where the model offers one, GGUF blocks executed as stored) over a paged KV cache
 of its own, sized by ``draft_kv_tokens`` and allocated here from a plain free list. Per
 request the cache holds the K/V of the tokens it has seen, so a ``propose()`` feeds only what
-was added since the last call (the target's accepted drafts and its own token: a short prefill
-chunk) and then decodes ``k - 1`` more tokens: k drafts cost one chunk and k - 1 one-row steps.
+was added since the last call (the target's accepted drafts and its own token, one row each
+of one native decode step) and then decodes ``k - 1`` more tokens: k drafts cost k forwards.
 ``observe()`` cuts the cache back to what the target kept, so the K/V of rejected drafts never
 stays; ``propose()`` also checks its cached drafts against the context it is given (a draft
 that did not ride in the step is simply compared with the token that came instead).
@@ -17,10 +17,13 @@ too long for the whole pool gets no drafts.
 Cost: unlike a lookup, a draft model's proposal is not free. ``DraftAcceptance`` adds the
 draft's own forward cost per drafted token (``draft_cost``, in units of one target 1-row
 decode step) to the row cost of the shared cost model (``proposers/base.py``), so a draft about
-as slow as the target needs near-certain acceptance to be worth proposing at all. The cost is
+as slow as the target needs near-certain acceptance to be worth proposing, and one whose drafted
+token costs a whole target step or more is never run (not even to probe). The cost is
 measured: the proposer times its own forwards, and the target's steps reach it through
 ``on_target_step`` (an engine step listener, ``EngineCore.add_step_listener``); until both are
-known it uses ``DRAFT_COST_PRIOR``, or a fixed ``draft_cost`` when one is given.
+known it uses ``DRAFT_COST_PRIOR``, or a fixed ``draft_cost`` when one is given. A draft also
+prefills every prompt it drafts for (on its first proposal): a cost the per-token model does
+not see, paid once per request.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -92,7 +95,9 @@ class DraftModelProposer:
     ``draft_kv_tokens``: the draft cache's size in tokens, over all requests.
     ``draft_cost``: fixed cost of a drafted token's draft forward in target 1-row steps; None
     measures it (see ``on_target_step``). ``row_cost``: as in ``Acceptance``.
-    ``prefill_chunk``: the longest chunk fed to the draft in one forward.
+    ``prefill_chunk``: the longest chunk fed to the draft in one forward. ``clock``: what
+    the draft's forwards are timed with (the engine's step listener reports its own clock's
+    seconds: the two should agree).
     """
 
     def __init__(self, model: str | Path, *, vocab_size: int,
@@ -100,7 +105,8 @@ class DraftModelProposer:
                  quantization: str | None = "gguf",
                  draft_kv_tokens: int = 8192, block_size: int = 16,
                  draft_cost: float | None = None, row_cost: float = Acceptance.row_cost,
-                 prefill_chunk: int = 512, kernels: str | None = None):
+                 prefill_chunk: int = 512, kernels: str | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         from tokenfactory.model.runner import TorchExecutor
 
         if draft_kv_tokens < block_size:
@@ -128,7 +134,9 @@ class DraftModelProposer:
         self._greedy = SamplingParams(temperature=0.0, max_tokens=1)
         self._draft_s_per_token: float | None = None    # measured, per drafted token
         self._target_step_s: float | None = None        # measured, a 1-row target step
+        self._clock = clock
         self.num_evictions = 0
+        self.prefill_seconds = 0.0         # spent feeding prompts and long catch-ups (untimed)
         self.draft_tokens_computed = 0     # positions the draft has run (prefill + decode)
 
     # ------------------------------------------------------------------ cost
@@ -182,16 +190,19 @@ class DraftModelProposer:
         if not self._reserve(request_id, st, _cdiv(n + k - 1, self.block_size)):
             return []
         tail = n - len(st.tokens)
-        t0 = time.perf_counter()
+        t0 = self._clock()
         try:
             drafts = self._run(st, token_ids, k)
         except Exception:   # noqa: BLE001 - a failing draft must not fail the target's step
             log.exception("draft model failed on request %s; no drafts this step", request_id)
             self._release(st)
             return []
+        seconds = self._clock() - t0
         if tail <= _MAX_TIMED_TAIL:   # kept drafts + the target's token, or a short catch-up
             # after a pause: timed; a prompt's prefill is not a per-draft cost
-            self._time_draft(time.perf_counter() - t0, len(drafts))
+            self._time_draft(seconds, len(drafts))
+        else:
+            self.prefill_seconds += seconds
         st.context_len = n
         return drafts
 
