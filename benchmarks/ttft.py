@@ -15,9 +15,10 @@ Per request:
   ITL      gaps between consecutive content chunks (pooled over the requests)
   CPU      CPU time the server process used (every thread: the sum of
            ``/proc/PID/task/*/schedstat``, ns) from send to first content chunk and from send
-           to the end of the stream. On a shared host this is the steadier figure: it counts
-           only the server's own work (OpenMP / llama.cpp threads spinning while they wait
-           for work count too, on both sides)
+           to the end of the stream, and of that the main thread's (ours: the HTTP event
+           loop; llama-server: its main thread). On a shared host this is the steadier
+           figure: it counts only the server's own work (OpenMP / llama.cpp threads spinning
+           while they wait for work count too, on both sides)
   stages   ours only: the request's station trace from ``GET /v1/trace/{request-id}``
            (api/trace.py): receive, tokenize, route, queue, prefill (and its busy time),
            decode (steps, busy time), detokenize, stream_out, each station's ``self_s``
@@ -29,8 +30,14 @@ under ``taskset -c 1`` (and llama-server with ``-t 1``), the one-core comparison
     .venv/bin/python benchmarks/ttft.py --requests 20 --json /tmp/ttft.json
     .venv/bin/python benchmarks/ttft.py --requests 20 --cpus 1
     .venv/bin/python benchmarks/ttft.py --requests 20 --ours-args "--quantization gguf"
-    # A/B of two trees of ours (e.g. a `git worktree` at the base commit), interleaved:
-    .venv/bin/python benchmarks/ttft.py --targets ours,ours-b --ours-b-src /tmp/base/src
+    # A/B of two trees of ours (e.g. `git archive BASE src | tar -x -C /tmp/base`), interleaved:
+    .venv/bin/python benchmarks/ttft.py --targets ours,ours-b --ours-b-src /tmp/base/src --cpus 1
+    # A/B of a serve flag on this tree:
+    .venv/bin/python benchmarks/ttft.py --targets ours,ours-b --ours-b-args "--decode-threads 0"
+
+On a busy host llama-server with more than one thread collapses (its threads spin-wait at
+every barrier for a descheduled sibling: seconds to the first token, see benchmarks/peers/
+README.md); compare there with ``--cpus 1`` and read the CPU columns, or wait for a quiet host.
 """
 from __future__ import annotations
 
@@ -252,7 +259,7 @@ def make_target(name: str, args, gguf: Path) -> Target:
         env = {"THREADS": str(threads)}
         extra = shlex.split(args.llama_args)
     else:
-        src = args.ours_b_src if name == "ours-b" else None
+        src = args.ours_b_src if name == "ours-b" else args.ours_src
         cmd = [sys.executable, "-m", "tokenfactory.cli", "serve", "--model", str(gguf),
                "--host", "127.0.0.1", "--port", str(port)]
         if src:
@@ -363,6 +370,8 @@ def main() -> int:
                    help="comma list of ours, llama, ours-b (the ratio is first / second)")
     p.add_argument("--cpus", default=None, help="taskset -c list for every server, e.g. 1")
     p.add_argument("--ours-args", default="", help="extra `tokenfactory serve` arguments")
+    p.add_argument("--ours-src", default=None, help="src/ of the tree to serve as ours "
+                   "(default: this checkout's)")
     p.add_argument("--ours-b-src", default=None, help="src/ of another tree for ours-b")
     p.add_argument("--ours-b-args", default="", help="extra serve arguments for ours-b")
     p.add_argument("--llama-args", default="", help="extra llama-server arguments")
