@@ -7,7 +7,7 @@ A replica can fail two ways the router must notice in bounded time:
   the GIL), so a poll gets no reply within ``hang_timeout``, or it answers polls but its engine
   makes no step while it has requests (``StallWatch``) for ``hang_timeout``.
 
-A hung replica is then handled like a dead one (router/engine.py): marked down, its index
+A hung replica is then handled like a dead one (router/fleet.py): marked down, its index
 entries dropped, its streams ended with a protocol error or, if they had produced nothing,
 re-routed, and its actor killed so Ray restarts it. ``hang_timeout`` must exceed the longest
 legitimate engine step (a full prefill chunk on a loaded host): 30 s by default.

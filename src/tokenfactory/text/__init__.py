@@ -3,8 +3,10 @@
 - `tokenizer`: a Hugging Face tokenizer directory without `transformers`; chat templates.
 - `chat_template`: sandboxed Jinja rendering, byte-compatible with transformers.
 - `detokenizer`: token ids back to streamed text, with stop strings.
-- `tool_parsers`: model text back to tool calls (Hermes `<tool_call>`, Llama 3 JSON), and
-  `tool_formats` (Mistral `[TOOL_CALLS]`, Qwen3-Coder XML); reasoning sections split off.
+- `tool_parsers`: the tool-call format registry (lookup, detection from the template,
+  rendering, the call grammar); `tool_formats/`: one module per format (Hermes `<tool_call>`,
+  Llama 3 JSON, Mistral `[TOOL_CALLS]`, Qwen3-Coder XML); `reasoning_parser`: the `<think>`
+  splitter.
 - `reasoning`: thinking budgets / effort as a grammar that closes the `<think>` section.
 - `demo_tokenizer`: the locally trained tokenizer of the built-in demo model.
 """
