@@ -4,6 +4,8 @@ The kernel is part of the one native library (``kernels/__init__.py`` builds eve
 here); :func:`library` is that library with its signature set, or None where the native
 kernels are unavailable (``layers.paged_attention`` then gathers and dequantizes pages in
 torch). The page format (D int8 codes + a float32 scale per token row) is ``kv_pages.py``'s.
+Where the build has AVX-512 VNNI the kernel scores keys with int8 dot products, rounding each
+query head's row to int8 first (:func:`int8_dot`); ``int8_dot=False`` keeps float32 scores.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     lib.tf_kv8_decode_attention.restype = i32
     lib.tf_kv8_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, i32, ptr, i64, i64, ptr,
-                                            i32, i32, i32, i32, i32, f32, ptr, i64]
+                                            i32, i32, i32, i32, i32, f32, ptr, i64, i32]
     lib.tf_kv8_supported.restype = i32
     lib.tf_kv8_supported.argtypes = [i32]
+    lib.tf_kv8_int8_dot.restype = i32
+    lib.tf_kv8_int8_dot.argtypes = []
     return lib
 
 
@@ -30,9 +34,17 @@ def library() -> ctypes.CDLL | None:
     """The native library with the int8 attention kernel bound, or None (see
     ``kernels.unavailable_reason``)."""
     lib = kernels.library()
-    if lib is None or not hasattr(lib, "tf_kv8_decode_attention"):
+    if lib is None or not hasattr(lib, "tf_kv8_int8_dot"):
         return None
     return _bind(lib)
+
+
+def int8_dot() -> bool:
+    """Whether the kernel scores keys with AVX-512 VNNI int8 dot products (this build has
+    VNNI): q (times the softmax scale) is then rounded to int8 per (row, head) with scale
+    absmax / 127, so scores carry that rounding on top of the pages' own."""
+    lib = library()
+    return lib is not None and bool(lib.tf_kv8_int8_dot())
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -45,10 +57,11 @@ def supports(q: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, positions: torch.Tensor, window: int | None,
-                     scale: float, out: torch.Tensor) -> None:
+                     scale: float, out: torch.Tensor, int8_dot: bool = True) -> None:
     """One new token per sequence: q (b, H, D) bfloat16 at ``positions`` (b,) attends to keys
     [0, position] read through ``block_tables`` (b, pages) from int8 caches (Hkv, N, bs,
-    D + 4), into ``out`` (b, H, D) bfloat16. The new tokens' K/V must already be written."""
+    D + 4), into ``out`` (b, H, D) bfloat16. The new tokens' K/V must already be written.
+    ``int8_dot=False`` scores in float32 even where the VNNI path exists (tests, A/B)."""
     lib = library()
     assert lib is not None, kernels.unavailable_reason
     b, num_heads, head_dim = q.shape
@@ -67,7 +80,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                      v_cache.data_ptr(), num_blocks, bs, tables.data_ptr(),
                                      tables.stride(0), tables.shape[1], pos.data_ptr(), b,
                                      num_heads, num_kv, head_dim, window or 0, scale,
-                                     out.data_ptr(), out.stride(0))
+                                     out.data_ptr(), out.stride(0), int(int8_dot))
     if rc != 0:
         why = {-3: "a position lies past its block table", -2: "out of memory"}.get(
             rc, "unsupported shapes")
