@@ -281,8 +281,10 @@ class TorchExecutor:
                 and all(len(c.token_ids) == 1 for c in chunks)):
             # decodes, some with drafts to verify: every drafted position is a row of its own
             # over the same pages (the step writes each layer's K/V for all rows before any
-            # row attends), so verification runs the very kernels a plain decode step runs and
-            # greedy speculation reproduces plain decoding's tokens in bfloat16 too
+            # row attends; a request's rows read their pages together and share the weight
+            # reads, each row's arithmetic its own), so verification computes what a plain
+            # decode step computes and greedy speculation reproduces plain decoding's tokens
+            # in bfloat16 too
             if len(ids) != len(chunks):
                 pages = [p for c, p in zip(chunks, pages) for _ in range(c.num_tokens)]
             all_logits = native(ids, positions, slots, pages)                   # (rows, V)

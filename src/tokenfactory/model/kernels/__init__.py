@@ -190,9 +190,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, positions: torch.Tensor, window: int | None,
                      scale: float, out: torch.Tensor) -> None:
-    """One new token per sequence: q (b, H, D) at ``positions`` (b,) attends to keys
+    """One new token per row: q (b, H, D) at ``positions`` (b,) attends to keys
     [0, position] read through ``block_tables`` (b, pages) from (Hkv, N, bs, D) caches, into
-    ``out`` (b, H, D). All bfloat16; the new tokens' K/V must already be in the cache."""
+    ``out`` (b, H, D). All bfloat16; the new tokens' K/V must already be in the cache. Rows
+    that continue the row before them (next position, same pages) -- a token and its drafts --
+    read their pages together; every row's result is bit for bit what it is alone."""
     lib = _checked(q, k_cache, v_cache, out)
     b, num_heads, head_dim = q.shape
     num_kv, num_blocks, bs, _ = k_cache.shape
@@ -220,10 +222,11 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 
 # Up to this many activation rows the native linear kernel beats oneDNN (it reads each weight
-# row once and re-reads it from L1 per group of 4 rows); beyond, oneDNN's blocked GEMM wins.
+# row once; 4+ rows run register tiles, see linear.c); beyond, oneDNN's blocked GEMM wins.
 # Measured on the 2-core Zen 4 over a 100M model's layers (ms for all of them, plain weights
-# on huge pages; oneDNN with pre-packed weights): M=1 5.4 vs 11.1, M=4 6.0 vs 10.5, M=8 9.2
-# vs 12.1, M=16 18.2 vs 13.8.
+# on huge pages; oneDNN with pre-packed weights), before the tiles: M=1 5.4 vs 11.1, M=4 6.0
+# vs 10.5, M=8 9.2 vs 12.1, M=16 18.2 vs 13.8. Also the native decode step's row limit, so the
+# most rows one request's drafts can take (scheduler ``max_speculative_rows``).
 LINEAR_MAX_ROWS = 8
 
 
