@@ -32,6 +32,10 @@ under ``taskset -c 1`` (and llama-server with ``-t 1``), the one-core comparison
     .venv/bin/python benchmarks/ttft.py --requests 20 --ours-args "--quantization gguf"
     # A/B of two trees of ours (e.g. `git archive BASE src | tar -x -C /tmp/base`), interleaved:
     .venv/bin/python benchmarks/ttft.py --targets ours,ours-b --ours-b-src /tmp/base/src --cpus 1
+    # issue 15's concurrent-streams A/B: 16 requests at once per round (CPU per request is
+    # the round's share; TTFT then includes queueing behind the other 15 prefills)
+    .venv/bin/python benchmarks/ttft.py --targets ours,ours-b --ours-b-src /tmp/base/src \
+        --concurrency 16 --requests 6
     # A/B of a serve flag on this tree:
     .venv/bin/python benchmarks/ttft.py --targets ours,ours-b --ours-b-args "--decode-threads 0"
 
@@ -131,12 +135,12 @@ class Target:
 
 
 async def one_request(client: httpx.AsyncClient, target: Target, model: str, i: int,
-                      max_tokens: int) -> Record:
+                      max_tokens: int, measure_cpu: bool = True) -> Record:
     rec = Record(target.name, i)
     body = {"model": model, "messages": messages(i), "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
-    pid = target.pid
+    pid = target.pid if measure_cpu else None
     c0 = cpu_ns(pid) if pid else None
     t0 = time.perf_counter()
     last = None
@@ -244,6 +248,24 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1e3, 2)
 
 
+async def one_round(client: httpx.AsyncClient, target: Target, model: str, i: int,
+                    args) -> list[Record]:
+    """One request, or ``--concurrency`` requests at once (each then gets an equal share of
+    the server CPU the round took; no CPU-to-first-token figure)."""
+    n = args.concurrency
+    if n <= 1:
+        return [await one_request(client, target, model, i, args.max_tokens)]
+    c0 = cpu_ns(target.pid) if target.pid else None
+    recs = await asyncio.gather(*(one_request(client, target, model, i * n + j,
+                                              args.max_tokens, measure_cpu=False)
+                                  for j in range(n)))
+    if c0 is not None:
+        c1 = cpu_ns(target.pid)
+        for rec in recs:
+            rec.cpu_total_s, rec.cpu_main_s = (c1[0] - c0[0]) / n / 1e9, (c1[1] - c0[1]) / n / 1e9
+    return list(recs)
+
+
 def make_target(name: str, args, gguf: Path) -> Target:
     if name == "ours" and args.ours_url:
         return Target(name, args.ours_url.rstrip("/"), args.ours_pid)
@@ -255,7 +277,8 @@ def make_target(name: str, args, gguf: Path) -> Target:
     threads = len(_cpu_list(cpus)) if cpus else os.cpu_count()
     env: dict[str, str] = {}
     if name == "llama":
-        cmd = [str(PEERS / "run_llama_server.sh"), str(gguf), str(port), "1", "4096"]
+        cmd = [str(PEERS / "run_llama_server.sh"), str(gguf), str(port),
+               str(max(1, args.concurrency)), "4096"]
         env = {"THREADS": str(threads)}
         extra = shlex.split(args.llama_args)
     else:
@@ -310,12 +333,12 @@ async def run(args) -> dict:
                 loads.append(os.getloadavg()[0])
                 order = targets if i % 2 == 0 else targets[::-1]
                 for t in order:
-                    rec = await one_request(client, t, models[t.name], i, args.max_tokens)
-                    if t.name.startswith("ours") and rec.ok:
-                        await fetch_stages(client, t, rec)
-                    recs[t.name].append(rec)
-                    if not rec.ok:
-                        print(f"[ttft] {t.name} round {i}: {rec.error}", flush=True)
+                    for rec in await one_round(client, t, models[t.name], i, args):
+                        if t.name.startswith("ours") and rec.ok:
+                            await fetch_stages(client, t, rec)
+                        recs[t.name].append(rec)
+                        if not rec.ok:
+                            print(f"[ttft] {t.name} round {i}: {rec.error}", flush=True)
     finally:
         for t in started:
             t.server.stop()
@@ -324,6 +347,7 @@ async def run(args) -> dict:
     same = len({tuple(p) for p in prompts.values()}) == 1
     doc = {"model": str(gguf), "cpus": args.cpus or f"all ({os.cpu_count()})",
            "max_tokens": args.max_tokens, "rounds": args.requests,
+           "concurrency": args.concurrency,
            "load_avg_1m": {"min": min(loads), "max": max(loads)} if loads else None,
            "same_prompt_tokens": same, "summary": summary,
            "records": {name: [asdict(r) for r in rs] for name, rs in recs.items()}}
@@ -338,7 +362,8 @@ def report(doc: dict) -> str:
     names = list(doc["summary"])
     cols = ("ok", "prompt_tokens", "cached_tokens", "ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms",
             "itl_p90_ms", "cpu_first_ms", "cpu_request_ms", "cpu_main_thread_ms")
-    lines = [f"model {doc['model']}, cpus {doc['cpus']}, {doc['rounds']} rounds, max_tokens "
+    lines = [f"model {doc['model']}, cpus {doc['cpus']}, {doc['rounds']} rounds of "
+             f"{doc['concurrency']} request(s), max_tokens "
              f"{doc['max_tokens']}, load {doc['load_avg_1m']}, same prompt tokens: "
              f"{doc['same_prompt_tokens']}", "",
              "| target | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -366,6 +391,9 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=20, help="rounds (one request per target)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests sent at once per round and target (llama-server gets as "
+                        "many slots)")
     p.add_argument("--targets", default="ours,llama",
                    help="comma list of ours, llama, ours-b (the ratio is first / second)")
     p.add_argument("--cpus", default=None, help="taskset -c list for every server, e.g. 1")
