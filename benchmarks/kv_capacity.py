@@ -7,7 +7,8 @@ attention costs over them.
   int8. The page tensors are allocated and their size checked against the arithmetic.
 * ``attention``: decode attention of ``--batch`` sequences at ``--context`` tokens over all of
   the model's layers (one cache per layer, so the pages stream from memory as in a real step):
-  the bf16 native kernel (attention.c) vs the int8 one (attention_int8.c), and the torch
+  the bf16 native kernel (attention.c) vs the int8 one (attention_int8.c; on VNNI builds also
+  its float32-score path as ``int8 native-f32``, the kernel before int8 dot products), and the torch
   fallbacks (gather + bmm; int8 also dequantizes), interleaved A/B over ``--repeats`` rounds,
   median ms per decode step, and the cache bytes each reads.
 
@@ -121,6 +122,10 @@ def main() -> int:
                 fn = kernels.decode_attention if name == "bf16" else kv_int8.decode_attention
                 arms[f"{name} native"] = (lambda fn=fn, layers=layers: [
                     fn(q, k, v, tables, positions, None, scale, out) for k, v in layers])
+                if name == "int8" and kv_int8.int8_dot():   # the float32-score path, for A/B
+                    arms["int8 native-f32"] = (lambda layers=layers: [
+                        kv_int8.decode_attention(q, k, v, tables, positions, None, scale, out,
+                                                 int8_dot=False) for k, v in layers])
             if not args.no_torch:
                 def fallback(layers=layers):
                     for k, v in layers:   # the torch path of paged_attention, no writes
@@ -150,7 +155,7 @@ def main() -> int:
             ms = statistics.median(xs)
             gbs = row[f"{a.split()[0]}_bytes_per_step"] / ms / 1e6
             row[a] = ms
-            print(f"  {a:12s} {ms:8.2f} ms  ({gbs:5.1f} GB/s of cache read)")
+            print(f"  {a:15s} {ms:8.2f} ms  ({gbs:5.1f} GB/s of cache read)")
         for kind in ("native", "torch"):
             if f"int8 {kind}" in row and f"bf16 {kind}" in row:
                 row[f"ratio_{kind}"] = row[f"bf16 {kind}"] / row[f"int8 {kind}"]
