@@ -114,3 +114,20 @@ def test_a_client_that_leaves_stops_the_source():
 
     source_closed, no_tasks_left = asyncio.run(go())
     assert source_closed and no_tasks_left
+
+
+def test_a_source_cancelled_on_its_own_does_not_end_the_stream_as_complete():
+    async def frames():
+        yield "data: 1\n\n"
+        await asyncio.sleep(0.01)
+        raise asyncio.CancelledError   # e.g. its generation was cancelled elsewhere
+
+    async def go() -> list[str]:
+        got = []
+        stream = sse.with_keepalive(frames(), 10.0, "PING")
+        with pytest.raises(asyncio.CancelledError):
+            async for chunk in stream:
+                got.append(chunk)
+        return got
+
+    assert asyncio.run(go()) == ["data: 1\n\n"]

@@ -103,8 +103,10 @@ async def _pull(frames: AsyncIterator[str], slot: _FrameSlot) -> None:
             slot.put(await it.__anext__())
     except StopAsyncIteration:
         slot.finish()
-    except asyncio.CancelledError:
-        slot.finish()
+    except asyncio.CancelledError as exc:
+        # ours (the writer left) or the source's own: either way the writer must not end the
+        # response as if the stream were complete
+        slot.finish(exc)
         raise
     except BaseException as exc:  # noqa: BLE001 - raised to the response writer
         slot.finish(exc)
