@@ -32,7 +32,37 @@ edit workload asks for the whole file back (``max_tokens`` = the file + 64, as a
 
 Shared 2-core host: keep runs short and compare only ratios measured in the same run.
 
-Measured 2026-11-29, online, host shared by 7 engineers (load 12-25), so: one thread
+Measured 2026-11-29 evening, after the verification-speed work (a request's rows attend
+together; register-tiled few-row linears; ``Acceptance.row_cost`` 0.2), online, host shared by
+6 engineers, one thread (``taskset -c 1``), CPU-time clock, one interleaved round, K <= 7.
+
+``--clock cpu --step-cost --rounds 9``: a 1-row step costs 9.6 ms at a 128-token context and
+11.6 ms at 2K; 2 / 4 / 8 rows cost 1.12x / 1.39x / 1.99x (128) and 1.17x / 1.62x / 2.53x
+(2K): 1.4 ms (0.14 of a step) and 2.5 ms (0.22) per extra row, was 3.5 and 5.6 ms.
+
+    workload conc proposer  whole request  decode phase  mean accepted  acceptance
+    edit     1    ngram     1.95x          2.17x         4.59           79.4%   (2 files)
+    edit     1    suffix    2.23x          2.61x         6.30           90.3%
+    chat     1    ngram     2.04x          2.73x         6.48           94.4%   (6 requests)
+    chat     1    suffix    2.00x          2.56x         5.29           91.9%
+    agentic  1    ngram     1.16x          1.76x         3.76           68.9%   (6 requests)
+    agentic  1    suffix    1.16x          1.87x         3.55           76.9%
+    chat     8    ngram     1.17x          1.27x         2.27           98.8%   (--max-tokens 600)
+    agentic  8    ngram     1.03x          1.05x         -              (no drafts: 8 rows)
+
+Edit (suffix): 63 -> 141 output tok/s over the whole request (prefill 7.3 s of 68 s CPU
+without speculation), 71 -> 185 in the decode phase; outputs identical in every row above.
+Agentic stays near 1.2x over the whole request because its prefill is ~2/3 of the CPU time.
+Commands (edit / chat + agentic / concurrency 8)::
+
+    taskset -c 1 .venv/bin/python benchmarks/spec_decode.py --clock cpu --k 7 --rounds 1 \
+        --requests 2 --workloads edit --concurrency 1 --proposers ngram,suffix
+    taskset -c 1 .venv/bin/python benchmarks/spec_decode.py --clock cpu --k 7 --rounds 1 \
+        --requests 6 --workloads chat,agentic --concurrency 1 --proposers ngram,suffix
+    taskset -c 1 .venv/bin/python benchmarks/spec_decode.py --clock cpu --k 7 --rounds 1 \
+        --workloads chat,agentic --concurrency 8 --max-tokens 600 --proposers ngram
+
+Before that work (the figures below): measured 2026-11-29, online, host shared by 7 engineers (load 12-25), so: one thread
 (``taskset -c 1``), CPU-time clock, one interleaved round; SmolLM2 Q4_1 dequantized to
 bfloat16, native decode step; K <= 7, the draft length chosen per request by the cost model
 (``model/proposers/base.py``: row cost 0.4 of a 1-row step).
