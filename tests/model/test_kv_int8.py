@@ -161,7 +161,7 @@ def test_native_decode_rejects_positions_past_the_table():
 def test_paged_attention_on_int8_pages_matches_float64(dtype):
     """Through layers.paged_attention: one step with two decodes and a prefill chunk after a
     cached prefix writes its K/V as int8 rows and attends to the dequantized pages (float32:
-    the torch fallback; bfloat16: the native decode kernel where built)."""
+    the torch fallback; bfloat16: the native int8 kernel where built, for the chunk too)."""
     torch.manual_seed(1)
     heads, kv_heads, d, bs = 6, 2, 64, 8
     k_cache, v_cache = random_pages(kv_heads, 40, bs, d, 7)
@@ -181,7 +181,7 @@ def test_paged_attention_on_int8_pages_matches_float64(dtype):
     assert torch.equal(k_cache.view(kv_heads, -1, d + 4)[:, slots], quantize_int8_rows(k).transpose(0, 1))
     native_dot = kv_int8.supports(q) and kv_int8.int8_dot()   # decodes round q to int8
     for rows, t, p in ((slice(0, 1), 0, 20), (slice(1, 2), 1, 45), (slice(2, 12), 2, 39)):
-        if native_dot and t < 2:
+        if native_dot:   # decodes and the chunk's rows alike (one kernel)
             ref = reference(rounded_queries(q[rows], scale), k_cache, v_cache, tables[t], p,
                             None, 1.0)
         else:
