@@ -15,6 +15,8 @@ attention costs over them.
 Usage (a quiet host; on a shared one prefer one thread and CPU time)::
 
     taskset -c 1 .venv/bin/python benchmarks/kv_capacity.py --threads 1 --clock cpu
+    taskset -c 1 .venv/bin/python benchmarks/kv_capacity.py --threads 1 --clock cpu --batch 1 \
+        --no-torch --prefill 512@0 64@1984 1@2047
     .venv/bin/python benchmarks/kv_capacity.py --batch 1 8 --repeats 7 --json out.json
 """
 from __future__ import annotations
@@ -70,6 +72,52 @@ def caches(cfg, spec: KVCacheSpec, batch: int, context: int, bs: int, seed: int)
     return out
 
 
+def prefill(cfg, specs: dict, chunk: str, bs: int, scale: float, args, clock) -> dict:
+    """One prompt chunk of N tokens at positions START .. START + N - 1 over
+    ``--prefill-layers`` layers' caches: bf16 pages through the native prefill kernel
+    (attention.c), int8 pages through the int8 kernel with one row per token (what
+    ``layers.paged_attention`` runs for int8 prefill chunks), interleaved; median ms per chunk
+    for all of the model's layers (scaled from the layers timed)."""
+    n, start = (int(x) for x in chunk.split("@"))
+    if kernels.library() is None or kv_int8.library() is None:
+        return {}
+    cfg_layers = cfg.num_layers
+    cfg_small = type("C", (), dict(num_layers=args.prefill_layers, num_kv_heads=cfg.num_kv_heads,
+                                   head_dim=cfg.head_dim))
+    ctx = start + n
+    table = torch.arange(cdiv(ctx, bs))
+    q = torch.randn(n, cfg.num_heads, cfg.head_dim).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    positions = torch.arange(start, ctx)
+    arms = {}
+    for name, spec in specs.items():
+        layers = caches(cfg_small, spec, 1, ctx, bs, seed=n)
+        if name == "bf16":
+            arms["bf16 native"] = lambda layers=layers: [
+                kernels.prefill_attention(q, k, v, table, start, None, scale, out) for k, v in layers]
+        else:
+            arms["int8 native"] = lambda layers=layers: [
+                kv_int8.decode_attention(q, k, v, table[None].expand(n, -1), positions, None,
+                                         scale, out) for k, v in layers]
+    samples: dict[str, list[float]] = {a: [] for a in arms}
+    with torch.inference_mode():
+        for fn in arms.values():
+            fn()
+        for _ in range(args.repeats):
+            for a, fn in arms.items():
+                t0 = clock()
+                fn()
+                samples[a].append((clock() - t0) * 1e3 * cfg_layers / args.prefill_layers)
+    row = {a: statistics.median(xs) for a, xs in samples.items()}
+    print(f"prefill attention, {n} tokens after {start} cached, all {cfg_layers} layers "
+          f"(from {args.prefill_layers}; median of {args.repeats}, {args.clock} ms):")
+    for a, ms in row.items():
+        print(f"  {a:15s} {ms:8.2f} ms")
+    row["ratio"] = row["bf16 native"] / row["int8 native"]
+    print(f"  int8 is {row['ratio']:.2f}x the speed of bf16")
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", default="1G", help="KV memory budget (bytes; K/M/G suffix)")
@@ -81,6 +129,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch fallbacks")
+    ap.add_argument("--prefill", nargs="*", default=[], metavar="N@START",
+                    help="also time prefill chunks of N tokens after START cached ones (e.g. "
+                         "512@0 64@1984): bf16 native prefill kernel vs the int8 kernel's rows")
+    ap.add_argument("--prefill-layers", type=int, default=4, help="layers per prefill sample")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.threads:
@@ -160,6 +212,8 @@ def main() -> int:
             if f"int8 {kind}" in row and f"bf16 {kind}" in row:
                 row[f"ratio_{kind}"] = row[f"bf16 {kind}"] / row[f"int8 {kind}"]
                 print(f"  {kind}: int8 is {row[f'ratio_{kind}']:.2f}x the speed of bf16")
+    for chunk in args.prefill:
+        report.setdefault("prefill", {})[chunk] = prefill(cfg, specs, chunk, bs, scale, args, clock)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
