@@ -167,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fewer bytes per token; on this CPU not yet faster than bf16, see "
                         "benchmarks/quantized.py); none (default): dequantize at load; int8: "
                         "quantize the linears per output channel at load")
-    g.add_argument("--speculative", choices=["ngram", "suffix"], default=None,
-                   help="speculative decoding with proposals taken from the context itself: "
-                        "ngram (prompt lookup) or suffix (suffix tree over the request and "
-                        "recent outputs); greedy outputs are unchanged (docs/engine.md)")
+    g.add_argument("--speculative", default=None, metavar="ngram|suffix|draft:PATH",
+                   help="speculative decoding: ngram (prompt lookup) or suffix (suffix tree "
+                        "over the request and recent outputs) take proposals from the context "
+                        "itself; draft:PATH runs a smaller model sharing the tokenizer (a "
+                        "checkpoint directory or GGUF file, quantized GGUF blocks run as "
+                        "stored); greedy outputs are unchanged (docs/engine.md)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="draft tokens proposed per decoding request and step (default 4)")
     g.add_argument("--kv-warehouse", default=None, metavar="DIR",
@@ -313,6 +315,11 @@ def serve_main(argv: list[str]) -> int:
     from tokenfactory.engine.llm import build_engine_core
     from tokenfactory.model.default import resolve_model
 
+    if args.speculative is not None and args.speculative not in ("ngram", "suffix") and not (
+            args.speculative.startswith("draft:") and len(args.speculative) > len("draft:")):
+        print(f"error: --speculative {args.speculative!r}: use ngram, suffix or draft:PATH",
+              file=sys.stderr)
+        return 2
     try:
         model_dir, served_default, random_weights = resolve_model(args.model, args.demo)
     except (ValueError, FileNotFoundError) as exc:
@@ -371,6 +378,9 @@ def serve_main(argv: list[str]) -> int:
             cores = len(os.sched_getaffinity(0))
             executor.decode_threads = (args.decode_threads if args.decode_threads is not None
                                        else max(1, cores - 1) if cores <= 4 else None) or None
+            draft_executor = getattr(core.proposer, "executor", None)
+            if hasattr(draft_executor, "decode_threads"):   # a draft model decodes alike
+                draft_executor.decode_threads = executor.decode_threads
         if args.kv_warehouse:
             from tokenfactory.engine.warehouse import DEFAULT_MAX_BYTES, open_warehouse
             try:

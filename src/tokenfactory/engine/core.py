@@ -40,7 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_pinned_fraction: float = 0.5         # at most this share of pages may be TTL-pinned
-    speculative: str | None = None           # draft proposer: "ngram" | "suffix" | None
+    speculative: str | None = None           # proposer: "ngram" | "suffix" | "draft:PATH" | None
     num_speculative_tokens: int = 4          # K: drafts per decoding request and step
 
     def __post_init__(self) -> None:
@@ -125,8 +125,15 @@ class EngineCore:
                                  **connector_arg)
         if proposer is None and config.speculative:
             from tokenfactory.model.proposers import make_proposer
-            proposer = make_proposer(config.speculative)
+            # a draft model must share the target's vocabulary and runs in its dtype
+            proposer = make_proposer(config.speculative, vocab_size=self.vocab_size,
+                                     dtype=getattr(executor, "dtype", None),
+                                     device=getattr(executor, "device", "cpu"))
         self.proposer = proposer
+        # a draft model weighs its own forward time against the target's step time
+        on_target_step = getattr(proposer, "on_target_step", None)
+        if on_target_step is not None:
+            self._step_listeners.append(on_target_step)
         # per proposer name: drafts proposed and accepted (/metrics, response headers, bench)
         self.spec_stats: dict[str, SpecStats] = {}
         self.scheduler = Scheduler(SchedulerConfig(
