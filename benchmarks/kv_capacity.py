@@ -94,7 +94,8 @@ def prefill(cfg, specs: dict, chunk: str, bs: int, scale: float, args, clock) ->
         layers = caches(cfg_small, spec, 1, ctx, bs, seed=n)
         if name == "bf16":
             arms["bf16 native"] = lambda layers=layers: [
-                kernels.prefill_attention(q, k, v, table, start, None, scale, out) for k, v in layers]
+                kernels.prefill_attention(q, k, v, table, start, None, scale, out)
+                for k, v in layers]
         else:
             arms["int8 native"] = lambda layers=layers: [
                 kv_int8.decode_attention(q, k, v, table[None].expand(n, -1), positions, None,

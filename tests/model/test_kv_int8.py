@@ -108,9 +108,9 @@ def rounded_queries(q: torch.Tensor, scale: float) -> torch.Tensor:
     """q * scale (float32, as the kernel forms it) rounded to int8 per (row, head) with scale
     absmax / 127, in float64: what the VNNI path's scores are exact dot products of."""
     x = q.float() * scale
-    s = x.abs().amax(-1, keepdim=True) / 127
-    codes = torch.where(s > 0, torch.round(x * torch.where(s > 0, 127 / x.abs().amax(-1, keepdim=True), 0)), 0)
-    return codes.double() * s.double()
+    amax = x.abs().amax(-1, keepdim=True)
+    codes = torch.round(x * torch.where(amax > 0, 127 / amax, 0))   # the kernel's x * (127 / amax)
+    return codes.double() * (amax / 127).double()
 
 
 @pytest.mark.skipif(kv_int8.library() is None, reason="native kernels unavailable")
