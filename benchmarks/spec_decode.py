@@ -43,6 +43,7 @@ together; register-tiled few-row linears; ``Acceptance.row_cost`` 0.2), online, 
     workload conc proposer  whole request  decode phase  mean accepted  acceptance
     edit     1    ngram     1.95x          2.17x         4.59           79.4%   (2 files)
     edit     1    suffix    2.23x          2.61x         6.30           90.3%
+    edit     1    ngram     2.05x          2.28x         4.21           92.3%   (--seed 1)
     chat     1    ngram     2.04x          2.73x         6.48           94.4%   (6 requests)
     chat     1    suffix    2.00x          2.56x         5.29           91.9%
     agentic  1    ngram     1.16x          1.76x         3.76           68.9%   (6 requests)
