@@ -118,3 +118,29 @@ def test_kv_warehouse_flag_serves_a_prefix_after_restart(tmp_path):
                         if ln.startswith('tokenfactory_prefix_cache_tier_hits_total{tier="warehouse"}'))
             assert float(line.split()[-1]) == body["usage"]["cache_read_input_tokens"]
     assert answers[0] == answers[1]
+
+
+def test_speculative_draft_flag_and_bad_value(tmp_path):
+    """`serve --speculative draft:PATH` with the demo model as its own draft: the answer equals
+    the plain server's, and what was drafted was all kept (a model agrees with itself) -
+    reported per request in the headers. A value that is no proposer is a usage error."""
+    from tests.live import ServeProcess
+    from tokenfactory.model.demo import ensure_demo_checkpoint
+    bad = subprocess.run([sys.executable, "-m", "tokenfactory.cli", "serve", "--demo",
+                          "--speculative", "draft"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "ngram, suffix or draft:PATH" in bad.stderr, bad.stderr
+    prompt = "one two three four five one two three four five one two three"
+    answers, heads = [], []
+    for args in ((), ("--speculative", f"draft:{ensure_demo_checkpoint()}")):
+        server = ServeProcess(tmp_path, *args)
+        try:
+            server.wait_healthy()
+            responses: list = []
+            answers.append(_ask(server.base_url, prompt, responses)["content"])
+            heads.append(responses[0].headers)
+        finally:
+            assert server.terminate() == 0, server.log()
+            server.close()
+    assert answers[0] == answers[1]
+    proposed = int(heads[1]["x-tokenfactory-spec-proposed"])
+    assert proposed > 0 and int(heads[1]["x-tokenfactory-spec-accepted"]) == proposed
