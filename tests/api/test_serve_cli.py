@@ -22,12 +22,13 @@ def test_flags_parse():
         "--strip-system-prefix", "^x-anthropic-billing-header:.*$", "--no-prefix-caching"])
     assert a.model_alias == [("claude-*", "m")] and a.max_tokens_policy == "reject"
     assert a.kv_cache_memory == int(1.5 * 2**30) and a.no_prefix_caching
-    assert a.min_cache_tokens == 1024 and a.host == "127.0.0.1"
+    assert a.min_cache_tokens == 1024 and a.host == "127.0.0.1" and a.kv_cache_dtype == "auto"
+    assert build_parser().parse_args(["--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
     assert parse_api_key("k1:alice") == ("k1", "alice")
     key, tenant = parse_api_key("k2")
     assert key == "k2" and tenant.startswith("key-") and "k2" not in tenant
     for bad in (["--model-alias", "nopattern"], ["--strip-system-prefix", "("],
-                ["--max-tokens-policy", "maybe"]):
+                ["--max-tokens-policy", "maybe"], ["--kv-cache-dtype", "fp16"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)
 

@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fewer bytes per token; on this CPU not yet faster than bf16, see "
                         "benchmarks/quantized.py); none (default): dequantize at load; int8: "
                         "quantize the linears per output channel at load")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                   help="KV page storage: auto (the model dtype) or int8 (int8 rows with a "
+                        "float32 scale each: about half the bytes, so about twice the tokens in "
+                        "the same memory; docs/kv-cache.md)")
     g.add_argument("--speculative", default=None, metavar="ngram|suffix|draft:PATH",
                    help="speculative decoding: ngram (prompt lookup) or suffix (suffix tree "
                         "over the request and recent outputs) take proposals from the context "
@@ -277,7 +281,8 @@ def _launch_replicas(args, model_dir, engine_args: dict, num_replicas: int, num_
         per.pop("kv_cache_memory", None)
         per["kv_cache_fraction"] = 0.25 / total
     spec = ReplicaSpec(model=str(model_dir), engine_args=per, dtype=args.dtype,
-                       kernels=args.kernels,
+                       kernels=args.kernels, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype,
                        threads=max(1, len(os.sched_getaffinity(0)) // total),
                        max_queued_requests=args.max_queued_requests,
                        max_queued_per_tenant=args.max_queued_requests_per_tenant,
@@ -369,7 +374,7 @@ def serve_main(argv: list[str]) -> int:
         try:
             core = build_engine_core(model_dir, dtype=args.dtype, kernels=args.kernels,
                                      device=args.device, quantization=args.quantization,
-                                     **engine_args)
+                                     kv_cache_dtype=args.kv_cache_dtype, **engine_args)
         except (ValueError, OSError) as exc:
             print(f"error: cannot load model {model_dir}: {exc}", file=sys.stderr)
             return 2

@@ -16,20 +16,24 @@ def build_engine_core(model_dir: str | Path, *, dtype: str | None = None,
                       device: str = "cpu", step_hook=None, clock=None,
                       kernels: str | None = "auto", kv_connector=None,
                       compile: bool = False, quantization: str | None = None,
-                      **engine_args) -> EngineCore:
+                      kv_cache_dtype: str | None = None, **engine_args) -> EngineCore:
     """Load a model (a GGUF file or a Hugging Face directory: weights + tokenizer) and build an
     EngineCore on it. ``device``: where the weights and KV pages live ("cpu", "cuda", ...;
     the native CPU kernels only run on "cpu"). ``kernels``: "auto" (measured per CPU,
     model/kernel_choice.py), "native" or "torch" (forced), None (the fixed
     native-where-available rule). ``kv_connector``: a KV tier beyond RAM (engine/kv_connector.py).
     ``quantization``: "gguf" (a quantized GGUF file's blocks run as stored), "none"/None
-    (dequantized at load), "int8" (linears quantized per channel at load). ``engine_args``: ``EngineConfig`` fields."""
+    (dequantized at load), "int8" (linears quantized per channel at load).
+    ``kv_cache_dtype``: "auto"/None (KV pages in the model's dtype) or "int8" (int8 rows with a
+    float32 scale each, about half the bytes: model/kv_pages.py). ``engine_args``:
+    ``EngineConfig`` fields."""
     from tokenfactory.model.gguf import is_gguf_file, open_gguf
     from tokenfactory.model.runner import TorchExecutor
     from tokenfactory.text.tokenizer import Tokenizer
 
     executor = TorchExecutor(model_dir, dtype=dtype, device=device, kernels=kernels,
-                             compile=compile, quantization=quantization)
+                             compile=compile, quantization=quantization,
+                             kv_cache_dtype=kv_cache_dtype)
     if is_gguf_file(model_dir):   # model/gguf's reader parses the vocabulary 3x faster
         tokenizer = Tokenizer.from_gguf(model_dir, reader=open_gguf(model_dir).reader)
     else:
@@ -45,7 +49,8 @@ class LLM:
 
     >>> llm = LLM("path/to/model.gguf or hf-model-dir", dtype="bfloat16", max_model_len=4096)
     >>> # device="cuda" runs the same code on a GPU (torch paths only);
-    >>> # speculative="ngram" | "suffix", num_speculative_tokens=K: drafts from the context
+    >>> # speculative="ngram" | "suffix" | "draft:PATH", num_speculative_tokens=K: drafts;
+    >>> # quantization="gguf", kv_cache_dtype="int8": fewer bytes per weight / per KV token
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))
     >>> outs[0].outputs[0].text
     """

@@ -77,8 +77,8 @@ class KVCacheSpec:
         if not self.quantized:
             return f"KV cache {self.name}"
         from tokenfactory.model.kernels import kv_int8
-        where = ("native int8 decode kernel (attention_int8.c), prefill dequantizes pages "
-                 "in torch" if kv_int8.library() is not None
+        where = ("the native int8 kernel (attention_int8.c; a prefill chunk's tokens are its "
+                 "rows)" if kv_int8.library() is not None
                  else "torch, dequantizing each gathered page")
         return (f"KV cache int8 (per token and head float32 scale): attention runs as {where}; "
                 "the whole-layer native decode step is off (bfloat16 pages only)")

@@ -127,6 +127,10 @@ def supports(model: LlamaForCausalLM) -> bool:
     if model.norm.weight.device.type != "cpu":
         return False
     _, why = offers(model)
+    allocated = [layer.self_attn for layer in model.layers
+                 if layer.self_attn.k_cache is not None]
+    if why is None and any(attn.native_kv() is None for attn in allocated):
+        why = "KV pages are not bfloat16 (e.g. --kv-cache-dtype int8)"
     if why is not None and why not in _logged:
         _logged.add(why)
         log.info("native decode step off: %s; decode steps run as torch ops", why)

@@ -19,7 +19,7 @@ import torch
 
 from tokenfactory.engine.step import (RequestStepOutput, ScheduledRequest, SequenceStates,
                                       StepPlan, StepResult)
-from tokenfactory.model import hugepages, kernel_choice, native_step
+from tokenfactory.model import hugepages, kernel_choice, kv_pages, native_step
 from tokenfactory.model import kernels as native_kernels
 from tokenfactory.model.config import ModelConfig
 from tokenfactory.model.layers import (AttentionMetadata, DecodeGroup, PrefillSeq, Workspace,
@@ -80,13 +80,16 @@ class TorchExecutor:
     ``quantization``: how a quantized GGUF file's weights run (``model/loader.py``): "gguf"
     executes its Q8_0/Q4_0/Q4_1 blocks as stored (``quant_linear.py``), "none"/None
     dequantizes them at load, "int8" quantizes linears per output channel at load.
+    ``kv_cache_dtype``: how KV pages are stored (``kv_pages.kv_cache_spec``): "auto"/None the
+    model's dtype, "int8" rows of int8 codes with a float32 scale each (about half the bytes;
+    decodes then run layer by layer, the whole-layer native step reads bfloat16 pages only).
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = None,
                  seed: int | None = None, native_decode: bool | None = None,
                  kernels: str | None = None, compile: bool = False,
-                 quantization: str | None = None):
+                 quantization: str | None = None, kv_cache_dtype: str | None = None):
         if compile:   # the argument stays (False only) until its last callers drop it
             raise ValueError("compiled decode graphs were removed: the native decode step "
                              "serves small decode batches")
@@ -105,6 +108,7 @@ class TorchExecutor:
                                 quantization=quantization)
         self.model_config: ModelConfig = self.model.config
         self.dtype = self.model.embed_tokens.weight.dtype
+        self.kv_spec = kv_pages.kv_cache_spec(kv_cache_dtype, self.dtype)
         self.max_model_len = self.model_config.max_model_len
         fast_cpu = can_use_cpu_linears(self.dtype, self.device)   # False off the CPU
         # bfloat16 attention runs in native kernels where the CPU has AVX-512 BF16: build
@@ -127,10 +131,11 @@ class TorchExecutor:
         if kernels == "native" and not lib_ok:
             raise ValueError("kernels='native' needs a bfloat16 model on a CPU with the native "
                              f"kernels ({native_kernels.unavailable_reason or 'unsupported shapes'})")
-        supported = native_step.supports(self.model)
+        supported = native_step.supports(self.model) and not self.kv_spec.quantized
         if native_decode and not supported:
-            raise ValueError("native decode steps need a bfloat16 model on a CPU with the native "
-                             f"kernels ({native_kernels.unavailable_reason or 'unsupported shapes'})")
+            raise ValueError("native decode steps need a bfloat16 model and bfloat16 KV pages on "
+                             "a CPU with the native kernels "
+                             f"({native_kernels.unavailable_reason or 'unsupported shapes'})")
         self._native_supported = supported
         self._native_decode_arg = native_decode
         self.native_decode = supported if native_decode is None else bool(native_decode)
@@ -154,18 +159,20 @@ class TorchExecutor:
     # ------------------------------------------------------------------ cache
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         cfg = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        return self.kv_spec.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, block_size,
+                                            cfg.head_dim)
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         """Allocate K and V pages for every layer: (Hkv, num_blocks + 1, block_size, D) each
         (head-major, see layers.py). The extra last page is scratch space (the kernel choice's
         decode-step probes write their K/V there)."""
         cfg = self.model_config
-        shape = (cfg.num_kv_heads, num_blocks + 1, block_size, cfg.head_dim)
+        shape = self.kv_spec.cache_shape(cfg.num_kv_heads, num_blocks + 1, block_size,
+                                         cfg.head_dim)
         for layer in self.model.layers:
             attn = layer.self_attn
-            if attn.k_cache is not None and tuple(attn.k_cache.shape) == shape:
+            if (attn.k_cache is not None and tuple(attn.k_cache.shape) == shape
+                    and attn.k_cache.dtype == self.kv_spec.dtype):
                 attn.k_cache.zero_()   # same geometry (a new engine on this executor): reuse
                 attn.v_cache.zero_()
                 continue
@@ -176,16 +183,21 @@ class TorchExecutor:
             # with huge pages): no zero_() pass, which on a cache sized to the free RAM took
             # ~13 s of start-up (11 GB) and made the whole budget resident before any use.
             fresh_zeros = self.device.type == "cpu"
-            attn.k_cache = self._empty(shape)
-            attn.v_cache = self._empty(shape)
+            attn.k_cache = self._empty(shape, self.kv_spec.dtype)
+            attn.v_cache = self._empty(shape, self.kv_spec.dtype)
             if not fresh_zeros:
                 attn.k_cache.zero_()
                 attn.v_cache.zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
+        if self.device.type == "cpu":
+            log.info("%s", self.kv_spec.describe())
         if self._choice_pending:   # measured on the allocated cache (its scratch page)
             self._choice_pending = False
+            shape = kernel_choice.model_shape(self.model)
+            if self.kv_spec.quantized:   # measured without the native step: a decision apart
+                shape["kv_cache"] = self.kv_spec.name
             self.apply_kernel_choice(kernel_choice.choose(
-                lambda: kernel_choice.measure(self), kernel_choice.model_shape(self.model)))
+                lambda: kernel_choice.measure(self), shape))
         if self.device.type == "cpu":   # one line, every mode: which backend runs what
             log.info("%s", self.kernel_choice.summary(self.model))
         if self.native_decode:
@@ -194,6 +206,8 @@ class TorchExecutor:
     def apply_kernel_choice(self, choice: kernel_choice.KernelChoice) -> None:
         """Route linears, attention and decode steps as ``choice`` says (where each native
         path runs at all: a layer the native kernel cannot take stays on oneDNN)."""
+        if not self._native_supported:   # (int8 KV pages: the summary must not say native)
+            choice.decode_step = False
         self.kernel_choice = choice
         kernel_choice.route_linears(self.model, choice)   # bf16 linears; quantized keep theirs
         for module in self.model.modules():   # norms, RoPE, silu * up as native calls
@@ -209,10 +223,10 @@ class TorchExecutor:
             self._native = native_step.NativeDecodeStep(self.model, self.num_blocks,
                                                         self.block_size)
 
-    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.device.type == "cpu":   # decode attention streams the pages too
-            return hugepages.empty(shape, self.dtype)
-        return torch.empty(shape, dtype=self.dtype, device=self.device)
+            return hugepages.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     # ---------------------------------------------------------------- execute
     def _order(self, plan: StepPlan) -> tuple[list[int], list[ScheduledRequest]]:
@@ -295,7 +309,8 @@ class TorchExecutor:
     @torch.inference_mode()
     def forward_logits(self, plan) -> list[torch.Tensor]:
         """Logits (num_tokens, vocab) float32 for every token of every scheduled request, in
-        plan order. Writes K/V like ``execute`` but samples nothing (for tests and debugging:
+        plan order. Writes K/V like ``execute`` but samples nothing (for tests, debugging and
+        the draft-model proposer's short runs, ``model/proposers/draft.py``:
         ``plan`` may also be an ``engine.executor.Batch`` of live requests, described by its
         ``to_plan()``; the model layer does not import the engine's executor module)."""
         if not isinstance(plan, StepPlan):

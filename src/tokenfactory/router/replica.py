@@ -36,6 +36,8 @@ class ReplicaSpec:
     engine_args: dict[str, Any] = field(default_factory=dict)   # EngineConfig fields
     dtype: str | None = None
     kernels: str | None = "auto"
+    quantization: str | None = None              # how a quantized GGUF file's weights run
+    kv_cache_dtype: str | None = None            # "auto"/None or "int8" KV pages
     threads: int = 1                             # torch threads (and Ray CPUs) per replica
     max_queued_requests: int | None = None
     max_queued_per_tenant: int | None = None
@@ -105,7 +107,8 @@ class EngineReplica:
         from tokenfactory.router.disagg import TransferConnector
 
         core = build_engine_core(spec.model, dtype=spec.dtype, kernels=spec.kernels,
-                                 **spec.engine_args)
+                                 quantization=spec.quantization,
+                                 kv_cache_dtype=spec.kv_cache_dtype, **spec.engine_args)
         if hasattr(core.executor, "read_kv_blocks"):
             self.kv_io = core.executor
         else:
