@@ -23,7 +23,6 @@ from tokenfactory.api.errors import APIError
 from tokenfactory.api.limits import check_nesting
 from tokenfactory.api.openai_chat_output import chat_collect, chat_stream
 from tokenfactory.api.openai_choices import start_choices, summed_cost_headers
-from tokenfactory.api.openai_completions import create_completion  # noqa: F401 - server.py's route
 from tokenfactory.api.openai_models import ChatCompletionRequest
 from tokenfactory.api.openai_sampling import (choice_params, max_tokens_headers,
                                               sampling_params, utf8_len)

@@ -8,11 +8,11 @@ import logging
 from typing import Any, AsyncIterator
 
 from tokenfactory.api.errors import APIError, openai_error_body
-from tokenfactory.api.openai_choices import (TrackedGeneration, finish_reason, merged_events,
+from tokenfactory.api.openai_choices import (finish_reason, merged_events,
                                              usage_of)
 from tokenfactory.api.openai_logprobs import chat_logprobs
-from tokenfactory.api.serving import (Finished, GenerationFailed, ServingContext, Started,
-                                      TextEvent)
+from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
+                                      Started, TextEvent)
 from tokenfactory.api.sse import openai_frame
 from tokenfactory.text.reasoning_parser import ThinkingDelta
 from tokenfactory.text.tool_parser_base import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
@@ -52,7 +52,7 @@ class ToolCallAccumulator:
         return None
 
 
-async def chat_collect(ctx, gens: list[TrackedGeneration], model: str, cid: str, created: int,
+async def chat_collect(ctx, gens: list[Generation], model: str, cid: str, created: int,
                        k: int | None) -> dict:
     """The whole ``chat.completion`` object once every choice finished."""
     accs = [ToolCallAccumulator(ctx) for _ in gens]
@@ -89,7 +89,7 @@ async def chat_collect(ctx, gens: list[TrackedGeneration], model: str, cid: str,
             "choices": choices, "usage": usage_of(finals)}
 
 
-async def chat_stream(ctx, gens: list[TrackedGeneration], model: str, cid: str, created: int,
+async def chat_stream(ctx, gens: list[Generation], model: str, cid: str, created: int,
                       include_usage: bool, k: int | None) -> AsyncIterator[str]:
     """``chat.completion.chunk`` frames as the choices' events arrive, then ``[DONE]``; a
     failure ends the stream with an error frame, never a cut connection."""

@@ -10,28 +10,9 @@ from typing import Any, AsyncIterator
 from tokenfactory.api.serving import Generation, ServingContext, cost_headers
 
 
-class TrackedGeneration(Generation):
-    """A Generation that remembers the engine output whose events it is yielding, so a
-    stream can attach the log probabilities of exactly the tokens a chunk carries."""
-
-    last_output = None
-
-    def _take(self):
-        out = super()._take()
-        self.last_output = out
-        return out
-
-    async def prefilled(self) -> None:
-        """Wait for the first engine output (the prompt is then in the KV cache and its full
-        pages in the prefix cache) or the end of the request, without consuming anything."""
-        while not self._pending and not self._pump_done:
-            self._ready.clear()
-            await self._ready.wait()
-
-
 async def start_choices(ctx: ServingContext, cid: str, jobs: list[tuple[list[int], Any]],
                         tenant: str | None, trace, parser=None, *,
-                        n: int = 1) -> list[TrackedGeneration]:
+                        n: int = 1) -> list[Generation]:
     """Submit one engine request per (prompt ids, params) job (each with its own tool parser);
     jobs come in groups of ``n`` choices of one prompt. If one cannot start, those already
     submitted are aborted.
@@ -40,11 +21,11 @@ async def start_choices(ctx: ServingContext, cid: str, jobs: list[tuple[list[int
     page once it is computed, so choices admitted together would each prefill the prompt.
     The first choice of each prompt goes first; the others are submitted once its first
     output arrived (its prompt pages are then cached) and read those pages from cache."""
-    slots: list[TrackedGeneration | None] = [None] * len(jobs)
+    slots: list[Generation | None] = [None] * len(jobs)
 
     async def submit(i: int) -> None:
         ids, params = jobs[i]
-        slots[i] = TrackedGeneration(ctx, cid if i == 0 else f"{cid}-{i}", ids, params,
+        slots[i] = Generation(ctx, cid if i == 0 else f"{cid}-{i}", ids, params,
                                      cache_salt=tenant, breakpoints=[], overload_status=429,
                                      trace=trace if i == 0 else None,
                                      parser=parser() if parser is not None else None)
@@ -66,7 +47,7 @@ async def start_choices(ctx: ServingContext, cid: str, jobs: list[tuple[list[int
             if gen is not None:
                 await gen.close()
         raise
-    gens: list[TrackedGeneration] = slots   # type: ignore[assignment] - every slot is filled
+    gens: list[Generation] = slots   # type: ignore[assignment] - every slot is filled
     return gens
 
 

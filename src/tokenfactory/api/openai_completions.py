@@ -14,13 +14,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
 from tokenfactory.api.errors import APIError, openai_error_body
-from tokenfactory.api.openai_choices import (TrackedGeneration, finish_reason, merged_events,
+from tokenfactory.api.openai_choices import (finish_reason, merged_events,
                                              start_choices, summed_cost_headers, usage_of)
 from tokenfactory.api.openai_logprobs import CompletionLogprobs, join_logprobs
 from tokenfactory.api.openai_models import MAX_CHOICES, CompletionRequest
 from tokenfactory.api.openai_sampling import (choice_params, max_tokens_headers,
                                               sampling_params, utf8_len)
-from tokenfactory.api.serving import Finished, GenerationFailed, ServingContext, Started, TextEvent
+from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
+                                      Started, TextEvent)
 from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_disconnected,
                                   openai_frame, with_keepalive)
 from tokenfactory.api.trace import trace_of
@@ -112,7 +113,7 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
     return JSONResponse(result, headers={**headers, **summed_cost_headers(gens)})
 
 
-async def _completion_collect(ctx: ServingContext, gens: list[TrackedGeneration],
+async def _completion_collect(ctx: ServingContext, gens: list[Generation],
                               body: CompletionRequest, cid: str, created: int,
                               echoes: list[str], k: int | None, n: int) -> dict:
     parts: list[list[str]] = [[echo] for echo in echoes]
@@ -140,7 +141,7 @@ async def _completion_collect(ctx: ServingContext, gens: list[TrackedGeneration]
             "choices": choices, "usage": usage_of(finals, n)}
 
 
-async def _completion_stream(ctx, gens: list[TrackedGeneration], model: str, cid: str,
+async def _completion_stream(ctx, gens: list[Generation], model: str, cid: str,
                              created: int, echoes: list[str], include_usage: bool,
                              k: int | None, n: int) -> AsyncIterator[str]:
     lps = [CompletionLogprobs(ctx, k) if k is not None else None for _ in gens]

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from tokenfactory.api import anthropic, openai
+from tokenfactory.api import anthropic, openai, openai_completions
 from tokenfactory.api.anthropic_models import CountTokensRequest, MessagesRequest
 from tokenfactory.api.auth import Authenticator
 from tokenfactory.api.dashboard import install_dashboard
@@ -258,8 +258,8 @@ def create_app(engine: AsyncEngine, tokenizer, *, served_model_name: str = "toke
 
     @app.post("/v1/completions", responses=openai_stream)
     async def completions(body: CompletionRequest, request: Request):
-        return await openai.create_completion(ctx, request, body,
-                                              getattr(request.state, "tenant", None))
+        return await openai_completions.create_completion(ctx, request, body,
+                                                          getattr(request.state, "tenant", None))
 
     def model_card(name: str, alias_of: str | None = None) -> dict:
         card = {"id": name, "object": "model", "type": "model", "created": created,

@@ -356,7 +356,7 @@ class Generation:
 
     def __init__(self, ctx: ServingContext, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, *, cache_salt: str | None,
-                 breakpoints: list[CacheBreakpoint], parser=None, parser_prefill: str = "",
+                 breakpoints: list[CacheBreakpoint], parser=None,
                  overload_status: int = 529, trace=None):
         self.ctx = ctx
         self.trace = trace   # api.trace.RequestTrace, or None when tracing is off
@@ -365,7 +365,6 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.params = params
         self.parser = parser
-        self.parser_prefill = parser_prefill
         self.overload_status = overload_status
         self.t_start = time.monotonic()
         self.breakpoints = breakpoints
@@ -385,6 +384,9 @@ class Generation:
         self._error: BaseException | None = None
         self._pump_done = False
         self._ready = asyncio.Event()
+        # the engine output whose events are being yielded (a stream attaches the logprobs of
+        # exactly the tokens a chunk carries)
+        self.last_output: RequestOutput | None = None
 
     def _map_error(self, exc: BaseException) -> APIError:
         if isinstance(exc, AdmissionError):
@@ -429,7 +431,15 @@ class Generation:
 
     def _take(self) -> RequestOutput:
         self._num_delivered += 1
-        return self._pending.take()
+        self.last_output = self._pending.take()
+        return self.last_output
+
+    async def prefilled(self) -> None:
+        """Wait for the first engine output (the prompt is then in the KV cache and its full
+        pages in the prefix cache) or the end of the request, without consuming anything."""
+        while not self._pending and not self._pump_done:
+            self._ready.clear()
+            await self._ready.wait()
 
     async def start(self) -> None:
         if self.trace is not None:
@@ -489,9 +499,6 @@ class Generation:
                     started = True
                     m.ttft.observe(now - self.t_start)
                     yield Started(out)
-                    if parser is not None and self.parser_prefill:
-                        for ev in parser.feed(self.parser_prefill):
-                            yield ev
                 elif t_last is not None:
                     m.itl.observe(now - t_last)
                 t_last = now
