@@ -245,7 +245,7 @@ def test_every_tensor_type_matches_transformers(tmp_path, monkeypatch, slice_val
     model = load_model(path, dtype="float32")
     expected = _fused_source(ref, model.config)
     _assert_params_equal(model, expected)
-    bf16 = load_model(path)   # the default serving dtype
+    bf16 = load_model(path, quantization="none")   # the default serving dtype, dequantized
     assert bf16.embed_tokens.weight.dtype == torch.bfloat16
     _assert_params_equal(bf16, {k: v.to(torch.bfloat16) for k, v in expected.items()})
 

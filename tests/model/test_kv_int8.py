@@ -340,7 +340,8 @@ def smollm2_runs(texts):  # noqa: F811
     bf16 K/V) and with int8 pages: the held text's last DECODED tokens, and each prompt's
     second half, run as decode steps (the int8 decode kernel), the rest as one prefill chunk
     (which attends through the dequantized int8 pages too)."""
-    model = load_model(default_model_path())          # bfloat16
+    # bfloat16 weights, dequantized: the KV format is the one thing that differs
+    model = load_model(default_model_path(), quantization="none")
     use_cpu_linears(model)                            # as the runner serves it
     # one thread: single-row steps of tiny ops wait at every OpenMP barrier for a thread
     # the shared host descheduled (measured 10x slower with two threads under load)

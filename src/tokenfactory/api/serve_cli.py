@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "paths, without the native CPU kernels)")
     g.add_argument("--quantization", choices=["none", "gguf", "int8"], default=None,
                    help="gguf: run a quantized GGUF file's Q8_0/Q4_0/Q4_1 blocks as stored "
-                        "(fewer bytes per token; on this CPU not yet faster than bf16, see "
-                        "benchmarks/quantized.py); none (default): dequantize at load; int8: "
-                        "quantize the linears per output channel at load")
+                        "(fewer bytes per token, faster decode and prefill: "
+                        "docs/quantization.md); none: dequantize to --dtype at load; int8: "
+                        "quantize the linears per output channel at load. Default: gguf for a "
+                        "GGUF file in bfloat16 on a CPU with AVX-512 VNNI, else none")
     g.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="KV page storage: auto (the model dtype) or int8 (int8 rows with a "
                         "float32 scale each: about half the bytes, so about twice the tokens in "

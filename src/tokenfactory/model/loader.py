@@ -176,15 +176,32 @@ QUANTIZATIONS = ("gguf", "none", "int8")
 
 def resolve_quantization(requested: str | None, is_gguf: bool, dtype: torch.dtype,
                          device: torch.device | str = "cpu") -> str:
-    """How linear weights are held. ``None``/"auto": "none" (dequantized to ``dtype``) --
-    see :func:`load_model`. "gguf": a GGUF file's Q8_0/Q4_0/Q4_1 linears run as stored
-    (other files: nothing to keep, same as "none"); "int8": per-channel int8 at load."""
-    choice = "none" if requested in (None, "auto") else requested
+    """How linear weights are held -- see :func:`load_model`. "gguf": a GGUF file's
+    Q8_0/Q4_0/Q4_1 linears run as stored (other files: nothing to keep, same as "none");
+    "none": dequantized to ``dtype``; "int8": per-channel int8 at load.
+
+    ``None``/"auto": "gguf" for a GGUF file served in bfloat16 on a CPU whose native build
+    has the AVX-512 VNNI quantized kernels (there, measured in benchmarks/quantized.py, running
+    the blocks as stored beats dequantized bfloat16 in decode, prefill and first-token time,
+    and reads 2.8x fewer bytes per token), else "none": an explicit float32 asks for
+    reference arithmetic (the transformers comparisons), and without the VNNI kernels the
+    quantized path is the slower one."""
+    if requested in (None, "auto"):
+        return "gguf" if is_gguf and _quantized_kernels_pay(dtype, device) else "none"
+    choice = requested
     if choice not in QUANTIZATIONS:
         raise ValueError(f"unsupported quantization {requested!r} (use {', '.join(QUANTIZATIONS)})")
     if choice != "none" and torch.device(device).type != "cpu":
         raise ValueError(f"quantization {choice!r} runs on CPU only")
     return choice if (choice != "gguf" or is_gguf) else "none"
+
+
+def _quantized_kernels_pay(dtype: torch.dtype, device: torch.device | str) -> bool:
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return False
+    from tokenfactory.model.kernels import quant
+    lib = quant.library()
+    return lib is not None and lib.tf_qlinear_isa() == 2   # ISA_NAMES[2]: AVX-512 VNNI + BF16
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
