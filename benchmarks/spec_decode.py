@@ -301,7 +301,7 @@ def online(args) -> None:
     import torch
     from tokenfactory.engine.llm import LLM
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    kw = dict(kv_cache_memory=512 << 20, max_num_seqs=8)
+    kw = dict(kv_cache_memory=512 << 20, max_num_seqs=8, quantization=args.quantization)
     engines = {"off": LLM(default_model_path(), **kw)}
     for spec in args.proposers.split(","):
         engines[spec] = LLM(default_model_path(), speculative=spec,
@@ -407,6 +407,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4,
                    help="offline: answers per workload; online at concurrency 1: requests, one at a time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", choices=["auto", "gguf", "none"], default="auto",
+                   help="online: how the Q4_1 file's weights run (auto: the serving default, "
+                        "as stored where the VNNI kernels are)")
     p.add_argument("--workloads", default="edit,chat", help="online: which workloads")
     p.add_argument("--concurrency", default="1,8", help="online: batch sizes (1: one at a time)")
     p.add_argument("--rounds", type=int, default=2, help="online: interleaved A/B rounds")
