@@ -4,11 +4,10 @@ tool-call deltas, as one ``chat.completion`` object or as ``chat.completion.chun
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, AsyncIterator
 
-from tokenfactory.api.errors import APIError, openai_error_body
-from tokenfactory.api.openai_choices import (finish_reason, merged_events,
+from tokenfactory.api.errors import APIError
+from tokenfactory.api.openai_choices import (ended_stream, finish_reason, merged_events,
                                              usage_of)
 from tokenfactory.api.openai_logprobs import chat_logprobs
 from tokenfactory.api.serving import (Finished, Generation, GenerationFailed, ServingContext,
@@ -18,7 +17,6 @@ from tokenfactory.text.reasoning_parser import ThinkingDelta
 from tokenfactory.text.tool_parser_base import (TextDelta, ToolCallArgsDelta, ToolCallEnd,
                                                ToolCallStart)
 
-log = logging.getLogger("tokenfactory.api")
 
 
 class ToolCallAccumulator:
@@ -89,10 +87,15 @@ async def chat_collect(ctx, gens: list[Generation], model: str, cid: str, create
             "choices": choices, "usage": usage_of(finals)}
 
 
-async def chat_stream(ctx, gens: list[Generation], model: str, cid: str, created: int,
-                      include_usage: bool, k: int | None) -> AsyncIterator[str]:
+def chat_stream(ctx, gens: list[Generation], model: str, cid: str, created: int,
+                include_usage: bool, k: int | None) -> AsyncIterator[str]:
     """``chat.completion.chunk`` frames as the choices' events arrive, then ``[DONE]``; a
     failure ends the stream with an error frame, never a cut connection."""
+    return ended_stream(_chat_chunks(ctx, gens, model, cid, created, include_usage, k), cid)
+
+
+async def _chat_chunks(ctx, gens: list[Generation], model: str, cid: str, created: int,
+                       include_usage: bool, k: int | None) -> AsyncIterator[str]:
     accs = [ToolCallAccumulator(ctx) for _ in gens]
     sent = [0] * len(gens)        # output positions whose logprobs went out, per choice
     finals: list[Any] = [None] * len(gens)
@@ -108,26 +111,17 @@ async def chat_stream(ctx, gens: list[Generation], model: str, cid: str, created
                              "model": model, "choices": [{"index": i, "delta": delta,
                                                           "logprobs": logprobs,
                                                           "finish_reason": finish}]})
-    try:
-        async for i, ev in merged_events(gens):
-            if isinstance(ev, Started):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            elif isinstance(ev, Finished):
-                finals[i] = ev.output
-                yield chunk(i, {}, finish_reason(ev.output, len(accs[i].calls)), ev.output)
-                if include_usage and all(f is not None for f in finals):
-                    yield openai_frame({"id": cid, "object": "chat.completion.chunk",
-                                        "created": created, "model": model, "choices": [],
-                                        "usage": usage_of(finals)})
-            else:
-                d = accs[i].feed(ev)
-                if d:
-                    yield chunk(i, d, out=gens[i].last_output)
-    except APIError as exc:
-        yield openai_frame(openai_error_body(exc.status, exc.message))
-    except GenerationFailed as exc:
-        yield openai_frame(openai_error_body(500, f"generation failed: {exc}"))
-    except Exception as exc:  # noqa: BLE001 - never a cut stream without an error event
-        log.exception("stream %s failed", cid)
-        yield openai_frame(openai_error_body(500, f"internal error: {type(exc).__name__}"))
-    yield openai_frame("[DONE]")
+    async for i, ev in merged_events(gens):
+        if isinstance(ev, Started):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        elif isinstance(ev, Finished):
+            finals[i] = ev.output
+            yield chunk(i, {}, finish_reason(ev.output, len(accs[i].calls)), ev.output)
+            if include_usage and all(f is not None for f in finals):
+                yield openai_frame({"id": cid, "object": "chat.completion.chunk",
+                                    "created": created, "model": model, "choices": [],
+                                    "usage": usage_of(finals)})
+        else:
+            d = accs[i].feed(ev)
+            if d:
+                yield chunk(i, d, out=gens[i].last_output)

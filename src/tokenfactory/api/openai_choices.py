@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, AsyncIterator
 
-from tokenfactory.api.serving import Generation, ServingContext, cost_headers
+from tokenfactory.api.errors import APIError, openai_error_body
+from tokenfactory.api.serving import Generation, GenerationFailed, ServingContext, cost_headers
+from tokenfactory.api.sse import openai_frame
+
+log = logging.getLogger("tokenfactory.api")
 
 
 async def start_choices(ctx: ServingContext, cid: str, jobs: list[tuple[list[int], Any]],
@@ -129,3 +134,20 @@ def summed_cost_headers(gens: list[Generation]) -> dict[str, str]:
         except (KeyError, ValueError):
             out[name] = heads[0][name]
     return out
+
+
+async def ended_stream(frames: AsyncIterator[str], cid: str) -> AsyncIterator[str]:
+    """An OpenAI stream's ``frames`` (chat or completions chunks), then ``[DONE]``; a failure
+    part-way ends it with an error frame first, never a cut connection."""
+    try:
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
+    except APIError as exc:
+        yield openai_frame(openai_error_body(exc.status, exc.message))
+    except GenerationFailed as exc:
+        yield openai_frame(openai_error_body(500, f"generation failed: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - never a cut stream without an error event
+        log.exception("stream %s failed", cid)
+        yield openai_frame(openai_error_body(500, f"internal error: {type(exc).__name__}"))
+    yield openai_frame("[DONE]")

@@ -6,15 +6,14 @@ number them); usage is summed over the prompts.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
-from tokenfactory.api.errors import APIError, openai_error_body
-from tokenfactory.api.openai_choices import (finish_reason, merged_events,
+from tokenfactory.api.errors import APIError
+from tokenfactory.api.openai_choices import (ended_stream, finish_reason, merged_events,
                                              start_choices, summed_cost_headers, usage_of)
 from tokenfactory.api.openai_logprobs import CompletionLogprobs, join_logprobs
 from tokenfactory.api.openai_models import MAX_CHOICES, CompletionRequest
@@ -26,7 +25,6 @@ from tokenfactory.api.sse import (OPENAI_KEEPALIVE, SSE_HEADERS, collect_unless_
                                   openai_frame, with_keepalive)
 from tokenfactory.api.trace import trace_of
 
-log = logging.getLogger("tokenfactory.api")
 
 
 def _prompt_list(prompt) -> list[str | list[int]]:
@@ -141,7 +139,15 @@ async def _completion_collect(ctx: ServingContext, gens: list[Generation],
             "choices": choices, "usage": usage_of(finals, n)}
 
 
-async def _completion_stream(ctx, gens: list[Generation], model: str, cid: str,
+def _completion_stream(ctx, gens: list[Generation], model: str, cid: str, created: int,
+                       echoes: list[str], include_usage: bool, k: int | None,
+                       n: int) -> AsyncIterator[str]:
+    """``text_completion`` frames as the choices' events arrive, then ``[DONE]``."""
+    return ended_stream(_completion_chunks(ctx, gens, model, cid, created, echoes,
+                                           include_usage, k, n), cid)
+
+
+async def _completion_chunks(ctx, gens: list[Generation], model: str, cid: str,
                              created: int, echoes: list[str], include_usage: bool,
                              k: int | None, n: int) -> AsyncIterator[str]:
     lps = [CompletionLogprobs(ctx, k) if k is not None else None for _ in gens]
@@ -163,24 +169,15 @@ async def _completion_stream(ctx, gens: list[Generation], model: str, cid: str,
                              "model": model, "choices": [{"index": i, "text": text,
                                                           "logprobs": logprobs,
                                                           "finish_reason": finish}]})
-    try:
-        async for i, ev in merged_events(gens):
-            if isinstance(ev, Started) and echoes[i]:
-                yield chunk(i, echoes[i], out=ev.output, prompt=True)
-            elif isinstance(ev, TextEvent):
-                yield chunk(i, ev.text, out=gens[i].last_output)
-            elif isinstance(ev, Finished):
-                finals[i] = ev.output
-                yield chunk(i, "", finish_reason(ev.output, 0), ev.output)
-                if include_usage and all(f is not None for f in finals):
-                    yield openai_frame({"id": cid, "object": "text_completion",
-                                        "created": created, "model": model, "choices": [],
-                                        "usage": usage_of(finals, n)})
-    except APIError as exc:
-        yield openai_frame(openai_error_body(exc.status, exc.message))
-    except GenerationFailed as exc:
-        yield openai_frame(openai_error_body(500, f"generation failed: {exc}"))
-    except Exception as exc:  # noqa: BLE001 - never a cut stream without an error event
-        log.exception("stream %s failed", cid)
-        yield openai_frame(openai_error_body(500, f"internal error: {type(exc).__name__}"))
-    yield openai_frame("[DONE]")
+    async for i, ev in merged_events(gens):
+        if isinstance(ev, Started) and echoes[i]:
+            yield chunk(i, echoes[i], out=ev.output, prompt=True)
+        elif isinstance(ev, TextEvent):
+            yield chunk(i, ev.text, out=gens[i].last_output)
+        elif isinstance(ev, Finished):
+            finals[i] = ev.output
+            yield chunk(i, "", finish_reason(ev.output, 0), ev.output)
+            if include_usage and all(f is not None for f in finals):
+                yield openai_frame({"id": cid, "object": "text_completion",
+                                    "created": created, "model": model, "choices": [],
+                                    "usage": usage_of(finals, n)})
