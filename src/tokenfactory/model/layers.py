@@ -309,21 +309,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = None if single else q.new_empty(q.shape)
 
+    # native decode kernels (bfloat16 pages on AVX-512 BF16, or int8 pages read as they are):
+    # K/V read through the block tables, no copy, written straight into this group's rows of
+    # the step's output
+    decode_kernel = (kernels.decode_attention if native
+                     else kv_int8.decode_attention if native8 else None)
     for dg in meta.decode_groups:
-        if native:   # bfloat16 on AVX-512 BF16: K/V read through the block tables, no copy,
-            # written straight into this group's rows of the step's output
+        if decode_kernel is not None:
             qd = q[dg.start:dg.end]
             od = q.new_empty(qd.shape) if out is None else out[dg.start:dg.end]
-            kernels.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
-                                     window, scale, od)
-            if out is None:
-                return od
-            continue
-        if native8:
-            qd = q[dg.start:dg.end]
-            od = q.new_empty(qd.shape) if out is None else out[dg.start:dg.end]
-            kv_int8.decode_attention(qd, k_cache, v_cache, dg.block_tables, dg.positions,
-                                     window, scale, od)
+            decode_kernel(qd, k_cache, v_cache, dg.block_tables, dg.positions, window, scale, od)
             if out is None:
                 return od
             continue
