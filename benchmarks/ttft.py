@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from real_model_peer import PEERS, Server  # noqa: E402
 
+from tokenfactory.bench.client import sse_events  # noqa: E402
 from tokenfactory.bench.metrics import percentile  # noqa: E402
 from tokenfactory.bench.targets import free_port  # noqa: E402
 
@@ -151,10 +152,7 @@ async def one_request(client: httpx.AsyncClient, target: Target, model: str, i: 
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
                 return rec
             rec.request_id = r.headers.get("request-id")
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+            async for _, data in sse_events(r):
                 if data == "[DONE]":
                     break
                 now = time.perf_counter()

@@ -69,8 +69,8 @@ def openai_body(model: str, session: Session, messages: list[dict], max_tokens: 
     return body
 
 
-async def _sse_events(response: httpx.Response):
-    """Yield (event_name, data_str) for every SSE frame."""
+async def sse_events(response: httpx.Response):
+    """Yield (event_name, data_str) for every SSE frame of a streamed response."""
     event, data = None, []
     async for line in response.aiter_lines():
         if line == "":
@@ -98,7 +98,7 @@ async def send(client: httpx.AsyncClient, base_url: str, api: str, body: dict, r
                 detail = (await r.aread()).decode("utf-8", "replace")[:300]
                 rec.error = f"HTTP {r.status_code}: {detail}"
                 return
-            async for event, data in _sse_events(r):
+            async for event, data in sse_events(r):
                 if data == "[DONE]":
                     break
                 now = clock()
